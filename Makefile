@@ -1,0 +1,75 @@
+# metald — the two commands a newcomer needs are `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+VAR := $(CURDIR)/var
+ASSETS := $(VAR)/assets
+APT_PACKAGES := qemu-system-x86 busybox-static cpio lz4 e2fsprogs iproute2 iputils-ping curl nodejs npm ca-certificates
+GEN := src/metald/gen
+
+# Quick-start settings; anything already in the environment wins.
+export UNKEY_METALD_ADDRESS ?= 127.0.0.1
+export UNKEY_METALD_PORT ?= 8080
+export UNKEY_METALD_BACKEND ?= qemu
+export UNKEY_METALD_DATA_DIR ?= $(VAR)/data
+export UNKEY_METALD_ASSETMANAGER_CACHE_DIR ?= $(ASSETS)
+export UNKEY_METALD_AUTH_DEV_TOKENS ?= true
+
+.PHONY: run test deps system-deps venv guest buf proto lint unit clean
+
+run: deps guest
+	$(BIN)/metald serve
+
+test: deps guest buf
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+	$(BIN)/pytest -q -ra tests
+
+deps: system-deps venv
+
+# Installs only what is missing, so a second run costs nothing.
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+guest: venv
+	$(BIN)/metald assets build --store $(ASSETS)
+
+buf: node_modules/.bin/buf
+
+node_modules/.bin/buf: package.json
+	npm install --no-audit --no-fund --silent
+	touch $@
+
+# Regenerates the protobuf and Connect code; tests/unit/test_generated.py fails when it is stale.
+proto: venv
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$(GEN) --pyi_out=$(GEN) \
+	  --plugin=protoc-gen-connectrpc=$(BIN)/protoc-gen-connectrpc \
+	  --connectrpc_out=$(GEN) --connectrpc_opt=protobuf=google vmprovisioner/v1/vm.proto
+	touch $(GEN)/__init__.py $(GEN)/vmprovisioner/__init__.py $(GEN)/vmprovisioner/v1/__init__.py
+
+lint: venv
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/pytest -q tests/unit
+
+clean:
+	rm -rf $(VENV) node_modules $(VAR)

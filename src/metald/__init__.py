@@ -1,0 +1,3 @@
+"""metald: a microVM manager."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,59 @@
+"""Typed domain errors. The API layer maps each kind to one Connect code."""
+
+from __future__ import annotations
+
+
+class MetaldError(Exception):
+    """Base of every error metald reports to a caller. The message is safe to show."""
+
+    code = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(MetaldError):
+    code = "invalid_argument"
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class NotFound(MetaldError):
+    code = "not_found"
+
+
+class AlreadyExists(MetaldError):
+    code = "already_exists"
+
+
+class PermissionDenied(MetaldError):
+    code = "permission_denied"
+
+
+class Unauthenticated(MetaldError):
+    code = "unauthenticated"
+
+
+class FailedPrecondition(MetaldError):
+    code = "failed_precondition"
+
+
+class ResourceExhausted(MetaldError):
+    code = "resource_exhausted"
+
+
+class Unimplemented(MetaldError):
+    code = "unimplemented"
+
+
+class Unavailable(MetaldError):
+    code = "unavailable"
+
+
+class BackendError(MetaldError):
+    """The VMM misbehaved (failed to start, control socket broke). Reported as internal."""
+
+    code = "internal"

@@ -1,0 +1,90 @@
+"""Ports: what the service needs from the outside world. Adapters implement these."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from metald.core.models import LaunchSpec, ProcessIdentity, VmRecord, VmUsage
+from metald.core.states import VmState
+
+# Called by a backend when a VMM exits without metald asking: (vm_id, reason).
+ExitCallback = Callable[[str, str], Awaitable[None]]
+
+
+class Backend(Protocol):
+    """A VMM backend. Every method acts on one VM; the service serialises calls per VM."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Check the host can run this backend (binary, accelerator); raise with advice if not."""
+
+    def set_exit_callback(self, callback: ExitCallback) -> None: ...
+
+    async def create(self, spec: LaunchSpec) -> ProcessIdentity:
+        """Start the VMM with its vCPUs stopped. Leaves nothing behind if it fails."""
+
+    async def boot(self, vm_id: str) -> None: ...
+    async def pause(self, vm_id: str) -> None: ...
+    async def resume(self, vm_id: str) -> None: ...
+    async def reboot(self, vm_id: str) -> None: ...
+
+    async def shutdown(self, vm_id: str, *, timeout: float, force: bool) -> str:
+        """Stop the guest (gracefully unless force); returns how it ended ("graceful"/"forced")."""
+
+    async def destroy(self, vm_id: str) -> None:
+        """Kill the VMM if alive and remove every per-VM file. Idempotent."""
+
+    async def adopt(self, vm_id: str, identity: ProcessIdentity) -> VmState | None:
+        """Re-attach to a VMM left by an earlier metald; its live state, or None if gone."""
+
+    async def remove_orphans(self, known_vm_ids: set[str]) -> list[str]:
+        """Kill VMMs and remove per-VM directories that no known VM owns; returns what went."""
+
+    async def usage(self, vm_id: str) -> VmUsage: ...
+
+    def info(self, vm_id: str) -> dict[str, str]:
+        """backend_info for GetVmInfo: pid, accelerator, console log path, ..."""
+
+    async def close(self) -> None:
+        """Drop control connections; VMM processes keep running."""
+
+
+class Store(Protocol):
+    async def migrate(self) -> None: ...
+    async def insert(self, vm: VmRecord) -> None: ...
+    async def get(self, vm_id: str) -> VmRecord | None:
+        """A VM that is not deleted."""
+
+    async def exists(self, vm_id: str) -> bool:
+        """Whether the id was ever used (deleted rows included): ids are never reused."""
+
+    async def update(self, vm: VmRecord) -> None: ...
+    async def list_live(self) -> list[VmRecord]: ...
+    async def list_for_customer(
+        self,
+        customer_id: str,
+        states: Sequence[VmState],
+        limit: int,
+        after: tuple[float, str] | None,
+    ) -> tuple[list[VmRecord], int]:
+        """One page ordered by (created_at, id) after the cursor, and the total matching."""
+
+    async def count_by_state(self) -> dict[VmState, int]: ...
+    async def ping(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+class Assets(Protocol):
+    def resolve(self, field: str, reference: str) -> Path:
+        """A path inside the asset store, or an asset id, to a real file in the store.
+
+        Raises InvalidArgument naming `field` for anything else.
+        """
+
+    def default_boot(self) -> tuple[Path, Path | None]:
+        """The default guest's kernel and initrd."""
+
+    def ping(self) -> None: ...
