@@ -26,7 +26,9 @@ class Backend(Protocol):
     async def create(self, spec: LaunchSpec) -> ProcessIdentity:
         """Start the VMM with its vCPUs stopped. Leaves nothing behind if it fails."""
 
-    async def boot(self, vm_id: str) -> None: ...
+    async def boot(self, vm_id: str) -> ProcessIdentity:
+        """Start the vCPUs; after a shutdown, first start a new VMM from the saved spec."""
+
     async def pause(self, vm_id: str) -> None: ...
     async def resume(self, vm_id: str) -> None: ...
     async def reboot(self, vm_id: str) -> None: ...
@@ -62,6 +64,9 @@ class Store(Protocol):
         """Whether the id was ever used (deleted rows included): ids are never reused."""
 
     async def update(self, vm: VmRecord) -> None: ...
+    async def remove(self, vm_id: str) -> None:
+        """Forget a row outright: only for a create whose VMM never started."""
+
     async def list_live(self) -> list[VmRecord]: ...
     async def list_for_customer(
         self,

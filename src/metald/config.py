@@ -1,0 +1,98 @@
+"""Settings, read once at start-up from UNKEY_METALD_* environment variables (DESIGN §11)."""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BackendKind(StrEnum):
+    QEMU = "qemu"
+    FIRECRACKER = "firecracker"
+
+
+class Accelerator(StrEnum):
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+def _host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="UNKEY_METALD_", extra="ignore")
+
+    # Transport
+    port: int = Field(8080, ge=0, le=65535)
+    address: str = "0.0.0.0"
+    max_request_bytes: int = Field(1024 * 1024, ge=1024)
+
+    # Backends
+    backend: BackendKind = BackendKind.QEMU
+    qemu_binary: str = "qemu-system-x86_64"
+    qemu_accel: Accelerator = Accelerator.AUTO
+
+    # State
+    data_dir: Path = Path("/opt/metald/data")
+    database_url: str = ""  # empty: SQLite at <data_dir>/metald.db
+
+    # Assets
+    assetmanager_cache_dir: Path = Path("/opt/metald/assets")
+
+    # Auth: development tokens `dev_customer_<id>` are accepted only when this is on.
+    auth_dev_tokens: bool = False
+
+    # Limits on what a caller may ask for.
+    max_vcpus: int = Field(0, ge=0, le=32)  # 0: the host's core count
+    max_memory_bytes: int = Field(0, ge=0)  # 0: just below host memory
+    shutdown_timeout_seconds: int = Field(30, ge=1, le=3600)
+
+    # Networking arrives with the jailer issue; accepted now so unit files keep working.
+    network_enabled: bool = True
+
+    @field_validator("address")
+    @classmethod
+    def _address_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @property
+    def vm_dir(self) -> Path:
+        return self.data_dir / "vms"
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir / 'metald.db'}"
+
+    @property
+    def vcpu_limit(self) -> int:
+        return self.max_vcpus or (os.cpu_count() or 1)
+
+    @property
+    def memory_limit(self) -> int:
+        return self.max_memory_bytes or _host_memory_bytes()
+
+
+class ConfigError(Exception):
+    """A bad setting; the message names the environment variable."""
+
+
+def load_settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = "UNKEY_METALD_" + "_".join(str(p) for p in err["loc"]).upper()
+            problems.append(f"{name}: {err['msg']}")
+        raise ConfigError("bad configuration: " + "; ".join(problems)) from None

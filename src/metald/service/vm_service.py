@@ -1,0 +1,274 @@
+"""VM use cases: ownership, per-VM locking and the state machine around the ports."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from metald.core import paging
+from metald.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    MetaldError,
+    NotFound,
+    PermissionDenied,
+)
+from metald.core.ids import new_vm_id
+from metald.core.models import (
+    LaunchSpec,
+    Page,
+    ProcessIdentity,
+    ResolvedDisk,
+    VmConfig,
+    VmRecord,
+    VmUsage,
+)
+from metald.core.ports import Assets, Backend, Store
+from metald.core.states import DELETE_NEEDS_FORCE, LIVE_STATES, Operation, VmState, next_state
+from metald.core.validation import Limits, check_config, check_customer_id, check_vm_id
+from metald.service.locks import VmLocks
+
+log = logging.getLogger(__name__)
+
+
+class _Keep:
+    """Marks an argument of _save as 'leave this field as it is'."""
+
+
+_KEEP = _Keep()
+
+
+class VmService:
+    def __init__(
+        self,
+        store: Store,
+        backend: Backend,
+        assets: Assets,
+        limits: Limits,
+        *,
+        default_shutdown_timeout: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._backend = backend
+        self._assets = assets
+        self._limits = limits
+        self._default_shutdown_timeout = default_shutdown_timeout
+        self._clock = clock
+        self._locks = VmLocks()
+
+    # -- life of the service -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Adopt VMMs left by an earlier metald, mark lost ones SHUTDOWN, remove orphans."""
+        self._backend.set_exit_callback(self._on_vmm_exit)
+        records = await self._store.list_live()
+        for vm in records:
+            async with self._locks.hold(vm.id):
+                await self._reconcile(vm)
+        removed = await self._backend.remove_orphans({vm.id for vm in records})
+        if removed:
+            log.info("removed leftovers no VM owns: %s", ", ".join(removed))
+
+    async def _reconcile(self, vm: VmRecord) -> None:
+        if vm.state not in LIVE_STATES:
+            return
+        live = await self._backend.adopt(vm.id, vm.process) if vm.process else None
+        if live is None:
+            reason = "vmm process was gone when metald started"
+            await self._save(vm, state=VmState.SHUTDOWN, process=None, exit_reason=reason)
+            log.info("vm %s: %s", vm.id, reason)
+        elif live != vm.state:
+            await self._save(vm, state=live)
+
+    async def _on_vmm_exit(self, vm_id: str, reason: str) -> None:
+        async with self._locks.hold(vm_id):
+            vm = await self._store.get(vm_id)
+            if vm is None or vm.state not in LIVE_STATES:
+                return
+            await self._save(vm, state=VmState.SHUTDOWN, process=None, exit_reason=reason)
+            log.info("vm %s stopped on its own: %s", vm_id, reason)
+
+    # -- use cases -------------------------------------------------------------------------
+
+    async def create_vm(
+        self, caller: str, vm_id: str, config: VmConfig, customer_id: str = ""
+    ) -> VmRecord:
+        if customer_id and customer_id != caller:
+            raise PermissionDenied("customer_id must be the caller's own customer id")
+        check_customer_id(caller)
+        if vm_id:
+            check_vm_id(vm_id)
+        check_config(config, self._limits)
+        spec_of = self._resolve(config)
+        vm_id = vm_id or new_vm_id()
+        async with self._locks.hold(vm_id):
+            if await self._store.exists(vm_id):
+                raise AlreadyExists(f"a VM with id {vm_id!r} exists or existed")
+            now = self._clock()
+            vm = VmRecord(
+                id=vm_id,
+                customer_id=caller,
+                config=config,
+                state=VmState.CREATED,
+                backend=self._backend.name,
+                created_at=now,
+                updated_at=now,
+            )
+            await self._store.insert(vm)  # intent: the id is taken
+            try:
+                process = await self._backend.create(spec_of(vm_id))
+            except BaseException:
+                await self._backend.destroy(vm_id)
+                await self._store.remove(vm_id)
+                raise
+            vm.process = process
+            await self._store.update(vm)
+            return vm
+
+    async def boot_vm(self, caller: str, vm_id: str) -> VmRecord:
+        async with self._locks.hold(vm_id):
+            vm = await self._owned(caller, vm_id)
+            new_state = next_state(Operation.BOOT, vm.state)
+            process = await self._backend.boot(vm_id)
+            return await self._save(vm, state=new_state, process=process, exit_reason=None)
+
+    async def pause_vm(self, caller: str, vm_id: str) -> VmRecord:
+        async with self._locks.hold(vm_id):
+            vm = await self._owned(caller, vm_id)
+            new_state = next_state(Operation.PAUSE, vm.state)
+            await self._backend.pause(vm_id)
+            return await self._save(vm, state=new_state)
+
+    async def resume_vm(self, caller: str, vm_id: str) -> VmRecord:
+        async with self._locks.hold(vm_id):
+            vm = await self._owned(caller, vm_id)
+            new_state = next_state(Operation.RESUME, vm.state)
+            await self._backend.resume(vm_id)
+            return await self._save(vm, state=new_state)
+
+    async def reboot_vm(self, caller: str, vm_id: str) -> VmRecord:
+        async with self._locks.hold(vm_id):
+            vm = await self._owned(caller, vm_id)
+            new_state = next_state(Operation.REBOOT, vm.state)
+            await self._backend.reboot(vm_id)
+            return await self._save(vm, state=new_state)
+
+    async def shutdown_vm(
+        self, caller: str, vm_id: str, *, force: bool = False, timeout_seconds: int = 0
+    ) -> VmRecord:
+        if timeout_seconds < 0:
+            raise InvalidArgument("timeout_seconds", "must not be negative")
+        timeout = float(timeout_seconds) or self._default_shutdown_timeout
+        async with self._locks.hold(vm_id):
+            vm = await self._owned(caller, vm_id)
+            new_state = next_state(Operation.SHUTDOWN, vm.state)
+            how = await self._backend.shutdown(vm_id, timeout=timeout, force=force)
+            return await self._save(
+                vm, state=new_state, process=None, exit_reason=f"shutdown requested ({how})"
+            )
+
+    async def delete_vm(self, caller: str, vm_id: str, *, force: bool = False) -> None:
+        async with self._locks.hold(vm_id):
+            vm = await self._owned(caller, vm_id)
+            next_state(Operation.DELETE, vm.state)
+            if vm.state in DELETE_NEEDS_FORCE and not force:
+                raise FailedPrecondition(
+                    f"VM is {vm.state.value}: shut it down first or delete with force"
+                )
+            await self._backend.destroy(vm_id)
+            vm.deleted_at = self._clock()
+            await self._save(vm, state=VmState.SHUTDOWN, process=None)
+
+    async def get_vm(self, caller: str, vm_id: str) -> tuple[VmRecord, VmUsage, dict[str, str]]:
+        vm = await self._owned(caller, vm_id)
+        usage = VmUsage()
+        info = dict(vm.backend_info)
+        if vm.state in LIVE_STATES:
+            try:
+                usage = await self._backend.usage(vm_id)
+                info.update(self._backend.info(vm_id))
+            except MetaldError as exc:
+                # The VMM may be exiting right now; the exit callback will record it.
+                log.debug("usage of %s unavailable: %s", vm_id, exc)
+        return vm, usage, info
+
+    async def list_vms(
+        self, caller: str, states: Sequence[VmState], page_size: int, page_token: str
+    ) -> Page:
+        limit = paging.page_size(page_size)
+        cursor = paging.decode_token(page_token)
+        vms, total = await self._store.list_for_customer(caller, states, limit + 1, cursor)
+        next_token = ""
+        if len(vms) > limit:
+            vms = vms[:limit]
+            next_token = paging.encode_token(vms[-1].created_at, vms[-1].id)
+        return Page(vms=vms, next_token=next_token, total_count=total)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    async def _owned(self, caller: str, vm_id: str) -> VmRecord:
+        check_vm_id(vm_id)
+        vm = await self._store.get(vm_id)
+        # Someone else's VM looks exactly like a missing one: ids leak nothing.
+        if vm is None or vm.customer_id != caller:
+            raise NotFound(f"VM {vm_id!r} not found")
+        return vm
+
+    def _resolve(self, config: VmConfig) -> Callable[[str], LaunchSpec]:
+        """Resolve every path now, so a bad one is refused before anything is created."""
+        kernel: Path
+        initrd: Path | None = None
+        if config.kernel_path:
+            kernel = self._assets.resolve("config.boot.kernel_path", config.kernel_path)
+        else:
+            kernel, initrd = self._assets.default_boot()
+        if config.initrd_path:
+            initrd = self._assets.resolve("config.boot.initrd_path", config.initrd_path)
+        disks = tuple(
+            ResolvedDisk(
+                id=d.id,
+                path=self._assets.resolve(f"config.storage[{i}].path", d.path),
+                read_only=d.read_only,
+                is_root_device=d.is_root_device,
+            )
+            for i, d in enumerate(config.storage)
+        )
+
+        def spec(vm_id: str) -> LaunchSpec:
+            return LaunchSpec(
+                vm_id=vm_id,
+                vcpu_count=config.vcpu_count,
+                memory_bytes=config.memory_bytes,
+                kernel=kernel,
+                initrd=initrd,
+                kernel_args=config.kernel_args,
+                disks=disks,
+            )
+
+        return spec
+
+    async def _save(
+        self,
+        vm: VmRecord,
+        *,
+        state: VmState,
+        process: ProcessIdentity | _Keep | None = _KEEP,
+        exit_reason: str | _Keep | None = _KEEP,
+    ) -> VmRecord:
+        """Persist a transition; `process` and `exit_reason` change only when given."""
+        vm.state = state
+        vm.updated_at = self._clock()
+        if not isinstance(process, _Keep):
+            vm.process = process
+        if not isinstance(exit_reason, _Keep):
+            info = {k: v for k, v in vm.backend_info.items() if k != "exit_reason"}
+            if exit_reason is not None:
+                info["exit_reason"] = exit_reason
+            vm.backend_info = info
+        await self._store.update(vm)
+        return replace(vm)

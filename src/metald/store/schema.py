@@ -1,0 +1,26 @@
+"""Table definitions (SQLAlchemy Core). Migrations in migrations/versions create them."""
+
+from __future__ import annotations
+
+from sqlalchemy import JSON, Column, Float, Index, Integer, MetaData, String, Table
+
+metadata = MetaData()
+
+vms = Table(
+    "vms",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("customer_id", String(128), nullable=False),
+    Column("config", JSON, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("backend", String(16), nullable=False),
+    Column("pid", Integer, nullable=True),
+    Column("pid_start_time", Integer, nullable=True),
+    Column("backend_info", JSON, nullable=False),
+    Column("node", String(128), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("deleted_at", Float, nullable=True),
+    Index("ix_vms_customer_created", "customer_id", "created_at", "id"),
+    Index("ix_vms_state", "state"),
+)

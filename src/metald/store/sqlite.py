@@ -1,0 +1,156 @@
+"""The Store port on SQLAlchemy Core (async). SQLite by default; the SQL is portable."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import Connection, delete, event, func, select, tuple_, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from metald.core.models import ProcessIdentity, VmConfig, VmRecord
+from metald.core.states import VmState
+from metald.store.schema import vms
+
+_MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=5000")
+    cur.close()
+
+
+def _run_migrations(conn: Connection) -> None:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    cfg.attributes["connection"] = conn
+    command.upgrade(cfg, "head")
+
+
+class SqlStore:
+    def __init__(self, url: str, node: str | None = None) -> None:
+        self._url = url
+        self._node = node or socket.gethostname()
+        self._engine: AsyncEngine = create_async_engine(url)
+        if url.startswith("sqlite"):
+            sync_engine: Engine = self._engine.sync_engine
+            event.listen(sync_engine, "connect", _sqlite_pragmas)
+
+    async def migrate(self) -> None:
+        async with self._engine.begin() as conn:
+            await conn.run_sync(_run_migrations)
+
+    async def insert(self, vm: VmRecord) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(vms.insert().values(**self._row(vm)))
+
+    async def get(self, vm_id: str) -> VmRecord | None:
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(vms).where(vms.c.id == vm_id, vms.c.deleted_at.is_(None))
+                )
+            ).first()
+        return self._record(row._mapping) if row else None
+
+    async def exists(self, vm_id: str) -> bool:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(select(vms.c.id).where(vms.c.id == vm_id))).first()
+        return row is not None
+
+    async def update(self, vm: VmRecord) -> None:
+        values = self._row(vm)
+        del values["id"]
+        async with self._engine.begin() as conn:
+            await conn.execute(update(vms).where(vms.c.id == vm.id).values(**values))
+
+    async def remove(self, vm_id: str) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(delete(vms).where(vms.c.id == vm_id))
+
+    async def list_live(self) -> list[VmRecord]:
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(
+                select(vms).where(vms.c.deleted_at.is_(None), vms.c.node == self._node)
+            )
+            return [self._record(r._mapping) for r in rows]
+
+    async def list_for_customer(
+        self,
+        customer_id: str,
+        states: Sequence[VmState],
+        limit: int,
+        after: tuple[float, str] | None,
+    ) -> tuple[list[VmRecord], int]:
+        where = [vms.c.customer_id == customer_id, vms.c.deleted_at.is_(None)]
+        if states:
+            where.append(vms.c.state.in_([s.value for s in states]))
+        page = select(vms).where(*where)
+        if after is not None:
+            page = page.where(tuple_(vms.c.created_at, vms.c.id) > tuple_(*after))
+        page = page.order_by(vms.c.created_at, vms.c.id).limit(limit)
+        async with self._engine.connect() as conn:
+            rows = [self._record(r._mapping) for r in await conn.execute(page)]
+            total = (
+                await conn.execute(select(func.count()).select_from(vms).where(*where))
+            ).scalar_one()
+        return rows, int(total)
+
+    async def count_by_state(self) -> dict[VmState, int]:
+        query = (
+            select(vms.c.state, func.count())
+            .where(vms.c.deleted_at.is_(None))
+            .group_by(vms.c.state)
+        )
+        async with self._engine.connect() as conn:
+            counts = {VmState(state): int(n) for state, n in await conn.execute(query)}
+        return {s: counts.get(s, 0) for s in VmState}
+
+    async def ping(self) -> None:
+        async with self._engine.connect() as conn:
+            await conn.execute(select(1))
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    def _row(self, vm: VmRecord) -> dict[str, Any]:
+        return {
+            "id": vm.id,
+            "customer_id": vm.customer_id,
+            "config": vm.config.to_dict(),
+            "state": vm.state.value,
+            "backend": vm.backend,
+            "pid": vm.process.pid if vm.process else None,
+            "pid_start_time": vm.process.start_time if vm.process else None,
+            "backend_info": vm.backend_info,
+            "node": self._node,
+            "created_at": vm.created_at,
+            "updated_at": vm.updated_at,
+            "deleted_at": vm.deleted_at,
+        }
+
+    @staticmethod
+    def _record(row: Any) -> VmRecord:
+        process = None
+        if row["pid"] is not None:
+            process = ProcessIdentity(pid=row["pid"], start_time=row["pid_start_time"])
+        return VmRecord(
+            id=row["id"],
+            customer_id=row["customer_id"],
+            config=VmConfig.from_dict(row["config"]),
+            state=VmState(row["state"]),
+            backend=row["backend"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            process=process,
+            backend_info=dict(row["backend_info"]),
+            deleted_at=row["deleted_at"],
+        )
