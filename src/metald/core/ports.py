@@ -23,6 +23,9 @@ class Backend(Protocol):
 
     def set_exit_callback(self, callback: ExitCallback) -> None: ...
 
+    def accelerator(self) -> str:
+        """The accelerator in use ("kvm" or "tcg"); known after start()."""
+
     async def create(self, spec: LaunchSpec) -> ProcessIdentity:
         """Start the VMM with its vCPUs stopped. Leaves nothing behind if it fails."""
 
