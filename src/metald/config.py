@@ -48,6 +48,8 @@ class Settings(BaseSettings):
 
     # Auth: development tokens `dev_customer_<id>` are accepted only when this is on.
     auth_dev_tokens: bool = False
+    # Static tokens: lines of `<customer_id> <token>`.
+    auth_tokens_file: Path | None = None
 
     # Limits on what a caller may ask for.
     max_vcpus: int = Field(0, ge=0, le=32)  # 0: the host's core count

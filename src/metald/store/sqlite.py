@@ -55,9 +55,7 @@ class SqlStore:
     async def get(self, vm_id: str) -> VmRecord | None:
         async with self._engine.connect() as conn:
             row = (
-                await conn.execute(
-                    select(vms).where(vms.c.id == vm_id, vms.c.deleted_at.is_(None))
-                )
+                await conn.execute(select(vms).where(vms.c.id == vm_id, vms.c.deleted_at.is_(None)))
             ).first()
         return self._record(row._mapping) if row else None
 

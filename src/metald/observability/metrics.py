@@ -1,0 +1,39 @@
+"""Prometheus metrics, in a registry of our own (tests can run several apps in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from metald.core.states import VmState
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class ApiMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._requests = Counter(
+            "metald_rpc_requests",
+            "RPCs served, by method and Connect code",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "metald_rpc_duration_seconds",
+            "RPC latency, by method and Connect code",
+            ["method", "code"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._vms = Gauge(
+            "metald_vms", "VMs not deleted, by state", ["state"], registry=self.registry
+        )
+
+    def observe_request(self, method: str, code: str, seconds: float) -> None:
+        self._requests.labels(method, code).inc()
+        self._latency.labels(method, code).observe(seconds)
+
+    def render(self, vms_by_state: dict[VmState, int]) -> bytes:
+        for state, count in vms_by_state.items():
+            self._vms.labels(state.value.lower()).set(count)
+        return generate_latest(self.registry)

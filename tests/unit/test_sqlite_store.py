@@ -1,0 +1,96 @@
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from metald.core.models import DiskConfig, ProcessIdentity, VmConfig, VmRecord
+from metald.core.states import VmState
+from metald.store.sqlite import SqlStore
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqlStore]:
+    s = SqlStore(f"sqlite+aiosqlite:///{tmp_path / 'metald.db'}")
+    await s.migrate()
+    yield s
+    await s.close()
+
+
+def vm(vm_id: str, customer: str = "acme", created: float = 1.0, **kw: object) -> VmRecord:
+    return VmRecord(
+        id=vm_id,
+        customer_id=customer,
+        config=VmConfig(
+            vcpu_count=2,
+            storage=(DiskConfig(id="root", path="disk.img", is_root_device=True),),
+            metadata={"team": "a"},
+        ),
+        state=VmState.CREATED,
+        backend="qemu",
+        created_at=created,
+        updated_at=created,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def test_round_trip_keeps_every_field(store: SqlStore) -> None:
+    original = vm(
+        "vm-1", process=ProcessIdentity(pid=42, start_time=99), backend_info={"exit_reason": "x"}
+    )
+    await store.insert(original)
+    assert await store.get("vm-1") == original
+
+
+async def test_migrations_run_twice_without_harm(store: SqlStore) -> None:
+    await store.insert(vm("vm-1"))
+    await store.migrate()
+    assert await store.get("vm-1") is not None
+
+
+async def test_soft_delete_hides_the_vm_but_keeps_the_id_taken(store: SqlStore) -> None:
+    record = vm("vm-1")
+    await store.insert(record)
+    record.deleted_at = 5.0
+    await store.update(record)
+    assert await store.get("vm-1") is None
+    assert await store.exists("vm-1")
+    assert await store.list_live() == []
+    assert (await store.count_by_state())[VmState.CREATED] == 0
+
+
+async def test_remove_forgets_a_row(store: SqlStore) -> None:
+    await store.insert(vm("vm-1"))
+    await store.remove("vm-1")
+    assert not await store.exists("vm-1")
+
+
+async def test_pages_are_per_customer_ordered_and_stable(store: SqlStore) -> None:
+    for i in range(7):
+        await store.insert(vm(f"a-{i}", created=float(i % 3)))
+    await store.insert(vm("b-0", customer="globex"))
+    seen: list[str] = []
+    cursor = None
+    while True:
+        rows, total = await store.list_for_customer("acme", [], 3, cursor)
+        assert total == 7
+        seen += [r.id for r in rows]
+        if len(rows) < 3:
+            break
+        cursor = (rows[-1].created_at, rows[-1].id)
+    assert len(seen) == 7 and len(set(seen)) == 7
+    assert seen == [
+        r.id
+        for r in sorted(
+            (await store.list_for_customer("acme", [], 100, None))[0],
+            key=lambda r: (r.created_at, r.id),
+        )
+    ]
+
+
+async def test_state_filter_and_total(store: SqlStore) -> None:
+    running = vm("vm-r")
+    running.state = VmState.RUNNING
+    await store.insert(running)
+    await store.insert(vm("vm-c"))
+    rows, total = await store.list_for_customer("acme", [VmState.RUNNING], 10, None)
+    assert [r.id for r in rows] == ["vm-r"] and total == 1
