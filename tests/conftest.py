@@ -1,0 +1,57 @@
+"""Session-wide leak check: every test's temp files live under one base directory; at the
+end no QEMU process may mention it and no per-VM directory may remain in it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_BASE = Path(tempfile.gettempdir()) / f"metald-test-{os.getpid()}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.option.basetemp:
+        config.option.basetemp = str(_BASE)
+
+
+def _vmm_processes_under(base: Path) -> dict[int, str]:
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if comm.startswith(("qemu-system", "firecracker")) and str(base) in cmdline:
+            found[int(entry.name)] = cmdline[:200]
+    return found
+
+
+def _vm_dirs_under(base: Path) -> list[Path]:
+    if not base.exists():
+        return []
+    return sorted({p.parent for p in base.rglob("process.json")})
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    base = Path(request.config.option.basetemp)
+    yield
+    processes = _vmm_processes_under(base)
+    for pid in processes:
+        # Only processes whose command line names this session's temp dir: ours.
+        os.kill(pid, signal.SIGKILL)
+    vm_dirs = _vm_dirs_under(base)
+    shutil.rmtree(base, ignore_errors=True)
+    problems = [f"VMM process left running: pid {pid}: {cmd}" for pid, cmd in processes.items()]
+    problems += [f"per-VM directory left behind: {d}" for d in vm_dirs]
+    if problems:
+        pytest.fail("leaks found after the test session:\n" + "\n".join(problems))
