@@ -18,6 +18,10 @@ _BASE = Path(tempfile.gettempdir()) / f"metald-test-{os.getpid()}"
 def pytest_configure(config: pytest.Config) -> None:
     if not config.option.basetemp:
         config.option.basetemp = str(_BASE)
+    # tempfile.mkdtemp() in tests lands under the same base, so the check sees it too.
+    base = Path(config.option.basetemp)
+    base.mkdir(parents=True, exist_ok=True)
+    tempfile.tempdir = str(base)
 
 
 def _vmm_processes_under(base: Path) -> dict[int, str]:
