@@ -1,0 +1,132 @@
+"""The asyncio client: the same methods as MetaldClient, awaited."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Mapping
+from types import TracebackType
+from typing import Self, TypeVar, cast
+
+from connectrpc.errors import ConnectError
+
+from metald.client import _build
+from metald.client._build import Disk, Rpc
+from metald.client.convert import VmStateLike
+from metald.gen.vmprovisioner.v1 import vm_pb2
+from metald.gen.vmprovisioner.v1.vm_connect import VmServiceClient
+
+T = TypeVar("T")
+
+
+class AsyncMetaldClient:
+    """Asyncio client for metald's VmService (Connect protocol, binary protobuf).
+
+    Every method returns the response message and raises `MetaldClientError` on failure.
+
+        async with AsyncMetaldClient("http://127.0.0.1:8080", "dev_customer_acme") as client:
+            vm = await client.create_vm(vcpus=2, memory_mib=512)
+            await client.boot_vm(vm.vm_id)
+    """
+
+    def __init__(self, address: str, token: str, *, timeout: float = 60.0) -> None:
+        self._settings = _build.ClientSettings(address, token, timeout)
+        self._stub = VmServiceClient(self._settings.address, send_compression=None)
+
+    @property
+    def address(self) -> str:
+        return self._settings.address
+
+    async def close(self) -> None:
+        await self._stub.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _invoke(self, rpc: Rpc[T]) -> T:
+        method = getattr(self._stub, rpc.method)
+        try:
+            response = await method(
+                rpc.request,
+                headers=self._settings.headers,
+                timeout_ms=self._settings.call_timeout_ms(rpc),
+            )
+        except ConnectError as err:
+            raise self._settings.error(err, rpc) from err
+        return cast(T, response)
+
+    async def create_vm(
+        self,
+        *,
+        vcpus: int = 1,
+        memory_mib: int = 256,
+        kernel_path: str | None = None,
+        initrd_path: str | None = None,
+        kernel_args: str | None = None,
+        disks: Iterable[Disk | str] = (),
+        metadata: Mapping[str, str] | None = None,
+        vm_id: str | None = None,
+    ) -> vm_pb2.CreateVmResponse:
+        return await self._invoke(
+            _build.create_vm(
+                vcpus=vcpus,
+                memory_mib=memory_mib,
+                kernel_path=kernel_path,
+                initrd_path=initrd_path,
+                kernel_args=kernel_args,
+                disks=disks,
+                metadata=metadata,
+                vm_id=vm_id,
+            )
+        )
+
+    async def boot_vm(self, vm_id: str) -> vm_pb2.BootVmResponse:
+        return await self._invoke(_build.boot_vm(vm_id))
+
+    async def pause_vm(self, vm_id: str) -> vm_pb2.PauseVmResponse:
+        return await self._invoke(_build.pause_vm(vm_id))
+
+    async def resume_vm(self, vm_id: str) -> vm_pb2.ResumeVmResponse:
+        return await self._invoke(_build.resume_vm(vm_id))
+
+    async def reboot_vm(self, vm_id: str, *, force: bool = False) -> vm_pb2.RebootVmResponse:
+        return await self._invoke(_build.reboot_vm(vm_id, force))
+
+    async def shutdown_vm(
+        self, vm_id: str, *, force: bool = False, timeout_seconds: int = 0
+    ) -> vm_pb2.ShutdownVmResponse:
+        return await self._invoke(
+            _build.shutdown_vm(vm_id, force, timeout_seconds, self._settings.timeout)
+        )
+
+    async def delete_vm(self, vm_id: str, *, force: bool = False) -> vm_pb2.DeleteVmResponse:
+        return await self._invoke(_build.delete_vm(vm_id, force))
+
+    async def get_vm_info(self, vm_id: str) -> vm_pb2.GetVmInfoResponse:
+        return await self._invoke(_build.get_vm_info(vm_id))
+
+    async def list_vms(
+        self, *, states: Iterable[VmStateLike] = (), page_size: int = 0, page_token: str = ""
+    ) -> vm_pb2.ListVmsResponse:
+        return await self._invoke(_build.list_vms(states, page_size, page_token))
+
+    async def iter_vms(
+        self, *, states: Iterable[VmStateLike] = (), page_size: int = 0
+    ) -> AsyncIterator[vm_pb2.VmInfo]:
+        """Every VM (of the caller), following next_page_token across pages."""
+        states = tuple(states)
+        pages = _build.PageTracker()
+        while True:
+            response = await self.list_vms(
+                states=states, page_size=page_size, page_token=pages.token
+            )
+            for vm in response.vms:
+                yield vm
+            if not pages.advance(response):
+                return
