@@ -48,7 +48,7 @@ Token = Annotated[
     ),
 ]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the response as JSON.")]
-VmId = Annotated[str, typer.Argument(help="The VM's id.", show_default=False)]
+VmId = Annotated[str, typer.Argument(metavar="VM_ID", help="The VM's id.", show_default=False)]
 Force = Annotated[bool, typer.Option("--force", help="Do it even if the guest does not agree.")]
 
 # --- pure helpers (parsing and formatting) ------------------------------------------------
@@ -109,8 +109,8 @@ _PAST = {
     "boot": "booted",
     "pause": "paused",
     "resume": "resumed",
-    "reboot": "reboot",
-    "shutdown": "shutdown",
+    "reboot": "rebooted",
+    "shutdown": "shut down",
     "delete": "deleted",
 }
 
@@ -238,7 +238,7 @@ def _out() -> Console:
 
 
 def _state_change(
-    verb: str,
+    op: str,
     waiting: str,
     vm_id: str,
     addr: str,
@@ -253,7 +253,7 @@ def _state_change(
         if json_out:
             typer.echo(json_text({"vm_id": vm_id, **to_dict(response)}))
         else:
-            typer.echo(action_line(verb, vm_id, response.state, response.success))
+            typer.echo(action_line(op, vm_id, response.state, response.success))
         if not response.success:
             raise typer.Exit(1)
 
