@@ -138,7 +138,7 @@ def test_info_table() -> None:
         ),
         metrics=pb.VmMetrics(cpu_usage_percent=12.34, memory_usage_bytes=2048, uptime_seconds=9),
         network_info=pb.VmNetworkInfo(ip_address="10.100.0.5", dns_servers=["8.8.8.8", "1.1.1.1"]),
-        backend_info={"backend": "qemu"},
+        backend_info={"pid": "4242"},
     )
     text = render(vm.info_table(info))
     for expected in (
@@ -154,7 +154,8 @@ def test_info_table() -> None:
         "12.3%",
         "2 KiB",
         "9s",
-        "backend=qemu",
+        "pid",
+        "4242",
     ):
         assert expected in text
     assert "Initrd" not in text  # empty fields are left out
@@ -295,6 +296,12 @@ def test_create_json(env: dict[str, str]) -> None:
         "state": "RUNNING",
         "created": {"vm_id": "b", "state": "CREATED"},
     }
+
+
+def test_create_quiet_prints_only_the_id(env: dict[str, str]) -> None:
+    assert run("create", "-q", env=env).stdout == "vm-0001\n"
+    assert run("create", "-q", "--boot", "--id", "b", env=env).stdout == "b\n"
+    assert json.loads(run("create", "-q", "--json", "--id", "c", env=env).stdout)["vm_id"] == "c"
 
 
 class _NoCapacity(InMemoryVmService):

@@ -192,8 +192,8 @@ def info_table(info: pb.GetVmInfoResponse) -> Table:
             ("Memory used", human_bytes(metrics.memory_usage_bytes)),
             ("Uptime", f"{metrics.uptime_seconds}s"),
         ]
-    if info.backend_info:
-        rows.append(("Backend", _kv(info.backend_info)))
+    # Backend details (pid, console_log, accelerator, ...): one row each, as the server names them.
+    rows += sorted(info.backend_info.items())
     for label, value in rows:
         table.add_row(label, value)
     return table
@@ -288,6 +288,9 @@ def create(
         str | None, typer.Option("--id", help="VM id to use (default: server-generated).")
     ] = None,
     boot: Annotated[bool, typer.Option("--boot", help="Boot the VM once it is created.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only the new VM's id.")
+    ] = False,
     addr: Addr = DEFAULT_ADDRESS,
     token: Token = None,
     json_out: JsonOut = False,
@@ -307,13 +310,15 @@ def create(
                 metadata=metadata,
                 vm_id=vm_id,
             )
+        if quiet and not json_out:
+            typer.echo(created.vm_id)
         if not boot:
             if json_out:
                 typer.echo(json_text(to_dict(created)))
-            else:
+            elif not quiet:
                 typer.echo(action_line("create", created.vm_id, created.state))
             return
-        if not json_out:
+        if not json_out and not quiet:
             typer.echo(action_line("create", created.vm_id, created.state))
         try:
             with _status(f"booting {created.vm_id}...", json_out):
@@ -329,7 +334,7 @@ def create(
         if json_out:
             data = {"vm_id": created.vm_id, **to_dict(booted), "created": to_dict(created)}
             typer.echo(json_text(data))
-        else:
+        elif not quiet:
             typer.echo(action_line("boot", created.vm_id, booted.state, booted.success))
         if not booted.success:
             raise typer.Exit(1)
