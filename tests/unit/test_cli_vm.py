@@ -161,6 +161,16 @@ def test_info_table() -> None:
     assert "Initrd" not in text  # empty fields are left out
 
 
+def test_tables_show_server_text_verbatim() -> None:
+    # Square brackets from the server are text, not rich markup.
+    vms = render(vm.vms_table([pb.VmInfo(vm_id="[bold]x[/bold]", metadata={"k": "[red]v"})]))
+    assert "[bold]x[/bold]" in vms
+    assert "k=[red]v" in vms
+    info = render(vm.info_table(pb.GetVmInfoResponse(vm_id="[b]y", backend_info={"[i]": "z"})))
+    assert "[b]y" in info
+    assert "[i]" in info
+
+
 def test_info_table_minimal() -> None:
     text = render(vm.info_table(pb.GetVmInfoResponse(vm_id="x", state=pb.VM_STATE_CREATED)))
     assert "CREATED" in text

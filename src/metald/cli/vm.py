@@ -16,6 +16,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from metald.client import (
     DEFAULT_ADDRESS,
@@ -126,11 +127,11 @@ def _kv(data: Mapping[str, str]) -> str:
 
 
 def vms_table(vms: Sequence[pb.VmInfo], caption: str | None = None) -> Table:
-    table = Table(caption=caption, caption_justify="left")
+    table = Table(caption=None if caption is None else Text(caption), caption_justify="left")
     for column in ("VM ID", "STATE", "VCPUS", "MEMORY", "CREATED", "METADATA"):
         table.add_column(column, no_wrap=column in ("VM ID", "STATE", "CREATED"))
     for vm in vms:
-        table.add_row(
+        cells = (
             vm.vm_id,
             state_name(vm.state),
             str(vm.vcpu_count),
@@ -138,6 +139,7 @@ def vms_table(vms: Sequence[pb.VmInfo], caption: str | None = None) -> Table:
             human_time(vm.created_timestamp),
             _kv(vm.metadata),
         )
+        table.add_row(*(Text(cell) for cell in cells))  # Text: no rich markup from the server
     return table
 
 
@@ -195,7 +197,7 @@ def info_table(info: pb.GetVmInfoResponse) -> Table:
     # Backend details (pid, console_log, accelerator, ...): one row each, as the server names them.
     rows += sorted(info.backend_info.items())
     for label, value in rows:
-        table.add_row(label, value)
+        table.add_row(Text(label), Text(value))
     return table
 
 
@@ -230,7 +232,7 @@ def _status(message: str, json_out: bool) -> contextlib.AbstractContextManager[A
     console = Console(stderr=True)
     if json_out or not console.is_terminal:
         return contextlib.nullcontext()
-    return console.status(message)
+    return console.status(Text(message))
 
 
 def _out() -> Console:
