@@ -14,6 +14,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +25,7 @@ from ._support import (
     PROTO,
     TMP_PREFIX,
     Caller,
+    CurlConnect,
     Daemon,
     make_caller,
     pid_alive,
@@ -118,6 +120,30 @@ def e2e_session() -> Iterator[None]:
         pytest.fail("e2e session leaks:\n" + "\n".join(problems), pytrace=False)
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = report.failed
+    return report
+
+
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+def _delete_leftovers(daemon: Daemon) -> None:
+    """After a failed test: delete (force) its remaining VMs through the API, as their owners,
+    so the leak check below reports what metald could not clean up, not the test's
+    unfinished business."""
+    if not daemon.running or daemon.env.get("UNKEY_METALD_AUTH_DEV_TOKENS") != "true":
+        return
+    for vm_id, row in daemon.db_rows().items():
+        if row["deleted_at"] is None:
+            caller = CurlConnect(daemon.url, f"dev_customer_{row['customer_id']}")
+            with contextlib.suppress(Exception):
+                caller("DeleteVm", {"vm_id": vm_id, "force": True}, timeout=60)
+
+
 def _check_and_clean(daemon: Daemon) -> list[str]:
     """Stop the daemon (SIGTERM by pid); then no QEMU it started may be alive."""
     problems = []
@@ -167,6 +193,8 @@ def metald_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Dae
 
     problems: list[str] = []
     for daemon in daemons:
+        if request.node.stash.get(_CALL_FAILED, False):
+            _delete_leftovers(daemon)
         problems += _check_and_clean(daemon)
         print(f"\n----- {daemon.name} log (port {daemon.port}) -----\n{daemon.log_tail(200)}")
         shutil.rmtree(daemon.workdir, ignore_errors=True)

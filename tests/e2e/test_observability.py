@@ -1,0 +1,116 @@
+"""GET /health and GET /metrics, read with curl: open (no token), and truthful."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from ._support import Caller, Daemon, curl_raw
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def _get(url: str) -> tuple[int, str]:
+    return curl_raw(url, None, {}, method="GET", timeout=20)
+
+
+def _metrics(daemon: Daemon) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    status, text = _get(daemon.url + "/metrics")
+    assert status == 200, text
+    samples = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        assert m, f"not a Prometheus sample line: {line!r}"
+        labels = frozenset(_LABEL.findall(m.group(2) or ""))
+        samples[(m.group(1), labels)] = float(m.group(3))
+    return samples
+
+
+def _value(samples: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_health(daemon: Daemon) -> None:
+    status, text = _get(daemon.url + "/health")
+    assert status == 200, text
+    body = json.loads(text)
+    assert body["status"] == "ok"
+    assert body["backend"] == "qemu"
+    assert body["accelerator"] == "tcg"
+    assert body["store"] == "ok"
+    assert isinstance(body["version"], str) and body["version"]
+    assert isinstance(body["uptime_seconds"], int | float) and body["uptime_seconds"] >= 0
+    status, _ = curl_raw(daemon.url + "/health", b"{}", {"Content-Type": "application/json"})
+    assert status == 405, "POST /health"
+
+
+def test_health_fails_when_the_asset_store_is_gone(
+    metald_factory: Callable[..., Daemon], private_store: Path
+) -> None:
+    daemon = metald_factory(UNKEY_METALD_ASSETMANAGER_CACHE_DIR=str(private_store))
+    assert _get(daemon.url + "/health")[0] == 200
+    moved = private_store.with_name("moved-away")
+    shutil.move(private_store, moved)
+    try:
+        status, text = _get(daemon.url + "/health")
+        assert status == 503, text
+        assert json.loads(text)["status"] != "ok"
+    finally:
+        shutil.move(moved, private_store)
+    status, text = _get(daemon.url + "/health")
+    assert status == 200, text
+
+
+def test_metrics_count_requests_and_vms(daemon: Daemon, callers: Callable[..., Caller]) -> None:
+    c = callers("curl-connect-json", daemon.url)
+    g = callers("grpcio", daemon.url)
+    before = _metrics(daemon)
+
+    for _ in range(3):
+        c.must("ListVms", {})
+    for _ in range(2):
+        assert g("GetVmInfo", {"vm_id": "no-such-vm"}).code == "not_found"
+    assert c("ListVms", {}, token=None).code == "unauthenticated"
+    assert c("CreateVm", {"config": {"cpu": {"vcpu_count": 99}}}).code == "invalid_argument"
+    vm_id = g.must("CreateVm", {"vm_id": "counted"}).body["vm_id"]
+
+    after = _metrics(daemon)
+    total = "metald_rpc_requests_total"
+    expected = [
+        ("ListVms", "ok", 3),
+        ("GetVmInfo", "not_found", 2),
+        ("ListVms", "unauthenticated", 1),
+        ("CreateVm", "invalid_argument", 1),
+        ("CreateVm", "ok", 1),
+    ]
+    for method, code, n in expected:
+        delta = _value(after, total, method=method, code=code) - _value(
+            before, total, method=method, code=code
+        )
+        assert delta == n, f"{total}{{method={method},code={code}}} grew by {delta}, not {n}"
+    count = _value(after, "metald_rpc_duration_seconds_count", method="ListVms", code="ok")
+    assert count >= 3
+    assert (
+        _value(after, "metald_rpc_duration_seconds_bucket", method="ListVms", code="ok", le="+Inf")
+        == count
+    )
+
+    assert _value(after, "metald_vms", state="created") == 1
+    assert _value(after, "metald_vms", state="running") == 0
+
+    g.must("BootVm", {"vm_id": vm_id})
+    g.must("PauseVm", {"vm_id": vm_id})
+    now = _metrics(daemon)
+    assert _value(now, "metald_vms", state="created") == 0
+    assert _value(now, "metald_vms", state="paused") == 1
+
+    g.must("DeleteVm", {"vm_id": vm_id, "force": True})
+    now = _metrics(daemon)
+    assert sum(v for (name, _), v in now.items() if name == "metald_vms") == 0
+    assert _value(now, total, method="DeleteVm", code="ok") == 1
