@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import time
 from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass
@@ -227,6 +228,13 @@ class QemuBackend:
     def console_log(self, vm_id: str) -> Path:
         return VmLayout(self.vm_dir(vm_id)).console_log
 
+    async def runstate(self, vm_id: str) -> str | None:
+        """QEMU's own run state ("prelaunch", "running", "paused", ...), None without a VMM."""
+        vm = self._vms.get(vm_id)
+        if vm is None or not vm.alive or vm.qmp is None:
+            return None
+        return await self._status(vm)
+
     def identity(self, vm_id: str) -> ProcessIdentity | None:
         """The identity of the VM's QEMU process while it runs."""
         vm = self._vms.get(vm_id)
@@ -291,10 +299,7 @@ class QemuBackend:
             raise BackendError(f"VM {vm_id} has an unreadable launch spec: {e}") from e
         # A QEMU recorded for this VM that is still running (metald stopped mid-shutdown,
         # say) would share the disks with the new one: it is ours, so it goes first.
-        old = self._recorded_identity(layout)
-        if old is not None and self._provably_ours(old, layout):
-            await _kill(old)
-        self._remove_runtime_files(layout)
+        await self._discard_runtime(layout)
         try:
             return await self._launch(spec, layout)
         except BackendError:
@@ -342,7 +347,6 @@ class QemuBackend:
                 raise _StartFailed("QEMU exited at once")
             self._write_process_file(vm)
             deadline = asyncio.get_running_loop().time() + self.start_timeout
-            await self._wait_for_socket(vm, deadline)
             await self._connect(vm, deadline)
             status = await self._status(vm)
             if status != "prelaunch":
@@ -366,25 +370,38 @@ class QemuBackend:
         vm.starting = False
         return vm
 
-    async def _wait_for_socket(self, vm: _Vm, deadline: float) -> None:
+    async def _connect(self, vm: _Vm, deadline: float) -> None:
+        """Connect to QEMU's QMP socket, waiting while QEMU is still creating it (the file
+        appears at bind(), connections are refused until listen())."""
         loop = asyncio.get_running_loop()
-        while not vm.layout.qmp_socket.exists():
+        path = str(vm.layout.qmp_socket)
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await asyncio.wait_for(
+                    loop.sock_connect(sock, path), max(0.1, deadline - loop.time())
+                )
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+            except (OSError, TimeoutError) as e:
+                sock.close()
+                raise _StartFailed(f"cannot connect to QMP: {e}") from e
             if vm.watch is None or vm.watch.exited:
                 raise _StartFailed("QEMU exited while starting")
             if loop.time() > deadline:
-                raise _StartFailed(f"no QMP socket after {self.start_timeout:g} s")
+                raise _StartFailed(f"QMP not ready after {self.start_timeout:g} s")
             await asyncio.sleep(0.01)
-
-    async def _connect(self, vm: _Vm, deadline: float) -> None:
         qmp = QMPClient(vm.vm_id)
         # Keep only the event that says why QEMU is about to exit.
         qmp.events.names = {"SHUTDOWN"}
-        timeout = max(0.1, deadline - asyncio.get_running_loop().time())
         try:
-            await asyncio.wait_for(qmp.connect(str(vm.layout.qmp_socket)), timeout)
+            await asyncio.wait_for(qmp.connect(sock), max(0.1, deadline - loop.time()))
         except Exception as e:
             with contextlib.suppress(Exception):
                 await qmp.disconnect()
+            sock.close()
             raise _StartFailed(f"QMP did not answer: {e}") from e
         vm.qmp = qmp
 
@@ -462,10 +479,12 @@ class QemuBackend:
         except ValueError:
             return None
         current = self._vms.get(vm_id)
-        if current is not None and current.alive and current.identity == identity:
+        if current is not None and current.alive:
             return _RUNSTATES.get(await self._status(current))
         if not (is_alive(identity) and self._provably_ours(identity, layout)):
-            self._remove_runtime_files(layout)
+            # process.json may name a newer QEMU than the store does (metald stopped between
+            # starting it and recording it): nobody knows it, so it goes too.
+            await self._discard_runtime(layout)
             return None
         recorded = _read_json(layout.process_file)
         vm = _Vm(
@@ -480,7 +499,7 @@ class QemuBackend:
             vm.booted_at = float(booted_at)
         vm.watch = ProcessWatch.open(identity, lambda status: self._on_exit(vm, status))
         if vm.watch is None:
-            self._remove_runtime_files(layout)
+            await self._discard_runtime(layout)
             return None
         self._vms[vm_id] = vm
         state: VmState | None = None
@@ -696,6 +715,13 @@ class QemuBackend:
             return False
         needle = str(layout.qmp_socket)
         return any(needle in arg for arg in read_cmdline(identity.pid))
+
+    async def _discard_runtime(self, layout: VmLayout) -> None:
+        """Kill the QEMU that process.json names, if it is provably ours; forget it."""
+        recorded = self._recorded_identity(layout)
+        if recorded is not None and self._provably_ours(recorded, layout):
+            await _kill(recorded)
+        self._remove_runtime_files(layout)
 
     def _remove_runtime_files(self, layout: VmLayout) -> None:
         for path in (layout.qmp_socket, layout.process_file):
