@@ -1,0 +1,201 @@
+"""The QEMU command line, the KVM probe firmware and /proc parsing: pure, nothing started."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import metald.backends.qemu as qemu_pkg
+from metald.backends.process import ExitStatus, parse_stat
+from metald.backends.qemu.accel import PROBE_SUCCESS_EXIT, probe_argv, probe_image
+from metald.backends.qemu.command import (
+    VmLayout,
+    build_argv,
+    check_socket_path,
+    check_vm_id,
+    escape_option,
+    kernel_cmdline,
+    memory_mib,
+    plan_drives,
+    spec_from_json,
+    spec_to_json,
+)
+from metald.core.models import LaunchSpec, ResolvedDisk
+
+LAYOUT = VmLayout(Path("/srv/vms/vm-1"))
+
+
+def spec(**overrides: object) -> LaunchSpec:
+    values: dict[str, object] = {
+        "vm_id": "vm-1",
+        "vcpu_count": 2,
+        "memory_bytes": 512 * 1024 * 1024,
+        "kernel": Path("/assets/vmlinux"),
+        "initrd": Path("/assets/initrd.gz"),
+        "kernel_args": "metald.ip4=10.0.0.2/24",
+        "disks": (),
+    }
+    values.update(overrides)
+    return LaunchSpec(**values)  # type: ignore[arg-type]
+
+
+def argv_for(s: LaunchSpec, accelerator: str = "tcg", tsc_khz: int | None = None) -> list[str]:
+    return build_argv(
+        s,
+        layout=LAYOUT,
+        drives=plan_drives(s, LAYOUT),
+        accelerator=accelerator,
+        tsc_khz=tsc_khz,
+    )
+
+
+def option(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_the_machine_and_its_stopped_vcpus() -> None:
+    argv = argv_for(spec())
+    assert argv[0] == "qemu-system-x86_64"
+    assert option(argv, "-M") == ["microvm,x-option-roms=off,rtc=off"]
+    assert option(argv, "-accel") == ["tcg"]
+    assert option(argv, "-cpu") == ["max"]
+    assert option(argv, "-m") == ["512"]
+    assert option(argv, "-smp") == ["2"]
+    assert option(argv, "-device")[0] == "i8042"  # Ctrl-Alt-Del reaches the guest
+    for flag in ("-S", "-nodefaults", "-no-user-config", "-nographic"):
+        assert flag in argv
+    assert option(argv, "-display") == ["none"]
+    assert "-no-reboot" not in argv  # system_reset must reboot in place
+    assert option(argv, "-kernel") == ["/assets/vmlinux"]
+    assert option(argv, "-initrd") == ["/assets/initrd.gz"]
+
+
+def test_kvm_uses_the_host_cpu() -> None:
+    argv = argv_for(spec(), accelerator="kvm", tsc_khz=2_500_000)
+    assert option(argv, "-accel") == ["kvm"]
+    assert option(argv, "-cpu") == ["host"]
+    assert "tsc_early_khz" not in option(argv, "-append")[0]
+
+
+def test_qmp_and_console_live_in_the_vm_directory() -> None:
+    argv = argv_for(spec())
+    chardevs = option(argv, "-chardev")
+    assert "socket,id=qmp,path=/srv/vms/vm-1/qmp.sock,server=on,wait=off" in chardevs
+    assert "file,id=con0,path=/srv/vms/vm-1/console.log,append=on" in chardevs
+    assert option(argv, "-mon") == ["chardev=qmp,mode=control"]
+    assert option(argv, "-serial") == ["chardev:con0"]
+
+
+def test_no_initrd() -> None:
+    assert "-initrd" not in argv_for(spec(initrd=None))
+
+
+def test_kernel_command_line() -> None:
+    (append,) = option(argv_for(spec()), "-append")
+    assert append == (
+        "console=ttyS0 reboot=t panic=-1 quiet metald.vm_id=vm-1 metald.ip4=10.0.0.2/24"
+    )
+    with_tsc = kernel_cmdline(spec(kernel_args=""), accelerator="tcg", tsc_khz=2596138)
+    assert with_tsc.endswith("metald.vm_id=vm-1 tsc_early_khz=2596138 tsc=reliable")
+    assert "tsc" not in kernel_cmdline(spec(), accelerator="tcg", tsc_khz=None)
+
+
+def test_writable_disks_are_copied_read_only_ones_shared() -> None:
+    disks = (
+        ResolvedDisk("data", Path("/assets/data.img"), read_only=False, is_root_device=False),
+        ResolvedDisk("root", Path("/assets/root,1.img"), read_only=True, is_root_device=True),
+    )
+    s = spec(disks=disks)
+    drives = plan_drives(s, LAYOUT)
+    # The root device comes first: it is /dev/vda in the guest.
+    assert [d.node_id for d in drives] == ["disk0", "disk1"]
+    assert drives[0].source == Path("/assets/root,1.img") and drives[0].read_only
+    assert drives[0].path == Path("/assets/root,1.img")
+    assert drives[1].path == LAYOUT.dir / "disk1.img" and not drives[1].read_only
+    argv = argv_for(s)
+    assert option(argv, "-drive") == [
+        "id=disk0,file=/assets/root,,1.img,format=raw,if=none,readonly=on",
+        "id=disk1,file=/srv/vms/vm-1/disk1.img,format=raw,if=none,readonly=off,discard=unmap",
+    ]
+    assert option(argv, "-device")[1:] == [
+        "virtio-blk-device,drive=disk0",
+        "virtio-blk-device,drive=disk1",
+    ]
+
+
+def test_memory_rounds_up_to_whole_mib() -> None:
+    assert memory_mib(256 * 1024 * 1024) == 256
+    assert memory_mib(256 * 1024 * 1024 + 1) == 257
+    with pytest.raises(ValueError):
+        memory_mib(0)
+
+
+def test_bad_inputs_are_refused() -> None:
+    with pytest.raises(ValueError, match="accelerator"):
+        argv_for(spec(), accelerator="hvf")
+    with pytest.raises(ValueError, match="vcpu"):
+        argv_for(spec(vcpu_count=0))
+    for bad in ("", "../x", "a/b", "a b", "-x", "x" * 65, "a,b"):
+        with pytest.raises(ValueError):
+            check_vm_id(bad)
+    check_vm_id("vm-0123456789abcdef")
+
+
+def test_socket_path_limit() -> None:
+    check_socket_path(Path("/" + "x" * 106))
+    with pytest.raises(ValueError, match="Unix socket"):
+        check_socket_path(Path("/" + "x" * 107))
+    deep = VmLayout(Path("/" + "d" * 100) / "vm-1")
+    with pytest.raises(ValueError, match="shorter data directory"):
+        build_argv(spec(), layout=deep, drives=(), accelerator="tcg")
+
+
+def test_escape_option() -> None:
+    assert escape_option("a,b,,c") == "a,,b,,,,c"
+
+
+def test_spec_round_trips_through_json() -> None:
+    s = spec(
+        disks=(ResolvedDisk("d", Path("/assets/d.img"), read_only=True, is_root_device=False),)
+    )
+    assert spec_from_json(spec_to_json(s)) == s
+    assert spec_from_json(spec_to_json(spec(initrd=None))).initrd is None
+
+
+def test_probe_image_is_a_64k_firmware_with_a_reset_vector() -> None:
+    image = probe_image()
+    assert len(image) == 0x10000
+    assert image[0xFFF0:0xFFF3] == bytes.fromhex("e90d00")  # jmp to offset 0
+    assert image[0] == 0xFA  # cli
+    assert PROBE_SUCCESS_EXIT == 85
+    argv = probe_argv("qemu-system-x86_64", Path("/tmp/p.bin"))
+    assert "-no-reboot" in argv and "isa-debug-exit,iobase=0xf4,iosize=4" in argv
+
+
+@pytest.mark.skipif(shutil.which("as") is None, reason="binutils (as, ld) not installed")
+def test_probe_image_matches_its_source(tmp_path: Path) -> None:
+    source = Path(qemu_pkg.__file__).parent / "kvm_probe.S"
+    obj, binary = tmp_path / "probe.o", tmp_path / "probe.bin"
+    subprocess.run(["as", "--64", "-o", str(obj), str(source)], check=True)
+    subprocess.run(
+        ["ld", "-Ttext=0", "-e", "0", "--oformat", "binary", "-o", str(binary), str(obj)],
+        check=True,
+    )
+    assert binary.read_bytes() == probe_image()
+
+
+def test_parse_stat_copes_with_odd_command_names() -> None:
+    fields = ["S"] + [str(i) for i in range(4, 53)]  # field n holds the number n
+    text = f"1234 (qemu) (x y)) {' '.join(fields)}\n"
+    stat = parse_stat(text)
+    assert stat.state == "S"
+    assert (stat.utime_ticks, stat.stime_ticks, stat.start_time) == (14, 15, 22)
+
+
+def test_exit_status_descriptions() -> None:
+    assert ExitStatus(signal=9).describe() == "signal 9 (SIGKILL)"
+    assert ExitStatus(exit_code=1).describe() == "exit status 1"
+    assert ExitStatus().describe() == "exit status unknown"
