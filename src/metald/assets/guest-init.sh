@@ -1,0 +1,184 @@
+#!/bin/sh
+# metald default guest init: PID 1 of the initramfs made by `metald assets build`.
+#
+# CONTRACT (metald's backends and tests rely on it; change it only together with them and
+# bump RECIPE_VERSION in guest_builder.py):
+#
+# Kernel command line arguments honoured (all optional):
+#   metald.vm_id=<id>             hostname, and echoed in the READY line
+#   metald.on_shutdown=reboot     end the shutdown path with `reboot -f` instead of
+#                                 `poweroff -f` (Firecracker exits on a guest reset, not a
+#                                 power-off; use it there with reboot=k)
+#   metald.ip4=<addr>/<prefix>    IPv4 address of the interface (eth0, or the one with metald.mac)
+#   metald.gw4=<ip>               IPv4 default route
+#   metald.ip6=<addr>/<prefix>    IPv6 address (duplicate address detection is turned off)
+#   metald.gw6=<ip>               IPv6 default route
+#   metald.dns=<ip>[,<ip>...]     name servers written to /etc/resolv.conf
+#   metald.mac=<mac>              pick the interface with this MAC (else eth0)
+#   metald.root=<device>          mount this ext4 device (e.g. /dev/vda) and switch_root into
+#                                 it; the image there runs this same init
+#
+# Lines printed on the console (/dev/console; use console=ttyS0), each on its own line:
+#   METALD-GUEST NET <ifname> ip4=<..> ip6=<..>       only when a network was configured
+#   METALD-GUEST READY vm=<id> boot=<boot uuid> uptime=<s> root=<initramfs|device>
+#                                 exactly once per boot, when up (after modules, network);
+#                                 boot= differs on every boot (the kernel's random boot_id)
+#   METALD-GUEST HEARTBEAT <seq>  every second after READY, seq = 1, 2, 3, ...
+#                                 (a paused VM shows as missing lines)
+#   METALD-GUEST SHUTDOWN         when the shutdown path starts; then sync and
+#                                 `poweroff -f` (or `reboot -f`, see metald.on_shutdown)
+#   METALD-GUEST ERROR <text>     something went wrong (a module, the network, the root)
+#
+# Ctrl-Alt-Del (QMP send-key ctrl-alt-delete, Firecracker SendCtrlAltDel), SIGINT and SIGTERM
+# to PID 1 run the shutdown path. PID 1 reaps every zombie.
+
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+umask 022
+set -f
+
+[ -d /proc/self ] || mount -t proc proc /proc
+[ -d /sys/kernel ] || mount -t sysfs sysfs /sys
+[ -c /dev/null ] || mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+mkdir -p /dev/pts /dev/shm /run /tmp
+grep -q " /dev/pts " /proc/mounts || mount -t devpts devpts /dev/pts 2>/dev/null
+
+say() { echo "METALD-GUEST $*"; }
+
+# Ctrl-Alt-Del: signal PID 1 (SIGINT) instead of resetting the machine.
+echo 0 > /proc/sys/kernel/ctrl-alt-del
+
+VM_ID=""
+ON_SHUTDOWN=poweroff
+IP4="" GW4="" IP6="" GW6="" DNS="" MAC="" ROOT=""
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        metald.vm_id=*) VM_ID="${arg#*=}" ;;
+        metald.on_shutdown=*) [ "${arg#*=}" = reboot ] && ON_SHUTDOWN=reboot ;;
+        metald.ip4=*) IP4="${arg#*=}" ;;
+        metald.gw4=*) GW4="${arg#*=}" ;;
+        metald.ip6=*) IP6="${arg#*=}" ;;
+        metald.gw6=*) GW6="${arg#*=}" ;;
+        metald.dns=*) DNS="${arg#*=}" ;;
+        metald.mac=*) MAC="${arg#*=}" ;;
+        metald.root=*) ROOT="${arg#*=}" ;;
+    esac
+done
+
+shutdown_path() {
+    trap '' INT TERM
+    [ -n "$HEARTBEAT_PID" ] && kill "$HEARTBEAT_PID" 2>/dev/null
+    say SHUTDOWN
+    sync
+    if [ "$ON_SHUTDOWN" = reboot ]; then
+        reboot -f
+    else
+        poweroff -f
+    fi
+    # Not reached unless the kernel refused; keep PID 1 alive rather than panic.
+    while :; do sleep 60; done
+}
+HEARTBEAT_PID=""
+trap shutdown_path INT TERM
+trap '' HUP QUIT USR1 USR2 PIPE
+
+# Modules, in dependency order (written by the builder). Already loaded ones are skipped, so
+# this also works after switch_root into a root filesystem that carries the same image.
+if [ -r /etc/metald/modules ]; then
+    while read -r mod; do
+        [ -n "$mod" ] || continue
+        [ -d "/sys/module/$mod" ] && continue
+        insmod "/lib/metald-modules/$mod.ko" || say ERROR "insmod $mod failed"
+    done < /etc/metald/modules
+fi
+
+# A root filesystem: mount it and run this same init from it.
+if [ -n "$ROOT" ] && [ ! -e /etc/metald/rootfs ]; then
+    mkdir -p /newroot
+    i=0
+    while [ ! -b "$ROOT" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+    if mount -t ext4 -o rw "$ROOT" /newroot 2>/dev/null || mount -t ext4 -o ro "$ROOT" /newroot; then
+        if [ -x /newroot/init ]; then
+            for m in dev proc sys; do
+                mkdir -p "/newroot/$m" 2>/dev/null
+                mount --move "/$m" "/newroot/$m"
+            done
+            exec switch_root /newroot /init
+            # Not reached unless switch_root failed: stay up without the root.
+            say ERROR "switch_root to $ROOT failed"
+        fi
+        say ERROR "root $ROOT has no /init"
+        umount /newroot
+    else
+        say ERROR "cannot mount root $ROOT"
+    fi
+fi
+
+if [ -n "$VM_ID" ]; then
+    hostname "$VM_ID" 2>/dev/null || say ERROR "cannot set hostname"
+else
+    hostname metald-guest
+fi
+
+ip link set lo up 2>/dev/null
+
+if [ -n "$IP4$IP6" ]; then
+    IFACE=eth0
+    if [ -n "$MAC" ]; then
+        want=$(echo "$MAC" | tr 'A-F' 'a-f')
+        for d in /sys/class/net/*; do
+            [ "$(cat "$d/address" 2>/dev/null)" = "$want" ] && IFACE="${d##*/}"
+        done
+    fi
+    i=0
+    while [ ! -e "/sys/class/net/$IFACE" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+    if [ -e "/sys/class/net/$IFACE" ]; then
+        [ -e "/proc/sys/net/ipv6/conf/$IFACE/accept_dad" ] \
+            && echo 0 > "/proc/sys/net/ipv6/conf/$IFACE/accept_dad"
+        ip link set "$IFACE" up || say ERROR "cannot bring $IFACE up"
+        if [ -n "$IP4" ]; then
+            ip addr add "$IP4" dev "$IFACE" || say ERROR "cannot add $IP4"
+            [ -n "$GW4" ] && { ip route add default via "$GW4" dev "$IFACE" || say ERROR "cannot route via $GW4"; }
+        fi
+        if [ -n "$IP6" ]; then
+            ip -6 addr add "$IP6" dev "$IFACE" || say ERROR "cannot add $IP6"
+            [ -n "$GW6" ] && { ip -6 route add default via "$GW6" dev "$IFACE" || say ERROR "cannot route via $GW6"; }
+        fi
+        say NET "$IFACE" "ip4=${IP4:--}" "ip6=${IP6:--}"
+    else
+        say ERROR "no network interface $IFACE"
+    fi
+fi
+if [ -n "$DNS" ]; then
+    mkdir -p /etc
+    : > /etc/resolv.conf
+    for ns in $(echo "$DNS" | tr ',' ' '); do echo "nameserver $ns" >> /etc/resolv.conf; done
+fi
+
+read -r BOOT_ID < /proc/sys/kernel/random/boot_id
+read -r UPTIME _ < /proc/uptime
+if [ -e /etc/metald/rootfs ]; then ROOT_IS="${ROOT:-?}"; else ROOT_IS=initramfs; fi
+say READY "vm=${VM_ID:--}" "boot=$BOOT_ID" "uptime=$UPTIME" "root=$ROOT_IS"
+
+heartbeat() {
+    trap - INT TERM
+    n=0
+    while :; do
+        n=$((n + 1))
+        say HEARTBEAT "$n"
+        sleep 1
+    done
+}
+heartbeat &
+HEARTBEAT_PID=$!
+
+# PID 1: `wait` blocks while the heartbeat runs, reaps every child that exits (orphans
+# included) and returns early when a trapped signal arrives, so the trap runs promptly.
+while :; do
+    wait
+    if ! kill -0 "$HEARTBEAT_PID" 2>/dev/null; then
+        # Without a running child `wait` would return at once: start the heartbeat again.
+        heartbeat &
+        HEARTBEAT_PID=$!
+    fi
+done
