@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from typer.testing import CliRunner
 
 from metald.assets import guest_builder as gb
 from metald.assets.kernel_args import GuestArgs, host_tsc_khz, kernel_command_line
@@ -28,6 +29,8 @@ from metald.assets.store import (
     asset_id_for,
     is_asset_id,
 )
+from metald.cli.assets import STORE_ENV
+from metald.cli.main import app
 from metald.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 SECRET = "s3cr3t-host-dir"
@@ -565,3 +568,42 @@ def test_host_tsc_khz(tmp_path: Path) -> None:
     assert host_tsc_khz(info) == 2596138
     assert host_tsc_khz(_file(tmp_path / "none", b"processor\t: 0\n")) is None
     assert host_tsc_khz(tmp_path / "missing") is None
+
+
+# -- the CLI -------------------------------------------------------------------------------
+
+
+def test_cli_list_and_build_no_op(store: LocalAssetStore, tmp_path: Path) -> None:
+    runner = CliRunner()
+    empty = runner.invoke(app, ["assets", "list", "--store", str(store.root)])
+    assert empty.exit_code == 0 and "metald assets build" in empty.output
+
+    k, i = _kernel_and_initrd(store, tmp_path)
+    store.set_default(k, i, recipe=gb.recipe_id(), info={"kernel_version": "6.1"})
+    listed = runner.invoke(app, ["assets", "list", "--json"], env={STORE_ENV: str(store.root)})
+    assert listed.exit_code == 0, listed.output
+    data = json.loads(listed.output)
+    assert data["default"]["kernel"] == k
+    assert {a["id"]: a["role"] for a in data["assets"]} == {
+        k: "default kernel",
+        i: "default initrd",
+    }
+
+    built = runner.invoke(app, ["assets", "build", "--store", str(store.root), "--json"])
+    assert built.exit_code == 0, built.output
+    out = json.loads(built.stdout)
+    assert out["reused"] is True and out["kernel"]["id"] == k and out["initrd"]["id"] == i
+
+    table = runner.invoke(app, ["assets", "build", "--store", str(store.root)])
+    assert table.exit_code == 0 and "already up to date" in table.output
+
+
+def test_cli_add(store: LocalAssetStore, tmp_path: Path) -> None:
+    src = _file(tmp_path / "disk.img", b"disk")
+    args = ["assets", "add", str(src), "--kind", "disk", "--store", str(store.root), "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    added = json.loads(result.stdout)
+    assert added["name"] == "disk.img" and store.get(added["id"]).kind == "disk"
+    bad = CliRunner().invoke(app, [*args[:3], "--kind", "nope", "--store", str(store.root)])
+    assert bad.exit_code == 1

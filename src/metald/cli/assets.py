@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from metald.assets.guest_builder import BuiltGuest, GuestBuildError, build_default_guest
+from metald.assets.guest_builder import Progress as BuildProgress
 from metald.assets.store import Asset, LocalAssetStore
 from metald.core.errors import MetaldError
 
@@ -55,13 +56,12 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-def _assets_table(title: str, assets: list[tuple[str, Asset]], store: LocalAssetStore) -> Table:
+def _assets_table(title: str, assets: list[tuple[str, Asset]]) -> Table:
     table = Table(title=title)
-    for col in ("role", "id", "kind", "size", "name", "path"):
+    for col in ("role", "id", "kind", "size", "name"):
         table.add_column(col, overflow="fold")
     for role, a in assets:
-        path = a.path.relative_to(store.root) if a.path.is_relative_to(store.root) else a.path
-        table.add_row(role, a.id, a.kind, _human(a.size), a.name, str(path))
+        table.add_row(role, a.id, a.kind, _human(a.size), a.name)
     return table
 
 
@@ -139,14 +139,14 @@ def build(
     if guest.rootfs is not None:
         rows.append(("rootfs", guest.rootfs))
     verb = "already up to date" if guest.reused else f"built in {guest.seconds:.1f} s"
-    out.print(_assets_table(f"default guest: {verb}", rows, assets))
-    out.print(
-        f"store {assets.root} · recipe {guest.recipe} · kernel {guest.kernel_version} "
-        f"({guest.kernel_package}) · modules: {', '.join(guest.modules)}"
-    )
+    out.print(_assets_table(f"default guest: {verb}", rows))
+    out.print(f"store:   {assets.root}", highlight=False)
+    out.print(f"recipe:  {guest.recipe}", highlight=False)
+    out.print(f"kernel:  {guest.kernel_version} ({guest.kernel_package})", highlight=False)
+    out.print(f"modules: {', '.join(guest.modules)}", highlight=False)
 
 
-def _plain_progress(console: Console, *, quiet: bool) -> Any:
+def _plain_progress(console: Console, *, quiet: bool) -> BuildProgress:
     def on_step(name: str, index: int, total: int) -> None:
         if not quiet and name != "done":
             console.print(f"[{index + 1}/{total}] {_STEP_TEXT.get(name, name)}")
@@ -221,4 +221,4 @@ def add(
     if as_json:
         sys.stdout.write(json.dumps({**asset.to_dict(), "path": str(asset.path)}) + "\n")
     else:
-        Console().print(_assets_table("added", [("", asset)], assets))
+        Console().print(_assets_table("added", [("", asset)]))
