@@ -25,7 +25,7 @@ import pytest
 from metald.assets.store import LocalAssetStore
 from metald.backends.process import identity_of, is_alive, kill_identity, read_cmdline
 from metald.backends.qemu.backend import QemuBackend
-from metald.core.errors import BackendError
+from metald.core.errors import BackendError, InvalidArgument
 from metald.core.models import LaunchSpec, ProcessIdentity, ResolvedDisk
 from metald.core.states import VmState
 
@@ -141,6 +141,7 @@ async def test_lifecycle(
     ident = await backend.create(
         spec_for(boot_files, vm, disks=(ResolvedDisk("data", data, False, False),))
     )
+    created_in = time.monotonic() - t0
     vm_dir = backend.vm_dir(vm)
     assert is_alive(ident)
     assert await backend.runstate(vm) == "prelaunch"
@@ -155,8 +156,8 @@ async def test_lifecycle(
     assert not READY.search(console(backend, vm)), "the guest ran before boot"
 
     assert await backend.boot(vm) == ident
-    await wait_for(backend, vm, READY)
-    print(f"create -> READY: {time.monotonic() - t0:.1f} s")
+    ready_in = await wait_for(backend, vm, READY)
+    print(f"\ncreate {created_in:.2f} s, boot -> READY {ready_in:.1f} s")
     assert await backend.runstate(vm) == "running"
     await wait_for(backend, vm, HEARTBEAT, 2)
     usage = await backend.usage(vm)
@@ -413,6 +414,20 @@ async def test_long_vm_root_is_refused(tmp_path: Path) -> None:
     root = tmp_path / ("x" * 100)
     with pytest.raises(BackendError, match=r"Unix socket|AF_UNIX"):
         await QemuBackend(root, accelerator="tcg").start()
+
+
+async def test_a_vm_id_too_long_for_the_socket_path_is_an_invalid_argument(
+    boot_files: tuple[Path, Path | None], tmp_path: Path
+) -> None:
+    root = tmp_path / ("r" * max(1, 59 - len(str(tmp_path))))  # 60 bytes in all
+    b = QemuBackend(root, accelerator="tcg")
+    await b.start()
+    try:
+        with pytest.raises(InvalidArgument, match="vm_id: at most 37 characters"):
+            await b.create(spec_for(boot_files, "v" * 38))
+        assert dirs_under(root) == []
+    finally:
+        await b.close()
 
 
 async def test_missing_binary_names_the_package(tmp_path: Path) -> None:

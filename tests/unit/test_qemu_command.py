@@ -18,6 +18,7 @@ from metald.backends.qemu.command import (
     check_vm_id,
     escape_option,
     kernel_cmdline,
+    max_vm_id_length,
     memory_mib,
     plan_drives,
     spec_from_json,
@@ -138,10 +139,11 @@ def test_bad_inputs_are_refused() -> None:
         argv_for(spec(), accelerator="hvf")
     with pytest.raises(ValueError, match="vcpu"):
         argv_for(spec(vcpu_count=0))
-    for bad in ("", "../x", "a/b", "a b", "-x", "x" * 65, "a,b"):
+    for bad in ("", ".", "..", "../x", ".hidden", "a/b", "a b", "x" * 65, "a,b", "a\nb"):
         with pytest.raises(ValueError):
             check_vm_id(bad)
-    check_vm_id("vm-0123456789abcdef")
+    for good in ("vm-0123456789abcdef", "-x", "x" * 64, "A_b.c"):
+        check_vm_id(good)
 
 
 def test_socket_path_limit() -> None:
@@ -151,6 +153,13 @@ def test_socket_path_limit() -> None:
     deep = VmLayout(Path("/" + "d" * 100) / "vm-1")
     with pytest.raises(ValueError, match="shorter data directory"):
         build_argv(spec(), layout=deep, drives=(), accelerator="tcg")
+
+
+def test_longest_vm_id_that_fits() -> None:
+    assert max_vm_id_length(Path("/opt/metald/data/vms")) == 64
+    # 107 = len(root) + 1 + id + len("/qmp.sock")
+    assert max_vm_id_length(Path("/" + "r" * 59)) == 107 - 60 - 1 - 9
+    assert max_vm_id_length(Path("/" + "r" * 200)) == 0
 
 
 def test_escape_option() -> None:

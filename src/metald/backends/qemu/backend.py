@@ -55,14 +55,16 @@ from metald.backends.qemu.accel import measure_tsc_khz, probe_kvm
 from metald.backends.qemu.command import (
     ACCELERATORS,
     MAX_UNIX_SOCKET_PATH,
+    MAX_VM_ID,
     VmLayout,
     build_argv,
     check_vm_id,
+    max_vm_id_length,
     plan_drives,
     spec_from_json,
     spec_to_json,
 )
-from metald.core.errors import BackendError
+from metald.core.errors import BackendError, InvalidArgument
 from metald.core.models import LaunchSpec, ProcessIdentity, VmUsage
 from metald.core.ports import ExitCallback
 from metald.core.states import VmState
@@ -71,8 +73,8 @@ log = logging.getLogger(__name__)
 
 DEBIAN_PACKAGE = "qemu-system-x86"
 ACCEL_ENV = "UNKEY_METALD_QEMU_ACCEL"
-# Room kept for a VM id when checking at start() that socket paths will fit.
-_ID_BUDGET = 32
+# start() refuses a vm_root too long for ids of this length (generated ids are 19).
+_ID_BUDGET = 24
 
 # QMP runstates -> our states. Anything else (internal-error, guest-panicked, shutdown...)
 # is a VMM that cannot carry on and is not adopted.
@@ -171,11 +173,18 @@ class QemuBackend:
             )
         self._binary_path = path
         self._qemu_version = await self._read_version(path)
-        budget = len(str(self.vm_root).encode()) + 1 + _ID_BUDGET + len("/qmp.sock")
-        if budget > MAX_UNIX_SOCKET_PATH:
+        longest = max_vm_id_length(self.vm_root)
+        if longest < _ID_BUDGET:
             raise BackendError(
                 f"the VM directory {self.vm_root} is too long for QMP socket paths "
                 f"(AF_UNIX allows {MAX_UNIX_SOCKET_PATH} bytes): use a shorter data directory"
+            )
+        if longest < MAX_VM_ID:
+            log.warning(
+                "VM ids longer than %d characters cannot be used under %s (Unix socket path "
+                "limit): a shorter data directory lifts this",
+                longest,
+                self.vm_root,
             )
         await asyncio.to_thread(self.vm_root.mkdir, parents=True, exist_ok=True)
         if self.accelerator_setting == "tcg":
@@ -248,7 +257,13 @@ class QemuBackend:
         try:
             layout = VmLayout(self.vm_dir(spec.vm_id))
         except ValueError as e:
-            raise BackendError(str(e)) from e
+            raise InvalidArgument("vm_id", str(e)) from e
+        if len(spec.vm_id) > max_vm_id_length(self.vm_root):
+            raise InvalidArgument(
+                "vm_id",
+                f"at most {max_vm_id_length(self.vm_root)} characters on this host "
+                "(Unix socket path limit)",
+            )
         if spec.vm_id in self._vms or layout.dir.exists():
             raise BackendError(f"VM {spec.vm_id} already has a directory on this host")
         try:

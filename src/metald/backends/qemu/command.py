@@ -21,12 +21,22 @@ MAX_UNIX_SOCKET_PATH = 107
 ACCELERATORS = ("kvm", "tcg")
 BASE_KERNEL_ARGS = ("console=ttyS0", "reboot=t", "panic=-1", "quiet")
 # A VM id names a directory and appears in QEMU options and on the kernel command line.
-_VM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# (Core's ids, [a-z0-9-]{1,64}, are a subset.) No leading dot: never ".", ".." or hidden.
+_VM_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+MAX_VM_ID = 64
 
 
 def check_vm_id(vm_id: str) -> None:
     if not _VM_ID.fullmatch(vm_id):
-        raise ValueError("a VM id must be 1-64 letters, digits, '.', '_' or '-'")
+        raise ValueError(
+            "a VM id must be 1-64 letters, digits, '.', '_' or '-', not starting with '.'"
+        )
+
+
+def max_vm_id_length(vm_root: Path) -> int:
+    """The longest VM id whose QMP socket path still fits in AF_UNIX under vm_root."""
+    fixed = len(str(vm_root).encode()) + len("/") + len("/qmp.sock")
+    return max(0, min(MAX_VM_ID, MAX_UNIX_SOCKET_PATH - fixed))
 
 
 @dataclass(frozen=True)
