@@ -394,6 +394,22 @@ async def test_bad_kernel_leaves_nothing(
     assert not (vm_root / "vm-bad").exists()
 
 
+async def test_a_missing_disk_leaves_nothing(
+    vm_root: Path, backend: QemuBackend, boot_files: tuple[Path, Path | None], tmp_path: Path
+) -> None:
+    good = tmp_path / "good.img"
+    good.write_bytes(b"\0" * 4096)
+    disks = (
+        ResolvedDisk("good", good, read_only=False, is_root_device=False),
+        ResolvedDisk("gone", tmp_path / "gone.img", read_only=False, is_root_device=False),
+    )
+    with pytest.raises(BackendError) as err:
+        await backend.create(spec_for(boot_files, "vm-nodisk", disks=disks))
+    assert "could not copy disk gone.img" in err.value.message
+    assert str(tmp_path) not in err.value.message
+    assert dirs_under(vm_root) == []
+
+
 async def test_read_only_disk_is_shared(
     backend: QemuBackend, boot_files: tuple[Path, Path | None], tmp_path: Path
 ) -> None:

@@ -324,7 +324,13 @@ class QemuBackend:
 
     async def _copy_disks(self, spec: LaunchSpec, layout: VmLayout) -> None:
         copies = [d for d in plan_drives(spec, layout) if not d.read_only]
-        await asyncio.gather(*(_sparse_copy(d.source, d.path) for d in copies))
+        # A TaskGroup cancels the other copies when one fails.
+        try:
+            async with asyncio.TaskGroup() as group:
+                for d in copies:
+                    group.create_task(_sparse_copy(d.source, d.path))
+        except ExceptionGroup as group_error:
+            raise group_error.exceptions[0] from None
 
     async def _launch(self, spec: LaunchSpec, layout: VmLayout) -> _Vm:
         """Start QEMU with -S and wait until QMP reports `prelaunch`. Leaves no process if
@@ -444,22 +450,25 @@ class QemuBackend:
             return "graceful" if graceful else "forced"
         vm.expecting_exit = True
         how = "forced"
-        if not force:
-            try:
-                status = await self._status(vm)
-                if status in ("paused", "suspended"):
-                    await self._qmp(vm, "cont")
-                    status = "running"
-                if status == "running":
-                    await self._qmp(vm, "send-key", _CTRL_ALT_DEL)
-                    if await vm.watch.wait(timeout):
-                        how = "graceful"
-            except BackendError as e:
-                if not vm.watch.exited:
-                    log.warning("graceful shutdown of %s failed, killing it: %s", vm_id, e)
-        if not vm.watch.exited:
-            await vm.watch.kill_and_wait()
-        await self._settle(vm)
+        try:
+            if not force:
+                try:
+                    status = await self._status(vm)
+                    if status in ("paused", "suspended"):
+                        await self._qmp(vm, "cont")
+                        status = "running"
+                    if status == "running":
+                        await self._qmp(vm, "send-key", _CTRL_ALT_DEL)
+                        if await vm.watch.wait(timeout):
+                            how = "graceful"
+                except BackendError as e:
+                    if not vm.watch.exited:
+                        log.warning("graceful shutdown of %s failed, killing it: %s", vm_id, e)
+            await self._kill_vm(vm)
+        finally:
+            # Interrupted (cancelled) with the VMM still up: its exit is news again.
+            if not vm.watch.exited:
+                vm.expecting_exit = False
         return how
 
     async def destroy(self, vm_id: str) -> None:
@@ -470,9 +479,7 @@ class QemuBackend:
         vm = self._vms.pop(vm_id, None)
         if vm is not None:
             vm.expecting_exit = True
-            if vm.watch is not None and not vm.watch.exited:
-                await vm.watch.kill_and_wait()
-            await self._settle(vm)
+            await self._kill_vm(vm)
             if vm.watch is not None:
                 vm.watch.close()
         recorded = self._recorded_identity(layout)
@@ -671,6 +678,12 @@ class QemuBackend:
             except Exception:
                 log.exception("exit callback for VM %s failed", vm.vm_id)
 
+    async def _kill_vm(self, vm: _Vm) -> None:
+        """SIGKILL the VM's QEMU (through its pidfd) and wait until the exit is handled."""
+        if vm.watch is not None and not vm.watch.exited and not await vm.watch.kill_and_wait():
+            raise BackendError(f"VM {vm.vm_id}: its VMM did not exit after SIGKILL")
+        await self._settle(vm)
+
     async def _settle(self, vm: _Vm) -> None:
         """Wait until an exit has been fully handled (QMP closed, runtime files gone)."""
         if vm.watch is not None and vm.watch.exited and vm.exit_task is not None:
@@ -834,7 +847,14 @@ async def _sparse_copy(source: Path, dest: Path) -> None:
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
-    _, err = await proc.communicate()
+    try:
+        _, err = await proc.communicate()
+    except BaseException:
+        # Cancelled (another disk failed, or the caller gave up): no cp may outlive us.
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
     if proc.returncode != 0:
         message = err.decode(errors="replace").strip().splitlines()
         raise BackendError(
