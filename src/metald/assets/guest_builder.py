@@ -48,6 +48,7 @@ import hashlib
 import importlib.resources
 import lzma
 import os
+import pwd
 import re
 import shutil
 import struct
@@ -104,6 +105,7 @@ _TOOL_PACKAGES = {
     "lz4": "lz4",
     "cpio": "cpio",
     "mkfs.ext4": "e2fsprogs",
+    "debugfs": "e2fsprogs",
     "zstd": "zstd",
 }
 
@@ -200,8 +202,10 @@ def download_package(package: str, cache_dir: Path) -> Path:
     if found:
         return found[-1]
     with tempfile.TemporaryDirectory(prefix=".dl-", dir=cache_dir) as tmp:
-        # apt drops privileges to _apt for downloads; let it write here.
-        os.chmod(tmp, 0o777)
+        # Run as root, apt downloads as the _apt user: let that user (only) write here.
+        if os.geteuid() == 0:
+            with contextlib.suppress(KeyError, OSError):
+                os.chown(tmp, pwd.getpwnam("_apt").pw_uid, -1)
         try:
             _run(["apt-get", "download", "-q", package], cwd=Path(tmp))
         except GuestBuildError as exc:
@@ -439,9 +443,9 @@ def pack_initramfs(tree: Path, out: Path) -> None:
 
 
 def make_rootfs(tree: Path, out: Path, size_mb: int = ROOTFS_SIZE_MB) -> None:
-    """An ext4 image of the tree (``mkfs.ext4 -d``)."""
+    """An ext4 image of the tree (``mkfs.ext4 -d``), byte-identical for identical trees."""
     (tree / "etc/metald/rootfs").write_text("this tree is the guest's root filesystem\n")
-    _tree_entries(tree)
+    entries = _tree_entries(tree)
     out.unlink(missing_ok=True)
     cmd = [
         "mkfs.ext4", "-q", "-F", "-L", "metald-root", "-U", _ROOTFS_UUID,
@@ -449,6 +453,15 @@ def make_rootfs(tree: Path, out: Path, size_mb: int = ROOTFS_SIZE_MB) -> None:
         "-d", str(tree), str(out), f"{size_mb}M",
     ]  # fmt: skip
     _run(cmd, env={"E2FSPROGS_FAKE_TIME": str(_FIXED_MTIME)})
+    # mkfs copies each file's ctime, which cannot be set on the host: fix it in the image.
+    script = "".join(f"sif /{e} ctime @{_FIXED_MTIME}\n" for e in ["", *entries])
+    with tempfile.NamedTemporaryFile("w", suffix=".debugfs") as f:
+        f.write(script)
+        f.flush()
+        _run(
+            ["debugfs", "-w", "-f", f.name, str(out)],
+            env={"E2FSPROGS_FAKE_TIME": str(_FIXED_MTIME)},
+        )
 
 
 # -- the whole build -----------------------------------------------------------------------
