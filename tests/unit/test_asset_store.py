@@ -32,6 +32,7 @@ from metald.assets.store import (
 from metald.cli.assets import STORE_ENV
 from metald.cli.main import app
 from metald.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from metald.core.ports import Assets
 
 SECRET = "s3cr3t-host-dir"
 
@@ -48,6 +49,11 @@ def store(tmp_path: Path) -> LocalAssetStore:
 
 
 # -- adding and reading --------------------------------------------------------------------
+
+
+def test_implements_the_assets_port(store: LocalAssetStore) -> None:
+    port: Assets = store  # checked by mypy
+    assert callable(port.resolve) and callable(port.default_boot) and callable(port.ping)
 
 
 def test_add_file_is_content_addressed(store: LocalAssetStore, tmp_path: Path) -> None:
