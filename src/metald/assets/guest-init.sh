@@ -1,8 +1,8 @@
 #!/bin/sh
 # metald default guest init: PID 1 of the initramfs made by `metald assets build`.
 #
-# CONTRACT (metald's backends and tests rely on it; change it only together with them and
-# bump RECIPE_VERSION in guest_builder.py):
+# CONTRACT (metald's backends and tests rely on it: change it only together with them; any
+# edit here changes the recipe id, so the next `metald assets build` rebuilds the image):
 #
 # Kernel command line arguments honoured (all optional):
 #   metald.vm_id=<id>             hostname, and echoed in the READY line
