@@ -613,3 +613,17 @@ def test_cli_add(store: LocalAssetStore, tmp_path: Path) -> None:
     assert added["name"] == "disk.img" and store.get(added["id"]).kind == "disk"
     bad = CliRunner().invoke(app, [*args[:3], "--kind", "nope", "--store", str(store.root)])
     assert bad.exit_code == 1
+
+
+@pytest.mark.parametrize("internal", ["default.json", "assets", "tmp", "cache"])
+def test_resolve_refuses_the_stores_own_bookkeeping(tmp_path: Path, internal: str) -> None:
+    from metald.assets.store import LocalAssetStore
+
+    store = LocalAssetStore(tmp_path)
+    target = tmp_path / internal
+    if "." not in internal:
+        target.mkdir(parents=True, exist_ok=True)
+        target = target / "file.json"
+    target.write_text("{}")
+    with pytest.raises(InvalidArgument, match="is not an asset"):
+        store.resolve("config.boot.kernel_path", str(target.relative_to(tmp_path)))

@@ -425,6 +425,11 @@ class LocalAssetStore:
             raise InvalidArgument(field, "cannot be read in the asset store") from None
         if not stat.S_ISREG(st.st_mode):
             raise InvalidArgument(field, "is not a regular file")
+        # The store's own bookkeeping (metadata, locks, temp files, apt cache) is not
+        # attachable: only asset content and files an operator placed in sub-directories.
+        internal = [os.path.join(real_root, d) for d in _INTERNAL_DIRS]
+        if os.path.dirname(real) == real_root or any(_within(real, d) for d in internal):
+            raise InvalidArgument(field, "is not an asset (use an asset id)")
         return Path(real)
 
     def _resolve_id(self, field: str, asset_id: str) -> Path:
@@ -435,6 +440,9 @@ class LocalAssetStore:
             return self.resolve(field, f"blobs/sha256/{asset.sha256}")
         except InvalidArgument:
             raise InvalidArgument(field, f"the content of asset {asset_id} is missing") from None
+
+
+_INTERNAL_DIRS = ("assets", "tmp", "cache")
 
 
 def _within(path: str, root: str) -> bool:
