@@ -306,6 +306,16 @@ def cases(store: Path) -> list[Case]:
             "failed_precondition",
             "RUNNING",
         ),
+        Case("pause PAUSED", "PauseVm", {"vm_id": "v-paused"}, "failed_precondition", "PAUSED"),
+        Case("reboot PAUSED", "RebootVm", {"vm_id": "v-paused"}, "failed_precondition", "PAUSED"),
+        Case("boot PAUSED", "BootVm", {"vm_id": "v-paused"}, "failed_precondition", "PAUSED"),
+        Case(
+            "delete PAUSED without force",
+            "DeleteVm",
+            {"vm_id": "v-paused"},
+            "failed_precondition",
+            "PAUSED",
+        ),
         Case("pause SHUTDOWN", "PauseVm", {"vm_id": "v-off"}, "failed_precondition", "SHUTDOWN"),
         Case("resume SHUTDOWN", "ResumeVm", {"vm_id": "v-off"}, "failed_precondition", "SHUTDOWN"),
         Case("reboot SHUTDOWN", "RebootVm", {"vm_id": "v-off"}, "failed_precondition", "SHUTDOWN"),
@@ -404,15 +414,24 @@ def test_bad_requests_change_nothing(
     call.must("CreateVm", {"vm_id": "v-created"})
     call.must("CreateVm", {"vm_id": "v-running"})
     call.must("BootVm", {"vm_id": "v-running"})
+    call.must("CreateVm", {"vm_id": "v-paused"})
+    call.must("BootVm", {"vm_id": "v-paused"})
+    call.must("PauseVm", {"vm_id": "v-paused"})
     call.must("CreateVm", {"vm_id": "v-off"})
     call.must("BootVm", {"vm_id": "v-off"})
     call.must("ShutdownVm", {"vm_id": "v-off", "force": True})
     states = {
-        v: state_name(call.info(v).body["state"]) for v in ("v-created", "v-running", "v-off")
+        v: state_name(call.info(v).body["state"])
+        for v in ("v-created", "v-running", "v-paused", "v-off")
     }
-    assert states == {"v-created": "CREATED", "v-running": "RUNNING", "v-off": "SHUTDOWN"}
+    assert states == {
+        "v-created": "CREATED",
+        "v-running": "RUNNING",
+        "v-paused": "PAUSED",
+        "v-off": "SHUTDOWN",
+    }
     before = daemon.snapshot()
-    assert len(before[1]) == 2, f"expected 2 QEMU processes (created, running): {before[1]}"
+    assert len(before[1]) == 3, f"expected 3 QEMU processes (created, running, paused): {before[1]}"
 
     wrong: list[str] = []
     all_cases = cases(private_store)
@@ -447,7 +466,7 @@ def test_bad_requests_change_nothing(
     assert after == before, f"bad requests changed the host:\nbefore {before}\nafter  {after}"
     assert pid_alive(int(call.info("v-running").body["backend_info"]["pid"]))
 
-    for vm_id in ("v-created", "v-running", "v-off"):
+    for vm_id in ("v-created", "v-running", "v-paused", "v-off"):
         call.must("DeleteVm", {"vm_id": vm_id, "force": True})
     assert not daemon.qemu_pids()
 

@@ -7,6 +7,7 @@ not only through what the API says."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -114,6 +115,8 @@ def test_full_life(daemon: Daemon, callers: Callable[..., Caller], caller_name: 
     assert deleted.body["success"] is True
     gone = call("GetVmInfo", {"vm_id": vm_id})
     assert gone.code == "not_found", gone
+    again = call("DeleteVm", {"vm_id": vm_id, "force": True})
+    assert again.code == "not_found", again
     assert vm_id not in [v["vm_id"] for v in call.must("ListVms", {}).body["vms"]]
     assert not pid_alive(pid) and not pid_alive(pid_after_reboot)
     assert proc_state(pid_after_reboot) in (None, "Z", "X")
@@ -121,3 +124,27 @@ def test_full_life(daemon: Daemon, callers: Callable[..., Caller], caller_name: 
     row = daemon.db_rows()[vm_id]
     assert row["deleted_at"] is not None, row
     assert not daemon.qemu_pids(), "no QEMU of this daemon may be left"
+
+
+def test_graceful_shutdown_times_out_into_a_forced_one(
+    daemon: Daemon, callers: Callable[..., Caller]
+) -> None:
+    """A guest that cannot run its shutdown path (here: paused, and not even booted yet) is
+    stopped anyway once timeout_seconds has passed."""
+    call = callers("grpcio", daemon.url)
+    vm_id = call.must("CreateVm", {"config": {"memory": {"size_bytes": 128 * MIB}}}).body["vm_id"]
+    call.must("BootVm", {"vm_id": vm_id})
+    call.must("PauseVm", {"vm_id": vm_id})
+    pid = int(call.info(vm_id).body["backend_info"]["pid"])
+
+    started = time.monotonic()
+    down = call.must("ShutdownVm", {"vm_id": vm_id, "timeout_seconds": 2})
+    took = time.monotonic() - started
+    assert state_name(down.body["state"]) == "SHUTDOWN"
+    assert took < 2 + 10, f"ShutdownVm with timeout_seconds=2 took {took:.1f}s"
+    wait_pid_gone(pid, timeout=5)
+    info = call.info(vm_id)
+    assert state_name(info.body["state"]) == "SHUTDOWN"
+    assert info.body["backend_info"].get("exit_reason"), info.body["backend_info"]
+    call.must("DeleteVm", {"vm_id": vm_id})
+    assert not daemon.vm_dir(vm_id).exists()
