@@ -277,7 +277,14 @@ class Daemon:
         try:
             wait_until(healthy, timeout, f"{self.name} to answer /health with 200", interval=0.1)
         except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{self.log_tail()}") from None
+            raise AssertionError(f"{exc}\n{self.log_tail()}\n{self.port_holders()}") from None
+
+    def port_holders(self) -> str:
+        """Who listens on our port (`ss`), to explain an "Address already in use"."""
+        out = subprocess.run(
+            ["ss", "-Hltnp", f"sport = :{self.port}"], capture_output=True, text=True, check=False
+        )
+        return f"listening on port {self.port}: {out.stdout.strip() or '(nobody)'}"
 
     start_again = start
 
