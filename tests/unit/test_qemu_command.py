@@ -12,12 +12,14 @@ import metald.backends.qemu as qemu_pkg
 from metald.backends.process import ExitStatus, parse_stat
 from metald.backends.qemu.accel import PROBE_SUCCESS_EXIT, probe_argv, probe_image
 from metald.backends.qemu.command import (
+    MAX_KERNEL_CMDLINE,
     VmLayout,
     build_argv,
     check_socket_path,
     check_vm_id,
     escape_option,
     kernel_cmdline,
+    kernel_cmdline_and_dropped,
     max_vm_id_length,
     memory_mib,
     plan_drives,
@@ -102,6 +104,20 @@ def test_kernel_command_line() -> None:
     with_tsc = kernel_cmdline(spec(kernel_args=""), accelerator="tcg", tsc_khz=2596138)
     assert with_tsc.endswith("metald.vm_id=vm-1 tsc_early_khz=2596138 tsc=reliable")
     assert "tsc" not in kernel_cmdline(spec(), accelerator="tcg", tsc_khz=None)
+
+
+def test_kernel_command_line_stays_within_the_kernels_limit() -> None:
+    # A line of 2048 bytes or more kills a microvm guest before its first console line.
+    long_args = "quiet a=1 " + "x" * 2048 + " b=2"
+    line, dropped = kernel_cmdline_and_dropped(spec(kernel_args=long_args), tsc_khz=2596138)
+    assert len(line.encode()) <= MAX_KERNEL_CMDLINE == 2047
+    assert line.endswith("tsc=reliable quiet a=1")  # metald's own arguments always stay
+    assert dropped == ["x" * 2048, "b=2"]  # whole words, and nothing after a dropped one
+    fill = "y" * (MAX_KERNEL_CMDLINE - len(kernel_cmdline(spec(kernel_args=""))) - 1)
+    exact, dropped = kernel_cmdline_and_dropped(spec(kernel_args=fill))
+    assert len(exact) == MAX_KERNEL_CMDLINE and dropped == []
+    _, dropped = kernel_cmdline_and_dropped(spec(kernel_args=fill + "y"))
+    assert dropped == [fill + "y"]
 
 
 def test_writable_disks_are_copied_read_only_ones_shared() -> None:

@@ -54,11 +54,13 @@ from metald.backends.process import (
 from metald.backends.qemu.accel import measure_tsc_khz, probe_kvm
 from metald.backends.qemu.command import (
     ACCELERATORS,
+    MAX_KERNEL_CMDLINE,
     MAX_UNIX_SOCKET_PATH,
     MAX_VM_ID,
     VmLayout,
     build_argv,
     check_vm_id,
+    kernel_cmdline_and_dropped,
     max_vm_id_length,
     plan_drives,
     spec_from_json,
@@ -348,6 +350,16 @@ class QemuBackend:
             )
         except ValueError as e:
             raise BackendError(f"cannot start VM {spec.vm_id}: {e}") from e
+        _, dropped = kernel_cmdline_and_dropped(
+            spec, accelerator=accelerator, tsc_khz=self._tsc_khz
+        )
+        if dropped:
+            log.warning(
+                "VM %s: %d kernel argument(s) dropped, the command line would exceed %d bytes",
+                spec.vm_id,
+                len(dropped),
+                MAX_KERNEL_CMDLINE,
+            )
         with contextlib.suppress(FileNotFoundError):
             layout.qmp_socket.unlink()
         try:

@@ -20,6 +20,8 @@ MIB = 1024 * 1024
 MAX_UNIX_SOCKET_PATH = 107
 ACCELERATORS = ("kvm", "tcg")
 BASE_KERNEL_ARGS = ("console=ttyS0", "reboot=t", "panic=-1", "quiet")
+# x86 COMMAND_LINE_SIZE is 2048 including the terminating NUL.
+MAX_KERNEL_CMDLINE = 2047
 # A VM id names a directory and appears in QEMU options and on the kernel command line.
 # (Core's ids, [a-z0-9-]{1,64}, are a subset.) No leading dot: never ".", ".." or hidden.
 _VM_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
@@ -108,19 +110,38 @@ def plan_drives(spec: LaunchSpec, layout: VmLayout) -> list[Drive]:
     return drives
 
 
-def kernel_cmdline(
+def kernel_cmdline_and_dropped(
     spec: LaunchSpec, *, accelerator: str = "tcg", tsc_khz: int | None = None
-) -> str:
+) -> tuple[str, list[str]]:
     """Our fixed arguments first, then the caller's (the kernel lets a later one win).
 
     Under TCG the guest's TSC is the host's; telling the guest its frequency spares it a
     PIT calibration that fails on a busy host (see accel.measure_tsc_khz).
+
+    The whole line must stay within the kernel's COMMAND_LINE_SIZE: a longer one makes a
+    microvm guest die silently before its first console line (measured: 2047 bytes boot,
+    2048 do not). Caller arguments that do not fit are dropped whole (never cut in half) and
+    returned as the second item.
     """
     args = [*BASE_KERNEL_ARGS, f"metald.vm_id={spec.vm_id}"]
     if accelerator == "tcg" and tsc_khz:
         args += [f"tsc_early_khz={tsc_khz}", "tsc=reliable"]
-    args += spec.kernel_args.split()
-    return " ".join(args)
+    size = len(" ".join(args).encode())
+    dropped: list[str] = []
+    for word in spec.kernel_args.split():
+        extra = 1 + len(word.encode())
+        if dropped or size + extra > MAX_KERNEL_CMDLINE:
+            dropped.append(word)  # keep the caller's order: nothing after a dropped word
+            continue
+        args.append(word)
+        size += extra
+    return " ".join(args), dropped
+
+
+def kernel_cmdline(
+    spec: LaunchSpec, *, accelerator: str = "tcg", tsc_khz: int | None = None
+) -> str:
+    return kernel_cmdline_and_dropped(spec, accelerator=accelerator, tsc_khz=tsc_khz)[0]
 
 
 def escape_option(value: str) -> str:
