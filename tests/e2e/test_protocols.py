@@ -4,12 +4,27 @@ the clients themselves (`buf curl -v`, curl's own report of the HTTP version).""
 from __future__ import annotations
 
 import subprocess
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
 from metald.gen.vmprovisioner.v1 import vm_pb2 as pb
 
-from ._support import BUF, PROTO, ROOT, SERVICE, Daemon, client_env
+from ._support import (
+    BUF,
+    MIB,
+    PROTO,
+    ROOT,
+    SERVICE,
+    Caller,
+    Daemon,
+    Grpcio,
+    Reply,
+    client_env,
+    state_name,
+)
 
 AUTH = "Authorization: Bearer dev_customer_wire"
 
@@ -72,3 +87,53 @@ def test_connect_json_and_binary_over_http1_and_h2c(daemon: Daemon, http: str) -
     assert (version, status) == (expected_version, "200"), body
     reply = pb.ListVmsResponse.FromString(body)
     assert list(reply.vms) == [] and reply.total_count == 0
+
+
+def _slow_call_in_flight(daemon: Daemon, g: Grpcio) -> tuple[ThreadPoolExecutor, Future[Reply]]:
+    """A call that takes ~3 s (graceful shutdown of a paused VM, which times out), started on
+    g's HTTP/2 connection."""
+    g.must("CreateVm", {"vm_id": "slow", "config": {"memory": {"size_bytes": 128 * MIB}}})
+    g.must("BootVm", {"vm_id": "slow"})
+    g.must("PauseVm", {"vm_id": "slow"})
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(g, "ShutdownVm", {"vm_id": "slow", "timeout_seconds": 3})
+    time.sleep(0.5)  # set-up, not an assertion: let the call reach the server
+    assert not future.done(), future.result()
+    return pool, future
+
+
+def _finish(g: Grpcio, pool: ThreadPoolExecutor, future: Future[Reply]) -> None:
+    slow = future.result(timeout=60)
+    pool.shutdown()
+    assert slow.ok, f"the call in flight on the same connection failed: {slow!r}"
+    assert state_name(slow.body["state"]) == "SHUTDOWN"
+    g.must("DeleteVm", {"vm_id": "slow"})
+
+
+@pytest.mark.guest
+def test_rejected_calls_do_not_break_others_on_the_same_connection(
+    daemon: Daemon, callers: Callable[..., Caller]
+) -> None:
+    g: Grpcio = callers("grpcio", daemon.url)  # type: ignore[assignment]
+    pool, future = _slow_call_in_flight(daemon, g)
+    # Refused early (before or while the body is read) on the same HTTP/2 connection:
+    big = g("CreateVm", {"config": {"metadata": {"k": "x" * (2 * MIB)}}})
+    assert big.code == "resource_exhausted", big
+    assert g("ListVms", {}, token="nonsense").code == "unauthenticated"
+    assert g("ListVms", {}, token=None).code == "unauthenticated"
+    assert g("GetVmInfo", {"vm_id": "NOT VALID"}).code == "invalid_argument"
+    _finish(g, pool, future)
+    assert g.must("ListVms", {}).body["total_count"] == 0  # the connection still works
+
+
+@pytest.mark.guest
+def test_a_malformed_header_does_not_break_other_calls_on_the_connection(
+    daemon: Daemon, callers: Callable[..., Caller]
+) -> None:
+    """`authorization: Bearer ` (a value ending in whitespace) is a malformed HTTP/2 request:
+    RFC 9113 §8.1.1 makes that a stream error, so only that call may fail."""
+    g: Grpcio = callers("grpcio", daemon.url)  # type: ignore[assignment]
+    pool, future = _slow_call_in_flight(daemon, g)
+    bad = g("ListVms", {}, token="")  # sends "authorization: Bearer "
+    assert bad.code in ("unauthenticated", "internal", "unknown", "unavailable"), bad
+    _finish(g, pool, future)
