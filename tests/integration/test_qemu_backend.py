@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -101,6 +102,14 @@ def spec_for(
 
 def dirs_under(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def fd_targets(pid: int) -> dict[int, str]:
+    fds = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            fds[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+    return fds
 
 
 def start_sleeper() -> subprocess.Popen[bytes]:
@@ -424,6 +433,27 @@ async def test_read_only_disk_is_shared(
     assert not (backend.vm_dir("vm-ro") / "disk0.img").exists()
     await backend.destroy("vm-ro")
     assert image.exists()
+
+
+async def test_the_vmm_inherits_none_of_our_descriptors(
+    backend: QemuBackend, boot_files: tuple[Path, Path | None]
+) -> None:
+    # Like hypercorn's listening socket: inheritable. A VMM holding it would keep the port
+    # busy after metald dies.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.set_inheritable(True)
+    try:
+        ident = await backend.create(spec_for(boot_files, "vm-fds"))
+        ours = f"socket:[{os.fstat(listener.fileno()).st_ino}]"
+        theirs = fd_targets(ident.pid)
+        assert ours not in theirs.values()
+        assert theirs[0] == theirs[1] == "/dev/null"
+        assert theirs[2].endswith("/vm-fds/qemu.stderr")
+        await backend.destroy("vm-fds")
+    finally:
+        listener.close()
 
 
 async def test_long_vm_root_is_refused(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from metald.core.models import ProcessIdentity
 
@@ -268,6 +269,19 @@ async def kill_identity(identity: ProcessIdentity, timeout: float = 10.0) -> boo
         watch.close()
 
 
+def inheritable_fds() -> list[int]:
+    """Our open descriptors that a new program would inherit (those without FD_CLOEXEC)."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if os.get_inheritable(fd):
+                found.append(fd)
+        except OSError:
+            continue  # the listing's own descriptor, already closed
+    return found
+
+
 def spawn(
     argv: Sequence[str],
     *,
@@ -275,12 +289,19 @@ def spawn(
     env: dict[str, str] | None = None,
 ) -> ProcessIdentity:
     """Start a program in its own session (so it outlives us), stdin/stdout on /dev/null and
-    stderr to a file. Returns its identity. posix_spawn leaves reaping to us (pidfd)."""
-    file_actions = [
+    stderr to a file, and no other descriptor of ours. Returns its identity.
+
+    posix_spawn (not subprocess.Popen) leaves reaping to us, through the pidfd: no Popen
+    object can later waitpid() a reused pid. It has no close_fds, so every inheritable
+    descriptor is closed explicitly: a VMM that outlives metald must not keep, say, the API's
+    listening socket (hypercorn makes it inheritable) and with it the port.
+    """
+    file_actions: list[tuple[Any, ...]] = [
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
         (os.POSIX_SPAWN_OPEN, 2, str(stderr_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
     ]
+    file_actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in inheritable_fds() if fd > 2]
     pid = os.posix_spawnp(
         argv[0],
         list(argv),
