@@ -78,10 +78,10 @@ def _missing_prerequisites() -> list[str]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def e2e_session() -> Iterator[None]:
-    """Prerequisites, and the session-wide leak check: at the end no QEMU process that was
-    not there at the start and that one of our daemons started remains, and no temp dir of
-    ours is left."""
+def e2e_root() -> Iterator[Path]:
+    """Prerequisites, a temp dir for everything this session makes, and the session-wide
+    leak check: at the end no QEMU process that was not there at the start and that one of
+    our daemons started remains, and nothing is left in our temp dir."""
     missing = _missing_prerequisites()
     if missing:
         # `make test` prepares all of these; running the suite without them is a set-up error,
@@ -89,16 +89,18 @@ def e2e_session() -> Iterator[None]:
         pytest.fail("e2e prerequisites missing:\n  " + "\n  ".join(missing), pytrace=False)
     _become_subreaper()
     before = set(qemu_processes(include_zombies=True))
-    tmp_root = Path(tempfile.gettempdir())
-    yield
+    # Short: per-VM socket paths are made below it (a Unix socket path has 107 bytes).
+    root = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
+    yield root
     reap_zombie_children()
     problems = []
     foreign = []
     for pid, line in qemu_processes().items():
         if pid in before:
             continue
-        if TMP_PREFIX in line:
-            # Ours: started by a daemon of this suite (its command line names our data dir).
+        if f"{root}/" in line:
+            # Ours: started by a daemon of this session (its command line names our dir;
+            # other sessions on this machine, even of this same suite, use other dirs).
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             reap(pid)
@@ -106,16 +108,13 @@ def e2e_session() -> Iterator[None]:
         else:
             foreign.append(pid)
     if foreign:
-        # Not started by this suite (its command line names none of our dirs): someone
-        # else's test run on the same machine. Reported, never killed.
+        # Not started by this session: someone else's test run. Reported, never killed.
         warnings.warn(
             f"QEMU processes appeared during the e2e session that are not ours: {foreign}",
             stacklevel=1,
         )
-    leftovers = sorted(p for p in tmp_root.glob(TMP_PREFIX + "*"))
-    for p in leftovers:
-        shutil.rmtree(p, ignore_errors=True)
-        problems.append(f"temp dir left behind: {p}")
+    problems += [f"temp dir left behind: {p}" for p in sorted(root.iterdir())]
+    shutil.rmtree(root, ignore_errors=True)
     if problems:
         pytest.fail("e2e session leaks:\n" + "\n".join(problems), pytrace=False)
 
@@ -174,7 +173,9 @@ def _check_and_clean(daemon: Daemon) -> list[str]:
 
 
 @pytest.fixture
-def metald_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Daemon]]:
+def metald_factory(
+    request: pytest.FixtureRequest, e2e_root: Path
+) -> Iterator[Callable[..., Daemon]]:
     """start(**env) -> a running Daemon with its own temp dir, free port and data dir.
 
     Teardown: SIGTERM each daemon by pid; any QEMU still alive that it started is killed (by
@@ -183,7 +184,7 @@ def metald_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Dae
     daemons: list[Daemon] = []
 
     def start(name: str = "metald", **env: str) -> Daemon:
-        workdir = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
+        workdir = Path(tempfile.mkdtemp(prefix="d", dir=e2e_root))
         daemon = Daemon(workdir, env, name=name)
         daemons.append(daemon)
         daemon.start()
@@ -223,10 +224,10 @@ def callers() -> Iterator[Callable[..., Caller]]:
 
 
 @pytest.fixture
-def private_store() -> Iterator[Path]:
+def private_store(e2e_root: Path) -> Iterator[Path]:
     """A copy of the asset store (hard links, no bytes copied) with traps in it: symlinks that
     point out of the store. The shared store is never written to."""
-    root = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "store-"))
+    root = Path(tempfile.mkdtemp(prefix="store-", dir=e2e_root))
     store = root / "assets"
     store.mkdir()
     for name in ("blobs", "assets"):

@@ -103,8 +103,10 @@ def _slow_call_in_flight(daemon: Daemon, g: Grpcio) -> tuple[ThreadPoolExecutor,
 
 
 def _finish(g: Grpcio, pool: ThreadPoolExecutor, future: Future[Reply]) -> None:
-    slow = future.result(timeout=60)
-    pool.shutdown()
+    try:
+        slow = future.result(timeout=60)
+    finally:
+        pool.shutdown()
     assert slow.ok, f"the call in flight on the same connection failed: {slow!r}"
     assert state_name(slow.body["state"]) == "SHUTDOWN"
     g.must("DeleteVm", {"vm_id": "slow"})
@@ -117,12 +119,18 @@ def test_rejected_calls_do_not_break_others_on_the_same_connection(
     g: Grpcio = callers("grpcio", daemon.url)  # type: ignore[assignment]
     pool, future = _slow_call_in_flight(daemon, g)
     # Refused early (before or while the body is read) on the same HTTP/2 connection:
-    big = g("CreateVm", {"config": {"metadata": {"k": "x" * (2 * MIB)}}})
-    assert big.code == "resource_exhausted", big
-    assert g("ListVms", {}, token="nonsense").code == "unauthenticated"
-    assert g("ListVms", {}, token=None).code == "unauthenticated"
-    assert g("GetVmInfo", {"vm_id": "NOT VALID"}).code == "invalid_argument"
+    refused = {
+        "over 1 MiB": (
+            g("CreateVm", {"config": {"metadata": {"k": "x" * (2 * MIB)}}}),
+            "resource_exhausted",
+        ),
+        "bad token": (g("ListVms", {}, token="nonsense"), "unauthenticated"),
+        "no token": (g("ListVms", {}, token=None), "unauthenticated"),
+        "bad id": (g("GetVmInfo", {"vm_id": "NOT VALID"}), "invalid_argument"),
+    }
     _finish(g, pool, future)
+    wrong = {name: reply for name, (reply, code) in refused.items() if reply.code != code}
+    assert not wrong, f"refused calls answered wrongly: {wrong}"
     assert g.must("ListVms", {}).body["total_count"] == 0  # the connection still works
 
 
