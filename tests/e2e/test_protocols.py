@@ -116,6 +116,10 @@ def _finish(g: Grpcio, pool: ThreadPoolExecutor, future: Future[Reply]) -> None:
 def test_rejected_calls_do_not_break_others_on_the_same_connection(
     daemon: Daemon, callers: Callable[..., Caller]
 ) -> None:
+    """Seen failing: the oversized message, refused while its DATA frames still arrive, can
+    crash hypercorn's connection handler (KeyError on the stream id in h2.py
+    _handle_events); the caller then gets RST_STREAM (internal) and the call in flight on
+    the same connection is cancelled."""
     g: Grpcio = callers("grpcio", daemon.url)  # type: ignore[assignment]
     pool, future = _slow_call_in_flight(daemon, g)
     # Refused early (before or while the body is read) on the same HTTP/2 connection:
