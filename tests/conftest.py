@@ -17,11 +17,11 @@ _BASE = Path(tempfile.gettempdir()) / f"metald-test-{os.getpid()}"
 
 def pytest_configure(config: pytest.Config) -> None:
     if not config.option.basetemp:
-        config.option.basetemp = str(_BASE)
-    # tempfile.mkdtemp() in tests lands under the same base, so the check sees it too.
-    base = Path(config.option.basetemp)
-    base.mkdir(parents=True, exist_ok=True)
-    tempfile.tempdir = str(base)
+        # pytest empties its basetemp when a test first asks for tmp_path, so tempfile's
+        # directory is a sibling inside our base, not a child of pytest's.
+        config.option.basetemp = str(_BASE / "pytest")
+        (_BASE / "tmp").mkdir(parents=True, exist_ok=True)
+        tempfile.tempdir = str(_BASE / "tmp")
 
 
 def _vmm_processes_under(base: Path) -> dict[int, str]:
@@ -34,7 +34,7 @@ def _vmm_processes_under(base: Path) -> dict[int, str]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if comm.startswith(("qemu-system", "firecracker")) and str(base) in cmdline:
+        if comm.startswith(("qemu-system", "firecracker")) and f"{base}/" in cmdline:
             found[int(entry.name)] = cmdline[:200]
     return found
 
@@ -47,7 +47,11 @@ def _vm_dirs_under(base: Path) -> list[Path]:
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
-    base = Path(request.config.option.basetemp)
+    base = (
+        _BASE
+        if Path(request.config.option.basetemp).parent == _BASE
+        else Path(request.config.option.basetemp)
+    )
     yield
     processes = _vmm_processes_under(base)
     for pid in processes:

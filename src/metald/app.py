@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 
+from metald.api import h2_fixes
 from metald.api.auth import TokenAuthenticator
 from metald.api.handlers import VmHandlers
 from metald.api.http import MetaldASGI
@@ -101,6 +102,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    h2_fixes.apply()
     async with running_daemon(settings) as daemon:
         config = HypercornConfig()
         host = f"[{settings.address}]" if ":" in settings.address else settings.address

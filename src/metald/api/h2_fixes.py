@@ -1,0 +1,37 @@
+"""A fix for hypercorn's HTTP/2 handler, applied once at start-up.
+
+hypercorn 0.18 answers a call before its whole body has arrived when the body is refused
+(over read_max_bytes) and then forgets the stream; DATA frames still arriving for it raise
+KeyError in H2Protocol._handle_events, which kills the whole connection and every other call
+on it. Those frames have nowhere to go: acknowledge them for flow control and drop them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import h2.events
+from hypercorn.protocol.h2 import H2Protocol
+
+_applied = False
+
+
+def apply() -> None:
+    global _applied
+    if _applied:
+        return
+    original: Callable[[Any, list[h2.events.Event]], Awaitable[None]] = H2Protocol._handle_events
+
+    async def handle_events(self: Any, events: list[h2.events.Event]) -> None:
+        # One event at a time: an earlier event of the batch may open the stream.
+        for event in events:
+            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
+                self.connection.acknowledge_received_data(
+                    event.flow_controlled_length, event.stream_id
+                )
+                continue
+            await original(self, [event])
+
+    H2Protocol._handle_events = handle_events  # type: ignore[method-assign]
+    _applied = True
