@@ -131,9 +131,9 @@ def cases(store: Path) -> list[Case]:
             "metadata",
         ),
         Case(
-            "kernel_args 2049 bytes",
+            "kernel_args 1025 bytes",
             "CreateVm",
-            create({"boot": {"kernel_args": "x" * 2049}}),
+            create({"boot": {"kernel_args": "x" * 1025}}),
             "invalid_argument",
             "kernel_args",
         ),

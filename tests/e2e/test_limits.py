@@ -88,10 +88,10 @@ def test_paging_walks_every_vm_once(daemon: Daemon, callers: Callable[..., Calle
 def test_longest_kernel_args_keep_metalds_own(
     daemon: Daemon, callers: Callable[..., Caller]
 ) -> None:
-    """kernel_args may be 2048 bytes; metald adds its own arguments (console=, metald.vm_id=)
+    """kernel_args may be 1024 bytes; metald adds its own arguments (console=, metald.vm_id=)
     to them. The guest must still get those: it reports its id in the READY line."""
     call = callers("grpcio", daemon.url)
-    args = ("quiet " + "x" * 2048)[:2048]
+    args = ("quiet " + "x" * 1024)[:1024]
     vm_id = call.must("CreateVm", {"config": {"boot": {"kernel_args": args}}}).body["vm_id"]
     info = call.info(vm_id)
     console = Console(Path(info.body["backend_info"]["console_log"]))

@@ -25,7 +25,7 @@ import pytest
 from qemu.qmp import QMPClient
 
 from metald.assets.guest_builder import build_default_guest, existing_guest, make_rootfs
-from metald.assets.kernel_args import GuestArgs, kernel_command_line
+from metald.assets.kernel_args import GuestArgs, host_tsc_khz, kernel_command_line
 from metald.assets.store import LocalAssetStore
 
 pytestmark = pytest.mark.guest
@@ -37,7 +37,7 @@ QEMU = shutil.which("qemu-system-x86_64")
 def cmdline(**guest: Any) -> str:
     """console=ttyS0 reboot=t panic=-1 quiet, the TCG timer fix (see kernel_args.py) and
     the guest's metald.* arguments."""
-    return kernel_command_line(GuestArgs(**guest), accel="tcg")
+    return kernel_command_line(GuestArgs(**guest), accel="tcg", tsc_khz=host_tsc_khz())
 
 
 READY_RE = re.compile(

@@ -562,7 +562,9 @@ def test_guest_args_render() -> None:
 
 def test_kernel_command_line() -> None:
     line = kernel_command_line(GuestArgs(vm_id="v"), accel="tcg", tsc_khz=2596138)
-    assert line == "console=ttyS0 panic=-1 quiet reboot=t tsc_early_khz=2596138 metald.vm_id=v"
+    assert line == (
+        "console=ttyS0 panic=-1 quiet reboot=t tsc_early_khz=2596138 tsc=reliable metald.vm_id=v"
+    )
     line = kernel_command_line(GuestArgs(vm_id="v"), accel="kvm", reboot="k", extra="x=1")
     assert line == "console=ttyS0 panic=-1 quiet reboot=k metald.vm_id=v x=1"
 

@@ -99,10 +99,10 @@ def test_no_initrd() -> None:
 def test_kernel_command_line() -> None:
     (append,) = option(argv_for(spec()), "-append")
     assert append == (
-        "console=ttyS0 reboot=t panic=-1 quiet metald.vm_id=vm-1 metald.ip4=10.0.0.2/24"
+        "console=ttyS0 panic=-1 quiet reboot=t metald.vm_id=vm-1 metald.ip4=10.0.0.2/24"
     )
     with_tsc = kernel_cmdline(spec(kernel_args=""), accelerator="tcg", tsc_khz=2596138)
-    assert with_tsc.endswith("metald.vm_id=vm-1 tsc_early_khz=2596138 tsc=reliable")
+    assert with_tsc.endswith("tsc_early_khz=2596138 tsc=reliable metald.vm_id=vm-1")
     assert "tsc" not in kernel_cmdline(spec(), accelerator="tcg", tsc_khz=None)
 
 
@@ -111,7 +111,7 @@ def test_kernel_command_line_stays_within_the_kernels_limit() -> None:
     long_args = "quiet a=1 " + "x" * 2048 + " b=2"
     line, dropped = kernel_cmdline_and_dropped(spec(kernel_args=long_args), tsc_khz=2596138)
     assert len(line.encode()) <= MAX_KERNEL_CMDLINE == 2047
-    assert line.endswith("tsc=reliable quiet a=1")  # metald's own arguments always stay
+    assert line.endswith("metald.vm_id=vm-1 quiet a=1")  # metald's own arguments always stay
     assert dropped == ["x" * 2048, "b=2"]  # whole words, and nothing after a dropped one
     fill = "y" * (MAX_KERNEL_CMDLINE - len(kernel_cmdline(spec(kernel_args=""))) - 1)
     exact, dropped = kernel_cmdline_and_dropped(spec(kernel_args=fill))

@@ -28,7 +28,7 @@ def test_a_plain_config_passes() -> None:
         ({"memory_bytes": 127 * MIB}, "config.memory.size_bytes"),
         ({"memory_bytes": 8192 * MIB}, "config.memory.size_bytes"),
         ({"memory_bytes": 256 * MIB + 1}, "config.memory.size_bytes"),
-        ({"kernel_args": "x" * 2049}, "config.boot.kernel_args"),
+        ({"kernel_args": "x" * 1025}, "config.boot.kernel_args"),
         ({"kernel_args": "quiet\ninit=/bin/sh"}, "config.boot.kernel_args"),
         ({"kernel_args": "metald.vm_id=other"}, "config.boot.kernel_args"),
         ({"kernel_args": "quiet console=tty0"}, "config.boot.kernel_args"),

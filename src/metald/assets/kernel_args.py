@@ -39,10 +39,11 @@ def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
     return khz if khz > 0 else None
 
 
-def tcg_timer_args(tsc_khz: int | None = None) -> str:
+def tcg_timer_args(tsc_khz: int | None) -> str:
     """Kernel arguments a guest under TCG needs to boot reliably (empty if the rate is unknown)."""
-    khz = tsc_khz if tsc_khz is not None else host_tsc_khz()
-    return f"tsc_early_khz={khz}" if khz else ""
+    khz = tsc_khz
+    # tsc=reliable: the clocksource watchdog would otherwise distrust the TSC under TCG.
+    return f"tsc_early_khz={khz} tsc=reliable" if khz else ""
 
 
 @dataclass(frozen=True)

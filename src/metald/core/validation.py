@@ -15,7 +15,9 @@ MAX_METADATA_ENTRIES = 64
 MAX_METADATA_KEY = 128
 MAX_METADATA_VALUE = 1024
 MAX_METADATA_TOTAL = 16 * 1024
-MAX_KERNEL_ARGS = 2048
+# With metald's own arguments (console, ids, timer and network settings) the line must stay
+# under the kernel's 2048-byte limit, past which a guest dies before its first console line.
+MAX_KERNEL_ARGS = 1024
 MAX_DISKS = 8
 MAX_PATH = 4096
 

@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import mmap
 import os
-import platform
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,54 +118,3 @@ def _write(path: Path, data: bytes) -> None:
     path.write_bytes(data)  # 64 KiB into a fresh temp dir: well under a millisecond
 
 
-# --------------------------------------------------------------------------- guest clock
-#
-# Under TCG a guest's TSC is the host's (QEMU reads the host TSC for RDTSC), but the guest
-# kernel cannot tell its frequency: it calibrates against the emulated PIT, and on a busy host
-# that calibration fails ("Fast TSC calibration failed" / "could not calculate TSC khz"); the
-# kernel then marks the TSC unstable and its boot stalls in delay-loop calibration for a long
-# time (measured: no READY line after 40 s in about half the boots with 3+ guests on 2 CPUs;
-# with `tsc_early_khz` every boot reached READY in 3-6 s). So the host measures its TSC once
-# and TCG guests are told it on their command line.
-
-# rdtsc; shl rdx, 32; or rax, rdx; ret
-_RDTSC_CODE = bytes.fromhex("0f3148c1e2204809d0c3")
-
-
-def measure_tsc_khz(interval: float = 0.1) -> int | None:
-    """The host TSC frequency in kHz, measured against CLOCK_MONOTONIC_RAW; None where it
-    cannot be measured (not x86-64, or executable memory is refused). Blocks for `interval`
-    seconds: call it in a thread."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return None
-    try:
-        buf = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-    except (OSError, ValueError):
-        return None
-    try:
-        buf.write(_RDTSC_CODE)
-        address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-        rdtsc = ctypes.CFUNCTYPE(ctypes.c_uint64)(address)
-
-        def sample() -> tuple[int, int]:
-            # The tightest of a few (clock, tsc, clock) brackets.
-            best: tuple[int, int, int] | None = None
-            for _ in range(7):
-                t0 = time.clock_gettime_ns(time.CLOCK_MONOTONIC_RAW)
-                tsc = int(rdtsc())
-                t1 = time.clock_gettime_ns(time.CLOCK_MONOTONIC_RAW)
-                if best is None or t1 - t0 < best[0]:
-                    best = (t1 - t0, (t0 + t1) // 2, tsc)
-            assert best is not None
-            return best[1], best[2]
-
-        ns0, tsc0 = sample()
-        time.sleep(interval)
-        ns1, tsc1 = sample()
-    finally:
-        with contextlib.suppress(BufferError):
-            buf.close()
-    if ns1 <= ns0 or tsc1 <= tsc0:
-        return None
-    khz = (tsc1 - tsc0) * 1_000_000 // (ns1 - ns0)
-    return khz if 100_000 <= khz <= 10_000_000 else None

@@ -40,6 +40,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
+from metald.assets.kernel_args import host_tsc_khz
 from metald.backends.process import (
     ExitStatus,
     ProcessWatch,
@@ -51,7 +52,7 @@ from metald.backends.process import (
     read_stat,
     spawn,
 )
-from metald.backends.qemu.accel import measure_tsc_khz, probe_kvm
+from metald.backends.qemu.accel import probe_kvm
 from metald.backends.qemu.command import (
     ACCELERATORS,
     MAX_KERNEL_CMDLINE,
@@ -203,7 +204,7 @@ class QemuBackend:
             else:
                 accelerator, reason = "tcg", f"KVM unusable: {result.detail}"
         if accelerator == "tcg":
-            self._tsc_khz = await asyncio.to_thread(measure_tsc_khz)
+            self._tsc_khz = host_tsc_khz()
             if self._tsc_khz is None:
                 log.warning("host TSC frequency unknown: TCG guests may boot slowly when busy")
         self._accelerator, self.accelerator_reason = accelerator, reason

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from metald.assets.kernel_args import GuestArgs, kernel_command_line
 from metald.core.models import LaunchSpec, ResolvedDisk
 
 MIB = 1024 * 1024
 # sun_path is 108 bytes including the terminating NUL.
 MAX_UNIX_SOCKET_PATH = 107
 ACCELERATORS = ("kvm", "tcg")
-BASE_KERNEL_ARGS = ("console=ttyS0", "reboot=t", "panic=-1", "quiet")
 # x86 COMMAND_LINE_SIZE is 2048 including the terminating NUL.
 MAX_KERNEL_CMDLINE = 2047
 # A VM id names a directory and appears in QEMU options and on the kernel command line.
@@ -116,16 +116,16 @@ def kernel_cmdline_and_dropped(
     """Our fixed arguments first, then the caller's (the kernel lets a later one win).
 
     Under TCG the guest's TSC is the host's; telling the guest its frequency spares it a
-    PIT calibration that fails on a busy host (see accel.measure_tsc_khz).
+    PIT calibration that fails on a busy host (see assets.kernel_args).
 
     The whole line must stay within the kernel's COMMAND_LINE_SIZE: a longer one makes a
     microvm guest die silently before its first console line (measured: 2047 bytes boot,
     2048 do not). Caller arguments that do not fit are dropped whole (never cut in half) and
     returned as the second item.
     """
-    args = [*BASE_KERNEL_ARGS, f"metald.vm_id={spec.vm_id}"]
-    if accelerator == "tcg" and tsc_khz:
-        args += [f"tsc_early_khz={tsc_khz}", "tsc=reliable"]
+    guest = GuestArgs(vm_id=spec.vm_id)
+    timer_tsc = tsc_khz if accelerator == "tcg" else None
+    args = kernel_command_line(guest, accel=accelerator, reboot="t", tsc_khz=timer_tsc).split()
     size = len(" ".join(args).encode())
     dropped: list[str] = []
     for word in spec.kernel_args.split():
