@@ -16,6 +16,7 @@ import typer
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
+from fake_vm_service import InMemoryVmService, serve_in_thread
 from rich.console import Console
 from rich.status import Status
 from rich.table import Table
@@ -24,7 +25,6 @@ from typer.testing import CliRunner
 from metald.cli import vm
 from metald.cli.main import app
 from metald.client import Disk, pb
-from metald.client.testing import InMemoryVmService, serve_in_thread
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
 
 TOKEN = "dev_customer_acme"

@@ -12,6 +12,7 @@ import pytest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
+from fake_vm_service import InMemoryVmService, serve_in_thread
 
 from metald.client import (
     STATE_CHOICES,
@@ -26,7 +27,6 @@ from metald.client import (
     to_dict,
 )
 from metald.client.errors import from_connect_error
-from metald.client.testing import InMemoryVmService, serve_in_thread
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
 
 TOKEN = "dev_customer_acme"
