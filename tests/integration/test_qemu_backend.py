@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -465,15 +466,19 @@ async def test_long_vm_root_is_refused(tmp_path: Path) -> None:
 async def test_a_vm_id_too_long_for_the_socket_path_is_an_invalid_argument(
     boot_files: tuple[Path, Path | None], tmp_path: Path
 ) -> None:
-    root = tmp_path / ("r" * max(1, 59 - len(str(tmp_path))))  # 60 bytes in all
+    # A root of exactly 60 bytes, wherever pytest's temp dir is (its path length varies).
+    short = Path(tempfile.mkdtemp(prefix="m", dir="/tmp"))
+    root = short / ("r" * (59 - len(str(short))))
+    assert len(str(root)) == 60
     b = QemuBackend(root, accelerator="tcg")
-    await b.start()
     try:
+        await b.start()
         with pytest.raises(InvalidArgument, match="vm_id: at most 37 characters"):
             await b.create(spec_for(boot_files, "v" * 38))
         assert dirs_under(root) == []
     finally:
         await b.close()
+        shutil.rmtree(short)
 
 
 async def test_missing_binary_names_the_package(tmp_path: Path) -> None:
