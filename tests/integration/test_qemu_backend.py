@@ -241,6 +241,23 @@ async def test_paused_and_forced_shutdowns(
     assert exits == [], "requested exits must not be reported"
 
 
+async def test_graceful_shutdown_of_a_guest_still_booting(
+    backend: QemuBackend, boot_files: tuple[Path, Path | None]
+) -> None:
+    """Right after a boot or reboot the guest cannot take Ctrl-Alt-Del yet (no keyboard driver,
+    no trap in its init): the shutdown must still end gracefully, well within its timeout,
+    instead of waiting the whole timeout and killing the guest."""
+    await backend.create(spec_for(boot_files, "vm-early"))
+    await backend.boot("vm-early")
+    await wait_for(backend, "vm-early", READY)
+    await backend.reboot("vm-early")
+    started = time.monotonic()
+    assert await backend.shutdown("vm-early", timeout=60, force=False) == "graceful"
+    assert time.monotonic() - started < 45
+    # The second boot may be stopped before or after its READY line: both are graceful.
+    assert SHUTDOWN.search(console(backend, "vm-early"))
+
+
 async def test_unexpected_exit_calls_back_within_2s(
     backend: QemuBackend, boot_files: tuple[Path, Path | None]
 ) -> None:

@@ -116,5 +116,3 @@ def _kvm_device_problem(device: Path) -> str:
 
 def _write(path: Path, data: bytes) -> None:
     path.write_bytes(data)  # 64 KiB into a fresh temp dir: well under a millisecond
-
-

@@ -100,6 +100,7 @@ _SHUTDOWN_REASONS = {
     "host-ui": "vmm closed from its user interface",
 }
 
+CAD_REPEAT_SECONDS = 2.0
 _CTRL_ALT_DEL = {
     "keys": [
         {"type": "qcode", "data": "ctrl"},
@@ -470,10 +471,8 @@ class QemuBackend:
                     if status in ("paused", "suspended"):
                         await self._qmp(vm, "cont")
                         status = "running"
-                    if status == "running":
-                        await self._qmp(vm, "send-key", _CTRL_ALT_DEL)
-                        if await vm.watch.wait(timeout):
-                            how = "graceful"
+                    if status == "running" and await self._ask_guest_to_stop(vm, timeout):
+                        how = "graceful"
                 except BackendError as e:
                     if not vm.watch.exited:
                         log.warning("graceful shutdown of %s failed, killing it: %s", vm_id, e)
@@ -483,6 +482,20 @@ class QemuBackend:
             if not vm.watch.exited:
                 vm.expecting_exit = False
         return how
+
+    async def _ask_guest_to_stop(self, vm: _Vm, timeout: float) -> bool:
+        """Ctrl-Alt-Del until QEMU exits or `timeout` passes. Sent again every
+        CAD_REPEAT_SECONDS: a guest still booting (just created or rebooted) loses the keys
+        until its keyboard driver and its init's trap are up; a guest already shutting down
+        ignores repeats."""
+        deadline = time.monotonic() + timeout
+        while True:
+            await self._qmp(vm, "send-key", _CTRL_ALT_DEL)
+            left = deadline - time.monotonic()
+            if await vm.watch.wait(min(CAD_REPEAT_SECONDS, max(left, 0.0))):
+                return True
+            if time.monotonic() >= deadline:
+                return False
 
     async def destroy(self, vm_id: str) -> None:
         try:
