@@ -1,0 +1,634 @@
+"""The jailer helper: a separate, single-threaded process that prepares a VMM's jail and then
+becomes the VMM (`python -I -m metald.jailer --spec - --error-fd 3`).
+
+Steps, in order (each named in reports and errors):
+  netns       setns into the VM's network namespace
+  tap         create the VM's TAP device there, owned by the jail user, and bring it up
+  mount       new mount namespace, / made rprivate, the jail root built from only what the
+              spec lists, pivot_root into it (chroot where pivot_root is impossible)
+  cgroup      move into the VM's cgroup v2 with its limits (skipped, with the reason, where
+              the host has no usable cgroup v2, unless the spec requires it)
+  rlimits     resource limits
+  privileges  no capabilities (bounding, ambient, inheritable, permitted, effective), no
+              supplementary groups, the jail gid and uid, no_new_privs
+  exec        execve the VMM with the spec's environment only
+
+Reporting: JSON lines on the error fd (close-on-exec). Each finished step sends
+{"step", "status": "ok"|"skipped", "ms", "detail"}; anything made on the host that must be
+undone if a later step fails is announced first as {"created": {...}}; a failure sends
+{"step", "status": "error", "error"} and the helper exits with EXIT_CODES[step]. Right before
+execve it sends {"step": "exec", "status": "starting"}: EOF after that line means the VMM
+runs (the fd closed at exec).
+
+Everything the steps use after pivot_root is imported and opened before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import posixpath
+import resource
+import signal
+import socket
+import stat
+import struct
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from metald.jailer import syscalls as sc
+from metald.jailer.cgroups import cgroup_mount, relative_cgroup
+from metald.jailer.spec import ALL_STEPS, RLIM_INFINITY, JailSpec, PlacedFile
+
+TEST_HOOKS_ENV = "METALD_JAILER_TEST_HOOKS"
+# Exit status of a helper that failed at a step (the VMM never ran): 200 + the step's index.
+EXIT_CODES = {name: 200 + i for i, name in enumerate(ALL_STEPS)}
+
+# linux/if_tun.h, linux/sockios.h, net/if.h
+TUNSETIFF = 0x400454CA
+TUNSETPERSIST = 0x400454CB
+TUNSETOWNER = 0x400454CC
+TUNSETGROUP = 0x400454CE
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_UP = 0x1
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+_IFREQ_SIZE = 40
+
+HOST_BIND_FLAGS = sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
+FILE_BIND_FLAGS = sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
+WRITABLE_FLAGS = sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
+
+
+class StepFailed(Exception):
+    """A step cannot go on; the message is what metald reports."""
+
+
+def _os_message(e: OSError) -> str:
+    text = e.strerror or str(e)
+    if e.filename is not None:
+        return f"{os.fsdecode(e.filename)}: {text}"
+    return text
+
+
+class Reporter:
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+        if fd is not None:
+            os.set_inheritable(fd, False)
+
+    def send(self, message: dict[str, Any]) -> None:
+        line = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+        if self.fd is None:
+            if message.get("status") == "error":
+                os.write(2, b"metald-jailer: " + line)
+            return
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError:
+            pass  # metald went away; a VMM it does not know about is reconciled later
+
+
+class Jail:
+    """The helper's state from one step to the next."""
+
+    def __init__(self, spec: JailSpec, reporter: Reporter) -> None:
+        self.spec = spec
+        self.report = reporter
+        self.root = str(spec.jail_root)
+        self.cgroup_fd: int | None = None
+        self.cgroup_mount: str | None = None
+        self.cgroup_problem: str | None = None
+        self.last_cap = sc.last_capability()
+        self.bound: list[str] = []  # host paths bind-mounted (inside == host path)
+
+    def created(self, kind: str, **fields: str) -> None:
+        self.report.send({"created": {"kind": kind, **fields}})
+
+    # -- before any step: what must be open before the host's filesystem disappears --
+
+    def prepare(self) -> None:
+        if self.spec.cgroup is None:
+            return
+        mount = cgroup_mount(self.spec.cgroup)
+        if mount is None:
+            self.cgroup_problem = "no cgroup v2 hierarchy is mounted"
+            return
+        try:
+            self.cgroup_fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self.cgroup_mount = mount
+        except OSError as e:
+            self.cgroup_problem = f"cannot open the cgroup v2 mount: {_os_message(e)}"
+
+    # -- netns --
+
+    def step_netns(self) -> dict[str, Any] | None:
+        path = self.spec.netns_path
+        if path is None:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise StepFailed(f"cannot open network namespace {_os_message(e)}") from None
+        try:
+            sc.setns(fd, sc.CLONE_NEWNET)
+        except OSError as e:
+            raise StepFailed(f"cannot enter network namespace {path}: {e.strerror}") from None
+        finally:
+            os.close(fd)
+        return {"netns": path}
+
+    # -- tap (the ioctls pyroute2 itself issues for a tuntap link, without its import) --
+
+    def step_tap(self) -> dict[str, Any] | None:
+        tap = self.spec.tap
+        if tap is None:
+            return None
+        name = tap.name
+        try:
+            socket.if_nametoindex(name)
+        except OSError:
+            pass
+        else:
+            raise StepFailed(f"a network device named {name} already exists in the namespace")
+        ifname = name.encode()
+        try:
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise StepFailed(f"cannot open {_os_message(e)}") from None
+        try:
+            ifr = struct.pack("16sH", ifname, IFF_TAP | IFF_NO_PI).ljust(_IFREQ_SIZE, b"\0")
+            try:
+                fcntl.ioctl(fd, TUNSETIFF, ifr)
+                fcntl.ioctl(fd, TUNSETPERSIST, 1)
+            except OSError as e:
+                raise StepFailed(f"cannot create TAP {name}: {e.strerror}") from None
+            self.created("tap", netns=self.spec.netns_path or "", name=name)
+            try:
+                fcntl.ioctl(fd, TUNSETOWNER, self.spec.uid)
+                fcntl.ioctl(fd, TUNSETGROUP, self.spec.gid)
+            except OSError as e:
+                raise StepFailed(f"cannot give TAP {name} to the jail user: {e.strerror}") from None
+        finally:
+            os.close(fd)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                req = struct.pack("16sH", ifname, 0).ljust(_IFREQ_SIZE, b"\0")
+                flags = struct.unpack_from("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, req))[1]
+                req = struct.pack("16sH", ifname, flags | IFF_UP).ljust(_IFREQ_SIZE, b"\0")
+                fcntl.ioctl(s, SIOCSIFFLAGS, req)
+            except OSError as e:
+                raise StepFailed(f"cannot bring TAP {name} up: {e.strerror}") from None
+        return {"tap": name, "uid": self.spec.uid, "gid": self.spec.gid}
+
+    # -- mount --
+
+    def _inside(self, path: str) -> str:
+        return self.root + path
+
+    def _mkdirs_inside(self, path: str) -> None:
+        """Directories inside the jail (root-owned, 0755) down to `path`."""
+        current = ""
+        for part in path.strip("/").split("/"):
+            current += "/" + part
+            inside = self._inside(current)
+            try:
+                os.mkdir(inside, 0o755)
+            except FileExistsError:
+                st = os.lstat(inside)
+                if not stat.S_ISDIR(st.st_mode):
+                    raise StepFailed(f"{current} inside the jail is not a directory") from None
+
+    def _bind(self, source: str, inside_path: str, *, is_dir: bool, flags: int) -> None:
+        target = self._inside(inside_path)
+        self._mkdirs_inside(posixpath.dirname(inside_path) or "/")
+        if is_dir:
+            if not os.path.isdir(target):
+                os.mkdir(target, 0o755)
+        else:
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444))
+        try:
+            sc.mount(source, target, None, sc.MS_BIND | sc.MS_REC, None)
+            sc.mount(None, target, None, sc.MS_REMOUNT | sc.MS_BIND | flags, None)
+        except OSError as e:
+            raise StepFailed(f"cannot bind-mount {source}: {e.strerror}") from None
+
+    def _covered(self, path: str) -> bool:
+        return any(path == b or path.startswith(b.rstrip("/") + "/") for b in self.bound)
+
+    def _place_host_path(self, path: str, depth: int = 0) -> None:
+        """Bind-mount a host path read-only at the same place; symlinks on the way (such as
+        /lib64 -> usr/lib64) become the same symlinks inside, and their targets are placed."""
+        if depth > 32:
+            raise StepFailed(f"too many symbolic links under {path}")
+        if self._covered(path):
+            return
+        parts = path.strip("/").split("/")
+        current = ""
+        for i, part in enumerate(parts):
+            current += "/" + part
+            if self._covered(current):
+                return
+            try:
+                st = os.lstat(current)
+            except OSError as e:
+                raise StepFailed(f"host path {path}: {_os_message(e)}") from None
+            inside = self._inside(current)
+            if stat.S_ISLNK(st.st_mode):
+                link = os.readlink(current)
+                try:
+                    os.symlink(link, inside)
+                except FileExistsError:
+                    if not os.path.islink(inside) or os.readlink(inside) != link:
+                        raise StepFailed(f"{current}: conflicting entries in the jail") from None
+                rest = "/".join(parts[i + 1 :])
+                target = posixpath.normpath(posixpath.join(posixpath.dirname(current), link, rest))
+                self._place_host_path(target, depth + 1)
+                return
+            if i == len(parts) - 1:
+                self._bind(current, current, is_dir=stat.S_ISDIR(st.st_mode), flags=HOST_BIND_FLAGS)
+                self.bound.append(current)
+                return
+            if not stat.S_ISDIR(st.st_mode):
+                raise StepFailed(f"host path {path}: {current} is not a directory")
+            self._mkdirs_inside(current)
+
+    def _place_file(self, f: PlacedFile) -> str:
+        uid, gid = self.spec.uid, self.spec.gid
+        source = os.path.realpath(f.source)
+        try:
+            st = os.stat(source)
+        except OSError as e:
+            raise StepFailed(f"file to place {_os_message(e)}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise StepFailed(f"file to place {f.source} is not a regular file")
+        if f.read_only:
+            if not _may(st, uid, gid, 0o4):
+                raise StepFailed(f"{f.source} is not readable by uid {uid} gid {gid}")
+            # Through a hard link the jail user could change a file it owns or may write.
+            link_ok = st.st_uid != uid and not _may(st, uid, gid, 0o2)
+        else:
+            os.chown(source, uid, gid)
+            os.chmod(source, stat.S_IMODE(st.st_mode) | 0o600)
+            link_ok = True
+        self._mkdirs_inside(posixpath.dirname(f.target) or "/")
+        target = self._inside(f.target)
+        if link_ok:
+            try:
+                os.link(source, target)
+                return "link"
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EPERM):
+                    raise StepFailed(
+                        f"cannot link {f.source} into the jail: {e.strerror}"
+                    ) from None
+        flags = FILE_BIND_FLAGS | (sc.MS_RDONLY if f.read_only else 0)
+        self._bind(source, f.target, is_dir=False, flags=flags)
+        return "bind-ro" if f.read_only else "bind-rw"
+
+    def step_mount(self) -> dict[str, Any]:
+        spec = self.spec
+        root = self.root
+        try:
+            sc.unshare(sc.CLONE_NEWNS)
+            sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE, None)
+        except OSError as e:
+            raise StepFailed(f"cannot make a private mount namespace: {e.strerror}") from None
+        jail_dir = str(spec.jail_dir)
+        os.makedirs(os.path.dirname(jail_dir), mode=0o755, exist_ok=True)
+        try:
+            os.mkdir(jail_dir, 0o700)
+        except FileExistsError:
+            raise StepFailed(
+                f"the jail directory {jail_dir} exists already (another VM with this id, or "
+                "a jail nobody removed)"
+            ) from None
+        self.created("dir", path=jail_dir)
+        os.chmod(jail_dir, 0o700)
+        os.mkdir(root, 0o755)
+        os.chmod(root, 0o755)
+        placed = {}
+        for f in spec.files:
+            placed[f.target] = self._place_file(f)
+        for d in spec.writable_dirs:
+            # On the host's filesystem (metald reaches the sockets there), but a mount of
+            # its own inside: nothing written there can be executed.
+            inside = self._inside(d)
+            self._mkdirs_inside(posixpath.dirname(d) or "/")
+            os.mkdir(inside, 0o700)
+            os.chown(inside, spec.uid, spec.gid)
+            os.chmod(inside, 0o700)
+            try:
+                sc.mount(inside, inside, None, sc.MS_BIND, None)
+                sc.mount(None, inside, None, sc.MS_REMOUNT | sc.MS_BIND | WRITABLE_FLAGS, None)
+            except OSError as e:
+                raise StepFailed(f"cannot mount writable dir {d}: {e.strerror}") from None
+        for p in sorted(spec.host_paths, key=len):
+            self._place_host_path(p)
+        # /dev: a private tmpfs holding only the listed nodes (gone with the namespace).
+        devices = []
+        if spec.devices:
+            dev = self._inside("/dev")
+            os.mkdir(dev, 0o755)
+            sc.mount("tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, "mode=0755,size=64k")
+            for node in spec.devices:
+                try:
+                    st = os.stat(node.path)
+                except OSError as e:
+                    raise StepFailed(f"device {_os_message(e)}") from None
+                if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                    raise StepFailed(f"{node.path} is not a device on the host")
+                target = self._inside(node.path)
+                self._mkdirs_inside(posixpath.dirname(node.path))
+                os.mknod(target, stat.S_IFMT(st.st_mode) | node.mode, st.st_rdev)
+                os.chown(target, spec.uid, spec.gid)
+                os.chmod(target, node.mode)
+                devices.append(node.path)
+        # The jail root becomes a mount (pivot_root needs one) carrying everything above.
+        try:
+            sc.mount(root, root, None, sc.MS_BIND | sc.MS_REC, None)
+            sc.mount(
+                None, root, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_NOSUID | sc.MS_NODEV, None
+            )
+        except OSError as e:
+            raise StepFailed(f"cannot make the jail root a mount point: {e.strerror}") from None
+        os.chdir(root)
+        how = "pivot_root"
+        try:
+            if not sc.pivot_root_supported():
+                raise OSError(errno.ENOSYS, "pivot_root unsupported")
+            sc.pivot_root(".", ".")
+            sc.umount2(".", sc.MNT_DETACH)
+        except OSError:
+            # pivot_root is impossible on an initramfs root; chroot is the fallback.
+            how = "chroot"
+            os.chroot(".")
+        os.chdir("/")
+        return {"root": root, "how": how, "files": placed, "devices": devices}
+
+    # -- cgroup --
+
+    def step_cgroup(self) -> dict[str, Any] | None:
+        cg = self.spec.cgroup
+        if cg is None:
+            return None
+        required = cg.required
+
+        def skip(reason: str) -> dict[str, Any]:
+            if required:
+                raise StepFailed(reason)
+            return {"skipped": reason}
+
+        if self.cgroup_fd is None or self.cgroup_mount is None:
+            return skip(self.cgroup_problem or "no cgroup v2")
+        fd = self.cgroup_fd
+        relative = relative_cgroup(cg, self.spec.vm_id)
+        wanted = [
+            name
+            for name, value in (
+                ("memory", cg.memory_max),
+                ("cpu", cg.cpu_quota_us),
+                ("pids", cg.pids_max),
+            )
+            if value is not None
+        ]
+        # The first reason each controller cannot be used (it is then not tried below).
+        problems: dict[str, str] = {}
+        level = "."
+        try:
+            for part in [*cg.parent.strip("/").split("/"), None]:
+                available = _read(fd, f"{level}/cgroup.controllers").split()
+                enabled = _read(fd, f"{level}/cgroup.subtree_control").split()
+                for name in wanted:
+                    if name in problems or name in enabled:
+                        continue
+                    if name not in available:
+                        problems[name] = (
+                            f"{name}: not available in cgroup v2 at {_show(level)} "
+                            f"(available there: {' '.join(available) or 'none'})"
+                        )
+                        continue
+                    try:
+                        _write(fd, f"{level}/cgroup.subtree_control", f"+{name}")
+                    except OSError as e:
+                        problems[name] = f"{name}: cannot enable at {_show(level)}: {e.strerror}"
+                if part is None:
+                    break
+                level = part if level == "." else f"{level}/{part}"
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(level, 0o755, dir_fd=fd)
+        except OSError as e:
+            return skip(f"cannot prepare the cgroup parent {_show(level)}: {_os_message(e)}")
+        try:
+            os.mkdir(relative, 0o755, dir_fd=fd)
+        except FileExistsError:
+            if _read(fd, f"{relative}/cgroup.procs").strip():
+                raise StepFailed(f"cgroup /{relative} exists and has processes") from None
+        except OSError as e:
+            return skip(f"cannot create cgroup /{relative}: {_os_message(e)}")
+        path = f"{self.cgroup_mount}/{relative}"
+        self.created("cgroup", path=path)
+        applied: dict[str, str] = {}
+        limits = (
+            ("memory", "memory.max", cg.memory_max),
+            (
+                "cpu",
+                "cpu.max",
+                None if cg.cpu_quota_us is None else (cg.cpu_quota_us, cg.cpu_period_us),
+            ),
+            ("pids", "pids.max", cg.pids_max),
+        )
+        for controller, filename, value in limits:
+            if value is None or controller in problems:
+                continue
+            text = f"{value[0]} {value[1]}" if isinstance(value, tuple) else str(value)
+            try:
+                _write(fd, f"{relative}/{filename}", text)
+                applied[filename] = text
+            except OSError as e:
+                problems[controller] = f"{controller}: cannot set {filename}: {e.strerror}"
+        if problems and required:
+            raise StepFailed("; ".join(problems.values()))
+        try:
+            _write(fd, f"{relative}/cgroup.procs", str(os.getpid()))
+        except OSError as e:
+            raise StepFailed(f"cannot move into cgroup /{relative}: {e.strerror}") from None
+        os.close(fd)
+        self.cgroup_fd = None
+        detail: dict[str, Any] = {"path": path, "applied": applied}
+        if problems:
+            detail["limits_skipped"] = "; ".join(problems.values())
+        return detail
+
+    # -- rlimits --
+
+    def step_rlimits(self) -> dict[str, Any]:
+        applied = {}
+        for r in self.spec.rlimits:
+            which = getattr(resource, f"RLIMIT_{r.name}")
+            soft = resource.RLIM_INFINITY if r.soft == RLIM_INFINITY else r.soft
+            hard = resource.RLIM_INFINITY if r.hard == RLIM_INFINITY else r.hard
+            try:
+                resource.setrlimit(which, (soft, hard))
+            except (OSError, ValueError) as e:
+                raise StepFailed(f"cannot set RLIMIT_{r.name} to {r.soft}/{r.hard}: {e}") from None
+            applied[r.name] = [r.soft, r.hard]
+        return applied
+
+    # -- privileges --
+
+    def step_privileges(self) -> dict[str, Any]:
+        uid, gid = self.spec.uid, self.spec.gid
+        try:
+            try:
+                sc.prctl(sc.PR_CAP_AMBIENT, sc.PR_CAP_AMBIENT_CLEAR_ALL)
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # a kernel without ambient capabilities
+                    raise
+            for cap in range(self.last_cap + 1):
+                sc.prctl(sc.PR_CAPBSET_DROP, cap)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            sc.clear_capabilities()
+            sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+        except (OSError, OverflowError) as e:
+            message = _os_message(e) if isinstance(e, OSError) else str(e)
+            raise StepFailed(f"cannot drop privileges to uid {uid} gid {gid}: {message}") from None
+        # Trust nothing: check what the kernel now says.
+        if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+            raise StepFailed(f"ids are {os.getresuid()}/{os.getresgid()}, not {uid}/{gid}")
+        if os.getgroups() not in ([], [gid]):
+            raise StepFailed(f"supplementary groups remain: {os.getgroups()}")
+        if sc.prctl(sc.PR_GET_NO_NEW_PRIVS) != 1:
+            raise StepFailed("no_new_privs is not set")
+        if any(sc.prctl(sc.PR_CAPBSET_READ, cap) for cap in range(self.last_cap + 1)):
+            raise StepFailed("the capability bounding set is not empty")
+        return {"uid": uid, "gid": gid}
+
+
+def _show(level: str) -> str:
+    return "/" if level == "." else f"/{level}"
+
+
+def _may(st: os.stat_result, uid: int, gid: int, bit: int) -> bool:
+    """Whether uid/gid (no other groups) has permission `bit` (4 read, 2 write)."""
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid == uid:
+        return bool(mode & (bit << 6))
+    if st.st_gid == gid:
+        return bool(mode & (bit << 3))
+    return bool(mode & bit)
+
+
+def _read(dir_fd: int, path: str) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        return os.read(fd, 65536).decode()
+    finally:
+        os.close(fd)
+
+
+def _write(dir_fd: int, path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _fail(reporter: Reporter, step: str, message: str) -> NoReturn:
+    reporter.send({"step": step, "status": "error", "error": message})
+    os._exit(EXIT_CODES[step])
+
+
+def _load_spec(source: str) -> bytes:
+    if source == "-":
+        chunks = []
+        while chunk := os.read(0, 1 << 16):
+            chunks.append(chunk)
+        # The VMM's stdin: nothing.
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        return b"".join(chunks)
+    with open(source, "rb") as f:
+        return f.read()
+
+
+def run(spec: JailSpec, reporter: Reporter) -> NoReturn:
+    hooks = os.environ.get(TEST_HOOKS_ENV) == "1"
+    jail = Jail(spec, reporter)
+    jail.prepare()
+    steps: list[tuple[str, Callable[[], dict[str, Any] | None]]] = [
+        ("netns", jail.step_netns),
+        ("tap", jail.step_tap),
+        ("mount", jail.step_mount),
+        ("cgroup", jail.step_cgroup),
+        ("rlimits", jail.step_rlimits),
+        ("privileges", jail.step_privileges),
+    ]
+    started = time.monotonic()
+    for name, action in steps:
+        t0 = time.monotonic()
+        try:
+            detail = action()
+            if hooks and spec.fail_at == name:
+                raise StepFailed("made to fail by the test hook")
+        except StepFailed as e:
+            _fail(reporter, name, str(e))
+        except OSError as e:
+            _fail(reporter, name, _os_message(e))
+        except Exception as e:  # a bug: still a step failure, never a traceback to metald
+            _fail(reporter, name, f"{type(e).__name__}: {e}")
+        reporter.send(
+            {
+                "step": name,
+                "status": "skipped" if detail is None or "skipped" in detail else "ok",
+                "ms": round((time.monotonic() - t0) * 1000, 3),
+                "detail": detail or {},
+            }
+        )
+    if hooks and spec.fail_at == "exec":
+        _fail(reporter, "exec", "made to fail by the test hook")
+    # Python ignores SIGPIPE and SIGXFSZ; an ignored signal stays ignored across execve.
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
+    os.umask(0o077)
+    reporter.send(
+        {"step": "exec", "status": "starting", "ms": round((time.monotonic() - started) * 1000, 3)}
+    )
+    try:
+        os.execve(spec.argv[0], list(spec.argv), dict(spec.env))
+    except OSError as e:
+        _fail(reporter, "exec", f"cannot execute {_os_message(e)}")
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    parser = argparse.ArgumentParser(prog="python -m metald.jailer")
+    parser.add_argument("--spec", required=True, help="the JSON jail spec: a file, or - for stdin")
+    parser.add_argument("--error-fd", type=int, default=None, help="where to report (JSON lines)")
+    args = parser.parse_args(argv)
+    reporter = Reporter(args.error_fd)
+    os.umask(0o022)
+    try:
+        spec = JailSpec.from_json(_load_spec(args.spec))
+        spec.validate()
+    except (ValueError, TypeError, OSError) as e:
+        _fail(reporter, "spec", str(e))
+    if os.geteuid() != 0:
+        _fail(reporter, "spec", "the jailer must run as root")
+    run(spec, reporter)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

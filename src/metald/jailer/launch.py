@@ -1,0 +1,489 @@
+"""metald's side of the jailer: start the helper, learn whether the VMM runs, and undo
+everything the helper made when it does not.
+
+    jailed = await launch_jailed(spec, stderr_path=...)   # the VMM runs (QEMU with -S)
+    ... ProcessWatch.open(jailed.identity) ...            # watch it like any VMM
+    await remove_jail(spec)                               # after the VMM has exited
+
+The helper is started with posix_spawn in its own session (it outlives metald) with nothing of
+metald's but stdin (the spec, from a memfd), stdout (/dev/null), stderr (`stderr_path`, which
+then is the VMM's) and the report pipe as fd 3. Reaping is left to the caller's pidfd watch:
+no asyncio child watcher ever waits for this pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from metald.backends.process import ExitStatus, identity_of, inheritable_fds, reap_pidfd
+from metald.core.models import ProcessIdentity
+from metald.jailer import syscalls as sc
+from metald.jailer.cgroups import cgroup_dir, mounts_under, relative_cgroup
+from metald.jailer.errors import JailerError
+from metald.jailer.spec import STEPS, JailSpec, SpecError
+
+DEFAULT_TIMEOUT = 30.0
+_REPORT_FD = 3
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class StepReport:
+    step: str
+    status: str  # "ok" or "skipped"
+    ms: float
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JailedProcess:
+    """A VMM running in its jail."""
+
+    identity: ProcessIdentity
+    spec: JailSpec
+    steps: tuple[StepReport, ...]
+    cgroup_path: Path | None  # None: no cgroup (not asked, or skipped: see cgroup_note)
+    cgroup_note: str | None  # why the cgroup or some of its limits were skipped
+    launch_seconds: float  # from spawning the helper to the VMM's execve
+    helper_ms: float  # the helper's own steps, as it measured them
+
+    @property
+    def pid(self) -> int:
+        return self.identity.pid
+
+    def host_path(self, inside: str) -> Path:
+        """A path inside the jail (its writable dirs) as metald reaches it from the host."""
+        return self.spec.host_path(inside)
+
+    def step(self, name: str) -> StepReport | None:
+        return next((s for s in self.steps if s.step == name), None)
+
+
+async def launch_jailed(
+    spec: JailSpec,
+    *,
+    stderr_path: Path,
+    timeout: float = DEFAULT_TIMEOUT,
+    python: str = sys.executable,
+    env: Mapping[str, str] | None = None,
+) -> JailedProcess:
+    """Run the jailer helper for `spec` and return once it has become the VMM.
+
+    Raises JailerError(step, message) when a step fails (or the spec is refused: step
+    "spec"), after removing what the earlier steps made: the TAP, the jail directory, the
+    cgroup. The helper's mounts were only ever in its own mount namespace and went with it.
+    `env` is the helper's environment (default: metald's); the VMM gets `spec.env` only.
+    """
+    try:
+        spec.validate()
+    except SpecError as e:
+        raise JailerError("spec", str(e)) from None
+    stderr_path = Path(stderr_path)
+    started = time.monotonic()
+    try:
+        pid, pidfd, report_fd = _spawn(spec, stderr_path, python, env)
+    except OSError as e:
+        raise JailerError("start", f"cannot start the jailer: {e}") from None
+    reader = _Reports()
+    try:
+        try:
+            await _read_until_eof(report_fd, reader, timeout)
+        finally:
+            os.close(report_fd)
+        elapsed = time.monotonic() - started
+        if reader.error is None and reader.exec_started:
+            identity = identity_of(pid)
+            if identity is None:  # pragma: no cover - the VMM died at once and was reaped
+                raise JailerError("exec", "the VMM vanished right after starting")
+            os.close(pidfd)
+            return _result(spec, identity, reader, elapsed)
+        status = await _reap(pidfd)
+        if reader.error is not None:
+            step, message = reader.error
+        else:
+            step = reader.next_step()
+            message = f"the jailer ended ({_describe(status)}) without a report"
+            tail = _tail(stderr_path)
+            if tail:
+                message += f": {tail}"
+    except TimeoutError:
+        await _kill_and_reap(pidfd)
+        step, message = reader.next_step(), f"no answer from the jailer within {timeout:g} s"
+    except BaseException:
+        # Cancelled (or a bug here): the helper must not live on, nor what it made.
+        await _kill_and_reap(pidfd)
+        await _undo(spec, reader.created)
+        raise
+    leftovers = await _undo(spec, reader.created)
+    raise JailerError(step, message, leftovers=tuple(leftovers))
+
+
+async def remove_jail(spec: JailSpec, *, remove_tap: bool = True) -> None:
+    """Remove what a jail left on the host once its VMM has exited: the cgroup, the jail
+    directory (hard links, writable dirs, the VMM's sockets and logs) and, unless told not
+    to, the TAP. Idempotent. Raises JailerError(step="cleanup") naming whatever remains
+    (a cgroup that still has processes, mount points under the jail directory)."""
+    leftovers: list[str] = []
+    if spec.cgroup is not None:
+        path = cgroup_dir(spec.cgroup, spec.vm_id)
+        if path is not None:
+            pids = await asyncio.to_thread(_cgroup_pids, path)
+            if pids:
+                # The VMM (or something it started) still runs: its jail stays.
+                raise JailerError(
+                    "cleanup",
+                    "the jail is still in use",
+                    leftovers=(f"cgroup {path}: processes {' '.join(pids)}",),
+                )
+            try:
+                await asyncio.to_thread(_remove_cgroup, path)
+            except OSError as e:
+                leftovers.append(f"cgroup {path}: {e.strerror or e}")
+    try:
+        await asyncio.to_thread(_remove_jail_dir, spec.jail_dir)
+    except OSError as e:
+        leftovers.append(f"jail directory {spec.jail_dir}: {e.strerror or e}")
+    if remove_tap and spec.tap is not None:
+        try:
+            await remove_tap_device(spec.netns_path, spec.tap.name)
+        except OSError as e:
+            leftovers.append(f"TAP {spec.tap.name}: {e.strerror or e}")
+    if leftovers:
+        raise JailerError("cleanup", "the jail is not entirely removed", leftovers=tuple(leftovers))
+
+
+async def remove_tap_device(netns_path: str | None, name: str) -> bool:
+    """Delete a network device in a namespace (None: metald's own); False if absent."""
+
+    def work() -> bool:
+        from pyroute2 import IPRoute  # heavy import, only needed here
+
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=name)
+            if not found:
+                return False
+            ipr.link("del", index=found[0])
+            return True
+
+    if netns_path is None:
+        return await asyncio.to_thread(work)
+    return await asyncio.to_thread(_in_netns, netns_path, work, False)
+
+
+# -- spawning --
+
+
+def _spawn(
+    spec: JailSpec, stderr_path: Path, python: str, env: Mapping[str, str] | None
+) -> tuple[int, int, int]:
+    """Start the helper; (pid, pidfd, the read end of the report pipe)."""
+    spec_fd = _high_fd(os.memfd_create("metald-jail-spec", os.MFD_CLOEXEC))
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    read_end, write_end = _high_fd(read_end), _high_fd(write_end)
+    try:
+        os.write(spec_fd, spec.to_json().encode())
+        os.lseek(spec_fd, 0, os.SEEK_SET)
+        file_actions: list[tuple[Any, ...]] = [
+            (os.POSIX_SPAWN_CLOSE, fd) for fd in inheritable_fds() if fd > 2
+        ]
+        file_actions += [
+            (os.POSIX_SPAWN_DUP2, spec_fd, 0),
+            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+            (
+                os.POSIX_SPAWN_OPEN,
+                2,
+                str(stderr_path),
+                os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                0o600,
+            ),
+            (os.POSIX_SPAWN_DUP2, write_end, _REPORT_FD),
+        ]
+        argv = [python, "-I", "-m", "metald.jailer", "--spec", "-", "--error-fd", str(_REPORT_FD)]
+        pid = os.posix_spawn(
+            python,
+            argv,
+            dict(os.environ if env is None else env),
+            file_actions=file_actions,
+            setsid=True,
+            setsigmask=set(),
+            setsigdef=_resettable_signals(),
+        )
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(spec_fd)
+        os.close(write_end)
+    # Our child: its pid cannot be reused before we reap it, so this pidfd is exact.
+    return pid, os.pidfd_open(pid), read_end
+
+
+def _high_fd(fd: int) -> int:
+    """The same file as a close-on-exec descriptor >= 10 (so a dup2 onto 0-3 is never a
+    dup2 onto itself, which would keep close-on-exec)."""
+    if fd >= 10:
+        return fd
+    high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return high
+
+
+def _resettable_signals() -> set[int]:
+    return {int(s) for s in signal.valid_signals()} - {signal.SIGKILL, signal.SIGSTOP}
+
+
+# -- reports --
+
+
+class _Reports:
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.steps: list[StepReport] = []
+        self.created: list[dict[str, str]] = []
+        self.error: tuple[str, str] | None = None
+        self.exec_started = False
+        self.helper_ms = 0.0
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\n" in self.buffer:
+            line, _, rest = bytes(self.buffer).partition(b"\n")
+            self.buffer = bytearray(rest)
+            self._line(line)
+
+    def _line(self, line: bytes) -> None:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            self.error = self.error or (self.next_step(), f"unreadable report {line[:200]!r}")
+            return
+        if not isinstance(message, dict):
+            return
+        if isinstance(message.get("created"), dict):
+            self.created.append({str(k): str(v) for k, v in message["created"].items()})
+            return
+        step, status = str(message.get("step")), message.get("status")
+        if status == "error":
+            self.error = self.error or (step, str(message.get("error")))
+        elif status == "starting" and step == "exec":
+            self.exec_started = True
+            self.helper_ms = float(message.get("ms", 0.0))
+        elif status in ("ok", "skipped"):
+            detail = message.get("detail")
+            self.steps.append(
+                StepReport(
+                    step=step,
+                    status=str(status),
+                    ms=float(message.get("ms", 0.0)),
+                    detail=detail if isinstance(detail, dict) else {},
+                )
+            )
+
+    def next_step(self) -> str:
+        """The step that was running when the helper went quiet."""
+        if not self.steps:
+            return "start"
+        last = self.steps[-1].step
+        index = STEPS.index(last) if last in STEPS else -1
+        return STEPS[index + 1] if index + 1 < len(STEPS) else "exec"
+
+
+async def _read_until_eof(fd: int, reports: _Reports, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    os.set_blocking(fd, False)
+
+    def readable() -> None:
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError as e:  # pragma: no cover - a pipe read does not fail otherwise
+                if not done.done():
+                    done.set_exception(e)
+                return
+            if not chunk:
+                if not done.done():
+                    done.set_result(None)
+                return
+            reports.feed(chunk)
+
+    loop.add_reader(fd, readable)
+    try:
+        await asyncio.wait_for(done, timeout)
+    finally:
+        loop.remove_reader(fd)
+    if reports.buffer:
+        reports.feed(b"\n")
+
+
+def _result(
+    spec: JailSpec, identity: ProcessIdentity, reports: _Reports, elapsed: float
+) -> JailedProcess:
+    cgroup_path: Path | None = None
+    note: str | None = None
+    for s in reports.steps:
+        if s.step != "cgroup":
+            continue
+        if "path" in s.detail:
+            cgroup_path = Path(str(s.detail["path"]))
+        note = s.detail.get("skipped") or s.detail.get("limits_skipped")
+    return JailedProcess(
+        identity=identity,
+        spec=spec,
+        steps=tuple(reports.steps),
+        cgroup_path=cgroup_path,
+        cgroup_note=None if note is None else str(note),
+        launch_seconds=elapsed,
+        helper_ms=reports.helper_ms,
+    )
+
+
+# -- ending a failed helper --
+
+
+async def _reap(pidfd: int, timeout: float = 5.0) -> ExitStatus | None:
+    """Wait for the helper to exit (it does, right after a failure report) and reap it;
+    SIGKILL it if it does not within `timeout`. Closes the pidfd."""
+    loop = asyncio.get_running_loop()
+    exited = asyncio.Event()
+    loop.add_reader(pidfd, exited.set)
+    try:
+        try:
+            await asyncio.wait_for(exited.wait(), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            await asyncio.wait_for(exited.wait(), timeout)
+    finally:
+        loop.remove_reader(pidfd)
+    try:
+        return reap_pidfd(pidfd)
+    finally:
+        os.close(pidfd)
+
+
+async def _kill_and_reap(pidfd: int) -> None:
+    with contextlib.suppress(ProcessLookupError, OSError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    await _reap(pidfd)
+
+
+def _describe(status: ExitStatus | None) -> str:
+    return "exit status unknown" if status is None else status.describe()
+
+
+def _tail(path: Path, limit: int = 400) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            return f.read().decode(errors="replace").strip().replace("\n", " | ")
+    except OSError:
+        return ""
+
+
+# -- undoing --
+
+
+async def _undo(spec: JailSpec, created: list[dict[str, str]]) -> list[str]:
+    """Remove what the helper announced it made, last first; what could not go."""
+    leftovers = []
+    for record in reversed(created):
+        kind = record.get("kind")
+        try:
+            if kind == "cgroup":
+                path = Path(record["path"])
+                if spec.cgroup is None or not str(path).endswith(
+                    "/" + relative_cgroup(spec.cgroup, spec.vm_id)
+                ):
+                    raise OSError(errno.EINVAL, f"not this VM's cgroup: {path}")
+                await asyncio.to_thread(_remove_cgroup, path)
+            elif kind == "dir":
+                if record["path"] != str(spec.jail_dir):
+                    raise OSError(errno.EINVAL, f"not this VM's jail: {record['path']}")
+                await asyncio.to_thread(_remove_jail_dir, spec.jail_dir)
+            elif kind == "tap":
+                if spec.tap is None or record["name"] != spec.tap.name:
+                    raise OSError(errno.EINVAL, f"not this VM's TAP: {record['name']}")
+                await remove_tap_device(record.get("netns") or None, record["name"])
+        except (OSError, KeyError) as e:
+            leftovers.append(f"{kind} {record}: {e}")
+    return leftovers
+
+
+def _cgroup_pids(path: Path) -> list[str]:
+    try:
+        return (path / "cgroup.procs").read_text().split()
+    except FileNotFoundError:
+        return []
+
+
+def _remove_cgroup(path: Path, attempts: int = 100) -> None:
+    """rmdir a cgroup; a process that has just exited may hold it a moment longer."""
+    for _ in range(attempts):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+        time.sleep(0.01)
+    raise OSError(errno.EBUSY, f"cgroup {path} still has processes")
+
+
+def _remove_jail_dir(path: Path) -> None:
+    """Remove a jail directory; never through a mount point (rmtree would cross it)."""
+    if not path.exists():
+        return
+    mounted = mounts_under(path)
+    if mounted:
+        raise OSError(errno.EBUSY, f"mount points remain under {path}: {', '.join(mounted[:3])}")
+    shutil.rmtree(path)
+
+
+def _in_netns(netns_path: str, work: Callable[[], _T], missing: _T) -> _T:
+    """Run `work` in a fresh thread that has entered the namespace (a thread's namespace is
+    its own; this one ends with the work, so no thread of metald stays in it). `missing`
+    if the namespace does not exist."""
+    result: list[_T] = []
+    failure: list[BaseException] = []
+
+    if not os.path.exists(netns_path):
+        return missing  # the namespace is gone, and its devices with it
+
+    def thread() -> None:
+        try:
+            fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                sc.setns(fd, sc.CLONE_NEWNET)
+            finally:
+                os.close(fd)
+            result.append(work())
+        except BaseException as e:
+            failure.append(e)
+
+    t = threading.Thread(target=thread, name="metald-jailer-netns", daemon=True)
+    t.start()
+    t.join()
+    if failure:
+        raise failure[0]
+    return result[0]

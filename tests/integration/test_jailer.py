@@ -1,0 +1,848 @@
+"""The jailer against the real kernel: namespaces, TAP devices, mounts, cgroups, privileges,
+and a real QEMU guest booted inside a jail.
+
+Needs root (skipped otherwise). Each test makes its own network namespace, jail base
+directory and cgroup parent, and removes them in finally blocks; no test touches the
+machine's own network namespace. The jail user is the `metald-vm` system user (created
+here if missing, as metald's set-up does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from metald.assets.kernel_args import host_tsc_khz
+from metald.assets.store import LocalAssetStore
+from metald.backends.process import ProcessWatch
+from metald.core.errors import BackendError
+from metald.jailer import (
+    STEPS,
+    CgroupSpec,
+    DeviceNode,
+    JailedProcess,
+    JailerError,
+    JailSpec,
+    PlacedFile,
+    Rlimit,
+    TapSpec,
+    ensure_jail_user,
+    launch_jailed,
+    qemu_host_paths,
+    remove_jail,
+    vmm_devices,
+)
+from metald.jailer.cgroups import cgroup_dir, cgroup_mount, mounts_under
+from metald.jailer.helper import EXIT_CODES, TEST_HOOKS_ENV
+from metald.jailer.host import dynamic_binary_paths
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the jailer needs root")
+
+STORE_DIR = Path(os.environ.get("METALD_TEST_ASSETS", Path(__file__).parents[2] / "var" / "assets"))
+BUSYBOX = "/usr/bin/busybox"
+BOOT_TIMEOUT = 90.0
+_names = itertools.count()
+
+
+# -- fixtures --
+
+
+@pytest.fixture(scope="module")
+def jail_ids() -> tuple[int, int]:
+    return ensure_jail_user()
+
+
+@pytest.fixture(scope="module")
+def cgroup_parent() -> Iterator[str]:
+    """A cgroup parent of this test run only; removed (it must be empty by then)."""
+    name = f"metald-test-{os.getpid()}"
+    yield name
+    mount = cgroup_mount(CgroupSpec())
+    if mount is not None:
+        parent = Path(mount) / name
+        if parent.exists():
+            leftovers = [p.name for p in parent.iterdir() if p.is_dir()]
+            parent.rmdir()
+            assert leftovers == [], f"VM cgroups left behind: {leftovers}"
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"mjt{os.getpid()}-{next(_names)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+def jail_base() -> Iterator[Path]:
+    # tempfile's directory (the session's, see conftest): short enough for a QMP socket path.
+    base = Path(tempfile.mkdtemp(prefix="j"))
+    try:
+        yield base
+    finally:
+        assert mounts_under(base) == []
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(TEST_HOOKS_ENV, "1")
+
+
+@pytest.fixture(scope="module")
+def boot_files() -> tuple[Path, Path | None]:
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)")
+    store = LocalAssetStore(STORE_DIR)
+    if store.default() is None:
+        pytest.skip(f"no default guest image in {STORE_DIR} (`metald assets build`)")
+    return store.default_boot()
+
+
+class Jails:
+    """Every jail a test launched: killed, reaped and removed at teardown."""
+
+    def __init__(self) -> None:
+        self.running: list[tuple[JailedProcess, ProcessWatch]] = []
+
+    async def launch(self, spec: JailSpec) -> JailedProcess:
+        jailed = await launch_jailed(spec, stderr_path=Path(spec.jail_base, f"{spec.vm_id}.err"))
+        watch = ProcessWatch.open(jailed.identity)
+        assert watch is not None, "the VMM exited at once"
+        self.running.append((jailed, watch))
+        return jailed
+
+    async def stop(self, jailed: JailedProcess) -> None:
+        for entry in list(self.running):
+            if entry[0] is jailed:
+                await entry[1].kill_and_wait()
+                entry[1].close()
+                self.running.remove(entry)
+        await remove_jail(jailed.spec)
+
+
+@pytest.fixture
+async def jails() -> AsyncIterator[Jails]:
+    j = Jails()
+    try:
+        yield j
+    finally:
+        for jailed, watch in j.running:
+            await watch.kill_and_wait()
+            watch.close()
+            await remove_jail(jailed.spec)
+
+
+# -- helpers --
+
+
+def busybox_spec(
+    base: Path,
+    ids: tuple[int, int],
+    *,
+    script: str,
+    netns: str | None = None,
+    tap: str | None = None,
+    cgroup_parent: str | None = None,
+    **changes: object,
+) -> JailSpec:
+    """A jail whose 'VMM' is a busybox shell running `script` (then sleeping), to look at
+    the jail from inside."""
+    uid, gid = ids
+    fields: dict[str, object] = {
+        "vm_id": f"vm{next(_names)}",
+        "uid": uid,
+        "gid": gid,
+        "backend": "probe",
+        "jail_base": str(base),
+        "netns": netns,
+        "tap": None if tap is None else TapSpec(tap),
+        "host_paths": (BUSYBOX,),
+        "devices": vmm_devices(kvm=True, tap=tap is not None),
+        "cgroup": None
+        if cgroup_parent is None
+        else CgroupSpec.for_vm(memory_bytes=64 << 20, vcpu_count=1, parent=cgroup_parent),
+        "argv": (BUSYBOX, "sh", "-c", f"{script}\nexec {BUSYBOX} sleep 600"),
+    }
+    fields.update(changes)
+    return JailSpec(**fields)  # type: ignore[arg-type]
+
+
+def qemu_spec(
+    base: Path,
+    ids: tuple[int, int],
+    boot: tuple[Path, Path | None],
+    *,
+    netns: str,
+    tap: str,
+    cgroup_parent: str,
+    **changes: object,
+) -> JailSpec:
+    kernel, initrd = boot
+    assert initrd is not None
+    vm_id = f"q{next(_names)}"
+    tsc = host_tsc_khz()
+    append = "console=ttyS0 panic=-1 quiet reboot=t"
+    if tsc:
+        append += f" tsc_early_khz={tsc} tsc=reliable"
+    append += f" metald.vm_id={vm_id}"
+    argv = (
+        "/usr/bin/qemu-system-x86_64",
+        "-M", "microvm,x-option-roms=off,rtc=off",
+        "-device", "i8042",
+        "-accel", "tcg",
+        "-cpu", "max",
+        "-m", "256",
+        "-smp", "1",
+        "-nodefaults", "-no-user-config", "-nographic", "-display", "none",
+        "-S",
+        "-chardev", "socket,id=qmp,path=/run/qmp.sock,server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+        "-chardev", "file,id=con0,path=/run/console.log",
+        "-serial", "chardev:con0",
+        "-kernel", "/vmlinux",
+        "-initrd", "/initrd",
+        "-append", append,
+        "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
+        "-device", "virtio-net-device,netdev=n0",
+    )  # fmt: skip
+    uid, gid = ids
+    fields: dict[str, object] = {
+        "vm_id": vm_id,
+        "uid": uid,
+        "gid": gid,
+        "argv": argv,
+        "jail_base": str(base),
+        "netns": netns,
+        "tap": TapSpec(tap),
+        "files": (
+            PlacedFile(str(kernel), "/vmlinux"),
+            PlacedFile(str(initrd), "/initrd"),
+        ),
+        "devices": vmm_devices(kvm=True, tap=True),
+        "host_paths": qemu_host_paths(),
+        "cgroup": CgroupSpec.for_vm(memory_bytes=256 << 20, vcpu_count=1, parent=cgroup_parent),
+    }
+    fields.update(changes)
+    return JailSpec(**fields)  # type: ignore[arg-type]
+
+
+def slurp(path: str | Path) -> str:
+    return Path(path).read_text(errors="replace")
+
+
+def exists(path: str | Path) -> bool:
+    return Path(path).exists()
+
+
+def listing(path: str | Path) -> list[str]:
+    return sorted(p.name for p in Path(path).iterdir())
+
+
+def sh(*argv: str) -> None:
+    subprocess.run(argv, check=True)
+
+
+def status_fields(pid: int) -> dict[str, str]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def links(netns: str) -> dict[str, dict[str, object]]:
+    out = subprocess.run(
+        ["ip", "-n", netns, "-j", "-d", "link", "show"], capture_output=True, text=True, check=True
+    ).stdout
+    return {link["ifname"]: link for link in json.loads(out)}
+
+
+def our_children() -> list[str]:
+    """Processes whose parent is this test process (zombies included)."""
+    found = []
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        rest = text[text.rindex(")") + 2 :].split()
+        if int(rest[1]) == me:
+            found.append(f"{entry.name} {text[: text.rindex(')') + 1]} {rest[0]}")
+    return found
+
+
+def assert_no_leftovers(spec: JailSpec) -> None:
+    assert not spec.jail_dir.exists(), f"jail directory left: {spec.jail_dir}"
+    assert mounts_under(Path(spec.jail_base)) == []
+    if spec.cgroup is not None:
+        path = cgroup_dir(spec.cgroup, spec.vm_id)
+        assert path is None or not path.exists(), f"cgroup left: {path}"
+    if spec.netns is not None and exists(spec.netns_path or "") and spec.tap is not None:
+        assert spec.tap.name not in links(spec.netns), "TAP left in the namespace"
+    assert our_children() == []
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def wait_for_file(path: Path, pattern: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError):
+            text = slurp(path)
+            if re.search(pattern, text, re.M):
+                return text
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{pattern!r} not in {path} after {timeout} s")
+
+
+# -- a jailed QEMU --
+
+
+def check_qemu_confinement(
+    spec: JailSpec, jailed: JailedProcess, ids: tuple[int, int], netns: str
+) -> None:
+    uid, gid = ids
+    pid = jailed.pid
+    status = status_fields(pid)
+    assert status["Name"].startswith("qemu-system")
+    assert status["Uid"].split() == [str(uid)] * 4
+    assert status["Gid"].split() == [str(gid)] * 4
+    assert status["Groups"] == ""
+    for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(status[caps], 16) == 0, caps
+    assert status["NoNewPrivs"] == "1"
+
+    # Its root is the jail (the same directory), its network namespace the VM's.
+    root = os.stat(f"/proc/{pid}/root")
+    jail_root = os.stat(spec.jail_root)
+    assert (root.st_dev, root.st_ino) == (jail_root.st_dev, jail_root.st_ino)
+    assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{netns}").st_ino
+    assert os.stat(f"/proc/{pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
+
+    # Only what was allowed is in the jail.
+    inside = Path(f"/proc/{pid}/root")
+    assert listing(inside) == sorted(["vmlinux", "initrd", "dev", "usr", "lib", "lib64", "run"])
+    assert sorted(p.name for p in (inside / "dev").iterdir()) == ["kvm", "net", "null", "urandom"]
+    assert [p.name for p in (inside / "dev/net").iterdir()] == ["tun"]
+    assert sorted(p.name for p in (inside / "run").iterdir()) == ["console.log", "qmp.sock"]
+    assert [p.name for p in (inside / "usr/bin").iterdir()] == ["qemu-system-x86_64"]
+    kvm = os.stat(inside / "dev/kvm")
+    assert stat.S_ISCHR(kvm.st_mode) and (kvm.st_uid, kvm.st_gid) == (uid, gid)
+    assert os.readlink(inside / "lib64") == os.readlink("/lib64")
+    # Every mount is nosuid; all but the root, /dev and /run are read-only, and /dev and
+    # /run are noexec; there is no /proc or /sys.
+    mounts = {
+        fields[4]: fields[5].split(",")
+        for fields in (line.split() for line in slurp(f"/proc/{pid}/mountinfo").splitlines())
+    }
+    for mount_point, options in mounts.items():
+        assert "nosuid" in options, (mount_point, options)
+        if mount_point == "/dev":
+            assert "noexec" in options
+        elif mount_point == "/run":
+            assert "noexec" in options and "nodev" in options and "rw" in options
+        elif mount_point != "/":
+            assert "ro" in options and "nodev" in options, (mount_point, options)
+    assert "/run" in mounts and "/dev" in mounts
+    assert "/proc" not in mounts and "/sys" not in mounts
+    # The kernel and initrd are on the jail's filesystem: hard links, nothing mounted.
+    assert jailed.step("mount") is not None
+    assert jailed.step("mount").detail["files"] == {"/vmlinux": "link", "/initrd": "link"}  # type: ignore[union-attr]
+
+    # The TAP is in the VM's namespace, owned by the jail user, up.
+    tap = links(netns)["tap-jq"]
+    info = tap["linkinfo"]["info_data"]  # type: ignore[index]
+    assert info["type"] == "tap" and info["persist"] is True
+    assert info["user"] in ("metald-vm", str(uid))
+    assert "UP" in tap["flags"]  # type: ignore[operator]
+
+    # cgroup: the VMM is in the VM's cgroup; limits where this host's cgroup v2 allows.
+    assert jailed.cgroup_path is not None
+    assert (jailed.cgroup_path / "cgroup.procs").read_text().split() == [str(pid)]
+    if (jailed.cgroup_path / "memory.max").exists():
+        assert int((jailed.cgroup_path / "memory.max").read_text()) == spec.cgroup.memory_max  # type: ignore[union-attr]
+    else:
+        assert jailed.cgroup_note and "memory" in jailed.cgroup_note
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    assert re.search(r"^Max open files\s+4096\s+4096", limits, re.M)
+    assert re.search(r"^Max core file size\s+0\s+0", limits, re.M)
+
+
+@pytest.mark.guest
+async def test_jailed_qemu_is_unprivileged_confined_and_boots(
+    jail_ids: tuple[int, int],
+    netns: str,
+    jail_base: Path,
+    cgroup_parent: str,
+    boot_files: tuple[Path, Path | None],
+    jails: Jails,
+) -> None:
+    spec = qemu_spec(
+        jail_base, jail_ids, boot_files, netns=netns, tap="tap-jq", cgroup_parent=cgroup_parent
+    )
+    jailed = await jails.launch(spec)
+    assert [s.step for s in jailed.steps] == list(STEPS[:-1])
+
+    await wait_until(lambda: exists(jailed.host_path("/run/qmp.sock")), 10)
+    check_qemu_confinement(spec, jailed, jail_ids, netns)
+
+    # QMP over the socket in the jail, from the host; the guest boots.
+    from qemu.qmp import QMPClient
+
+    client = QMPClient("jailer-test")
+    await client.connect(str(jailed.host_path("/run/qmp.sock")))
+    try:
+        assert (await client.execute("query-status"))["status"] == "prelaunch"  # type: ignore[index]
+        await client.execute("cont")
+        console = await wait_for_file(
+            jailed.host_path("/run/console.log"),
+            rf"^METALD-GUEST READY vm={spec.vm_id} ",
+            BOOT_TIMEOUT,
+        )
+        assert "METALD-GUEST READY" in console
+    finally:
+        await client.disconnect()
+    print(
+        f"jailed QEMU: launch {jailed.launch_seconds * 1000:.1f} ms "
+        f"(helper steps {jailed.helper_ms:.1f} ms: "
+        + ", ".join(f"{s.step} {s.ms:.1f}" for s in jailed.steps)
+        + ")"
+    )
+
+    await jails.stop(jailed)
+    assert_no_leftovers(spec)
+
+
+# -- the jail seen from inside --
+
+
+async def test_jail_from_inside(
+    jail_ids: tuple[int, int], netns: str, jail_base: Path, jails: Jails
+) -> None:
+    uid, gid = jail_ids
+    disk = jail_base / "disk.img"
+    disk.write_bytes(b"\0" * 4096)
+    kernel = jail_base / "kernel"
+    kernel.write_bytes(b"kernel")
+    kernel.chmod(0o644)
+    other_fs = Path(tempfile.mkdtemp(dir="/dev/shm"))  # tmpfs: not the jail's filesystem
+    try:
+        elsewhere = other_fs / "ro.img"
+        elsewhere.write_bytes(b"elsewhere")
+        elsewhere.chmod(0o644)
+        bb = BUSYBOX
+        script = f"""
+{bb} id -u > /run/uid; {bb} id -g > /run/gid; {bb} id -G > /run/groups
+{bb} ls -a / > /run/root
+{bb} ls -a /usr/bin > /run/usrbin
+{bb} ls /proc > /run/proc 2>&1 || echo none > /run/proc
+{bb} ip -o link > /run/links 2>&1
+echo changed >> /disk.img && echo ok > /run/write-disk
+echo changed >> /kernel 2>/dev/null || echo denied > /run/write-kernel
+echo changed >> /elsewhere 2>/dev/null || echo denied > /run/write-elsewhere
+{bb} mknod /run/x c 1 3 2>/dev/null || echo denied > /run/mknod
+{bb} touch /newfile 2>/dev/null || echo denied > /run/write-root
+{bb} cat /elsewhere > /run/read-elsewhere
+{bb} cp {bb} /run/bb && /run/bb true 2>/dev/null || echo denied > /run/exec-run
+{bb} echo done > /run/done
+"""
+        spec = busybox_spec(
+            jail_base,
+            jail_ids,
+            script=script,
+            netns=netns,
+            tap="tap-in",
+            files=(
+                PlacedFile(str(disk), "/disk.img", read_only=False),
+                PlacedFile(str(kernel), "/kernel"),
+                PlacedFile(str(elsewhere), "/elsewhere"),
+            ),
+        )
+        jailed = await jails.launch(spec)
+        run = spec.host_path("/run")
+        await wait_for_file(run / "done", "done", 10)
+
+        def read(name: str) -> str:
+            return (run / name).read_text().strip()
+
+        assert read("uid") == str(uid) and read("gid") == str(gid)
+        assert read("groups") == str(gid)
+        assert sorted(read("root").split()) == sorted(
+            [".", "..", "dev", "disk.img", "elsewhere", "kernel", "run", "usr"]
+        )
+        assert read("usrbin").split() == [".", "..", "busybox"]
+        assert read("proc") in ("none", "")  # no /proc in the jail
+        names = re.findall(r"^\d+: ([^:@]+)", read("links"), re.M)
+        assert sorted(names) == ["lo", "tap-in"]  # the VM's namespace, not the host's
+        assert read("write-disk") == "ok"
+        assert read("write-kernel") == "denied"
+        assert read("write-elsewhere") == "denied"
+        assert read("mknod") == "denied"
+        assert read("write-root") == "denied"
+        assert read("read-elsewhere") == "elsewhere"
+        assert read("exec-run") == "denied"  # /run is writable, not executable
+        assert disk.read_bytes().endswith(b"changed\n")
+        assert (disk.stat().st_uid, disk.stat().st_gid) == (uid, gid)  # handed to the jail user
+        assert kernel.read_bytes() == b"kernel"
+        placed = jailed.step("mount").detail["files"]  # type: ignore[union-attr]
+        assert placed == {"/disk.img": "link", "/kernel": "link", "/elsewhere": "bind-ro"}
+        await jails.stop(jailed)
+        assert_no_leftovers(spec)
+        assert disk.exists() and kernel.exists() and elsewhere.exists()  # only links went
+    finally:
+        shutil.rmtree(other_fs)
+
+
+async def test_a_file_the_jail_user_owns_is_bound_read_only_not_linked(
+    jail_ids: tuple[int, int], jail_base: Path, jails: Jails
+) -> None:
+    uid, gid = jail_ids
+    asset = jail_base / "owned.img"
+    asset.write_bytes(b"asset")
+    os.chown(asset, uid, gid)
+    asset.chmod(0o444)  # not writable, but its owner could chmod it through a hard link
+    spec = busybox_spec(
+        jail_base,
+        jail_ids,
+        script=f"{BUSYBOX} chmod 666 /a 2>/dev/null || echo denied > /run/chmod",
+        files=(PlacedFile(str(asset), "/a"),),
+    )
+    jailed = await jails.launch(spec)
+    await wait_for_file(spec.host_path("/run/chmod"), "denied", 10)
+    assert jailed.step("mount").detail["files"] == {"/a": "bind-ro"}  # type: ignore[union-attr]
+    assert stat.S_IMODE(asset.stat().st_mode) == 0o444
+    await jails.stop(jailed)
+    assert_no_leftovers(spec)
+
+
+async def test_a_dynamically_linked_vmm_without_netns(jail_base: Path, jails: Jails) -> None:
+    """No netns, no TAP, no cgroup: the other steps alone, with libraries found by ldd."""
+    uid, gid = ensure_jail_user()
+    spec = JailSpec(
+        vm_id="plain",
+        uid=uid,
+        gid=gid,
+        backend="probe",
+        jail_base=str(jail_base),
+        host_paths=tuple(dynamic_binary_paths("sleep")),
+        argv=("/usr/bin/sleep", "600"),
+        rlimits=(Rlimit("NOFILE", 64, 128),),
+    )
+    jailed = await jails.launch(spec)
+    assert [(s.step, s.status) for s in jailed.steps] == [
+        ("netns", "skipped"),
+        ("tap", "skipped"),
+        ("mount", "ok"),
+        ("cgroup", "skipped"),
+        ("rlimits", "ok"),
+        ("privileges", "ok"),
+    ]
+    assert os.stat(f"/proc/{jailed.pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
+    assert re.search(r"^Max open files\s+64\s+128", slurp(f"/proc/{jailed.pid}/limits"), re.M)
+    assert jailed.cgroup_path is None
+    await jails.stop(jailed)
+    assert_no_leftovers(spec)
+
+
+# -- failures: every step, and realistic bad settings --
+
+
+@pytest.mark.parametrize("step", STEPS)
+async def test_each_step_made_to_fail_leaves_nothing(
+    step: str,
+    hooks: None,
+    jail_ids: tuple[int, int],
+    netns: str,
+    jail_base: Path,
+    cgroup_parent: str,
+) -> None:
+    disk = jail_base / "disk.img"
+    disk.write_bytes(b"x")
+    spec = busybox_spec(
+        jail_base,
+        jail_ids,
+        script="true",
+        netns=netns,
+        tap="tap-f",
+        cgroup_parent=cgroup_parent,
+        files=(PlacedFile(str(disk), "/disk.img", read_only=False),),
+        fail_at=step,
+    )
+    with pytest.raises(JailerError) as caught:
+        await launch_jailed(spec, stderr_path=jail_base / "err")
+    assert caught.value.step == step
+    assert "test hook" in caught.value.reason
+    assert caught.value.leftovers == ()
+    assert isinstance(caught.value, BackendError)
+    assert_no_leftovers(spec)
+    assert disk.exists()
+
+
+async def test_the_hook_is_ignored_without_the_environment_variable(
+    jail_ids: tuple[int, int], jail_base: Path, jails: Jails
+) -> None:
+    assert os.environ.get(TEST_HOOKS_ENV) != "1"
+    spec = busybox_spec(jail_base, jail_ids, script="true", fail_at="mount")
+    jailed = await jails.launch(spec)
+    await jails.stop(jailed)
+    assert_no_leftovers(spec)
+
+
+async def test_a_missing_netns(jail_ids: tuple[int, int], jail_base: Path) -> None:
+    spec = busybox_spec(
+        jail_base, jail_ids, script="true", netns=f"no-such-ns-{os.getpid()}", tap="tap-x"
+    )
+    with pytest.raises(JailerError) as caught:
+        await launch_jailed(spec, stderr_path=jail_base / "err")
+    assert caught.value.step == "netns"
+    assert "No such file" in caught.value.reason
+    assert not exists(f"/run/netns/no-such-ns-{os.getpid()}")  # not created either
+    assert_no_leftovers(spec)
+
+
+async def test_a_tap_name_in_use_is_refused_and_kept(
+    jail_ids: tuple[int, int], netns: str, jail_base: Path
+) -> None:
+    sh("ip", "-n", netns, "tuntap", "add", "dev", "taken0", "mode", "tap")  # a stale TAP
+    spec = busybox_spec(jail_base, jail_ids, script="true", netns=netns, tap="taken0")
+    with pytest.raises(JailerError) as caught:
+        await launch_jailed(spec, stderr_path=jail_base / "err")
+    assert caught.value.step == "tap"
+    assert "already exists" in caught.value.reason
+    assert "taken0" in links(netns)  # someone else's device: left alone
+    assert not spec.jail_dir.exists()
+
+
+async def test_a_missing_file_to_place(
+    jail_ids: tuple[int, int], netns: str, jail_base: Path, cgroup_parent: str
+) -> None:
+    spec = busybox_spec(
+        jail_base,
+        jail_ids,
+        script="true",
+        netns=netns,
+        tap="tap-m",
+        cgroup_parent=cgroup_parent,
+        files=(PlacedFile(str(jail_base / "no-such-kernel"), "/vmlinux"),),
+    )
+    with pytest.raises(JailerError) as caught:
+        await launch_jailed(spec, stderr_path=jail_base / "err")
+    assert caught.value.step == "mount"
+    assert "no-such-kernel" in caught.value.reason
+    assert_no_leftovers(spec)  # the TAP made before is gone too
+
+
+async def test_an_existing_jail_directory_is_refused_and_kept(
+    jail_ids: tuple[int, int], jail_base: Path
+) -> None:
+    spec = busybox_spec(jail_base, jail_ids, script="true")
+    spec.jail_dir.mkdir(parents=True)
+    (spec.jail_dir / "someone-elses").write_text("x")
+    with pytest.raises(JailerError) as caught:
+        await launch_jailed(spec, stderr_path=jail_base / "err")
+    assert caught.value.step == "mount"
+    assert "exists already" in caught.value.reason
+    assert (spec.jail_dir / "someone-elses").exists()
+    assert our_children() == []
+
+
+async def test_a_required_cgroup_the_host_cannot_give(
+    jail_ids: tuple[int, int], jail_base: Path, cgroup_parent: str
+) -> None:
+    limits = CgroupSpec.for_vm(
+        memory_bytes=64 << 20, vcpu_count=1, parent=cgroup_parent, required=True
+    )
+    mount = cgroup_mount(limits)
+    if mount is not None and "memory" in slurp(Path(mount, "cgroup.controllers")).split():
+        pytest.skip("this host's cgroup v2 has the memory controller: the limits would apply")
+    spec = busybox_spec(jail_base, jail_ids, script="true", cgroup=limits)
+    with pytest.raises(JailerError) as caught:
+        await launch_jailed(spec, stderr_path=jail_base / "err")
+    assert caught.value.step == "cgroup"
+    assert "memory" in caught.value.reason
+    assert_no_leftovers(spec)
+
+
+async def test_no_cgroup_v2_mount_skips_or_fails_as_asked(
+    jail_ids: tuple[int, int], jail_base: Path, jails: Jails
+) -> None:
+    nowhere = CgroupSpec(mount=str(jail_base / "no-cgroup-here"), memory_max=1 << 30)
+    spec = busybox_spec(jail_base, jail_ids, script="true", cgroup=nowhere)
+    jailed = await jails.launch(spec)
+    assert jailed.step("cgroup").status == "skipped"  # type: ignore[union-attr]
+    assert jailed.cgroup_path is None and "cgroup v2 mount" in (jailed.cgroup_note or "")
+    await jails.stop(jailed)
+
+    required = CgroupSpec(mount=str(jail_base / "no-cgroup-here"), required=True)
+    spec = busybox_spec(jail_base, jail_ids, script="true", cgroup=required)
+    with pytest.raises(JailerError) as caught:
+        await launch_jailed(spec, stderr_path=jail_base / "err")
+    assert caught.value.step == "cgroup"
+    assert_no_leftovers(spec)
+
+
+async def test_an_rlimit_the_kernel_refuses(jail_ids: tuple[int, int], jail_base: Path) -> None:
+    nr_open = int(slurp("/proc/sys/fs/nr_open"))
+    spec = busybox_spec(
+        jail_base, jail_ids, script="true", rlimits=(Rlimit("NOFILE", nr_open + 1, nr_open + 1),)
+    )
+    with pytest.raises(JailerError) as caught:
+        await launch_jailed(spec, stderr_path=jail_base / "err")
+    assert caught.value.step == "rlimits"
+    assert_no_leftovers(spec)
+
+
+async def test_a_vmm_missing_from_the_jail(jail_ids: tuple[int, int], jail_base: Path) -> None:
+    spec = busybox_spec(jail_base, jail_ids, script="true", argv=("/usr/bin/qemu-nothing",))
+    with pytest.raises(JailerError) as caught:
+        await launch_jailed(spec, stderr_path=jail_base / "err")
+    assert caught.value.step == "exec"
+    assert "/usr/bin/qemu-nothing" in caught.value.reason
+    assert_no_leftovers(spec)
+
+
+@pytest.mark.parametrize("uid", [0, 2**32 - 1, -5])
+async def test_ids_that_cannot_be_a_jail_user(
+    uid: int, jail_ids: tuple[int, int], jail_base: Path
+) -> None:
+    spec = busybox_spec(jail_base, (uid, jail_ids[1]), script="true")
+    with pytest.raises(JailerError) as caught:
+        await launch_jailed(spec, stderr_path=jail_base / "err")
+    assert caught.value.step == "spec"
+    assert "uid" in caught.value.reason
+    assert_no_leftovers(spec)
+
+
+def test_the_helper_itself_refuses_a_bad_spec(jail_base: Path) -> None:
+    """Run by hand (or by anything but launch_jailed) the helper checks the spec too."""
+    bad = {"vm_id": "x", "uid": 0, "gid": 0, "argv": ["/bin/true"], "jail_base": str(jail_base)}
+    read_end, write_end = os.pipe()
+    try:
+        result = subprocess.run(
+            [
+                *_python(),
+                "-m",
+                "metald.jailer",
+                "--spec",
+                "-",
+                "--error-fd",
+                str(write_end),
+            ],
+            input=json.dumps(bad).encode(),
+            pass_fds=(write_end,),
+            capture_output=True,
+            check=False,
+        )
+        os.close(write_end)
+        write_end = -1
+        with os.fdopen(read_end, "rb") as f:
+            read_end = -1
+            report = json.loads(f.readline())
+    finally:
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
+    assert result.returncode == EXIT_CODES["spec"]
+    assert report["step"] == "spec" and report["status"] == "error"
+    assert "uid" in report["error"]
+    assert not (jail_base / "qemu").exists()
+
+
+def _python() -> list[str]:
+    import sys
+
+    return [sys.executable, "-I"]
+
+
+# -- the helper process itself misbehaving --
+
+
+def _fake_python(path: Path, body: str) -> str:
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+async def test_a_helper_that_dies_without_a_word(
+    jail_ids: tuple[int, int], jail_base: Path
+) -> None:
+    spec = busybox_spec(jail_base, jail_ids, script="true")
+    fake = _fake_python(jail_base / "py", "echo 'cannot import metald' >&2; exit 3")
+    with pytest.raises(JailerError) as caught:
+        await launch_jailed(spec, stderr_path=jail_base / "err", python=fake)
+    assert caught.value.step == "start"
+    assert "exit status 3" in caught.value.reason
+    assert "cannot import metald" in caught.value.reason
+    assert our_children() == []
+
+
+async def test_a_helper_that_hangs_is_killed(jail_ids: tuple[int, int], jail_base: Path) -> None:
+    spec = busybox_spec(jail_base, jail_ids, script="true")
+    fake = _fake_python(jail_base / "py", "exec sleep 600")
+    with pytest.raises(JailerError) as caught:
+        await launch_jailed(spec, stderr_path=jail_base / "err", python=fake, timeout=0.5)
+    assert caught.value.step == "start"
+    assert "no answer" in caught.value.reason
+    assert our_children() == []
+
+
+async def test_a_cancelled_launch_kills_the_helper(
+    jail_ids: tuple[int, int], jail_base: Path
+) -> None:
+    spec = busybox_spec(jail_base, jail_ids, script="true")
+    fake = _fake_python(jail_base / "py", "exec sleep 600")
+    task = asyncio.create_task(
+        launch_jailed(spec, stderr_path=jail_base / "err", python=fake, timeout=60)
+    )
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert our_children() == []
+
+
+async def test_remove_jail_is_idempotent_and_reports_a_busy_cgroup(
+    jail_ids: tuple[int, int], jail_base: Path, cgroup_parent: str, jails: Jails
+) -> None:
+    spec = busybox_spec(jail_base, jail_ids, script="true", cgroup_parent=cgroup_parent)
+    await remove_jail(spec)  # nothing there yet: fine
+    jailed = await jails.launch(spec)
+    assert jailed.cgroup_path is not None
+    with pytest.raises(JailerError) as caught:
+        await remove_jail(spec)  # the VMM still runs in its cgroup
+    assert caught.value.step == "cleanup"
+    assert any("cgroup" in item for item in caught.value.leftovers)
+    await jails.stop(jailed)
+    await remove_jail(spec)
+    assert_no_leftovers(spec)
+
+
+def test_devices_are_only_under_dev() -> None:
+    spec = JailSpec(vm_id="d", uid=1000, gid=1000, argv=("/x",), devices=(DeviceNode("/etc/x"),))
+    with pytest.raises(ValueError, match="not under /dev"):
+        spec.validate()
