@@ -657,18 +657,43 @@ async def test_a_missing_file_to_place(
     assert_no_leftovers(spec)  # the TAP made before is gone too
 
 
-async def test_an_existing_jail_directory_is_refused_and_kept(
+async def test_an_existing_jail_root_is_refused_and_kept(
     jail_ids: tuple[int, int], jail_base: Path
 ) -> None:
     spec = busybox_spec(jail_base, jail_ids, script="true")
-    spec.jail_dir.mkdir(parents=True)
-    (spec.jail_dir / "someone-elses").write_text("x")
+    spec.jail_root.mkdir(parents=True)
+    (spec.jail_root / "someone-elses").write_text("x")
     with pytest.raises(JailerError) as caught:
         await launch_jailed(spec, stderr_path=jail_base / "err")
     assert caught.value.step == "mount"
     assert "exists already" in caught.value.reason
-    assert (spec.jail_dir / "someone-elses").exists()
+    assert (spec.jail_root / "someone-elses").exists()
     assert our_children() == []
+
+
+async def test_metald_may_keep_files_in_the_jail_directory(
+    hooks: None, jail_ids: tuple[int, int], jail_base: Path, jails: Jails
+) -> None:
+    """stderr beside the root: a failed launch removes the root only, remove_jail all."""
+    spec = busybox_spec(jail_base, jail_ids, script="echo to-stderr >&2", fail_at="privileges")
+    spec.jail_dir.mkdir(parents=True)
+    stderr = spec.jail_dir / "vmm.stderr"
+    with pytest.raises(JailerError) as caught:
+        await launch_jailed(spec, stderr_path=stderr)
+    assert caught.value.step == "privileges"
+    assert stderr.exists() and not spec.jail_root.exists()
+
+    spec = busybox_spec(jail_base, jail_ids, script="echo to-stderr >&2", vm_id=spec.vm_id)
+    jailed = await launch_jailed(spec, stderr_path=stderr)
+    watch = ProcessWatch.open(jailed.identity)
+    assert watch is not None
+    try:
+        await wait_for_file(stderr, "to-stderr", 10)
+        await watch.kill_and_wait()
+    finally:
+        watch.close()
+    await remove_jail(spec)
+    assert_no_leftovers(spec)
 
 
 async def test_a_required_cgroup_the_host_cannot_give(

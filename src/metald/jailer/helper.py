@@ -303,18 +303,26 @@ class Jail:
             sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE, None)
         except OSError as e:
             raise StepFailed(f"cannot make a private mount namespace: {e.strerror}") from None
+        # The VM's jail directory may exist already (metald keeps the VMM's stderr there);
+        # its root must not: that would be another VM's jail, or one nobody removed.
         jail_dir = str(spec.jail_dir)
         os.makedirs(os.path.dirname(jail_dir), mode=0o755, exist_ok=True)
         try:
             os.mkdir(jail_dir, 0o700)
+            os.chmod(jail_dir, 0o700)
+            self.created("dir", path=jail_dir)
+            made_dir = True
+        except FileExistsError:
+            made_dir = False
+        try:
+            os.mkdir(root, 0o755)
         except FileExistsError:
             raise StepFailed(
-                f"the jail directory {jail_dir} exists already (another VM with this id, or "
-                "a jail nobody removed)"
+                f"the jail root {root} exists already (another VM with this id, or a jail "
+                "nobody removed)"
             ) from None
-        self.created("dir", path=jail_dir)
-        os.chmod(jail_dir, 0o700)
-        os.mkdir(root, 0o755)
+        if not made_dir:
+            self.created("dir", path=root)
         os.chmod(root, 0o755)
         placed = {}
         for f in spec.files:

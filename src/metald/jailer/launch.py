@@ -84,7 +84,8 @@ async def launch_jailed(
     """Run the jailer helper for `spec` and return once it has become the VMM.
 
     Raises JailerError(step, message) when a step fails (or the spec is refused: step
-    "spec"), after removing what the earlier steps made: the TAP, the jail directory, the
+    "spec"), after removing what the earlier steps made: the TAP, the jail directory (only
+    its root when the directory existed before: metald may keep `stderr_path` in it), the
     cgroup. The helper's mounts were only ever in its own mount namespace and went with it.
     `env` is the helper's environment (default: metald's); the VMM gets `spec.env` only.
     """
@@ -133,10 +134,12 @@ async def launch_jailed(
 
 
 async def remove_jail(spec: JailSpec, *, remove_tap: bool = True) -> None:
-    """Remove what a jail left on the host once its VMM has exited: the cgroup, the jail
-    directory (hard links, writable dirs, the VMM's sockets and logs) and, unless told not
-    to, the TAP. Idempotent. Raises JailerError(step="cleanup") naming whatever remains
-    (a cgroup that still has processes, mount points under the jail directory)."""
+    """Remove what a jail left on the host once its VMM has exited: the cgroup, the whole
+    jail directory (its root with the hard links, the writable dirs with the VMM's sockets
+    and logs, and whatever metald kept beside the root, such as the stderr file) and,
+    unless told not to, the TAP. Idempotent. Raises JailerError(step="cleanup") naming
+    whatever remains (a cgroup that still has processes: then nothing is touched; mount
+    points under the jail directory)."""
     leftovers: list[str] = []
     if spec.cgroup is not None:
         path = cgroup_dir(spec.cgroup, spec.vm_id)
@@ -416,9 +419,9 @@ async def _undo(spec: JailSpec, created: list[dict[str, str]]) -> list[str]:
                     raise OSError(errno.EINVAL, f"not this VM's cgroup: {path}")
                 await asyncio.to_thread(_remove_cgroup, path)
             elif kind == "dir":
-                if record["path"] != str(spec.jail_dir):
+                if record["path"] not in (str(spec.jail_dir), str(spec.jail_root)):
                     raise OSError(errno.EINVAL, f"not this VM's jail: {record['path']}")
-                await asyncio.to_thread(_remove_jail_dir, spec.jail_dir)
+                await asyncio.to_thread(_remove_jail_dir, Path(record["path"]))
             elif kind == "tap":
                 if spec.tap is None or record["name"] != spec.tap.name:
                     raise OSError(errno.EINVAL, f"not this VM's TAP: {record['name']}")
