@@ -488,11 +488,13 @@ class QemuBackend:
         CAD_REPEAT_SECONDS: a guest still booting (just created or rebooted) loses the keys
         until its keyboard driver and its init's trap are up; a guest already shutting down
         ignores repeats."""
+        watch = vm.watch
+        assert watch is not None  # the caller checked: a live, watched VMM
         deadline = time.monotonic() + timeout
         while True:
             await self._qmp(vm, "send-key", _CTRL_ALT_DEL)
             left = deadline - time.monotonic()
-            if await vm.watch.wait(min(CAD_REPEAT_SECONDS, max(left, 0.0))):
+            if await watch.wait(min(CAD_REPEAT_SECONDS, max(left, 0.0))):
                 return True
             if time.monotonic() >= deadline:
                 return False
