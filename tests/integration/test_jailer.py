@@ -343,6 +343,8 @@ def check_qemu_confinement(
     assert (root.st_dev, root.st_ino) == (jail_root.st_dev, jail_root.st_ino)
     assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{netns}").st_ino
     assert os.stat(f"/proc/{pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
+    for ns in ("mnt", "ipc"):
+        assert os.stat(f"/proc/{pid}/ns/{ns}").st_ino != os.stat(f"/proc/self/ns/{ns}").st_ino
 
     # Only what was allowed is in the jail.
     inside = Path(f"/proc/{pid}/root")

@@ -4,8 +4,8 @@ becomes the VMM (`python -I -m metald.jailer --spec - --error-fd 3`).
 Steps, in order (each named in reports and errors):
   netns       setns into the VM's network namespace
   tap         create the VM's TAP device there, owned by the jail user, and bring it up
-  mount       new mount namespace, / made rprivate, the jail root built from only what the
-              spec lists, pivot_root into it (chroot where pivot_root is impossible)
+  mount       new mount (and IPC) namespace, / made rprivate, the jail root built from only
+              what the spec lists, pivot_root into it (chroot where pivot_root is impossible)
   cgroup      move into the VM's cgroup v2 with its limits (skipped, with the reason, where
               the host has no usable cgroup v2, unless the spec requires it)
   rlimits     resource limits
@@ -299,7 +299,8 @@ class Jail:
         spec = self.spec
         root = self.root
         try:
-            sc.unshare(sc.CLONE_NEWNS)
+            # A private IPC namespace too: VMMs sharing the jail uid share no SysV IPC.
+            sc.unshare(sc.CLONE_NEWNS | sc.CLONE_NEWIPC)
             sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE, None)
         except OSError as e:
             raise StepFailed(f"cannot make a private mount namespace: {e.strerror}") from None
