@@ -410,7 +410,14 @@ async def test_jailed_qemu_is_unprivileged_confined_and_boots(
     jailed = await jails.launch(spec)
     assert [s.step for s in jailed.steps] == list(STEPS[:-1])
 
-    await wait_until(lambda: exists(jailed.host_path("/run/qmp.sock")), 10)
+    # QEMU makes its chardevs one after the other once it runs.
+    await wait_until(
+        lambda: (
+            exists(jailed.host_path("/run/qmp.sock"))
+            and exists(jailed.host_path("/run/console.log"))
+        ),
+        10,
+    )
     check_qemu_confinement(spec, jailed, jail_ids, netns)
 
     # QMP over the socket in the jail, from the host; the guest boots.
