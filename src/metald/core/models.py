@@ -55,6 +55,16 @@ class ResolvedDisk:
 
 
 @dataclass(frozen=True)
+class NicSpec:
+    """The guest's network card: a TAP in the VM's own network namespace."""
+
+    netns: str  # name under /run/netns
+    tap: str
+    mac: str
+    guest_args: str  # metald.ip4=... etc. for the guest's kernel command line
+
+
+@dataclass(frozen=True)
 class LaunchSpec:
     """Everything a backend needs to start a VMM: validated, paths resolved to real files."""
 
@@ -65,6 +75,7 @@ class LaunchSpec:
     initrd: Path | None
     kernel_args: str
     disks: tuple[ResolvedDisk, ...]
+    nic: NicSpec | None = None
 
 
 @dataclass(frozen=True)
