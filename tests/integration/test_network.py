@@ -266,6 +266,39 @@ async def test_vm_network_layout(env: Env) -> None:
     await inspect(look)
 
 
+async def test_a_tap_made_the_jailer_way_joins_the_vm_bridge(env: Env) -> None:
+    net = await env.nm.setup_vm("jailed", "acme")
+
+    def as_the_jailer() -> None:
+        # What the jailer does after entering the VM's namespace (step 2).
+        links.create_tap_here(net.tap, 4242, 4343)
+        links.attach_tap_here(net.tap)
+
+    await asyncio.to_thread(in_ns, net.netns, as_the_jailer)
+
+    def look() -> tuple[int, int, str]:
+        with links.rtnl(net.netns) as vm:
+            tap = links.get_link(vm, net.tap)
+            vb = links.get_link(vm, net.vm_bridge)
+            assert tap is not None and vb is not None
+            return tap.master, vb.index, tap.kind
+
+    master, bridge, kind = await inspect(look)
+    assert (master, kind) == (bridge, "tun")
+    await env.nm.teardown_vm("jailed")
+
+
+async def test_concurrent_setups_and_teardowns(env: Env) -> None:
+    before = await env.state()
+    ids = [(f"par-{i}", f"cust-{i % 2}") for i in range(12)]
+    nets = await asyncio.gather(*(env.nm.setup_vm(v, c) for v, c in ids))
+    assert len({n.ipv4 for n in nets}) == len({n.ipv6 for n in nets}) == len(ids)
+    snap = await env.nm.snapshot()
+    assert len(snap["fdb"]) == len(ids) and len(snap["neighbours"]) == 2 * len(ids)
+    await asyncio.gather(*(env.nm.teardown_vm(v) for v, _ in ids))
+    assert await env.state() == before
+
+
 async def test_modes_and_static_addresses(env: Env) -> None:
     v4 = await env.nm.setup_vm("v4", "c", NetworkRequest(mode=NetworkMode.IPV4_ONLY))
     assert v4.ipv6 is None and v4.gateway6 is None and v4.dns6 == ()

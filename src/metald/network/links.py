@@ -398,14 +398,25 @@ def create_tap_here(name: str, uid: int, gid: int) -> None:
         os.close(fd)
 
 
-def attach_tap_here(tap: str, bridge: str) -> None:
+def attach_tap_here(tap: str, bridge: str | None = None) -> None:
     """Join an existing TAP to the VM namespace's bridge and bring it up, in the calling
-    thread's namespace. For the jailer: after creating the TAP inside the VM's namespace,
-    call this (or make the same netlink requests) so the guest is connected."""
+    thread's namespace. For the jailer: after creating the TAP inside the VM's namespace
+    (``create_tap_here``), call this so the guest is connected. Without a bridge name, the
+    one bridge of the VM namespace (``vb-...``) is used."""
     ipr = IPRoute(groups=0)
     try:
         tap_index = int(ipr.link_lookup(ifname=tap)[0])
-        bridge_index = int(ipr.link_lookup(ifname=bridge)[0])
+        if bridge is None:
+            found = [
+                link
+                for link in list_links(ipr)
+                if link.kind == "bridge" and link.name.startswith("vb-")
+            ]
+            if len(found) != 1:
+                raise LookupError(f"expected one vb- bridge here, found {len(found)}")
+            bridge_index = found[0].index
+        else:
+            bridge_index = int(ipr.link_lookup(ifname=bridge)[0])
         no_ipv6_addresses(ipr, tap_index)
         set_master(ipr, tap_index, bridge_index)
         set_up(ipr, tap_index)

@@ -207,6 +207,18 @@ class NetworkManager:
                 raise Unavailable(f"network: {s.bridge} exists and is not a bridge")
             else:
                 index = bridge.index
+                strangers = [
+                    p.name for p in links.ports_of(ipr, index) if not p.name.startswith(UPLINK_HOST)
+                ]
+                if strangers:
+                    # Isolated uplinks may forward to any non-isolated port: another port
+                    # on the host bridge would join every customer's segment to it.
+                    log.warning(
+                        "network: %s has ports metald did not make (%s); guests of every "
+                        "customer can reach them at L2",
+                        s.bridge,
+                        ", ".join(strangers),
+                    )
             if s.ipv4_enabled:
                 links.ensure_address(ipr, index, s.gateway4)
             if s.ipv6_enabled:
