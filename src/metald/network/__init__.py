@@ -58,6 +58,21 @@ namespace). The veth is the guest's only path, so this is the same as shaping th
 is set up with the rest of the network and survives the VMM re-creating its TAP (a reboot
 under Firecracker, a boot after shutdown).
 
+The TAP: the jailer, once inside the VM's namespace, makes it persistent and owned by the
+jail user (``links.create_tap_here``) and joins it to the VM bridge (``links.attach_tap_here``);
+the unprivileged VMM then opens it by name. ``NetworkManager.create_tap`` does the same from
+outside, for VMMs started without the jailer. The TAP dies with the VM's namespace.
+
+Addresses come from the configured subnets (lowest free; network, broadcast and gateway
+excluded) and are recorded in the ``ip_allocations`` table before anything is built; a static
+address is honoured if it is inside the subnet and free. The MAC is the caller's or derived
+from the VM id (locally administered, stable across restarts). The guest learns everything
+from its kernel command line (``VmNetwork.guest_args()``).
+
+Failure: every set-up step records how to undo what it made; a failure (or a cancellation) at
+any step undoes it all and releases the new addresses. Teardown is idempotent, and
+``remove_orphans`` removes what no known VM owns (after a crash).
+
 Every netlink request runs in a worker thread; a thread enters a namespace with setns(2) for
 the moment it opens a socket (metald.network.netns), and never forks.
 """
