@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from qemu.qmp import QMPClient
 
+from metald.assets.guest_agent import GuestAgent
 from metald.assets.guest_builder import build_default_guest, existing_guest, make_rootfs
 from metald.assets.kernel_args import GuestArgs, host_tsc_khz, kernel_command_line
 from metald.assets.store import LocalAssetStore
@@ -296,6 +297,26 @@ async def test_no_network_arguments_configure_nothing(store: LocalAssetStore, tm
     async with running_guest(tmp, kernel, initrd, cmdline(vm_id="nonet")) as g:
         await g.wait_for(READY_RE, BOOT_TIMEOUT)
         assert "METALD-GUEST NET" not in g.console()
+        assert not ERROR_RE.search(g.console()), g.console()
+
+
+async def test_agent_port_runs_commands(store: LocalAssetStore, tmp: Path) -> None:
+    kernel, initrd = store.default_boot()
+    agent_sock = tmp / "agent.sock"
+    extra = [
+        "-chardev", f"socket,id=agent,path={agent_sock},server=on,wait=off",
+        "-device", "isa-serial,chardev=agent,iobase=0x2f8,irq=3",
+    ]  # fmt: skip
+    append = cmdline(vm_id="agent", agent="ttyS1")
+    async with running_guest(tmp, kernel, initrd, append, extra) as g:
+        await g.wait_for(READY_RE, BOOT_TIMEOUT)
+        agent = await GuestAgent.connect(agent_sock)
+        try:
+            assert await agent.run("echo hello; hostname") == (0, "hello\nagent\n")
+            status, _ = await agent.run("false")
+            assert status == 1
+        finally:
+            await agent.close()
         assert not ERROR_RE.search(g.console()), g.console()
 
 

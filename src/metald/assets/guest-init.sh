@@ -17,6 +17,10 @@
 #   metald.mac=<mac>              pick the interface with this MAC (else eth0)
 #   metald.root=<device>          mount this ext4 device (e.g. /dev/vda) and switch_root into
 #                                 it; the image there runs this same init
+#   metald.agent=<tty>            a root shell reading commands from that serial port (e.g.
+#                                 ttyS1), output back over it: the host runs commands in the
+#                                 guest (tests). metald sets it only when its guest agent is
+#                                 enabled; the port is wired to a socket only the host reaches
 #
 # Lines printed on the console (/dev/console; use console=ttyS0), each on its own line:
 #   METALD-GUEST NET <ifname> ip4=<..> ip6=<..>       only when a network was configured
@@ -50,7 +54,7 @@ echo 0 > /proc/sys/kernel/ctrl-alt-del
 
 VM_ID=""
 ON_SHUTDOWN=poweroff
-IP4="" GW4="" IP6="" GW6="" DNS="" MAC="" ROOT=""
+IP4="" GW4="" IP6="" GW6="" DNS="" MAC="" ROOT="" AGENT=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         metald.vm_id=*) VM_ID="${arg#*=}" ;;
@@ -62,6 +66,7 @@ for arg in $(cat /proc/cmdline); do
         metald.dns=*) DNS="${arg#*=}" ;;
         metald.mac=*) MAC="${arg#*=}" ;;
         metald.root=*) ROOT="${arg#*=}" ;;
+        metald.agent=*) AGENT="${arg#*=}" ;;
     esac
 done
 
@@ -154,6 +159,20 @@ if [ -n "$DNS" ]; then
     : > /etc/resolv.conf
     for ns in $(echo "$DNS" | tr ',' ' '); do echo "nameserver $ns" >> /etc/resolv.conf; done
 fi
+
+agent() {
+    trap - INT TERM
+    while :; do
+        # Non-interactive: an interactive busybox shell leaves when a background job ends.
+        setsid sh -c 'stty -echo -onlcr clocal; sh 2>&1 </dev/'"$AGENT"' | cat' \
+            </dev/"$AGENT" >/dev/"$AGENT" 2>&1
+        sleep 0.5
+    done
+}
+case "$AGENT" in
+    ""|*/*|*..*) ;;
+    *) if [ -c "/dev/$AGENT" ]; then agent & else say ERROR "no agent port /dev/$AGENT"; fi ;;
+esac
 
 read -r BOOT_ID < /proc/sys/kernel/random/boot_id
 read -r UPTIME _ < /proc/uptime

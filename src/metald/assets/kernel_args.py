@@ -59,10 +59,11 @@ class GuestArgs:
     dns: tuple[str, ...] = ()
     mac: str = ""
     root: str = ""  # e.g. /dev/vda: mount that ext4 device and switch_root into it
+    agent: str = ""  # e.g. ttyS1: a shell on that serial port for the host (tests)
 
     def render(self) -> str:
         args = []
-        for key in ("vm_id", "ip4", "gw4", "ip6", "gw6", "mac", "root"):
+        for key in ("vm_id", "ip4", "gw4", "ip6", "gw6", "mac", "root", "agent"):
             value = getattr(self, key)
             if value:
                 args.append(f"metald.{key}={_check(key, value)}")
