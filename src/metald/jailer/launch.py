@@ -133,13 +133,14 @@ async def launch_jailed(
     raise JailerError(step, message, leftovers=tuple(leftovers))
 
 
-async def remove_jail(spec: JailSpec, *, remove_tap: bool = True) -> None:
+async def remove_jail(spec: JailSpec, *, remove_tap: bool = True, remove_dir: bool = True) -> None:
     """Remove what a jail left on the host once its VMM has exited: the cgroup, the whole
     jail directory (its root with the hard links, the writable dirs with the VMM's sockets
     and logs, and whatever metald kept beside the root, such as the stderr file) and,
-    unless told not to, the TAP. Idempotent. Raises JailerError(step="cleanup") naming
-    whatever remains (a cgroup that still has processes: then nothing is touched; mount
-    points under the jail directory)."""
+    unless told not to, the TAP. `remove_dir=False` keeps the jail directory (a stopped
+    VM's console log stays readable until the VM is started again or deleted).
+    Idempotent. Raises JailerError(step="cleanup") naming whatever remains (a cgroup that
+    still has processes: then nothing is touched; mount points under the jail directory)."""
     leftovers: list[str] = []
     if spec.cgroup is not None:
         path = cgroup_dir(spec.cgroup, spec.vm_id)
@@ -156,10 +157,11 @@ async def remove_jail(spec: JailSpec, *, remove_tap: bool = True) -> None:
                 await asyncio.to_thread(_remove_cgroup, path)
             except OSError as e:
                 leftovers.append(f"cgroup {path}: {e.strerror or e}")
-    try:
-        await asyncio.to_thread(_remove_jail_dir, spec.jail_dir)
-    except OSError as e:
-        leftovers.append(f"jail directory {spec.jail_dir}: {e.strerror or e}")
+    if remove_dir:
+        try:
+            await asyncio.to_thread(_remove_jail_dir, spec.jail_dir)
+        except OSError as e:
+            leftovers.append(f"jail directory {spec.jail_dir}: {e.strerror or e}")
     if remove_tap and spec.tap is not None:
         try:
             await remove_tap_device(spec.netns_path, spec.tap.name)
