@@ -4,6 +4,12 @@ Uses the asset store at $METALD_TEST_ASSETS (default: <repo>/var/assets, which `
 builds); skipped when it has no default guest. Every VM lives under a per-test temp dir; the
 teardown destroys each one through the backend, then kills anything still recorded there by
 pid and start time, and removes the directory.
+
+Tests marked BOTH run twice: with QEMU run directly ("direct") and launched through the
+jailer ("jailed": needs root, skipped otherwise). A jailed run has its own jail base under
+the test's temp dir and a cgroup parent of this test session (checked empty at the end); its
+teardown kills any process whose root is a jail there. Network tests make their own network
+namespace (pyroute2) and remove it; nothing touches the machine's own namespace.
 """
 
 from __future__ import annotations
@@ -19,17 +25,21 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from metald.assets.store import LocalAssetStore
+from metald.backends.jail import JailSettings, processes_rooted_at
 from metald.backends.process import identity_of, is_alive, kill_identity, read_cmdline
 from metald.backends.qemu.backend import QemuBackend
 from metald.core.errors import BackendError, InvalidArgument
-from metald.core.models import LaunchSpec, ProcessIdentity, ResolvedDisk
+from metald.core.models import LaunchSpec, NicSpec, ProcessIdentity, ResolvedDisk
 from metald.core.states import VmState
+from metald.jailer import ensure_jail_user, qemu_host_paths
+from metald.jailer.cgroups import cgroup_dir, cgroup_mount, mounts_under
 
 pytestmark = pytest.mark.guest
 
@@ -40,6 +50,12 @@ BOOT_TIMEOUT = 90.0  # TCG on a busy 2-CPU machine; typically ~4 s
 READY = re.compile(r"^METALD-GUEST READY vm=(\S+) boot=(\S+)", re.M)
 HEARTBEAT = re.compile(r"^METALD-GUEST HEARTBEAT (\d+)\s*$", re.M)
 SHUTDOWN = re.compile(r"^METALD-GUEST SHUTDOWN\s*$", re.M)
+NET = re.compile(r"^METALD-GUEST NET (\S+) ip4=(\S+) ip6=(\S+)\s*$", re.M)
+
+# Run a test with QEMU run directly and jailed.
+BOTH = pytest.mark.parametrize("mode", ["direct", "jailed"])
+CGROUP_PARENT = f"metald-test-{os.getpid()}"
+_T = TypeVar("_T")
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +88,65 @@ def vm_root(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
+def mode() -> str:
+    """How QEMU runs; BOTH parametrizes it."""
+    return "direct"
+
+
+@pytest.fixture(scope="module")
+def jail_ids() -> tuple[int, int]:
+    if os.geteuid() != 0:
+        pytest.skip("the jailer needs root")
+    return ensure_jail_user()
+
+
+@pytest.fixture(scope="module")
+def cgroup_parent() -> Iterator[str]:
+    """The VM cgroups' parent of this test module; it must be empty at the end."""
+    yield CGROUP_PARENT
+    mount = cgroup_mount(JailSettings(uid=1, gid=1).cgroup(memory_bytes=1, vcpu_count=1))
+    if mount is not None:
+        parent = Path(mount) / CGROUP_PARENT
+        if parent.exists():
+            leftovers = [p.name for p in parent.iterdir() if p.is_dir()]
+            parent.rmdir()
+            assert leftovers == [], f"VM cgroups left behind: {leftovers}"
+
+
+@pytest.fixture
+def jail(mode: str, request: pytest.FixtureRequest) -> Iterator[JailSettings | None]:
+    if mode == "direct":
+        yield None
+        return
+    uid, gid = request.getfixturevalue("jail_ids")
+    parent = request.getfixturevalue("cgroup_parent")
+    # tempfile's directory (the session's, see conftest): short enough for socket paths.
+    base = Path(tempfile.mkdtemp(prefix="j"))
+    settings = JailSettings(uid=uid, gid=gid, chroot_base=base, cgroup_parent=parent)
+    yield settings
+    # Whatever a test left: any process rooted in a jail here is killed (by identity).
+    stray = []
+    for jail_dir in settings.backend_dir("qemu").glob("*"):
+        for ident in processes_rooted_at(jail_dir / "root"):
+            stray.append(ident.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(ident.pid, signal.SIGKILL)
+    assert mounts_under(settings.chroot_base) == []
+    shutil.rmtree(settings.chroot_base, ignore_errors=True)
+    assert stray == [], f"jailed VMMs left running: {stray}"
+
+
+@pytest.fixture
 async def backend(
-    vm_root: Path, boot_files: tuple[Path, Path | None]
+    vm_root: Path, boot_files: tuple[Path, Path | None], jail: JailSettings | None
 ) -> AsyncIterator[QemuBackend]:
-    b = QemuBackend(vm_root, accelerator=ACCEL)
+    b = QemuBackend(vm_root, accelerator=ACCEL, jail=jail)
     await b.start()
     yield b
     for name in dirs_under(vm_root):
         await b.destroy(name)
+    if jail is not None:
+        await b.remove_orphans(set())
     await b.close()
 
 
@@ -88,6 +155,7 @@ def spec_for(
     vm_id: str,
     disks: tuple[ResolvedDisk, ...] = (),
     kernel: Path | None = None,
+    nic: NicSpec | None = None,
 ) -> LaunchSpec:
     k, i = boot_files
     return LaunchSpec(
@@ -98,7 +166,26 @@ def spec_for(
         initrd=i,
         kernel_args="",
         disks=disks,
+        nic=nic,
     )
+
+
+def status_fields(pid: int) -> dict[str, str]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def assert_no_jail_left(b: QemuBackend, vm_id: str) -> None:
+    """Nothing of the VM's jail: no directory, no cgroup, no process rooted in it."""
+    assert b.jail is not None
+    jail_dir = b.jail.backend_dir("qemu") / vm_id
+    assert not jail_dir.exists(), f"jail directory left: {jail_dir}"
+    cgroup = cgroup_dir(b.jail.cgroup(memory_bytes=1, vcpu_count=1), vm_id)
+    assert cgroup is None or not cgroup.exists(), f"cgroup left: {cgroup}"
+    assert processes_rooted_at(jail_dir / "root") == []
 
 
 def dirs_under(root: Path) -> list[str]:
@@ -139,8 +226,9 @@ def heartbeats(b: QemuBackend, vm_id: str) -> int:
     return len(HEARTBEAT.findall(console(b, vm_id)))
 
 
+@BOTH
 async def test_lifecycle(
-    backend: QemuBackend, boot_files: tuple[Path, Path | None], tmp_path: Path
+    mode: str, backend: QemuBackend, boot_files: tuple[Path, Path | None], tmp_path: Path
 ) -> None:
     data = tmp_path / "data.img"
     with data.open("wb") as f:
@@ -167,7 +255,7 @@ async def test_lifecycle(
 
     assert await backend.boot(vm) == ident
     ready_in = await wait_for(backend, vm, READY)
-    print(f"\ncreate {created_in:.2f} s, boot -> READY {ready_in:.1f} s")
+    print(f"\n{mode}: create {created_in:.2f} s, boot -> READY {ready_in:.1f} s")
     assert await backend.runstate(vm) == "running"
     await wait_for(backend, vm, HEARTBEAT, 2)
     usage = await backend.usage(vm)
@@ -199,15 +287,21 @@ async def test_lifecycle(
     assert await backend.runstate(vm) is None
     assert (await backend.usage(vm)).cpu_time_ns == 0
 
-    # Boot again from SHUTDOWN: a new QEMU from the saved spec, same disk copy.
+    # Boot again from SHUTDOWN: a new QEMU from the saved spec, same disk copy. (A jailed
+    # QEMU gets a new jail, and with it a new console log.)
+    t0 = time.monotonic()
     ident2 = await backend.boot(vm)
+    relaunched_in = time.monotonic() - t0
     assert ident2 != ident and is_alive(ident2)
-    await wait_for(backend, vm, READY, 3)
+    await wait_for(backend, vm, READY, 3 if mode == "direct" else 1)
     assert backend.info(vm)["pid"] == str(ident2.pid)
+    print(f"{mode}: boot again (new QEMU) {relaunched_in:.2f} s")
 
     await backend.destroy(vm)
     assert not is_alive(ident2)
     assert not vm_dir.exists()
+    if mode == "jailed":
+        assert_no_jail_left(backend, vm)
     await backend.destroy(vm)  # idempotent
     assert data.read_bytes()[:6] == b"metald"
 
@@ -258,8 +352,9 @@ async def test_graceful_shutdown_of_a_guest_still_booting(
     assert SHUTDOWN.search(console(backend, "vm-early"))
 
 
+@BOTH
 async def test_unexpected_exit_calls_back_within_2s(
-    backend: QemuBackend, boot_files: tuple[Path, Path | None]
+    mode: str, backend: QemuBackend, boot_files: tuple[Path, Path | None]
 ) -> None:
     got = asyncio.get_running_loop().create_future()
 
@@ -306,20 +401,27 @@ async def test_guest_poweroff_is_reported(
     assert not is_alive(ident)
 
 
+@BOTH
 async def test_adopt_after_restart(
-    vm_root: Path, backend: QemuBackend, boot_files: tuple[Path, Path | None]
+    mode: str,
+    vm_root: Path,
+    backend: QemuBackend,
+    boot_files: tuple[Path, Path | None],
+    jail: JailSettings | None,
 ) -> None:
     ident = await backend.create(spec_for(boot_files, "vm-adopt"))
     await backend.boot("vm-adopt")
     await wait_for(backend, "vm-adopt", READY)
+    info = backend.info("vm-adopt")
     await backend.close()
     assert is_alive(ident), "close() must leave the VMM running"
 
-    fresh = QemuBackend(vm_root, accelerator=ACCEL)
+    fresh = QemuBackend(vm_root, accelerator=ACCEL, jail=jail)
     await fresh.start()
     try:
         assert await fresh.adopt("vm-adopt", ident) == VmState.RUNNING
         assert fresh.identity("vm-adopt") == ident
+        assert fresh.info("vm-adopt") == info  # the same sockets and console, found again
         await fresh.pause("vm-adopt")
         assert await fresh.runstate("vm-adopt") == "paused"
         usage = await fresh.usage("vm-adopt")
@@ -340,16 +442,23 @@ async def test_adopt_after_restart(
         assert is_alive(ident2)
         await fresh.destroy("vm-adopt")
         assert not is_alive(ident2)
+        if mode == "jailed":
+            assert_no_jail_left(fresh, "vm-adopt")
     finally:
         await fresh.close()
 
 
+@BOTH
 async def test_adopt_with_a_stale_identity_kills_the_unrecorded_vmm(
-    vm_root: Path, backend: QemuBackend, boot_files: tuple[Path, Path | None]
+    mode: str,
+    vm_root: Path,
+    backend: QemuBackend,
+    boot_files: tuple[Path, Path | None],
+    jail: JailSettings | None,
 ) -> None:
     ident = await backend.create(spec_for(boot_files, "vm-stale"))
     await backend.close()
-    fresh = QemuBackend(vm_root, accelerator=ACCEL)
+    fresh = QemuBackend(vm_root, accelerator=ACCEL, jail=jail)
     try:
         stale = ProcessIdentity(ident.pid, ident.start_time - 1)
         assert await fresh.adopt("vm-stale", stale) is None
@@ -360,12 +469,25 @@ async def test_adopt_with_a_stale_identity_kills_the_unrecorded_vmm(
         await fresh.close()
 
 
+@BOTH
 async def test_remove_orphans(
-    vm_root: Path, backend: QemuBackend, boot_files: tuple[Path, Path | None]
+    mode: str,
+    vm_root: Path,
+    backend: QemuBackend,
+    boot_files: tuple[Path, Path | None],
+    jail: JailSettings | None,
 ) -> None:
     keep = await backend.create(spec_for(boot_files, "vm-keep"))
     orphan = await backend.create(spec_for(boot_files, "vm-orphan"))
+    # Jailed: a QEMU whose VM directory is gone too (metald lost everything but the jail),
+    # and an empty cgroup of a VM nobody knows.
+    lost = await backend.create(spec_for(boot_files, "vm-lost")) if jail is not None else None
     await backend.close()
+    if jail is not None:
+        shutil.rmtree(vm_root / "vm-lost")
+        stale_cgroup = cgroup_dir(jail.cgroup(memory_bytes=1, vcpu_count=1), "vm-gone")
+        assert stale_cgroup is not None
+        stale_cgroup.mkdir(parents=True)
     # A directory whose process.json names a live process that is not a QEMU of ours.
     stranger_dir = vm_root / "vm-stranger"
     stranger_dir.mkdir()
@@ -377,10 +499,17 @@ async def test_remove_orphans(
             f'{{"pid": {s_ident.pid}, "start_time": {s_ident.start_time}}}'
         )
         (vm_root / "not a vm id").mkdir()
-        fresh = QemuBackend(vm_root, accelerator=ACCEL)
+        fresh = QemuBackend(vm_root, accelerator=ACCEL, jail=jail)
         try:
             removed = await fresh.remove_orphans({"vm-keep"})
-            assert removed == ["vm-orphan"]
+            if jail is None:
+                assert removed == ["vm-orphan"]
+            else:
+                assert removed == ["vm-orphan", "vm-gone", "vm-lost"]
+                assert lost is not None and not is_alive(lost)
+                for name in ("vm-orphan", "vm-gone", "vm-lost"):
+                    assert_no_jail_left(fresh, name)
+                assert (jail.backend_dir("qemu") / "vm-keep" / "root").exists()
             assert not is_alive(orphan)
             assert not (vm_root / "vm-orphan").exists()
             assert is_alive(keep)
@@ -390,6 +519,8 @@ async def test_remove_orphans(
             assert await fresh.adopt("vm-keep", keep) == VmState.CREATED
             await fresh.destroy("vm-keep")
             assert not is_alive(keep)
+            if jail is not None:
+                assert_no_jail_left(fresh, "vm-keep")
         finally:
             await fresh.close()
     finally:
@@ -398,8 +529,13 @@ async def test_remove_orphans(
         shutil.rmtree(stranger_dir, ignore_errors=True)
 
 
+@BOTH
 async def test_bad_kernel_leaves_nothing(
-    vm_root: Path, backend: QemuBackend, boot_files: tuple[Path, Path | None], tmp_path: Path
+    mode: str,
+    vm_root: Path,
+    backend: QemuBackend,
+    boot_files: tuple[Path, Path | None],
+    tmp_path: Path,
 ) -> None:
     bad = tmp_path / "not-a-kernel"
     bad.write_bytes(b"this is not a kernel\n" * 5000)
@@ -413,16 +549,30 @@ async def test_bad_kernel_leaves_nothing(
     assert str(vm_root) not in err.value.message
     assert not (vm_root / "vm-bad").exists()
     assert backend.identity("vm-bad") is None
+    if mode == "jailed":
+        assert_no_jail_left(backend, "vm-bad")
 
     with pytest.raises(BackendError) as err:
         await backend.create(spec_for(boot_files, "vm-bad", kernel=tmp_path / "missing"))
-    assert "could not open kernel file 'missing'" in err.value.message
+    if mode == "direct":
+        assert "could not open kernel file 'missing'" in err.value.message
+    else:  # the jailer cannot place it
+        assert err.value.message == (
+            "could not jail the VMM of VM vm-bad: jailer step mount failed: "
+            "file to place missing: No such file or directory"
+        )
+        assert_no_jail_left(backend, "vm-bad")
     assert str(tmp_path) not in err.value.message
     assert not (vm_root / "vm-bad").exists()
 
 
+@BOTH
 async def test_a_missing_disk_leaves_nothing(
-    vm_root: Path, backend: QemuBackend, boot_files: tuple[Path, Path | None], tmp_path: Path
+    mode: str,
+    vm_root: Path,
+    backend: QemuBackend,
+    boot_files: tuple[Path, Path | None],
+    tmp_path: Path,
 ) -> None:
     good = tmp_path / "good.img"
     good.write_bytes(b"\0" * 4096)
@@ -437,8 +587,9 @@ async def test_a_missing_disk_leaves_nothing(
     assert dirs_under(vm_root) == []
 
 
+@BOTH
 async def test_read_only_disk_is_shared(
-    backend: QemuBackend, boot_files: tuple[Path, Path | None], tmp_path: Path
+    mode: str, backend: QemuBackend, boot_files: tuple[Path, Path | None], tmp_path: Path
 ) -> None:
     image = tmp_path / "ro.img"
     image.write_bytes(b"\0" * 1024 * 1024)
@@ -447,14 +598,22 @@ async def test_read_only_disk_is_shared(
         spec_for(boot_files, "vm-ro", disks=(ResolvedDisk("ro", image, True, True),))
     )
     drive = next(a for a in read_cmdline(ident.pid) if a.startswith("id=disk0,"))
-    assert f"file={image}" in drive and "readonly=on" in drive
+    assert "readonly=on" in drive
+    if mode == "direct":
+        assert f"file={image}" in drive
+    else:  # the original itself, placed in the jail
+        assert "file=/disk0.img," in drive
+        inside = os.stat(f"/proc/{ident.pid}/root/disk0.img")
+        assert (inside.st_dev, inside.st_ino) == (image.stat().st_dev, image.stat().st_ino)
+        assert image.stat().st_uid == 0  # still root's: never handed to the jail user
     assert not (backend.vm_dir("vm-ro") / "disk0.img").exists()
     await backend.destroy("vm-ro")
     assert image.exists()
 
 
+@BOTH
 async def test_the_vmm_inherits_none_of_our_descriptors(
-    backend: QemuBackend, boot_files: tuple[Path, Path | None]
+    mode: str, backend: QemuBackend, boot_files: tuple[Path, Path | None]
 ) -> None:
     # Like hypercorn's listening socket: inheritable. A VMM holding it would keep the port
     # busy after metald dies.
@@ -472,6 +631,275 @@ async def test_the_vmm_inherits_none_of_our_descriptors(
         await backend.destroy("vm-fds")
     finally:
         listener.close()
+
+
+# -- jailed only --
+
+JAILED = pytest.mark.parametrize("mode", ["jailed"])
+
+
+def check_confinement(
+    backend: QemuBackend, vm_id: str, pid: int, ids: tuple[int, int], data: Path
+) -> None:
+    uid, gid = ids
+    # Its root is the VM's jail; the host paths metald reports are inside it.
+    jail = backend.jail_spec(vm_id)
+    assert jail is not None
+    root, jail_root = os.stat(f"/proc/{pid}/root"), os.stat(jail.jail_root)
+    assert (root.st_dev, root.st_ino) == (jail_root.st_dev, jail_root.st_ino)
+    info = backend.info(vm_id)
+    assert info["qmp_socket"] == str(jail.jail_root / "run/qmp.sock")
+    assert info["console_log"] == str(jail.jail_root / "run/console.log")
+    assert Path(info["qmp_socket"]).owner() == "metald-vm"
+
+    # Only what it needs: kernel, initrd, its disk, QEMU with libraries and firmware
+    # (read-only), device nodes, and /run.
+    inside = Path(f"/proc/{pid}/root")
+    host_tops = {p.split("/")[1] for p in qemu_host_paths(backend._binary_path or "")}
+    expected = {"vmlinux", "initrd", "disk0.img", "dev", "run"} | host_tops
+    assert {p.name for p in inside.iterdir()} == expected
+    devices = {"null", "urandom"} | ({"kvm"} if backend.accelerator() == "kvm" else set())
+    assert {p.name for p in (inside / "dev").iterdir()} == devices
+    assert {p.name for p in (inside / "run").iterdir()} == {"qmp.sock", "console.log"}
+    assert [p.name for p in (inside / "usr/bin").iterdir()] == ["qemu-system-x86_64"]
+    # The writable disk is the VM directory's copy, handed to the jail user.
+    copy = backend.vm_dir(vm_id) / "disk0.img"
+    placed = os.stat(inside / "disk0.img")
+    assert (placed.st_dev, placed.st_ino) == (copy.stat().st_dev, copy.stat().st_ino)
+    assert (placed.st_uid, placed.st_gid) == (uid, gid)
+    assert data.stat().st_uid == 0  # the caller's original is untouched
+    # No /proc or /sys, every mount nosuid.
+    mounts = [line.split() for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()]
+    assert all("nosuid" in fields[5].split(",") for fields in mounts)
+    assert not {"/proc", "/sys"} & {fields[4] for fields in mounts}
+    # In the VM's cgroup (limits only where this host's cgroup v2 has the controllers).
+    assert backend.jail is not None
+    cgroup = cgroup_dir(backend.jail.cgroup(memory_bytes=1, vcpu_count=1), vm_id)
+    assert cgroup is not None and (cgroup / "cgroup.procs").read_text().split() == [str(pid)]
+
+
+@JAILED
+async def test_a_jailed_vmm_is_unprivileged_and_sees_only_its_jail(
+    mode: str,
+    backend: QemuBackend,
+    boot_files: tuple[Path, Path | None],
+    jail_ids: tuple[int, int],
+    tmp_path: Path,
+) -> None:
+    uid, gid = jail_ids
+    data = tmp_path / "data.img"
+    data.write_bytes(b"\0" * 1024 * 1024)
+    ident = await backend.create(
+        spec_for(boot_files, "vm-conf", disks=(ResolvedDisk("data", data, False, False),))
+    )
+    pid = ident.pid
+    status = status_fields(pid)
+    assert status["Name"].startswith("qemu-system")
+    assert status["Uid"].split() == [str(uid)] * 4
+    assert status["Gid"].split() == [str(gid)] * 4
+    assert status["Groups"] == ""
+    for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(status[caps], 16) == 0, caps
+    assert status["NoNewPrivs"] == "1"
+
+    check_confinement(backend, "vm-conf", pid, jail_ids, data)
+
+    await backend.destroy("vm-conf")
+    assert not is_alive(ident)
+    assert_no_jail_left(backend, "vm-conf")
+    assert data.exists()
+
+
+def plant_symlink(qmp: Path, target: Path) -> None:
+    qmp.rename(qmp.with_name("qmp.real"))
+    qmp.symlink_to(target)
+
+
+@JAILED
+async def test_a_planted_qmp_socket_is_not_followed(
+    mode: str,
+    vm_root: Path,
+    backend: QemuBackend,
+    boot_files: tuple[Path, Path | None],
+    jail: JailSettings | None,
+    tmp_path: Path,
+) -> None:
+    """A compromised VMM owns its /run: a symlink it puts there in place of its QMP socket
+    (to some root-owned socket) must not be connected to; the VMM is not adopted."""
+    ident = await backend.create(spec_for(boot_files, "vm-plant"))
+    await backend.close()
+    decoy_path = tmp_path / "decoy.sock"
+    decoy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    decoy.bind(str(decoy_path))
+    decoy.listen()
+    decoy.setblocking(False)
+    try:
+        plant_symlink(Path(backend.info("vm-plant")["qmp_socket"]), decoy_path)
+        fresh = QemuBackend(vm_root, accelerator=ACCEL, jail=jail)
+        try:
+            assert await fresh.adopt("vm-plant", ident) is None
+            assert not is_alive(ident)
+            with pytest.raises(BlockingIOError):
+                decoy.accept()  # nobody connected to it
+            # Gone for good: booting again gets a new jail and a genuine socket.
+            ident2 = await fresh.boot("vm-plant")
+            assert is_alive(ident2) and await fresh.runstate("vm-plant") == "running"
+            await fresh.destroy("vm-plant")
+            assert_no_jail_left(fresh, "vm-plant")
+        finally:
+            await fresh.close()
+    finally:
+        decoy.close()
+
+
+@pytest.fixture
+def netns_name() -> Iterator[str]:
+    """A network namespace of this test only (no devices but lo); removed afterwards."""
+    from pyroute2 import netns
+
+    name = f"mqb{os.getpid()}-{time.monotonic_ns() % 100000}"
+    netns.create(name)
+    try:
+        yield name
+    finally:
+        netns.remove(name)
+        assert name not in netns.listnetns()
+
+
+async def in_thread(func: Callable[..., _T], *args: object) -> _T:
+    """pyroute2's synchronous API refuses to run inside an event loop: a thread it is."""
+    return await asyncio.to_thread(func, *args)
+
+
+def links_in(netns_name: str) -> dict[str, dict[str, str]]:
+    from pyroute2 import NetNS
+
+    with NetNS(netns_name) as ns:
+        return {
+            str(link.get_attr("IFLA_IFNAME")): {
+                "state": str(link.get_attr("IFLA_OPERSTATE")),
+                "mac": str(link.get_attr("IFLA_ADDRESS")),
+            }
+            for link in ns.get_links()
+        }
+
+
+def add_address(netns_name: str, ifname: str, address: str, prefix: int) -> None:
+    from pyroute2 import NetNS
+
+    with NetNS(netns_name) as ns:
+        index = ns.link_lookup(ifname=ifname)[0]
+        ns.addr("add", index=index, address=address, prefixlen=prefix)
+
+
+async def assert_answers_ping(netns_name: str, address: str) -> None:
+    """The guest answers through its TAP (pinged from inside the test's namespace)."""
+    for _ in range(10):
+        if await in_thread(ping_from, netns_name, address):
+            return
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"{address} does not answer on its NIC")
+
+
+def ping_from(netns_name: str, address: str) -> bool:
+    result = subprocess.run(
+        ["ip", "netns", "exec", netns_name, "ping", "-c", "1", "-W", "2", address],
+        capture_output=True,
+        check=False,
+    )
+    return result.returncode == 0
+
+
+@JAILED
+async def test_a_nic_in_the_vms_network_namespace(
+    mode: str, backend: QemuBackend, boot_files: tuple[Path, Path | None], netns_name: str
+) -> None:
+    tap = "tap-mqb0"
+    nic = NicSpec(
+        netns=netns_name,
+        tap=tap,
+        mac="02:00:0a:7b:00:02",
+        guest_args="metald.ip4=10.123.0.2/24 metald.gw4=10.123.0.1",
+    )
+    vm = "vm-net"
+    # Every QEMU gets a new TAP; the callback connects it (here: the guest's gateway
+    # address on it, inside the test's namespace) before the guest runs.
+    connected: list[str] = []
+
+    async def connect_tap(vm_id: str) -> None:
+        assert await backend.runstate(vm_id) == "prelaunch"
+        await in_thread(add_address, netns_name, tap, "10.123.0.1", 24)
+        connected.append(vm_id)
+
+    backend.set_tap_callback(connect_tap)
+    ident = await backend.create(spec_for(boot_files, vm, nic=nic))
+    assert connected == [vm]
+    # The jailer made the TAP in the VM's namespace, and QEMU runs in that namespace.
+    assert set(await in_thread(links_in, netns_name)) == {"lo", tap}
+    assert os.stat(f"/proc/{ident.pid}/ns/net").st_ino == os.stat(f"/run/netns/{netns_name}").st_ino
+    await backend.boot(vm)
+    await wait_for(backend, vm, READY)
+    (net,) = NET.findall(console(backend, vm))
+    assert net == ("eth0", "10.123.0.2/24", "-")
+    await assert_answers_ping(netns_name, "10.123.0.2")
+
+    # Shut down: the persistent TAP goes with the QEMU...
+    assert await backend.shutdown(vm, timeout=30, force=True) == "forced"
+    assert set(await in_thread(links_in, netns_name)) == {"lo"}
+    # ... so booting again is not blocked by it: a new QEMU, a new TAP, connected again.
+    ident2 = await backend.boot(vm)
+    assert connected == [vm, vm]
+    assert set(await in_thread(links_in, netns_name)) == {"lo", tap}
+    await wait_for(backend, vm, NET)
+    await wait_for(backend, vm, READY)
+    await assert_answers_ping(netns_name, "10.123.0.2")
+
+    # An unexpected exit releases it too.
+    got = asyncio.get_running_loop().create_future()
+
+    async def on_exit(vm_id: str, reason: str) -> None:
+        got.set_result(reason)
+
+    backend.set_exit_callback(on_exit)
+    os.kill(ident2.pid, signal.SIGKILL)
+    await asyncio.wait_for(got, 5)
+    assert set(await in_thread(links_in, netns_name)) == {"lo"}
+
+    ident3 = await backend.boot(vm)
+    assert tap in await in_thread(links_in, netns_name)
+    await backend.destroy(vm)
+    assert not is_alive(ident3)
+    assert set(await in_thread(links_in, netns_name)) == {"lo"}
+    assert_no_jail_left(backend, vm)
+
+
+@JAILED
+async def test_a_tap_that_cannot_be_connected_fails_the_create(
+    mode: str,
+    vm_root: Path,
+    backend: QemuBackend,
+    boot_files: tuple[Path, Path | None],
+    netns_name: str,
+) -> None:
+    async def refuse(vm_id: str) -> None:
+        raise BackendError("no bridge for it")
+
+    backend.set_tap_callback(refuse)
+    nic = NicSpec(netns=netns_name, tap="tap-mqb1", mac="02:00:0a:7b:00:03", guest_args="")
+    with pytest.raises(BackendError, match="its TAP could not be connected: no bridge for it"):
+        await backend.create(spec_for(boot_files, "vm-notap", nic=nic))
+    assert dirs_under(vm_root) == []
+    assert set(await in_thread(links_in, netns_name)) == {"lo"}
+    assert_no_jail_left(backend, "vm-notap")
+
+
+async def test_a_nic_needs_the_jailer(
+    vm_root: Path, backend: QemuBackend, boot_files: tuple[Path, Path | None]
+) -> None:
+    nic = NicSpec(netns="nowhere", tap="tap-x", mac="02:00:00:00:00:01", guest_args="")
+    with pytest.raises(BackendError, match="needs the jailer"):
+        await backend.create(spec_for(boot_files, "vm-nonic", nic=nic))
+    assert dirs_under(vm_root) == []
 
 
 async def test_long_vm_root_is_refused(tmp_path: Path) -> None:

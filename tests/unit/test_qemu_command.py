@@ -1,34 +1,57 @@
-"""The QEMU command line, the KVM probe firmware and /proc parsing: pure, nothing started."""
+"""The QEMU command line, the KVM probe firmware, /proc parsing and the backends' jail
+helpers: nothing started."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
 import metald.backends.qemu as qemu_pkg
+from metald.backends.jail import (
+    JailSettings,
+    UnsafeSocket,
+    load_jail_spec,
+    open_socket_path,
+    save_jail_spec,
+)
 from metald.backends.process import ExitStatus, parse_stat
 from metald.backends.qemu.accel import PROBE_SUCCESS_EXIT, probe_argv, probe_image
 from metald.backends.qemu.command import (
     MAX_KERNEL_CMDLINE,
     VmLayout,
+    VmmPaths,
     build_argv,
+    check_nic,
     check_socket_path,
     check_vm_id,
     escape_option,
+    jailed_drives,
     kernel_cmdline,
     kernel_cmdline_and_dropped,
+    max_jailed_vm_id_length,
     max_vm_id_length,
     memory_mib,
     plan_drives,
     spec_from_json,
     spec_to_json,
 )
-from metald.core.models import LaunchSpec, ResolvedDisk
+from metald.core.errors import BackendError
+from metald.core.models import LaunchSpec, NicSpec, ResolvedDisk
+from metald.jailer import JailSpec
 
 LAYOUT = VmLayout(Path("/srv/vms/vm-1"))
+NIC = NicSpec(
+    netns="vm-1-ns",
+    tap="tap-vm1",
+    mac="02:00:0A:7B:00:02",
+    guest_args="metald.ip4=10.123.0.2/24 metald.gw4=10.123.0.1",
+)
 
 
 def spec(**overrides: object) -> LaunchSpec:
@@ -48,10 +71,20 @@ def spec(**overrides: object) -> LaunchSpec:
 def argv_for(s: LaunchSpec, accelerator: str = "tcg", tsc_khz: int | None = None) -> list[str]:
     return build_argv(
         s,
-        layout=LAYOUT,
+        paths=VmmPaths.direct(s, LAYOUT),
         drives=plan_drives(s, LAYOUT),
         accelerator=accelerator,
         tsc_khz=tsc_khz,
+    )
+
+
+def jailed_argv_for(s: LaunchSpec) -> list[str]:
+    return build_argv(
+        s,
+        paths=VmmPaths.jailed(s),
+        drives=jailed_drives(plan_drives(s, LAYOUT)),
+        accelerator="tcg",
+        binary="/usr/bin/qemu-system-x86_64",
     )
 
 
@@ -168,7 +201,7 @@ def test_socket_path_limit() -> None:
         check_socket_path(Path("/" + "x" * 107))
     deep = VmLayout(Path("/" + "d" * 100) / "vm-1")
     with pytest.raises(ValueError, match="shorter data directory"):
-        build_argv(spec(), layout=deep, drives=(), accelerator="tcg")
+        build_argv(spec(), paths=VmmPaths.direct(spec(), deep), drives=(), accelerator="tcg")
 
 
 def test_longest_vm_id_that_fits() -> None:
@@ -176,6 +209,12 @@ def test_longest_vm_id_that_fits() -> None:
     # 107 = len(root) + 1 + id + len("/qmp.sock")
     assert max_vm_id_length(Path("/" + "r" * 59)) == 107 - 60 - 1 - 9
     assert max_vm_id_length(Path("/" + "r" * 200)) == 0
+    # Jailed: <base>/qemu/<id>/root/run/qmp.sock
+    assert max_jailed_vm_id_length(Path("/srv/jailer/qemu")) == 64
+    base = Path("/" + "j" * 49)
+    assert max_jailed_vm_id_length(base) == 107 - 50 - 1 - len("/root/run/qmp.sock")
+    socket = f"{base}/{'v' * max_jailed_vm_id_length(base)}/root/run/qmp.sock"
+    assert len(socket) == 107
 
 
 def test_escape_option() -> None:
@@ -188,6 +227,83 @@ def test_spec_round_trips_through_json() -> None:
     )
     assert spec_from_json(spec_to_json(s)) == s
     assert spec_from_json(spec_to_json(spec(initrd=None))).initrd is None
+    assert spec_from_json(spec_to_json(spec(nic=NIC))) == spec(nic=NIC)
+    assert spec_from_json(spec_to_json(s)).nic is None
+
+
+def test_a_jailed_qemu_sees_only_its_jail() -> None:
+    disks = (
+        ResolvedDisk("root", Path("/assets/root.img"), read_only=True, is_root_device=True),
+        ResolvedDisk("data", Path("/assets/data.img"), read_only=False, is_root_device=False),
+    )
+    s = spec(disks=disks)
+    argv = jailed_argv_for(s)
+    assert argv[0] == "/usr/bin/qemu-system-x86_64"
+    assert option(argv, "-kernel") == ["/vmlinux"]
+    assert option(argv, "-initrd") == ["/initrd"]
+    chardevs = option(argv, "-chardev")
+    assert "socket,id=qmp,path=/run/qmp.sock,server=on,wait=off" in chardevs
+    assert "file,id=con0,path=/run/console.log,append=on" in chardevs
+    assert option(argv, "-drive") == [
+        "id=disk0,file=/disk0.img,format=raw,if=none,readonly=on",
+        "id=disk1,file=/disk1.img,format=raw,if=none,readonly=off,discard=unmap",
+    ]
+    # No host path anywhere on its command line.
+    assert not any("/assets" in a or "/srv" in a for a in argv)
+    assert "-initrd" not in jailed_argv_for(spec(initrd=None))
+    # The host files to place stay the originals / the VM directory's copies.
+    host = plan_drives(s, LAYOUT)
+    assert [d.path for d in host] == [Path("/assets/root.img"), LAYOUT.dir / "disk1.img"]
+    assert [d.path for d in jailed_drives(host)] == [Path("/disk0.img"), Path("/disk1.img")]
+
+
+def test_a_nic_is_a_virtio_net_device_on_its_tap() -> None:
+    for argv in (argv_for(spec(nic=NIC)), jailed_argv_for(spec(nic=NIC))):
+        assert option(argv, "-netdev") == ["tap,id=net0,ifname=tap-vm1,script=no,downscript=no"]
+        assert option(argv, "-device")[-1] == "virtio-net-device,netdev=net0,mac=02:00:0a:7b:00:02"
+    assert "-netdev" not in argv_for(spec())
+
+
+def test_the_nics_guest_arguments_come_between_metalds_and_the_callers() -> None:
+    (append,) = option(argv_for(spec(nic=NIC, kernel_args="quiet foo=1")), "-append")
+    assert append == (
+        "console=ttyS0 panic=-1 quiet reboot=t metald.vm_id=vm-1 "
+        "metald.ip4=10.123.0.2/24 metald.gw4=10.123.0.1 quiet foo=1"
+    )
+    # They are metald's own: never dropped; the caller's arguments make way.
+    fill = "y" * (MAX_KERNEL_CMDLINE - len(kernel_cmdline(spec(kernel_args=""))) - 1)
+    line, dropped = kernel_cmdline_and_dropped(spec(nic=NIC, kernel_args=fill))
+    assert NIC.guest_args in line and dropped == [fill]
+    huge = NicSpec("ns", "tap0", "02:00:00:00:00:01", "metald.x=" + "z" * 2048)
+    with pytest.raises(ValueError, match="metald's own kernel arguments"):
+        kernel_cmdline_and_dropped(spec(nic=huge))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("tap", ""),
+        ("tap", "x" * 16),
+        ("tap", "tap,x"),
+        ("tap", "tap x"),
+        ("tap", "tap/x"),
+        ("mac", "02:00:00:00:00"),
+        ("mac", "02-00-00-00-00-01"),
+        ("mac", "01:00:5e:00:00:01"),  # multicast
+        ("mac", "02:00:00:00:00:01,x=1"),
+        ("guest_args", "metald.ip4='10.0.0.1'"),
+        ("netns", ""),
+        ("netns", "a/b"),
+    ],
+)
+def test_bad_nics_are_refused(field: str, value: str) -> None:
+    bad = dataclasses.replace(NIC, **{field: value})
+    with pytest.raises(ValueError, match=f"nic.{field}"):
+        check_nic(bad)
+    with pytest.raises(ValueError, match=f"nic.{field}"):
+        argv_for(spec(nic=bad))
+    check_nic(NIC)
+    check_nic(dataclasses.replace(NIC, netns="/run/netns/vm-1-ns"))
 
 
 def test_probe_image_is_a_64k_firmware_with_a_reset_vector() -> None:
@@ -224,3 +340,82 @@ def test_exit_status_descriptions() -> None:
     assert ExitStatus(signal=9).describe() == "signal 9 (SIGKILL)"
     assert ExitStatus(exit_code=1).describe() == "exit status 1"
     assert ExitStatus().describe() == "exit status unknown"
+
+
+# -- jail settings and the control socket check (metald.backends.jail) --
+
+
+def test_jail_settings_refuse_what_cannot_be_a_jail() -> None:
+    JailSettings(uid=999, gid=995)  # the defaults: /srv/jailer, cgroup parent "metald"
+    for bad in (
+        {"uid": 0, "gid": 995},
+        {"uid": 999, "gid": 0},
+        {"uid": 2**32 - 1, "gid": 995},
+        {"uid": 999, "gid": 995, "chroot_base": Path("srv/jailer")},
+        {"uid": 999, "gid": 995, "chroot_base": Path("/")},
+        {"uid": 999, "gid": 995, "chroot_base": Path("/srv/../etc")},
+        {"uid": 999, "gid": 995, "cgroup_parent": "../x"},
+        {"uid": 999, "gid": 995, "cgroup_parent": "/"},
+        {"uid": 999, "gid": 995, "pids_max": 0},
+    ):
+        with pytest.raises(ValueError):
+            JailSettings(**bad)
+    limits = JailSettings(uid=999, gid=995, vmm_memory_allowance=64 << 20, required_cgroup=True)
+    cg = limits.cgroup(memory_bytes=256 << 20, vcpu_count=2)
+    assert cg.memory_max == 320 << 20 and cg.cpu_quota_us == 200_000 and cg.required
+    assert cg.parent == "metald" and cg.pids_max == 512
+
+
+def test_a_jail_base_others_could_write_is_refused(tmp_path: Path) -> None:
+    base = tmp_path / "jails"
+    settings = JailSettings(uid=999, gid=995, chroot_base=base)
+    settings.check_base("qemu")  # missing: the jailer makes it
+    base.mkdir(mode=0o755)
+    if os.geteuid() == 0:
+        settings.check_base("qemu")
+    else:  # not root's
+        with pytest.raises(BackendError, match="owned by root"):
+            settings.check_base("qemu")
+    base.chmod(0o777)
+    with pytest.raises(BackendError, match="writable by root only"):
+        settings.check_base("qemu")
+
+
+def test_the_control_socket_is_never_reached_through_a_symlink(tmp_path: Path) -> None:
+    path = tmp_path / "qmp.sock"
+    with pytest.raises(FileNotFoundError):
+        open_socket_path(path, os.geteuid())
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen()
+    try:
+        fd = open_socket_path(path, os.geteuid())
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.connect(f"/proc/self/fd/{fd}")  # that inode, by a short path
+        finally:
+            os.close(fd)
+        with pytest.raises(UnsafeSocket, match="owned by uid"):
+            open_socket_path(path, os.geteuid() + 1)
+        link = tmp_path / "link.sock"
+        link.symlink_to(path)
+        with pytest.raises(UnsafeSocket, match="symbolic link"):
+            open_socket_path(link, os.geteuid())
+        plain = tmp_path / "plain"
+        plain.write_text("")
+        with pytest.raises(UnsafeSocket, match="not a socket"):
+            open_socket_path(plain, os.geteuid())
+    finally:
+        server.close()
+
+
+def test_a_saved_jail_spec_must_be_this_vms(tmp_path: Path) -> None:
+    spec = JailSpec(vm_id="vm-1", uid=999, gid=995, argv=("/usr/bin/qemu-system-x86_64",))
+    path = tmp_path / "jail.json"
+    assert load_jail_spec(path, "vm-1", "qemu") is None
+    save_jail_spec(path, spec)
+    assert load_jail_spec(path, "vm-1", "qemu") == spec
+    assert load_jail_spec(path, "vm-2", "qemu") is None
+    assert load_jail_spec(path, "vm-1", "firecracker") is None
+    path.write_text('{"vm_id": "vm-1"}')
+    assert load_jail_spec(path, "vm-1", "qemu") is None

@@ -1,17 +1,31 @@
 """The QEMU backend: one `qemu-system-x86_64 -M microvm` process per VM, driven over QMP.
 
-Each VM owns a directory ``<vm_root>/<vm_id>/``:
+Each VM owns a directory ``<vm_root>/<vm_id>/`` (metald's records; root only):
 
     spec.json     the LaunchSpec (a VM booted again after a shutdown is relaunched from it)
     process.json  {pid, start_time, accelerator, booted_at} while a QEMU process runs
-    qmp.sock      QEMU's QMP socket
-    console.log   the guest's serial console (appended to across boots)
+    jail.json     the JailSpec of its jailed QEMU (jailed VMs only)
     qemu.stderr   QEMU's own messages (a start failure is reported from its first line)
     disk<N>.img   sparse (reflinked where possible) copies of the writable disks
+    qmp.sock      QEMU's QMP socket            } QEMUs run directly only; a jailed QEMU
+    console.log   the guest's serial console   } has them in its jail's /run (see below)
+
+Jailed (``jail=JailSettings(...)``; the daemon always jails when it runs as root): every QEMU
+is started by the jailer (metald.jailer) unprivileged, in its own mount namespace with the
+jail ``<chroot_base>/qemu/<vm_id>/root`` as its root, in the VM's cgroup, and, for a VM with
+a NIC, inside the VM's network namespace with its TAP. The jail holds the kernel (/vmlinux),
+initrd (/initrd), disks (/disk<N>.img: the VM directory's writable copy, handed to the jail
+user, or the read-only original), QEMU with its libraries and firmware (read-only), a few
+device nodes and a writable /run where QEMU makes qmp.sock and console.log; metald reaches
+them at ``<jail root>/run/``. The console log of a jailed VM covers its current QEMU (one
+started again after a shutdown begins a new one). When a jailed QEMU exits its TAP and
+cgroup go at once; its jail directory (with the console log) stays until the VM is started
+again or deleted.
 
 The QEMU process runs in its own session, so it outlives metald; a restarted metald adopts it
-again (pid + start time, and the QMP socket must answer). Processes are watched through a
-pidfd in the event loop; an exit metald did not ask for is reported through the exit callback.
+again (pid + start time, its root must be its VM's jail (or its command line must name its
+socket), and the QMP socket must answer). Processes are watched through a pidfd in the event
+loop; an exit metald did not ask for is reported through the exit callback.
 
 Lifecycle notes:
 - A graceful shutdown sends Ctrl-Alt-Del (QMP send-key); the guest's init runs its shutdown
@@ -19,7 +33,8 @@ Lifecycle notes:
   vCPUs are stopped cannot run its shutdown path.
 - After a shutdown the QEMU process is gone but the directory stays (spec, disks, console);
   `boot` then starts a new QEMU from spec.json and returns its identity.
-- `destroy` (DeleteVm) and `remove_orphans` are the only things that remove a directory.
+- `destroy` (DeleteVm) and `remove_orphans` are the only things that remove a directory
+  (and a jail directory; a relaunch replaces one).
 """
 
 from __future__ import annotations
@@ -33,14 +48,25 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import Coroutine, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from qemu.qmp import QMPClient
 
 from metald.assets.kernel_args import host_tsc_khz
+from metald.backends.jail import (
+    JailSettings,
+    UnsafeSocket,
+    load_jail_spec,
+    open_socket_path,
+    release_jail,
+    remove_jail_at,
+    remove_orphan_jails,
+    rooted_at,
+    save_jail_spec,
+)
 from metald.backends.process import (
     ExitStatus,
     ProcessWatch,
@@ -55,26 +81,43 @@ from metald.backends.process import (
 from metald.backends.qemu.accel import probe_kvm
 from metald.backends.qemu.command import (
     ACCELERATORS,
+    JAILED_CONSOLE_LOG,
+    JAILED_INITRD,
+    JAILED_KERNEL,
+    JAILED_QMP_SOCKET,
     MAX_KERNEL_CMDLINE,
     MAX_UNIX_SOCKET_PATH,
     MAX_VM_ID,
+    Drive,
     VmLayout,
+    VmmPaths,
     build_argv,
+    check_socket_path,
     check_vm_id,
+    jailed_drives,
     kernel_cmdline_and_dropped,
+    max_jailed_vm_id_length,
     max_vm_id_length,
     plan_drives,
     spec_from_json,
     spec_to_json,
 )
-from metald.core.errors import BackendError, InvalidArgument
+from metald.core.errors import BackendError, InvalidArgument, MetaldError
 from metald.core.models import LaunchSpec, ProcessIdentity, VmUsage
 from metald.core.ports import ExitCallback
 from metald.core.states import VmState
+from metald.jailer.errors import JailerError
+from metald.jailer.host import qemu_host_paths, vmm_devices
+from metald.jailer.launch import launch_jailed
+from metald.jailer.spec import JailSpec, PlacedFile, TapSpec
 
 log = logging.getLogger(__name__)
 
+# set_tap_callback: (vm_id) -> None, once the VM's new TAP exists.
+TapCallback = Callable[[str], Awaitable[None]]
+
 DEBIAN_PACKAGE = "qemu-system-x86"
+BACKEND = "qemu"  # also the jails' directory under the jail base
 ACCEL_ENV = "UNKEY_METALD_QEMU_ACCEL"
 # start() refuses a vm_root too long for ids of this length (generated ids are 19).
 _ID_BUDGET = 24
@@ -118,6 +161,7 @@ class _Vm:
     layout: VmLayout
     identity: ProcessIdentity
     accelerator: str
+    jail: JailSpec | None = None  # the jail it runs in (None: run directly)
     watch: ProcessWatch | None = None
     qmp: QMPClient | None = None
     qemu_version: str = ""
@@ -132,6 +176,18 @@ class _Vm:
     def alive(self) -> bool:
         return self.watch is not None and not self.watch.exited
 
+    @property
+    def qmp_socket(self) -> Path:
+        """The QMP socket's host path."""
+        if self.jail is not None:
+            return self.jail.host_path(JAILED_QMP_SOCKET)
+        return self.layout.qmp_socket
+
+    @property
+    def socket_owner(self) -> int:
+        """The uid a genuine QMP socket of this QEMU belongs to."""
+        return self.jail.uid if self.jail is not None else os.geteuid()
+
 
 class QemuBackend:
     """The Backend port (metald.core.ports.Backend) for QEMU microvm guests."""
@@ -144,14 +200,19 @@ class QemuBackend:
         qemu_binary: str = "qemu-system-x86_64",
         accelerator: str = "auto",
         *,
+        jail: JailSettings | None = None,
         start_timeout: float = 30.0,
         qmp_timeout: float = 10.0,
         kvm_probe_timeout: float = 3.0,
     ) -> None:
+        """`jail`: launch every QEMU through the jailer with these settings (needs root);
+        None runs QEMU directly as metald's own user, without networking (for hosts and
+        tests that cannot jail)."""
         if accelerator not in ("auto", *ACCELERATORS):
             raise ValueError("accelerator must be auto, kvm or tcg")
         self.vm_root = Path(vm_root)
         self.qemu_binary = qemu_binary
+        self.jail = jail
         self.accelerator_setting = accelerator
         self.start_timeout = start_timeout
         self.qmp_timeout = qmp_timeout
@@ -159,17 +220,20 @@ class QemuBackend:
         self._accelerator: str | None = None
         self.accelerator_reason = ""
         self._binary_path: str | None = None
+        self._host_paths: tuple[str, ...] = ()  # what a jailed QEMU needs from the host
+        self._cgroup_noted = False
         self._qemu_version = ""
         self._tsc_khz: int | None = None
         self._vms: dict[str, _Vm] = {}
         self._exit_callback: ExitCallback | None = None
+        self._tap_callback: TapCallback | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # ---------------------------------------------------------------- set-up
 
     async def start(self) -> None:
         """Check the binary and the accelerator (probing KVM for `auto`), make vm_root."""
-        path = shutil.which(self.qemu_binary)
+        path = await asyncio.to_thread(_find_binary, self.qemu_binary)
         if path is None:
             raise BackendError(
                 f"QEMU binary {self.qemu_binary!r} not found: install the Debian package "
@@ -177,18 +241,22 @@ class QemuBackend:
             )
         self._binary_path = path
         self._qemu_version = await self._read_version(path)
-        longest = max_vm_id_length(self.vm_root)
+        if self.jail is not None:
+            await self._start_jail(self.jail, path)
+        sockets_under = self.jail.backend_dir(BACKEND) if self.jail is not None else self.vm_root
+        longest = self._max_vm_id()
         if longest < _ID_BUDGET:
+            what = "jail base" if self.jail is not None else "VM directory"
             raise BackendError(
-                f"the VM directory {self.vm_root} is too long for QMP socket paths "
-                f"(AF_UNIX allows {MAX_UNIX_SOCKET_PATH} bytes): use a shorter data directory"
+                f"the {what} {sockets_under} is too long for QMP socket paths "
+                f"(AF_UNIX allows {MAX_UNIX_SOCKET_PATH} bytes): use a shorter one"
             )
         if longest < MAX_VM_ID:
             log.warning(
                 "VM ids longer than %d characters cannot be used under %s (Unix socket path "
-                "limit): a shorter data directory lifts this",
+                "limit): a shorter directory lifts this",
                 longest,
-                self.vm_root,
+                sockets_under,
             )
         await asyncio.to_thread(self.vm_root.mkdir, parents=True, exist_ok=True)
         if self.accelerator_setting == "tcg":
@@ -211,6 +279,23 @@ class QemuBackend:
         self._accelerator, self.accelerator_reason = accelerator, reason
         log.info("qemu accelerator: %s (%s)", accelerator, reason)
 
+    async def _start_jail(self, jail: JailSettings, binary: str) -> None:
+        if os.geteuid() != 0:
+            raise BackendError(
+                "jailing VMMs needs root: run metald as root (or without the jailer, "
+                "which only a development host should do)"
+            )
+        await asyncio.to_thread(jail.check_base, BACKEND)
+        try:
+            self._host_paths = await asyncio.to_thread(qemu_host_paths, binary)
+        except OSError as e:
+            raise BackendError(f"cannot find what {binary} needs from the host: {e}") from e
+
+    def _max_vm_id(self) -> int:
+        if self.jail is not None:
+            return max_jailed_vm_id_length(self.jail.backend_dir(BACKEND))
+        return max_vm_id_length(self.vm_root)
+
     async def _read_version(self, binary: str) -> str:
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -229,6 +314,14 @@ class QemuBackend:
     def set_exit_callback(self, callback: ExitCallback) -> None:
         self._exit_callback = callback
 
+    def set_tap_callback(self, callback: TapCallback | None) -> None:
+        """Called with the VM id each time a QEMU of a VM with a NIC has started (its vCPUs
+        still stopped), once the jailer has made the VM's TAP: create, and boot after a
+        shutdown (every QEMU gets a new TAP). Connect the TAP to the VM's network there; the
+        guest runs only after it returns. An exception fails that launch (the QEMU and its
+        jail go) with a BackendError."""
+        self._tap_callback = callback
+
     def accelerator(self) -> str:
         if self._accelerator is None:
             raise BackendError("the QEMU backend has not been started")
@@ -239,7 +332,25 @@ class QemuBackend:
         return self.vm_root / vm_id
 
     def console_log(self, vm_id: str) -> Path:
-        return VmLayout(self.vm_dir(vm_id)).console_log
+        """The guest's console log (a host path; inside the jail's /run when jailed)."""
+        return self._host_files(vm_id, VmLayout(self.vm_dir(vm_id)))[0]
+
+    def jail_spec(self, vm_id: str) -> JailSpec | None:
+        """The jail of the VM's QEMU (the running one, else the last one), None if the VM
+        was not jailed."""
+        vm = self._vms.get(vm_id)
+        if vm is not None and vm.jail is not None:
+            return vm.jail
+        return self._saved_jail(VmLayout(self.vm_dir(vm_id)))
+
+    def _host_files(self, vm_id: str, layout: VmLayout) -> tuple[Path, Path]:
+        """(console log, QMP socket) on the host."""
+        jail = self.jail_spec(vm_id)
+        if jail is None and self.jail is not None and not layout.spec_file.exists():
+            jail = self._jail_for(vm_id)  # not launched yet: where its jail will be
+        if jail is not None:
+            return jail.host_path(JAILED_CONSOLE_LOG), jail.host_path(JAILED_QMP_SOCKET)
+        return layout.console_log, layout.qmp_socket
 
     async def runstate(self, vm_id: str) -> str | None:
         """QEMU's own run state ("prelaunch", "running", "paused", ...), None without a VMM."""
@@ -262,11 +373,15 @@ class QemuBackend:
             layout = VmLayout(self.vm_dir(spec.vm_id))
         except ValueError as e:
             raise InvalidArgument("vm_id", str(e)) from e
-        if len(spec.vm_id) > max_vm_id_length(self.vm_root):
+        if len(spec.vm_id) > self._max_vm_id():
             raise InvalidArgument(
                 "vm_id",
-                f"at most {max_vm_id_length(self.vm_root)} characters on this host "
-                "(Unix socket path limit)",
+                f"at most {self._max_vm_id()} characters on this host (Unix socket path limit)",
+            )
+        if spec.nic is not None and self.jail is None:
+            raise BackendError(
+                "a VM with a network interface needs the jailer (metald runs its VMMs "
+                "unjailed here)"
             )
         if spec.vm_id in self._vms or layout.dir.exists():
             raise BackendError(f"VM {spec.vm_id} already has a directory on this host")
@@ -279,7 +394,10 @@ class QemuBackend:
             _write_atomic(layout.spec_file, spec_to_json(spec))
             vm = await self._launch(spec, layout)
         except BaseException as e:
-            await _remove_tree(layout.dir)
+            try:
+                await self._remove_vm_files(spec.vm_id, layout)
+            except BackendError as cleanup_error:
+                log.warning("VM %s: %s", spec.vm_id, cleanup_error.message)
             if isinstance(e, BackendError):
                 raise BackendError(self._clean(e.message, spec, layout)) from None
             if isinstance(e, Exception):
@@ -316,9 +434,14 @@ class QemuBackend:
             ) from None
         except (ValueError, KeyError, TypeError) as e:
             raise BackendError(f"VM {vm_id} has an unreadable launch spec: {e}") from e
+        old = self._vms.get(vm_id)
+        if old is not None:
+            await self._settle(old)  # its exit fully handled (TAP and cgroup released)
         # A QEMU recorded for this VM that is still running (metald stopped mid-shutdown,
         # say) would share the disks with the new one: it is ours, so it goes first.
         await self._discard_runtime(layout)
+        # The last jail goes whole: the jailer makes a new root (and TAP) every time.
+        await self._remove_saved_jail(vm_id, layout)
         try:
             return await self._launch(spec, layout)
         except BackendError:
@@ -340,21 +463,40 @@ class QemuBackend:
         """Start QEMU with -S and wait until QMP reports `prelaunch`. Leaves no process if
         it fails (the caller removes files)."""
         accelerator = self.accelerator()
+        if spec.nic is not None and self.jail is None:
+            # Run directly, QEMU would look for the TAP in metald's own network namespace.
+            raise BackendError(
+                f"cannot start VM {spec.vm_id}: its network interface needs the jailer"
+            )
         drives = plan_drives(spec, layout)
+        jail: JailSpec | None = None
+        binary = self._binary_path or self.qemu_binary
         try:
-            argv = build_argv(
-                spec,
-                layout=layout,
-                drives=drives,
-                accelerator=accelerator,
-                binary=self._binary_path or self.qemu_binary,
-                tsc_khz=self._tsc_khz,
+            if self.jail is not None:
+                argv = build_argv(
+                    spec,
+                    paths=VmmPaths.jailed(spec),
+                    drives=jailed_drives(drives),
+                    accelerator=accelerator,
+                    binary=binary,
+                    tsc_khz=self._tsc_khz,
+                )
+                jail = self._jail_for(spec.vm_id, spec, argv, drives, accelerator)
+                check_socket_path(jail.host_path(JAILED_QMP_SOCKET))
+            else:
+                argv = build_argv(
+                    spec,
+                    paths=VmmPaths.direct(spec, layout),
+                    drives=drives,
+                    accelerator=accelerator,
+                    binary=binary,
+                    tsc_khz=self._tsc_khz,
+                )
+            _, dropped = kernel_cmdline_and_dropped(
+                spec, accelerator=accelerator, tsc_khz=self._tsc_khz
             )
         except ValueError as e:
             raise BackendError(f"cannot start VM {spec.vm_id}: {e}") from e
-        _, dropped = kernel_cmdline_and_dropped(
-            spec, accelerator=accelerator, tsc_khz=self._tsc_khz
-        )
         if dropped:
             log.warning(
                 "VM %s: %d kernel argument(s) dropped, the command line would exceed %d bytes",
@@ -362,17 +504,24 @@ class QemuBackend:
                 len(dropped),
                 MAX_KERNEL_CMDLINE,
             )
-        with contextlib.suppress(FileNotFoundError):
-            layout.qmp_socket.unlink()
-        try:
-            identity = spawn(argv, stderr_path=layout.stderr_log)
-        except OSError as e:
-            raise BackendError(f"cannot start {self.qemu_binary}: {e.strerror or e}") from e
+        if jail is not None:
+            try:
+                identity = await self._launch_jailed(jail, layout)
+            except BackendError as e:
+                raise BackendError(self._clean(e.message, spec, layout)) from None
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                layout.qmp_socket.unlink()
+            try:
+                identity = spawn(argv, stderr_path=layout.stderr_log)
+            except OSError as e:
+                raise BackendError(f"cannot start {self.qemu_binary}: {e.strerror or e}") from e
         vm = _Vm(
             vm_id=spec.vm_id,
             layout=layout,
             identity=identity,
             accelerator=accelerator,
+            jail=jail,
             qemu_version=self._qemu_version,
         )
         vm.watch = ProcessWatch.open(identity, lambda status: self._on_exit(vm, status))
@@ -386,6 +535,12 @@ class QemuBackend:
             status = await self._status(vm)
             if status != "prelaunch":
                 raise _StartFailed(f"QEMU started in state {status!r}, not prelaunch")
+            if spec.nic is not None and self._tap_callback is not None:
+                try:
+                    await self._tap_callback(spec.vm_id)
+                except Exception as e:
+                    message = e.message if isinstance(e, MetaldError) else str(e)
+                    raise _StartFailed(f"its TAP could not be connected: {message}") from e
         except BaseException as e:
             if vm.watch is not None:
                 vm.expecting_exit = True
@@ -394,6 +549,9 @@ class QemuBackend:
                 vm.watch.close()
             if self._vms.get(spec.vm_id) is vm:
                 del self._vms[spec.vm_id]
+            if jail is not None:
+                with contextlib.suppress(BackendError):  # logged; destroy tries again
+                    await self._remove_saved_jail(spec.vm_id, layout)
             if not isinstance(e, Exception):
                 raise
             # QEMU's own first error line says most (bad kernel, missing file, ...).
@@ -405,24 +563,106 @@ class QemuBackend:
         vm.starting = False
         return vm
 
+    def _jail_for(
+        self,
+        vm_id: str,
+        spec: LaunchSpec | None = None,
+        argv: list[str] | None = None,
+        drives: list[Drive] | None = None,
+        accelerator: str = "tcg",
+    ) -> JailSpec:
+        """The jail a QEMU of this VM runs in. Without a spec: only its place (paths)."""
+        settings = self.jail
+        assert settings is not None
+        jail = JailSpec(
+            vm_id=vm_id,
+            uid=settings.uid,
+            gid=settings.gid,
+            argv=tuple(argv or ("/",)),
+            backend=BACKEND,
+            jail_base=str(settings.chroot_base),
+        )
+        if spec is None:
+            return jail
+        files = [PlacedFile(str(spec.kernel), JAILED_KERNEL)]
+        if spec.initrd is not None:
+            files.append(PlacedFile(str(spec.initrd), JAILED_INITRD))
+        for host, inside in zip(drives or [], jailed_drives(drives or []), strict=True):
+            files.append(PlacedFile(str(host.path), str(inside.path), read_only=host.read_only))
+        nic = spec.nic
+        return replace(
+            jail,
+            netns=None if nic is None else nic.netns,
+            tap=None if nic is None else TapSpec(nic.tap),
+            files=tuple(files),
+            devices=vmm_devices(kvm=accelerator == "kvm", tap=nic is not None),
+            host_paths=self._host_paths,
+            cgroup=settings.cgroup(memory_bytes=spec.memory_bytes, vcpu_count=spec.vcpu_count),
+        )
+
+    async def _launch_jailed(self, jail: JailSpec, layout: VmLayout) -> ProcessIdentity:
+        """Run the jailer; its JailSpec is saved first, so a metald stopped at any point
+        finds the jail again."""
+        save_jail_spec(layout.jail_spec_file, jail)
+        with contextlib.suppress(FileNotFoundError):
+            layout.stderr_log.unlink()  # the jailer appends: one QEMU's messages only
+        try:
+            jailed = await launch_jailed(
+                jail, stderr_path=layout.stderr_log, timeout=self.start_timeout
+            )
+        except JailerError as e:
+            # Full text (host paths) for the operator; the caller gets a cleaned one.
+            log.warning("VM %s: %s", jail.vm_id, e.message)
+            if not e.leftovers:
+                with contextlib.suppress(FileNotFoundError):
+                    layout.jail_spec_file.unlink()
+            raise BackendError(f"could not jail the VMM of VM {jail.vm_id}: {e.message}") from None
+        if jailed.cgroup_note and not self._cgroup_noted:
+            self._cgroup_noted = True
+            log.warning("VM cgroup limits not (all) applied on this host: %s", jailed.cgroup_note)
+        log.debug(
+            "VM %s: jailed QEMU pid %d in %.1f ms",
+            jail.vm_id,
+            jailed.pid,
+            jailed.launch_seconds * 1000,
+        )
+        return jailed.identity
+
     async def _connect(self, vm: _Vm, deadline: float) -> None:
         """Connect to QEMU's QMP socket, waiting while QEMU is still creating it (the file
-        appears at bind(), connections are refused until listen())."""
+        appears at bind(), connections are refused until listen()).
+
+        The socket is opened without following symlinks and must be a socket owned by the
+        QEMU's user (a jailed QEMU owns the directory it is in, and metald connects as root:
+        see metald.backends.jail); the connection goes through /proc/self/fd to that very
+        inode."""
         loop = asyncio.get_running_loop()
-        path = str(vm.layout.qmp_socket)
+        path = vm.qmp_socket
         while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.setblocking(False)
             try:
-                await asyncio.wait_for(
-                    loop.sock_connect(sock, path), max(0.1, deadline - loop.time())
-                )
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                sock.close()
-            except (OSError, TimeoutError) as e:
-                sock.close()
-                raise _StartFailed(f"cannot connect to QMP: {e}") from e
+                fd: int | None = open_socket_path(path, vm.socket_owner)
+            except FileNotFoundError:
+                fd = None
+            except UnsafeSocket as e:
+                raise _StartFailed(f"cannot connect to QMP: {e.strerror}") from None
+            except OSError as e:
+                raise _StartFailed(f"cannot connect to QMP: {e.strerror or e}") from None
+            if fd is not None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                try:
+                    await asyncio.wait_for(
+                        loop.sock_connect(sock, f"/proc/self/fd/{fd}"),
+                        max(0.1, deadline - loop.time()),
+                    )
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    sock.close()
+                except (OSError, TimeoutError) as e:
+                    sock.close()
+                    raise _StartFailed(f"cannot connect to QMP: {e}") from e
+                finally:
+                    os.close(fd)
             if vm.watch is None or vm.watch.exited:
                 raise _StartFailed("QEMU exited while starting")
             if loop.time() > deadline:
@@ -510,9 +750,16 @@ class QemuBackend:
             await self._kill_vm(vm)
             if vm.watch is not None:
                 vm.watch.close()
+        await self._remove_vm_files(vm_id, layout)
+
+    async def _remove_vm_files(self, vm_id: str, layout: VmLayout) -> None:
+        """Kill the recorded QEMU (when provably ours), remove the VM's jail (TAP, cgroup,
+        jail directory), then its directory. A jail that cannot be removed entirely keeps
+        the directory (and with it jail.json, for the next try) and raises BackendError."""
         recorded = self._recorded_identity(layout)
         if recorded is not None and self._provably_ours(recorded, layout):
             await _kill(recorded)
+        await self._remove_saved_jail(vm_id, layout)
         await _remove_tree(layout.dir)
 
     # ---------------------------------------------------------------- restart
@@ -542,6 +789,7 @@ class QemuBackend:
             layout=layout,
             identity=identity,
             accelerator=str(recorded.get("accelerator") or self.accelerator()),
+            jail=self._saved_jail(layout),
             qemu_version=self._qemu_version,
         )
         booted_at = recorded.get("booted_at")
@@ -561,7 +809,7 @@ class QemuBackend:
         if state is None:
             vm.expecting_exit = True
             await vm.watch.kill_and_wait()
-            await self._settle(vm)
+            await self._settle(vm)  # its exit handler released the TAP and cgroup
             vm.watch.close()
             self._vms.pop(vm_id, None)
             self._remove_runtime_files(layout)
@@ -572,11 +820,29 @@ class QemuBackend:
 
     async def remove_orphans(self, known_vm_ids: set[str]) -> list[str]:
         """Directories under vm_root that no known VM owns: their QEMU is killed when
-        process.json names a live process whose command line is this VM's (anything less is
-        not provably ours and is left alone, directory included), then the directory goes."""
+        process.json names a live process that is provably this VM's (its root is the VM's
+        jail, or its command line names the VM's socket; anything less is not provably ours
+        and is left alone, directory included), then its jail and the directory go. Then,
+        when jailing, jail directories and VM cgroups of VMs that are neither known nor have
+        a directory left (see metald.backends.jail.remove_orphan_jails)."""
         removed: list[str] = []
-        if not self.vm_root.is_dir():
-            return removed
+        if self.vm_root.is_dir():
+            removed = await self._remove_orphan_dirs(known_vm_ids)
+        if self.jail is not None:
+            keep = known_vm_ids | set(self._vms) | set(self._vm_dir_names())
+            for name in await remove_orphan_jails(self.jail, BACKEND, keep):
+                if name not in removed:
+                    removed.append(name)
+        return removed
+
+    def _vm_dir_names(self) -> list[str]:
+        try:
+            return [p.name for p in self.vm_root.iterdir() if p.is_dir()]
+        except FileNotFoundError:
+            return []
+
+    async def _remove_orphan_dirs(self, known_vm_ids: set[str]) -> list[str]:
+        removed: list[str] = []
         for entry in sorted(self.vm_root.iterdir()):
             name = entry.name
             if name in known_vm_ids or name in self._vms or not entry.is_dir():
@@ -592,7 +858,11 @@ class QemuBackend:
                     log.warning("orphan %s: pid %d is not provably ours; left", name, recorded.pid)
                     continue
                 await _kill(recorded)
-            await _remove_tree(entry)
+            try:
+                await self._remove_vm_files(name, layout)
+            except BackendError as e:
+                log.warning("orphan %s: %s", name, e.message)
+                continue
             removed.append(name)
         return removed
 
@@ -648,10 +918,11 @@ class QemuBackend:
         except ValueError:
             return {}
         vm = self._vms.get(vm_id)
+        console_log, qmp_socket = self._host_files(vm_id, layout)
         result = {
             "accelerator": vm.accelerator if vm is not None else (self._accelerator or ""),
-            "console_log": str(layout.console_log),
-            "qmp_socket": str(layout.qmp_socket),
+            "console_log": str(console_log),
+            "qmp_socket": str(qmp_socket),
         }
         if self._qemu_version:
             result["qemu_version"] = self._qemu_version
@@ -695,6 +966,13 @@ class QemuBackend:
         vm.exit_reason = _exit_reason(event, status, vm.layout.stderr_log)
         if self._vms.get(vm.vm_id) is vm:
             self._remove_runtime_files(vm.layout)
+            if vm.jail is not None:
+                # The TAP is persistent and would block the next launch; the cgroup is
+                # empty now. The jail directory (console log) stays until boot or delete.
+                try:
+                    await release_jail(vm.jail, keep_dir=True)
+                except JailerError as e:
+                    log.warning("VM %s: %s", vm.vm_id, e.message)
         if vm.watch is not None:
             vm.watch.close()
         if vm.expecting_exit or vm.starting:
@@ -766,18 +1044,55 @@ class QemuBackend:
             return None
 
     def _provably_ours(self, identity: ProcessIdentity, layout: VmLayout) -> bool:
-        """Same pid and start time, and its command line names this VM's QMP socket."""
+        """Same pid and start time, and: jailed, its root is this VM's jail root; run
+        directly, its command line names this VM's QMP socket."""
         if not is_alive(identity):
             return False
+        jail = self._saved_jail(layout)
+        if jail is not None:
+            return rooted_at(identity, jail.jail_root)
         needle = str(layout.qmp_socket)
         return any(needle in arg for arg in read_cmdline(identity.pid))
 
+    def _saved_jail(self, layout: VmLayout) -> JailSpec | None:
+        return load_jail_spec(layout.jail_spec_file, layout.dir.name, BACKEND)
+
     async def _discard_runtime(self, layout: VmLayout) -> None:
-        """Kill the QEMU that process.json names, if it is provably ours; forget it."""
+        """Kill the QEMU that process.json names, if it is provably ours; forget it; release
+        its jail's TAP and cgroup (its jail directory stays)."""
         recorded = self._recorded_identity(layout)
         if recorded is not None and self._provably_ours(recorded, layout):
             await _kill(recorded)
         self._remove_runtime_files(layout)
+        jail = self._saved_jail(layout)
+        if jail is not None:
+            try:
+                await release_jail(jail, keep_dir=True)
+            except JailerError as e:
+                log.warning("VM %s: %s", layout.dir.name, e.message)
+
+    async def _remove_saved_jail(self, vm_id: str, layout: VmLayout) -> None:
+        """Remove the VM's last jail entirely (its QEMU has exited or been killed): the one
+        jail.json names, else, when jailing, whatever is where this VM's jail would be
+        (nothing else has its id). Raises BackendError (details logged) if some of it
+        remains; jail.json then stays."""
+        jail = self._saved_jail(layout)
+        if jail is not None:
+            try:
+                await release_jail(jail, keep_dir=False)
+            except JailerError as e:
+                log.warning("VM %s: %s", vm_id, e.message)
+                raise BackendError(f"VM {vm_id}: its jail could not be removed entirely") from None
+        if self.jail is not None:
+            # No record, or a record of a jail elsewhere (the settings changed): this place
+            # too, with any VMM still rooted in it.
+            try:
+                await remove_jail_at(self.jail, BACKEND, vm_id)
+            except JailerError as e:
+                log.warning("VM %s: %s", vm_id, e.message)
+                raise BackendError(f"VM {vm_id}: its jail could not be removed entirely") from None
+        with contextlib.suppress(FileNotFoundError):
+            layout.jail_spec_file.unlink()
 
     def _remove_runtime_files(self, layout: VmLayout) -> None:
         for path in (layout.qmp_socket, layout.process_file):
@@ -787,6 +1102,9 @@ class QemuBackend:
     def _clean(self, message: str, spec: LaunchSpec, layout: VmLayout) -> str:
         """Drop host directory prefixes from a message (file names are kept)."""
         dirs: set[str] = {str(layout.dir), str(self.vm_root)}
+        if self.jail is not None:
+            jail_dir = self.jail.backend_dir(BACKEND) / spec.vm_id
+            dirs |= {str(jail_dir / "root"), str(jail_dir), str(self.jail.chroot_base)}
         for path in _spec_paths(spec):
             dirs.add(str(path.parent))
         for d in sorted(dirs, key=len, reverse=True):
@@ -835,6 +1153,12 @@ def _first_line(path: Path) -> str:
     line = (errors or lines or [""])[0]
     prefix = "qemu-system-x86_64: "
     return line[len(prefix) :] if line.startswith(prefix) else line
+
+
+def _find_binary(name: str) -> str | None:
+    """The binary's absolute path (a jailed QEMU is executed by it), None if not found."""
+    path = shutil.which(name)
+    return None if path is None else os.path.abspath(path)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

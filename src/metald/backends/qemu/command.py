@@ -1,7 +1,11 @@
 """The QEMU command line for one VM: pure functions, no I/O.
 
-A LaunchSpec and the VM's directory layout go in, an argv comes out. Everything a guest sees
+A LaunchSpec and the paths QEMU is to use go in, an argv comes out. Everything a guest sees
 is decided here, so it is unit-tested without starting anything.
+
+A QEMU run directly uses host paths (its files are in the VM's directory); a jailed one sees
+only its jail, where the kernel is /vmlinux, the initrd /initrd, disk N /diskN.img, and the
+QMP socket and console log are in its writable /run (VmmPaths.jailed).
 """
 
 from __future__ import annotations
@@ -9,12 +13,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from metald.assets.kernel_args import GuestArgs, kernel_command_line
-from metald.core.models import LaunchSpec, ResolvedDisk
+from metald.core.models import LaunchSpec, NicSpec, ResolvedDisk
 
 MIB = 1024 * 1024
 # sun_path is 108 bytes including the terminating NUL.
@@ -26,6 +30,17 @@ MAX_KERNEL_CMDLINE = 2047
 # (Core's ids, [a-z0-9-]{1,64}, are a subset.) No leading dot: never ".", ".." or hidden.
 _VM_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 MAX_VM_ID = 64
+# Interface names: at most 15 bytes (IFNAMSIZ 16 with the NUL); kept to a plain alphabet.
+_IFNAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,14}")
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+
+# Paths inside a QEMU's jail.
+JAILED_QMP_SOCKET = "/run/qmp.sock"
+JAILED_CONSOLE_LOG = "/run/console.log"
+JAILED_KERNEL = "/vmlinux"
+JAILED_INITRD = "/initrd"
+# A jail is <jail base>/qemu/<vm_id>/root; the QMP socket's host path is that plus this.
+_JAIL_SOCKET_SUFFIX = "/root" + JAILED_QMP_SOCKET
 
 
 def check_vm_id(vm_id: str) -> None:
@@ -38,6 +53,12 @@ def check_vm_id(vm_id: str) -> None:
 def max_vm_id_length(vm_root: Path) -> int:
     """The longest VM id whose QMP socket path still fits in AF_UNIX under vm_root."""
     fixed = len(str(vm_root).encode()) + len("/") + len("/qmp.sock")
+    return max(0, min(MAX_VM_ID, MAX_UNIX_SOCKET_PATH - fixed))
+
+
+def max_jailed_vm_id_length(backend_jail_dir: Path) -> int:
+    """The same for jailed QEMUs, whose sockets are <backend_jail_dir>/<id>/root/run/."""
+    fixed = len(str(backend_jail_dir).encode()) + len("/") + len(_JAIL_SOCKET_SUFFIX)
     return max(0, min(MAX_VM_ID, MAX_UNIX_SOCKET_PATH - fixed))
 
 
@@ -67,8 +88,38 @@ class VmLayout:
     def process_file(self) -> Path:
         return self.dir / "process.json"
 
+    @property
+    def jail_spec_file(self) -> Path:
+        """The JailSpec of the VM's jailed QEMU (its jail is found again from it)."""
+        return self.dir / "jail.json"
+
     def disk_copy(self, index: int) -> Path:
         return self.dir / f"disk{index}.img"
+
+
+@dataclass(frozen=True)
+class VmmPaths:
+    """The files QEMU opens, as QEMU names them."""
+
+    qmp_socket: Path
+    console_log: Path
+    kernel: Path
+    initrd: Path | None
+
+    @classmethod
+    def direct(cls, spec: LaunchSpec, layout: VmLayout) -> VmmPaths:
+        """A QEMU run directly: the host's files."""
+        return cls(layout.qmp_socket, layout.console_log, spec.kernel, spec.initrd)
+
+    @classmethod
+    def jailed(cls, spec: LaunchSpec) -> VmmPaths:
+        """A jailed QEMU: the files as placed in its jail."""
+        return cls(
+            Path(JAILED_QMP_SOCKET),
+            Path(JAILED_CONSOLE_LOG),
+            Path(JAILED_KERNEL),
+            None if spec.initrd is None else Path(JAILED_INITRD),
+        )
 
 
 @dataclass(frozen=True)
@@ -110,10 +161,32 @@ def plan_drives(spec: LaunchSpec, layout: VmLayout) -> list[Drive]:
     return drives
 
 
+def jailed_drives(drives: Sequence[Drive]) -> list[Drive]:
+    """The drives as a jailed QEMU opens them: disk N at /diskN.img (`path` there, while
+    the host file to place is the original drive's `path`)."""
+    return [replace(d, path=Path(f"/{d.node_id}.img")) for d in drives]
+
+
+def check_nic(nic: NicSpec) -> None:
+    """A NIC QEMU and the guest can take; ValueError naming the field otherwise."""
+    if not _IFNAME.fullmatch(nic.tap):
+        raise ValueError("nic.tap: 1-15 letters, digits, '.', '_' or '-'")
+    if not _MAC.fullmatch(nic.mac):
+        raise ValueError("nic.mac: six hex octets separated by ':'")
+    if int(nic.mac[:2], 16) & 1:
+        raise ValueError("nic.mac: a multicast address cannot be a NIC's")
+    for word in nic.guest_args.split():
+        if any(c in "\"'\\" or not c.isprintable() for c in word):
+            raise ValueError("nic.guest_args: printable words without quotes")
+    if not nic.netns or (not nic.netns.startswith("/") and "/" in nic.netns):
+        raise ValueError("nic.netns: a name under /run/netns or an absolute path")
+
+
 def kernel_cmdline_and_dropped(
     spec: LaunchSpec, *, accelerator: str = "tcg", tsc_khz: int | None = None
 ) -> tuple[str, list[str]]:
-    """Our fixed arguments first, then the caller's (the kernel lets a later one win).
+    """Our fixed arguments first, then the NIC's guest arguments (the guest's addresses),
+    then the caller's (the kernel lets a later one win).
 
     Under TCG the guest's TSC is the host's; telling the guest its frequency spares it a
     PIT calibration that fails on a busy host (see assets.kernel_args).
@@ -121,12 +194,20 @@ def kernel_cmdline_and_dropped(
     The whole line must stay within the kernel's COMMAND_LINE_SIZE: a longer one makes a
     microvm guest die silently before its first console line (measured: 2047 bytes boot,
     2048 do not). Caller arguments that do not fit are dropped whole (never cut in half) and
-    returned as the second item.
+    returned as the second item. metald's own arguments, the NIC's included, always fit
+    (ValueError otherwise).
     """
     guest = GuestArgs(vm_id=spec.vm_id)
     timer_tsc = tsc_khz if accelerator == "tcg" else None
     args = kernel_command_line(guest, accel=accelerator, reboot="t", tsc_khz=timer_tsc).split()
+    if spec.nic is not None:
+        args += spec.nic.guest_args.split()
     size = len(" ".join(args).encode())
+    if size > MAX_KERNEL_CMDLINE:
+        raise ValueError(
+            f"metald's own kernel arguments take {size} bytes, more than the kernel's "
+            f"{MAX_KERNEL_CMDLINE}"
+        )
     dropped: list[str] = []
     for word in spec.kernel_args.split():
         extra = 1 + len(word.encode())
@@ -158,19 +239,22 @@ def memory_mib(memory_bytes: int) -> int:
 def build_argv(
     spec: LaunchSpec,
     *,
-    layout: VmLayout,
+    paths: VmmPaths,
     drives: Sequence[Drive],
     accelerator: str,
     binary: str = "qemu-system-x86_64",
     tsc_khz: int | None = None,
 ) -> list[str]:
-    """The full command line that starts the VM with its vCPUs stopped (-S)."""
+    """The full command line that starts the VM with its vCPUs stopped (-S). `paths` and
+    the drives' paths are as QEMU will see them (VmmPaths.direct or .jailed)."""
     if accelerator not in ACCELERATORS:
         raise ValueError(f"accelerator must be one of {', '.join(ACCELERATORS)}")
     if spec.vcpu_count < 1:
         raise ValueError("vcpu_count must be at least 1")
     check_vm_id(spec.vm_id)
-    check_socket_path(layout.qmp_socket)
+    check_socket_path(paths.qmp_socket)
+    if spec.nic is not None:
+        check_nic(spec.nic)
     argv = [
         binary,
         "-name", escape_option(spec.vm_id),
@@ -186,15 +270,15 @@ def build_argv(
         "-display", "none",
         "-S",
         "-chardev",
-        f"socket,id=qmp,path={escape_option(str(layout.qmp_socket))},server=on,wait=off",
+        f"socket,id=qmp,path={escape_option(str(paths.qmp_socket))},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
         "-chardev",
-        f"file,id=con0,path={escape_option(str(layout.console_log))},append=on",
+        f"file,id=con0,path={escape_option(str(paths.console_log))},append=on",
         "-serial", "chardev:con0",
-        "-kernel", str(spec.kernel),
+        "-kernel", str(paths.kernel),
     ]  # fmt: skip
-    if spec.initrd is not None:
-        argv += ["-initrd", str(spec.initrd)]
+    if paths.initrd is not None:
+        argv += ["-initrd", str(paths.initrd)]
     argv += ["-append", kernel_cmdline(spec, accelerator=accelerator, tsc_khz=tsc_khz)]
     for drive in drives:
         options = [
@@ -209,6 +293,11 @@ def build_argv(
         argv += [
             "-drive", ",".join(options),
             "-device", f"virtio-blk-device,drive={drive.node_id}",
+        ]  # fmt: skip
+    if spec.nic is not None:
+        argv += [
+            "-netdev", f"tap,id=net0,ifname={spec.nic.tap},script=no,downscript=no",
+            "-device", f"virtio-net-device,netdev=net0,mac={spec.nic.mac.lower()}",
         ]  # fmt: skip
     return argv
 
@@ -230,12 +319,21 @@ def spec_to_json(spec: LaunchSpec) -> str:
             }
             for d in spec.disks
         ],
+        "nic": None
+        if spec.nic is None
+        else {
+            "netns": spec.nic.netns,
+            "tap": spec.nic.tap,
+            "mac": spec.nic.mac,
+            "guest_args": spec.nic.guest_args,
+        },
     }
     return json.dumps(data, indent=2, sort_keys=True)
 
 
 def spec_from_json(text: str) -> LaunchSpec:
     data = json.loads(text)
+    nic = data.get("nic")
     return LaunchSpec(
         vm_id=str(data["vm_id"]),
         vcpu_count=int(data["vcpu_count"]),
@@ -251,5 +349,13 @@ def spec_from_json(text: str) -> LaunchSpec:
                 is_root_device=bool(d["is_root_device"]),
             )
             for d in data.get("disks", ())
+        ),
+        nic=None
+        if nic is None
+        else NicSpec(
+            netns=str(nic["netns"]),
+            tap=str(nic["tap"]),
+            mac=str(nic["mac"]),
+            guest_args=str(nic.get("guest_args", "")),
         ),
     )
