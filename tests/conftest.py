@@ -34,7 +34,13 @@ def _vmm_processes_under(base: Path) -> dict[int, str]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if comm.startswith(("qemu-system", "firecracker")) and f"{base}/" in cmdline:
+        try:
+            stderr = os.readlink(entry / "fd" / "2")
+        except OSError:
+            stderr = ""
+        # A jailed VMM names only in-jail paths; its stderr file is in its VM directory.
+        under = f"{base}/" in cmdline or stderr.startswith(f"{base}/")
+        if comm.startswith(("qemu-system", "firecracker")) and under:
             found[int(entry.name)] = cmdline[:200]
     return found
 

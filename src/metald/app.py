@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -19,14 +20,19 @@ from metald.api.handlers import VmHandlers
 from metald.api.http import MetaldASGI
 from metald.api.interceptors import AuthAndErrorsInterceptor, MetricsInterceptor
 from metald.assets.store import LocalAssetStore
+from metald.backends.jail import JailSettings
 from metald.backends.qemu.backend import QemuBackend
 from metald.config import BackendKind, ConfigError, Settings, load_settings
-from metald.core.ports import Backend
+from metald.core.ports import Backend, Network
 from metald.core.validation import Limits
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
+from metald.network.manager import NetworkManager
+from metald.network.models import NetworkMode, NetworkSettings
+from metald.network.port import NetlinkNetwork, NoNetwork
 from metald.observability.health import Health
 from metald.observability.metrics import ApiMetrics
 from metald.service.vm_service import VmService
+from metald.store.addresses import SqlAddressBook
 from metald.store.sqlite import SqlStore
 
 log = logging.getLogger("metald")
@@ -43,6 +49,30 @@ class Daemon:
     service: VmService
 
 
+def jail_settings(settings: Settings) -> JailSettings | None:
+    if not settings.jailer_enabled:
+        log.warning("jailer disabled: VMMs run as metald's own user, without networking")
+        return None
+    if os.geteuid() != 0:
+        raise StartupError(
+            "the jailer needs root (it enters namespaces, chroots and drops to an "
+            "unprivileged user); run metald as root or set UNKEY_METALD_JAILER_ENABLED=false"
+        )
+    try:
+        uid, gid = settings.jailer_uid, settings.jailer_gid
+        if uid is None or gid is None:
+            user = JailSettings.for_user("metald-vm")
+            uid, gid = uid or user.uid, gid or user.gid
+        return JailSettings(
+            uid=uid,
+            gid=gid,
+            chroot_base=settings.jailer_chroot_dir,
+            cgroup_parent=settings.jailer_cgroup_parent,
+        )
+    except (ValueError, OSError) as exc:
+        raise StartupError(f"UNKEY_METALD_JAILER_*: {exc}") from None
+
+
 def build_backend(settings: Settings) -> Backend:
     if settings.backend is BackendKind.FIRECRACKER:
         raise StartupError(
@@ -50,8 +80,52 @@ def build_backend(settings: Settings) -> Backend:
             "version yet; set UNKEY_METALD_BACKEND=qemu"
         )
     return QemuBackend(
-        settings.vm_dir, qemu_binary=settings.qemu_binary, accelerator=settings.qemu_accel.value
+        settings.vm_dir,
+        qemu_binary=settings.qemu_binary,
+        accelerator=settings.qemu_accel.value,
+        jail=jail_settings(settings),
+        guest_agent=settings.guest_agent,
     )
+
+
+def build_network(settings: Settings, database_url: str) -> tuple[Network, SqlAddressBook | None]:
+    if not settings.network_enabled:
+        return NoNetwork(), None
+    if not settings.jailer_enabled:
+        raise StartupError(
+            "networking needs the jailer (it makes each VM's TAP inside the VM's namespace): "
+            "set UNKEY_METALD_NETWORK_ENABLED=false or enable the jailer"
+        )
+    rate = settings.network_rate_limit_mbps if settings.network_rate_limit else 0
+    try:
+        net_settings = NetworkSettings(
+            bridge=settings.network_bridge,
+            ipv4_enabled=settings.network_ipv4_enabled,
+            ipv6_enabled=settings.network_ipv6_enabled,
+            bridge_ipv4=settings.network_bridge_ipv4,
+            vm_subnet_ipv4=settings.network_vm_subnet_ipv4,
+            dns_ipv4=_split(settings.network_dns_ipv4),
+            bridge_ipv6=settings.network_bridge_ipv6,
+            vm_subnet_ipv6=settings.network_vm_subnet_ipv6,
+            dns_ipv6=_split(settings.network_dns_ipv6),
+            default_mode=NetworkMode(settings.network_ipv6_mode),
+            default_rate_limit_mbps=rate,
+            netns_prefix=settings.network_netns_prefix,
+        )
+        book = SqlAddressBook.from_url(database_url)
+        manager = NetworkManager(
+            settings.network_host_netns or None,
+            book,
+            net_settings,
+            segments_netns=settings.network_segments_netns,
+        )
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    return NetlinkNetwork(manager), book
+
+
+def _split(values: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in values.split(",") if v.strip())
 
 
 @asynccontextmanager
@@ -61,14 +135,17 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
     settings.vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = SqlStore(settings.effective_database_url)
     backend = build_backend(settings)
+    network, book = build_network(settings, settings.effective_database_url)
     try:
         await store.migrate()
         await backend.start()
+        await network.start()
         assets = LocalAssetStore(settings.assetmanager_cache_dir)
         service = VmService(
             store,
             backend,
             assets,
+            network,
             Limits(max_vcpus=settings.vcpu_limit, max_memory_bytes=settings.memory_limit),
             default_shutdown_timeout=float(settings.shutdown_timeout_seconds),
         )
@@ -94,6 +171,9 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
         yield Daemon(settings, MetaldASGI(connect_app, health, metrics, store), service)
     finally:
         await backend.close()
+        await network.stop()
+        if book is not None:
+            await book.close()
         await store.close()
 
 

@@ -56,8 +56,35 @@ class Settings(BaseSettings):
     max_memory_bytes: int = Field(0, ge=0)  # 0: just below host memory
     shutdown_timeout_seconds: int = Field(30, ge=1, le=3600)
 
-    # Networking arrives with the jailer issue; accepted now so unit files keep working.
+    # Jailer: every VMM runs in its own namespaces, chrooted, as an unprivileged user.
+    jailer_enabled: bool = True  # false only for development without root
+    jailer_uid: int | None = Field(None, ge=1)  # unset: the metald-vm system user
+    jailer_gid: int | None = Field(None, ge=1)
+    jailer_chroot_dir: Path = Path("/srv/jailer")
+    jailer_cgroup_parent: str = "metald"
+    # A shell on a second serial port of each guest, for the host to run commands in guests
+    # (tests); off in production.
+    guest_agent: bool = False
+
+    # Networking (names and defaults as the existing metald's).
     network_enabled: bool = True
+    network_ipv4_enabled: bool = True
+    network_ipv6_enabled: bool = True
+    network_bridge: str = "br-vms"
+    network_bridge_ipv4: str = "10.100.0.1/16"
+    network_vm_subnet_ipv4: str = "10.100.0.0/16"
+    network_dns_ipv4: str = "8.8.8.8,8.8.4.4"
+    network_bridge_ipv6: str = "fd00::1/64"
+    network_vm_subnet_ipv6: str = "fd00::/64"
+    network_dns_ipv6: str = "2606:4700:4700::1111,2606:4700:4700::1001"
+    network_ipv6_mode: str = "dual-stack"
+    network_rate_limit: bool = False
+    network_rate_limit_mbps: int = Field(1000, ge=1)
+    # The namespace that holds the host bridge: empty for metald's own. Tests point it at a
+    # namespace they made; the netns prefix keeps two daemons' VMs apart.
+    network_host_netns: str = ""
+    network_segments_netns: str = "metald-segments"
+    network_netns_prefix: str = "mvm-"
 
     @field_validator("address")
     @classmethod

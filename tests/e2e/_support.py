@@ -11,10 +11,13 @@ import contextlib
 import json
 import os
 import re
+import secrets
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +29,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from pyroute2 import netns
 
 from metald.gen.vmprovisioner.v1 import vm_pb2 as pb
 
@@ -151,7 +155,13 @@ def qemu_processes(
                 reap(pid)
             continue
         line = cmdline(pid)
-        if mentioning is None or mentioning in line:
+        try:
+            stderr = os.readlink(f"/proc/{pid}/fd/2")
+        except OSError:
+            stderr = ""
+        # A jailed QEMU's command line names only paths inside its jail; its stderr is the
+        # qemu.stderr in its VM directory.
+        if mentioning is None or mentioning in line or stderr.startswith(mentioning):
             found[pid] = line
     return found
 
@@ -219,6 +229,13 @@ class Daemon:
         self.port = free_port()
         self.data_dir = workdir / "data"
         self.log_path = workdir / f"{name}.log"
+        tag = secrets.token_hex(3)
+        self.host_netns = f"mth{tag}"
+        self.segments_netns = f"mts{tag}"
+        self.vm_netns_prefix = f"mtv{tag}-"
+        netns.create(self.host_netns)
+        # Jails need a base only root can write: a directory of its own, not the temp tree.
+        self.jail_dir = Path(tempfile.mkdtemp(prefix="mj", dir="/tmp"))
         self.env = {
             **client_env(),
             "UNKEY_METALD_ADDRESS": "127.0.0.1",
@@ -228,6 +245,11 @@ class Daemon:
             "UNKEY_METALD_ASSETMANAGER_CACHE_DIR": str(ASSETS),
             "UNKEY_METALD_AUTH_DEV_TOKENS": "true",
             "UNKEY_METALD_QEMU_ACCEL": "tcg",
+            # The network lives in namespaces of this daemon's own (never the machine's).
+            "UNKEY_METALD_NETWORK_HOST_NETNS": self.host_netns,
+            "UNKEY_METALD_NETWORK_SEGMENTS_NETNS": self.segments_netns,
+            "UNKEY_METALD_NETWORK_NETNS_PREFIX": self.vm_netns_prefix,
+            "UNKEY_METALD_JAILER_CHROOT_DIR": str(self.jail_dir),
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None
@@ -323,6 +345,24 @@ class Daemon:
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
+
+    def remove_namespaces(self) -> list[str]:
+        """Remove this daemon's namespaces and jail base; a VM namespace or jail still there
+        is a leak."""
+        problems = []
+        jails = self.jail_dir / "qemu"
+        if jails.is_dir() and any(jails.iterdir()):
+            problems.append(f"jails left behind: {sorted(os.listdir(jails))}")
+        shutil.rmtree(self.jail_dir, ignore_errors=True)
+        for name in netns.listnetns():
+            if name.startswith(self.vm_netns_prefix):
+                problems.append(f"network namespace left behind: {name}")
+            if name.startswith(self.vm_netns_prefix) or name in (
+                self.host_netns,
+                self.segments_netns,
+            ):
+                netns.remove(name)
+        return problems
 
     # What the host holds for this daemon, looked at directly.
 

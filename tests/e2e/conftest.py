@@ -157,7 +157,7 @@ def _check_and_clean(daemon: Daemon) -> list[str]:
     for vm_id, (pid, start_time) in daemon.recorded_processes().items():
         if pid_alive(pid, start_time):
             leaked[pid] = f"vm {vm_id} (from its process.json)"
-    for pid, line in qemu_processes(str(daemon.data_dir)).items():
+    for pid, line in qemu_processes(str(daemon.workdir)).items():
         leaked.setdefault(pid, line[:200])
     for pid in leaked:
         with contextlib.suppress(ProcessLookupError):
@@ -169,6 +169,7 @@ def _check_and_clean(daemon: Daemon) -> list[str]:
         f"QEMU left alive after the test: pid {pid}: {what}" for pid, what in leaked.items()
     ]
     reap_zombie_children()
+    problems += daemon.remove_namespaces()
     return problems
 
 

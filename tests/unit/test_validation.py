@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metald.core.errors import InvalidArgument, Unimplemented
+from metald.core.errors import InvalidArgument
 from metald.core.models import DiskConfig, VmConfig
 from metald.core.validation import Limits, check_config, check_customer_id, check_vm_id
 
@@ -58,11 +58,6 @@ def test_bad_configs_name_the_field(change: dict[str, object], field: str) -> No
         check_config(replace(GOOD, **change), LIMITS)  # type: ignore[arg-type]
     assert err.value.field == field
     assert err.value.message.startswith(field)
-
-
-def test_network_interfaces_are_not_implemented_yet() -> None:
-    with pytest.raises(Unimplemented, match=r"config\.network"):
-        check_config(replace(GOOD, network=({"id": "eth0"},)), LIMITS)
 
 
 @pytest.mark.parametrize("vm_id", ["a", "vm-1", "0" * 64, "abc-def-123"])

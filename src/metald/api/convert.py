@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf.json_format import MessageToDict, ParseDict
 
 from metald.core.errors import InvalidArgument
@@ -106,7 +108,18 @@ def vm_info_to_pb(vm: VmRecord) -> pb.VmInfo:
     )
 
 
-def usage_to_pb(usage: VmUsage) -> pb.VmMetrics:
+def network_info_to_pb(info: dict[str, Any]) -> pb.VmNetworkInfo:
+    return pb.VmNetworkInfo(
+        ip_address=info.get("ip_address", ""),
+        mac_address=info.get("mac_address", ""),
+        tap_device=info.get("tap_device", ""),
+        network_namespace=info.get("network_namespace", ""),
+        gateway=info.get("gateway", ""),
+        dns_servers=info.get("dns_servers", []),
+    )
+
+
+def usage_to_pb(usage: VmUsage, net: dict[str, int]) -> pb.VmMetrics:
     return pb.VmMetrics(
         cpu_usage_percent=usage.cpu_usage_percent,
         memory_usage_bytes=usage.memory_bytes,
@@ -116,6 +129,11 @@ def usage_to_pb(usage: VmUsage) -> pb.VmMetrics:
             read_operations=usage.disk_read_ops,
             write_operations=usage.disk_write_ops,
         ),
-        network_stats=pb.NetworkStats(),
+        network_stats=pb.NetworkStats(
+            bytes_received=net.get("bytes_received", 0),
+            bytes_transmitted=net.get("bytes_transmitted", 0),
+            packets_received=net.get("packets_received", 0),
+            packets_transmitted=net.get("packets_transmitted", 0),
+        ),
         uptime_seconds=usage.uptime_seconds,
     )

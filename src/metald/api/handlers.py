@@ -74,14 +74,14 @@ class VmHandlers:
         return pb.RebootVmResponse(success=True, state=convert.state_to_pb(vm.state))
 
     async def get_vm_info(self, request: pb.GetVmInfoRequest, ctx: Ctx, /) -> pb.GetVmInfoResponse:
-        vm, usage, info = await self._service.get_vm(current_customer.get(), request.vm_id)
+        vm, usage, info, network = await self._service.get_vm(current_customer.get(), request.vm_id)
         return pb.GetVmInfoResponse(
             vm_id=vm.id,
             config=convert.config_to_pb(vm.config),
             state=convert.state_to_pb(vm.state),
-            metrics=convert.usage_to_pb(usage),
+            metrics=convert.usage_to_pb(usage, network.get("stats", {})),
             backend_info=info,
-            network_info=pb.VmNetworkInfo(),
+            network_info=convert.network_info_to_pb(network),
         )
 
     async def list_vms(self, request: pb.ListVmsRequest, ctx: Ctx, /) -> pb.ListVmsResponse:

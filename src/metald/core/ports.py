@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from metald.core.models import LaunchSpec, ProcessIdentity, VmRecord, VmUsage
+from metald.core.models import LaunchSpec, NicSpec, ProcessIdentity, VmRecord, VmUsage
 from metald.core.states import VmState
 
 # Called by a backend when a VMM exits without metald asking: (vm_id, reason).
 ExitCallback = Callable[[str, str], Awaitable[None]]
+# Called by a backend after each launch of a VM with a NIC, vCPUs still stopped: (vm_id).
+TapCallback = Callable[[str], Awaitable[None]]
 
 
 class Backend(Protocol):
@@ -22,6 +24,9 @@ class Backend(Protocol):
         """Check the host can run this backend (binary, accelerator); raise with advice if not."""
 
     def set_exit_callback(self, callback: ExitCallback) -> None: ...
+
+    def set_tap_callback(self, callback: TapCallback | None) -> None:
+        """Join each new TAP to the VM's network before the guest runs (a raise fails it)."""
 
     def accelerator(self) -> str:
         """The accelerator in use ("kvm" or "tcg"); known after start()."""
@@ -96,3 +101,31 @@ class Assets(Protocol):
         """The default guest's kernel and initrd."""
 
     def ping(self) -> None: ...
+
+
+class Network(Protocol):
+    """Per-VM networking: a namespace, a link to the customer's segment, addresses."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+    def check(self, interfaces: Sequence[Mapping[str, Any]]) -> None:
+        """Raise InvalidArgument (naming the field) for interfaces this host cannot give."""
+
+    async def setup(
+        self, vm_id: str, customer_id: str, interfaces: Sequence[Mapping[str, Any]]
+    ) -> NicSpec | None:
+        """Build the VM's network (None when it asks for none); leaves nothing on failure."""
+
+    async def attach(self, vm_id: str) -> None:
+        """Join the TAP the VMM's jailer made to the VM's network and apply its limits."""
+
+    async def teardown(self, vm_id: str) -> None:
+        """Remove the VM's network and release its addresses. Idempotent."""
+
+    async def describe(
+        self, vm_id: str, customer_id: str, interfaces: Sequence[Mapping[str, Any]]
+    ) -> dict[str, Any]:
+        """GetVmInfo's network_info fields and traffic counters ({} without a network)."""
+
+    async def remove_orphans(self, known_vm_ids: set[str]) -> list[str]: ...

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from metald.core.errors import InvalidArgument, Unimplemented
+from metald.core.errors import InvalidArgument
 from metald.core.models import VmConfig
 
 MIB = 1024 * 1024
@@ -74,11 +74,6 @@ def check_config(config: VmConfig, limits: Limits) -> None:
         _check_path_text(f"config.boot.{name}", value)
     _check_storage(config)
     _check_metadata(config.metadata)
-    if config.network:
-        raise Unimplemented(
-            "config.network: networking is not available in this version of metald; "
-            "create the VM without network interfaces"
-        )
 
 
 def _check_kernel_args(args: str) -> None:

@@ -574,6 +574,17 @@ class NetworkManager:
             links.create_tap_here(names.tap, uid, gid)
             links.attach_tap_here(names.tap, names.vm_bridge)
 
+    async def attach_tap(self, vm_id: str) -> None:
+        """Join the TAP that the VMM's jailer made in the VM's namespace to the VM's bridge."""
+        names = self.names(vm_id)
+        await _blocking(self._attach_tap_sync, names)
+
+    def _attach_tap_sync(self, names: VmNames) -> None:
+        if not netns.exists(names.netns):
+            raise NotFound(f"network of VM {names.vm_id} not found")
+        with netns.entered(names.netns):
+            links.attach_tap_here(names.tap, names.vm_bridge)
+
     async def teardown_vm(self, vm_id: str) -> None:
         """Remove the VM's namespace, links, neighbour and FDB entries and addresses.
         Idempotent. Call it after the VMM has exited: a process still inside keeps the

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from metald.core import paging
 from metald.core.errors import (
@@ -27,7 +28,7 @@ from metald.core.models import (
     VmRecord,
     VmUsage,
 )
-from metald.core.ports import Assets, Backend, Store
+from metald.core.ports import Assets, Backend, Network, Store
 from metald.core.states import DELETE_NEEDS_FORCE, LIVE_STATES, Operation, VmState, next_state
 from metald.core.validation import Limits, check_config, check_customer_id, check_vm_id
 from metald.service.locks import VmLocks
@@ -48,6 +49,7 @@ class VmService:
         store: Store,
         backend: Backend,
         assets: Assets,
+        network: Network,
         limits: Limits,
         *,
         default_shutdown_timeout: float = 30.0,
@@ -56,6 +58,7 @@ class VmService:
         self._store = store
         self._backend = backend
         self._assets = assets
+        self._network = network
         self._limits = limits
         self._default_shutdown_timeout = default_shutdown_timeout
         self._clock = clock
@@ -66,11 +69,14 @@ class VmService:
     async def start(self) -> None:
         """Adopt VMMs left by an earlier metald, mark lost ones SHUTDOWN, remove orphans."""
         self._backend.set_exit_callback(self._on_vmm_exit)
+        self._backend.set_tap_callback(self._network.attach)
         records = await self._store.list_live()
         for vm in records:
             async with self._locks.hold(vm.id):
                 await self._reconcile(vm)
-        removed = await self._backend.remove_orphans({vm.id for vm in records})
+        known = {vm.id for vm in records}
+        removed = await self._backend.remove_orphans(known)
+        removed += await self._network.remove_orphans(known)
         if removed:
             log.info("removed leftovers no VM owns: %s", ", ".join(removed))
 
@@ -104,6 +110,7 @@ class VmService:
         if vm_id:
             check_vm_id(vm_id)
         check_config(config, self._limits)
+        self._network.check(config.network)
         spec_of = self._resolve(config)
         vm_id = vm_id or new_vm_id()
         async with self._locks.hold(vm_id):
@@ -121,9 +128,11 @@ class VmService:
             )
             await self._store.insert(vm)  # intent: the id is taken
             try:
-                process = await self._backend.create(spec_of(vm_id))
+                nic = await self._network.setup(vm_id, caller, config.network)
+                process = await self._backend.create(replace(spec_of(vm_id), nic=nic))
             except BaseException:
                 await self._backend.destroy(vm_id)
+                await self._network.teardown(vm_id)
                 await self._store.remove(vm_id)
                 raise
             vm.process = process
@@ -181,11 +190,15 @@ class VmService:
                     f"VM is {vm.state.value}: shut it down first or delete with force"
                 )
             await self._backend.destroy(vm_id)
+            await self._network.teardown(vm_id)
             vm.deleted_at = self._clock()
             await self._save(vm, state=VmState.SHUTDOWN, process=None)
 
-    async def get_vm(self, caller: str, vm_id: str) -> tuple[VmRecord, VmUsage, dict[str, str]]:
+    async def get_vm(
+        self, caller: str, vm_id: str
+    ) -> tuple[VmRecord, VmUsage, dict[str, str], dict[str, Any]]:
         vm = await self._owned(caller, vm_id)
+        network = await self._network.describe(vm_id, vm.customer_id, vm.config.network)
         usage = VmUsage()
         info = dict(vm.backend_info)
         if vm.state in LIVE_STATES:
@@ -195,7 +208,7 @@ class VmService:
             except MetaldError as exc:
                 # The VMM may be exiting right now; the exit callback will record it.
                 log.debug("usage of %s unavailable: %s", vm_id, exc)
-        return vm, usage, info
+        return vm, usage, info, network
 
     async def list_vms(
         self, caller: str, states: Sequence[VmState], page_size: int, page_token: str

@@ -201,6 +201,7 @@ class QemuBackend:
         accelerator: str = "auto",
         *,
         jail: JailSettings | None = None,
+        guest_agent: bool = False,
         start_timeout: float = 30.0,
         qmp_timeout: float = 10.0,
         kvm_probe_timeout: float = 3.0,
@@ -213,6 +214,9 @@ class QemuBackend:
         self.vm_root = Path(vm_root)
         self.qemu_binary = qemu_binary
         self.jail = jail
+        # A second serial port wired to agent.sock beside the QMP socket, and the guest told
+        # to run a shell on it (guest-init.sh): for running commands in guests (tests).
+        self.guest_agent = guest_agent
         self.accelerator_setting = accelerator
         self.start_timeout = start_timeout
         self.qmp_timeout = qmp_timeout
@@ -475,7 +479,7 @@ class QemuBackend:
             if self.jail is not None:
                 argv = build_argv(
                     spec,
-                    paths=VmmPaths.jailed(spec),
+                    paths=VmmPaths.jailed(spec, agent=self.guest_agent),
                     drives=jailed_drives(drives),
                     accelerator=accelerator,
                     binary=binary,
@@ -486,14 +490,14 @@ class QemuBackend:
             else:
                 argv = build_argv(
                     spec,
-                    paths=VmmPaths.direct(spec, layout),
+                    paths=VmmPaths.direct(spec, layout, agent=self.guest_agent),
                     drives=drives,
                     accelerator=accelerator,
                     binary=binary,
                     tsc_khz=self._tsc_khz,
                 )
             _, dropped = kernel_cmdline_and_dropped(
-                spec, accelerator=accelerator, tsc_khz=self._tsc_khz
+                spec, accelerator=accelerator, tsc_khz=self._tsc_khz, agent=self.guest_agent
             )
         except ValueError as e:
             raise BackendError(f"cannot start VM {spec.vm_id}: {e}") from e
@@ -924,6 +928,8 @@ class QemuBackend:
             "console_log": str(console_log),
             "qmp_socket": str(qmp_socket),
         }
+        if self.guest_agent:
+            result["agent_socket"] = str(qmp_socket.with_name("agent.sock"))
         if self._qemu_version:
             result["qemu_version"] = self._qemu_version
         if vm is not None and vm.alive:

@@ -36,6 +36,9 @@ _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 
 # Paths inside a QEMU's jail.
 JAILED_QMP_SOCKET = "/run/qmp.sock"
+JAILED_AGENT_SOCKET = "/run/agent.sock"
+# The guest agent's serial port: a second ISA UART, ttyS1 in the guest.
+AGENT_TTY = "ttyS1"
 JAILED_CONSOLE_LOG = "/run/console.log"
 JAILED_KERNEL = "/vmlinux"
 JAILED_INITRD = "/initrd"
@@ -105,20 +108,28 @@ class VmmPaths:
     console_log: Path
     kernel: Path
     initrd: Path | None
+    agent_socket: Path | None = None  # the guest agent's port, when enabled
 
     @classmethod
-    def direct(cls, spec: LaunchSpec, layout: VmLayout) -> VmmPaths:
+    def direct(cls, spec: LaunchSpec, layout: VmLayout, *, agent: bool = False) -> VmmPaths:
         """A QEMU run directly: the host's files."""
-        return cls(layout.qmp_socket, layout.console_log, spec.kernel, spec.initrd)
+        return cls(
+            layout.qmp_socket,
+            layout.console_log,
+            spec.kernel,
+            spec.initrd,
+            layout.qmp_socket.with_name("agent.sock") if agent else None,
+        )
 
     @classmethod
-    def jailed(cls, spec: LaunchSpec) -> VmmPaths:
+    def jailed(cls, spec: LaunchSpec, *, agent: bool = False) -> VmmPaths:
         """A jailed QEMU: the files as placed in its jail."""
         return cls(
             Path(JAILED_QMP_SOCKET),
             Path(JAILED_CONSOLE_LOG),
             Path(JAILED_KERNEL),
             None if spec.initrd is None else Path(JAILED_INITRD),
+            Path(JAILED_AGENT_SOCKET) if agent else None,
         )
 
 
@@ -183,7 +194,7 @@ def check_nic(nic: NicSpec) -> None:
 
 
 def kernel_cmdline_and_dropped(
-    spec: LaunchSpec, *, accelerator: str = "tcg", tsc_khz: int | None = None
+    spec: LaunchSpec, *, accelerator: str = "tcg", tsc_khz: int | None = None, agent: bool = False
 ) -> tuple[str, list[str]]:
     """Our fixed arguments first, then the NIC's guest arguments (the guest's addresses),
     then the caller's (the kernel lets a later one win).
@@ -197,7 +208,7 @@ def kernel_cmdline_and_dropped(
     returned as the second item. metald's own arguments, the NIC's included, always fit
     (ValueError otherwise).
     """
-    guest = GuestArgs(vm_id=spec.vm_id)
+    guest = GuestArgs(vm_id=spec.vm_id, agent=AGENT_TTY if agent else "")
     timer_tsc = tsc_khz if accelerator == "tcg" else None
     args = kernel_command_line(guest, accel=accelerator, reboot="t", tsc_khz=timer_tsc).split()
     if spec.nic is not None:
@@ -220,9 +231,11 @@ def kernel_cmdline_and_dropped(
 
 
 def kernel_cmdline(
-    spec: LaunchSpec, *, accelerator: str = "tcg", tsc_khz: int | None = None
+    spec: LaunchSpec, *, accelerator: str = "tcg", tsc_khz: int | None = None, agent: bool = False
 ) -> str:
-    return kernel_cmdline_and_dropped(spec, accelerator=accelerator, tsc_khz=tsc_khz)[0]
+    return kernel_cmdline_and_dropped(spec, accelerator=accelerator, tsc_khz=tsc_khz, agent=agent)[
+        0
+    ]
 
 
 def escape_option(value: str) -> str:
@@ -279,7 +292,17 @@ def build_argv(
     ]  # fmt: skip
     if paths.initrd is not None:
         argv += ["-initrd", str(paths.initrd)]
-    argv += ["-append", kernel_cmdline(spec, accelerator=accelerator, tsc_khz=tsc_khz)]
+    agent = paths.agent_socket is not None
+    argv += [
+        "-append",
+        kernel_cmdline(spec, accelerator=accelerator, tsc_khz=tsc_khz, agent=agent),
+    ]
+    if paths.agent_socket is not None:
+        argv += [
+            "-chardev",
+            f"socket,id=agent,path={escape_option(str(paths.agent_socket))},server=on,wait=off",
+            "-device", "isa-serial,chardev=agent,iobase=0x2f8,irq=3",
+        ]  # fmt: skip
     for drive in drives:
         options = [
             f"id={drive.node_id}",
