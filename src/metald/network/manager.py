@@ -294,25 +294,14 @@ class NetworkManager:
                     request.ipv6,
                     "config.network[0].ipv6_config.address",
                 )
-            network = VmNetwork(
-                vm_id=vm_id,
-                customer_id=customer_id,
-                netns=names.netns,
-                tap=names.tap,
-                mac=mac,
-                mode=mode,
-                ipv4=ipaddress.IPv4Interface(f"{ip4}/{s.subnet4.prefixlen}") if ip4 else None,
-                ipv6=ipaddress.IPv6Interface(f"{ip6}/{s.subnet6.prefixlen}") if ip6 else None,
-                gateway4=s.gateway4.ip if ip4 else None,
-                gateway6=s.gateway6.ip if ip6 else None,
-                dns4=(request.dns4 if request.dns4 is not None else s.dns_ipv4) if ip4 else (),
-                dns6=(request.dns6 if request.dns6 is not None else s.dns_ipv6) if ip6 else (),
-                host_veth=names.host_veth,
-                vm_veth=names.vm_veth,
-                vm_bridge=names.vm_bridge,
-                customer_bridge=customer.bridge,
-                rx=request.rx or s.default_rate_limit(),
-                tx=request.tx or s.default_rate_limit(),
+            network = self._describe(
+                names,
+                customer_id,
+                request,
+                mac,
+                mode,
+                ipaddress.IPv4Interface(f"{ip4}/{s.subnet4.prefixlen}") if ip4 else None,
+                ipaddress.IPv6Interface(f"{ip6}/{s.subnet6.prefixlen}") if ip6 else None,
             )
             await _blocking(self._build_sync, network, names, customer, built)
         except BaseException:
@@ -646,12 +635,27 @@ class NetworkManager:
             mode = NetworkMode.DUAL_STACK
         else:
             mode = NetworkMode.IPV4_ONLY if ip4 else NetworkMode.IPV6_ONLY
+        mac = owner[1] or request.mac or generated_mac(vm_id)
+        return self._describe(names, customer_id, request, mac, mode, ip4, ip6)
+
+    def _describe(
+        self,
+        names: VmNames,
+        customer_id: str,
+        request: NetworkRequest,
+        mac: str,
+        mode: NetworkMode,
+        ip4: ipaddress.IPv4Interface | None,
+        ip6: ipaddress.IPv6Interface | None,
+    ) -> VmNetwork:
+        """A VM's network from its names, addresses and request (defaults from settings)."""
+        s = self.settings
         return VmNetwork(
-            vm_id=vm_id,
+            vm_id=names.vm_id,
             customer_id=customer_id,
             netns=names.netns,
             tap=names.tap,
-            mac=owner[1] or request.mac or generated_mac(vm_id),
+            mac=mac,
             mode=mode,
             ipv4=ip4,
             ipv6=ip6,
