@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import socket
 import statistics
@@ -21,6 +22,8 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from pyroute2 import netns
 
 from metald.client import MetaldClient
 
@@ -43,10 +46,12 @@ def wait_for_lines(path: Path, needle: str, count: int, deadline: float) -> floa
     raise TimeoutError(f"{needle!r} x{count} not seen in {path}")
 
 
-def one_life(client: MetaldClient) -> dict[str, float]:
+def one_life(client: MetaldClient, network: bool) -> dict[str, float]:
     t: dict[str, float] = {}
     t0 = time.monotonic()
-    vm_id = client.create_vm(vcpus=1, memory_mib=256).vm_id
+    vm_id = client.create_vm(
+        vcpus=1, memory_mib=256, network="dual-stack" if network else None
+    ).vm_id
     t1 = time.monotonic()
     client.boot_vm(vm_id)
     t2 = time.monotonic()
@@ -83,10 +88,18 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--parallel", type=int, default=1)
     parser.add_argument("--assets", default=str(ROOT / "var" / "assets"))
+    parser.add_argument("--network", action="store_true", help="give each VM a NIC")
     args = parser.parse_args()
 
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="metald-bench-") as data:
+    tag = secrets.token_hex(3)
+    host_netns = f"mbh{tag}"
+    # The daemon's network lives in namespaces this script makes, never the machine's own.
+    netns.create(host_netns)
+    with (
+        tempfile.TemporaryDirectory(prefix="metald-bench-") as data,
+        tempfile.TemporaryDirectory(prefix="mj") as jails,
+    ):
         env = dict(
             os.environ,
             UNKEY_METALD_ADDRESS="127.0.0.1",
@@ -94,6 +107,10 @@ def main() -> None:
             UNKEY_METALD_DATA_DIR=data,
             UNKEY_METALD_ASSETMANAGER_CACHE_DIR=args.assets,
             UNKEY_METALD_AUTH_DEV_TOKENS="true",
+            UNKEY_METALD_JAILER_CHROOT_DIR=jails,
+            UNKEY_METALD_NETWORK_HOST_NETNS=host_netns,
+            UNKEY_METALD_NETWORK_SEGMENTS_NETNS=f"mbs{tag}",
+            UNKEY_METALD_NETWORK_NETNS_PREFIX=f"mbv{tag}-",
         )
         log = open(Path(data) / "metald.log", "w")  # noqa: SIM115 - closed below
         daemon = subprocess.Popen([str(METALD), "serve"], env=env, stderr=log, stdout=log)
@@ -110,8 +127,9 @@ def main() -> None:
                     time.sleep(0.1)
             client = MetaldClient(url, "dev_customer_bench")
             with ThreadPoolExecutor(args.parallel) as pool:
-                results = list(pool.map(lambda _: one_life(client), range(args.runs)))
-            print(f"{args.runs} VM lives, {args.parallel} at a time (1 vCPU, 256 MiB, TCG)")
+                results = list(pool.map(lambda _: one_life(client, args.network), range(args.runs)))
+            nic = "with a NIC" if args.network else "no NIC"
+            print(f"{args.runs} VM lives, {args.parallel} at a time (1 vCPU, 256 MiB, TCG, {nic})")
             print(f"{'step':<20}{'median s':>10}{'max s':>10}")
             for step in results[0]:
                 values = [r[step] for r in results]
@@ -121,6 +139,9 @@ def main() -> None:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(timeout=30)
             log.close()
+            for name in netns.listnetns():
+                if name in (host_netns, f"mbs{tag}") or name.startswith(f"mbv{tag}-"):
+                    netns.remove(name)
 
 
 if __name__ == "__main__":

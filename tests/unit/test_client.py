@@ -426,3 +426,26 @@ async def test_async_errors() -> None:
             await client.get_vm_info("x")
     assert caught.value.code == "unavailable"
     assert "cannot reach" in caught.value.message
+
+
+def _create_with_network(network: str | None) -> pb.CreateVmRequest:
+    return _build.create_vm(
+        vcpus=1,
+        memory_mib=256,
+        kernel_path=None,
+        initrd_path=None,
+        kernel_args=None,
+        disks=(),
+        metadata=None,
+        vm_id=None,
+        network=network,
+    ).request
+
+
+def test_create_request_with_a_network_card() -> None:
+    assert list(_create_with_network(None).config.network) == []
+    (nic,) = _create_with_network("ipv4-only").config.network
+    assert (nic.id, nic.mode) == ("eth0", pb.NETWORK_MODE_IPV4_ONLY)
+    with pytest.raises(MetaldClientError) as caught:
+        _create_with_network("ipx")
+    assert caught.value.code == "invalid_argument" and "dual-stack" in caught.value.message

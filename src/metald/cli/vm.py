@@ -289,6 +289,14 @@ def create(
     vm_id: Annotated[
         str | None, typer.Option("--id", help="VM id to use (default: server-generated).")
     ] = None,
+    network: Annotated[
+        str | None,
+        typer.Option(
+            "--network",
+            metavar="MODE",
+            help="Give the VM a network card: dual-stack, ipv4-only or ipv6-only.",
+        ),
+    ] = None,
     boot: Annotated[bool, typer.Option("--boot", help="Boot the VM once it is created.")] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print only the new VM's id.")
@@ -311,6 +319,7 @@ def create(
                 disks=disks,
                 metadata=metadata,
                 vm_id=vm_id,
+                network=network,
             )
         if quiet and not json_out:
             typer.echo(created.vm_id)

@@ -88,6 +88,13 @@ def _storage(disks: Iterable[Disk | str]) -> list[vm_pb2.StorageDevice]:
     return devices
 
 
+NETWORK_MODES = {
+    "dual-stack": vm_pb2.NETWORK_MODE_DUAL_STACK,
+    "ipv4-only": vm_pb2.NETWORK_MODE_IPV4_ONLY,
+    "ipv6-only": vm_pb2.NETWORK_MODE_IPV6_ONLY,
+}
+
+
 def create_vm(
     *,
     vcpus: int,
@@ -98,6 +105,7 @@ def create_vm(
     disks: Iterable[Disk | str],
     metadata: Mapping[str, str] | None,
     vm_id: str | None,
+    network: str | None = None,
 ) -> Rpc[vm_pb2.CreateVmResponse]:
     try:
         config = vm_pb2.VmConfig(
@@ -115,6 +123,10 @@ def create_vm(
                     kernel_args=kernel_args or "",
                 )
             )
+        if network is not None:
+            if network not in NETWORK_MODES:
+                raise ValueError(f"network must be one of {', '.join(NETWORK_MODES)}")
+            config.network.add(id="eth0", mode=NETWORK_MODES[network])
         request = vm_pb2.CreateVmRequest(vm_id=vm_id or "", config=config)
     except (TypeError, ValueError) as err:
         raise _invalid(err) from err

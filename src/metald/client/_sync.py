@@ -72,6 +72,7 @@ class MetaldClient:
         disks: Iterable[Disk | str] = (),
         metadata: Mapping[str, str] | None = None,
         vm_id: str | None = None,
+        network: str | None = None,
     ) -> vm_pb2.CreateVmResponse:
         return self._invoke(
             _build.create_vm(
@@ -83,6 +84,7 @@ class MetaldClient:
                 disks=disks,
                 metadata=metadata,
                 vm_id=vm_id,
+                network=network,
             )
         )
 
