@@ -338,6 +338,7 @@ def test_thirty_networked_vms_leave_nothing(daemon: Daemon) -> None:
     create_times: list[float] = []
     delete_times: list[float] = []
     addresses: set[str] = set()
+    booted = 0
     try:
         # A window of up to five VMs alive at once: addresses are reused after release.
         for i in range(30):
@@ -347,17 +348,22 @@ def test_thirty_networked_vms_leave_nothing(daemon: Daemon) -> None:
             ]
             create_times.append(time.monotonic() - start)
             alive.append(vm_id)
+            if i % 10 == 3:
+                # A few are running (their VMM in the jail, the TAP in use) when deleted.
+                call.must("BootVm", {"vm_id": vm_id})
+                booted += 1
             info = call.info(vm_id).body["network_info"]
             assert info["ip_address"] and info["network_namespace"], info
             addresses.add(info["ip_address"])
             if len(alive) > 5:
                 start = time.monotonic()
-                call.must("DeleteVm", {"vm_id": alive.pop(0)})
+                call.must("DeleteVm", {"vm_id": alive.pop(0), "force": True})
                 delete_times.append(time.monotonic() - start)
         assert len(_allocations(daemon)) == 2 * 5  # IPv4 and IPv6 per VM
         assert len([n for n in netns.listnetns() if n.startswith(daemon.vm_netns_prefix)]) == 5
         # The same address twice at the same time would have been a duplicate: never seen.
         assert len(addresses) >= 6
+        assert booted == 3
     finally:
         for vm_id in alive:
             start = time.monotonic()
@@ -369,8 +375,20 @@ def test_thirty_networked_vms_leave_nothing(daemon: Daemon) -> None:
         f"{sum(delete_times) / len(delete_times) * 1000:.0f} ms, "
         f"max {max(delete_times) * 1000:.0f} ms"
     )
-    after = _host_view(daemon)
-    assert after == before
+    assert _host_view(daemon) == before
+
+    # Ten more at once, then deleted at once: concurrent set-ups and teardowns.
+    ids = [f"churn-c{i}" for i in range(10)]
+    with ThreadPoolExecutor(10) as pool:
+        made = list(
+            pool.map(lambda v: call("CreateVm", {"vm_id": v, "config": _config([NIC])}), ids)
+        )
+        assert all(r.ok for r in made), [r for r in made if not r.ok]
+        ips = [call.info(v).body["network_info"]["ip_address"] for v in ids]
+        assert len(set(ips)) == 10, ips
+        gone = list(pool.map(lambda v: call("DeleteVm", {"vm_id": v}), ids))
+        assert all(r.ok for r in gone), [r for r in gone if not r.ok]
+    assert _host_view(daemon) == before
 
 
 # -- 4. restart reconciliation ---------------------------------------------------------------
