@@ -81,6 +81,12 @@ def _net_line(console: Console) -> tuple[str, str] | None:
     return None
 
 
+def _wait_net_line(console: Console) -> tuple[str, str]:
+    found = wait_until(lambda: _net_line(console), 10, "the guest's NET line")
+    assert found is not None
+    return found
+
+
 class Guest:
     """One VM of the test: its id, its addresses, its console and (when booted with the agent)
     the socket of its shell."""
@@ -103,7 +109,7 @@ class Guest:
         wait_until(
             lambda: self.console.ready_count() >= 1, BOOT_TIMEOUT, f"{self.vm_id} READY"
         )  # fmt: skip
-        ip4, self.ip6 = wait_until(lambda: _net_line(self.console), 10, "the NET line")
+        ip4, self.ip6 = _wait_net_line(self.console)
         assert ip4 == self.ip4, (ip4, self.ip4)
 
 
@@ -517,7 +523,7 @@ def test_the_daemon_runs_inside_a_namespace_the_test_made(e2e_root: Path) -> Non
         _ns_curl(ns, port, "BootVm", {"vm_id": vm_id}, token)
         console = Console(Path(info["backendInfo"]["console_log"]))
         wait_until(lambda: console.ready_count() >= 1, BOOT_TIMEOUT, "READY on the console")
-        ip4_seen, ip6 = wait_until(lambda: _net_line(console), 10, "the NET line")
+        ip4_seen, ip6 = _wait_net_line(console)
         assert ip4_seen == ip4
         for address in (ip4, ip6):
             ping = _in_ns(ns, "ping", "-c", "2", "-W", "3", address)
