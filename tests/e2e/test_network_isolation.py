@@ -278,16 +278,44 @@ while s.recv(65536):
     pass
 print(n / (time.perf_counter() - start))
 """
+# The other way: connect to address:port, read until the guest closes; bytes per second.
+RECEIVER = """
+import socket, sys, time
+address, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for _ in range(150):
+    s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
+    try:
+        s.connect((address, port))
+        break
+    except OSError:
+        s.close()
+        time.sleep(0.1)
+else:
+    sys.exit("could not connect")
+start = time.perf_counter()
+got = 0
+while chunk := s.recv(65536):
+    got += len(chunk)
+if got != n:
+    sys.exit(f"got {got} bytes, not {n}")
+print(got / (time.perf_counter() - start))
+"""
+# dd writes straight into the socket nc hands it (nc's own copy loop is slow under TCG).
+SOURCE_SETUP = (
+    "printf '#!/bin/sh\\nexec dd if=/dev/zero bs=65536 count=$(cat /tmp/blocks) 2>/dev/null\\n'"
+    " >/tmp/source && chmod +x /tmp/source"
+)
+SOURCE_LISTEN = "nc -l -p 5002 -e /tmp/source </dev/null >/dev/null 2>&1 &"
 SINK_SETUP = (
     "printf '#!/bin/sh\\nexec cat >/dev/null\\n' >/tmp/sink && chmod +x /tmp/sink"
 )  # fmt: skip
 SINK_LISTEN = "nc -l -p 5001 -e /tmp/sink </dev/null >/dev/null 2>&1 &"
 
 
-def test_rx_rate_limit_holds_within_20_percent(metald_factory: Callable[..., Daemon]) -> None:
+def test_rate_limits_hold_within_20_percent(metald_factory: Callable[..., Daemon]) -> None:
     daemon = metald_factory(UNKEY_METALD_GUEST_AGENT="true")
     call = CurlConnect(daemon.url, "dev_customer_r")
-    limited_nic = {**NIC, "rx_rate_limit": {"bandwidth": MIB}}
+    limited_nic = {**NIC, "rx_rate_limit": {"bandwidth": MIB}, "tx_rate_limit": {"bandwidth": MIB}}
     guests: list[Guest] = []
     try:
         guests = [_create(call, "rl-limited", limited_nic), _create(call, "rl-free")]
@@ -313,6 +341,28 @@ def test_rx_rate_limit_holds_within_20_percent(metald_factory: Callable[..., Dae
                 for agent in agents:
                     await agent.close()
 
+        def receive_from(g: Guest, nbytes: int) -> float:
+            async def serve() -> None:
+                (agent,) = await _agents([g])
+                try:
+                    for command in (
+                        f"echo {nbytes // 65536} >/tmp/blocks",
+                        SOURCE_SETUP,
+                        SOURCE_LISTEN,
+                    ):
+                        rc, text = await agent.run(command)
+                        assert rc == 0, text
+                finally:
+                    await agent.close()
+
+            asyncio.run(serve())
+            out = _in_ns(
+                daemon.host_netns, sys.executable, "-c", RECEIVER, g.ip4, "5002", str(nbytes),
+                timeout=60,
+            )  # fmt: skip
+            assert out.returncode == 0, out.stderr
+            return float(out.stdout.strip())
+
         asyncio.run(listen(guests))
         free_rate = send_into(free, 16 * MIB)
         limited_rate = send_into(limited, 5 * MIB)
@@ -330,6 +380,15 @@ def test_rx_rate_limit_holds_within_20_percent(metald_factory: Callable[..., Dae
             assert 0.8 * MIB <= rate <= 1.2 * MIB, rate / MIB
         for rate in (free_rate, free_again):
             assert rate > 2 * max(limited_rate, limited_again), rate / MIB
+        # tx_rate_limit: what the guest sends.
+        free_out = receive_from(free, 8 * MIB)
+        limited_out = receive_from(limited, 4 * MIB)
+        print(
+            f"from the guest, tx_rate_limit 1 MiB/s: {limited_out / MIB:.3f} MiB/s (4 MiB); "
+            f"no limit: {free_out / MIB:.2f} MiB/s (8 MiB)"
+        )
+        assert 0.8 * MIB <= limited_out <= 1.2 * MIB, limited_out / MIB
+        assert free_out > 2 * limited_out, free_out / MIB
     finally:
         _delete_all(guests)
 
