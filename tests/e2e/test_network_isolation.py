@@ -1,8 +1,9 @@
 """Issue 3 through the daemon, seen from inside the guests and across the daemon's life:
 tenant isolation between guests (commands run in the guests over the guest agent port), the
-rx rate limit measured by a transfer into a guest, restart reconciliation of a VM whose VMM
-died with the daemon and of a stray namespace, and the daemon run inside a namespace the test
-made (so its bridge is there, never in the machine's own namespace).
+rx and tx rate limits measured by transfers into and out of a guest, 30 networked VMs created
+and deleted leaving nothing, restart reconciliation of a VM whose VMM died with the daemon and
+of a stray namespace, the daemon run inside a namespace the test made (so its bridge is there,
+never in the machine's own namespace), and two daemons side by side.
 
 Every packet goes between namespaces a daemon of this test made (or the test itself made);
 the machine's own network namespace is only ever read.
