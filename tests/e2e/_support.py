@@ -230,6 +230,7 @@ class Daemon:
         self.data_dir = workdir / "data"
         self.log_path = workdir / f"{name}.log"
         tag = secrets.token_hex(3)
+        self.cgroup_parent = f"metald-test-{tag}"
         self.host_netns = f"mth{tag}"
         self.segments_netns = f"mts{tag}"
         self.vm_netns_prefix = f"mtv{tag}-"
@@ -250,6 +251,8 @@ class Daemon:
             "UNKEY_METALD_NETWORK_SEGMENTS_NETNS": self.segments_netns,
             "UNKEY_METALD_NETWORK_NETNS_PREFIX": self.vm_netns_prefix,
             "UNKEY_METALD_JAILER_CHROOT_DIR": str(self.jail_dir),
+            # Two daemons on one host need their own cgroup parents, as their own jail bases.
+            "UNKEY_METALD_JAILER_CGROUP_PARENT": self.cgroup_parent,
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None
@@ -354,6 +357,13 @@ class Daemon:
         if jails.is_dir() and any(jails.iterdir()):
             problems.append(f"jails left behind: {sorted(os.listdir(jails))}")
         shutil.rmtree(self.jail_dir, ignore_errors=True)
+        for hierarchy in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+            parent = Path(hierarchy) / self.cgroup_parent
+            if parent.is_dir():
+                try:
+                    parent.rmdir()  # a cgroup directory goes with rmdir once it has no children
+                except OSError as exc:
+                    problems.append(f"cgroup left behind: {parent}: {exc.strerror}")
         for name in netns.listnetns():
             if name.startswith(self.vm_netns_prefix):
                 problems.append(f"network namespace left behind: {name}")

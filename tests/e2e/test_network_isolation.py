@@ -654,25 +654,7 @@ def test_a_second_daemon_leaves_the_first_ones_vms_alone(
         twin = other("CreateVm", {"vm_id": guest.vm_id, "config": _config([NIC])})
         print(f"CreateVm of the same id in the second daemon: {twin!r}")
         first_vm_intact()
-        if not twin.ok:
-            left = {k: v for k, v in _host_view(second).items() if v != second_view[k]}
-            row = second.db_rows().get(guest.vm_id)
-            print(f"left behind by the failed CreateVm: {left}; its row: {row}")
-            stuck = other("DeleteVm", {"vm_id": guest.vm_id, "force": True})
-            print(f"DeleteVm (force) of it while the first VM runs: {stuck!r}")
-            # Once the first daemon's VM (and its cgroup) is gone, the leftovers can go.
-            call.must("DeleteVm", {"vm_id": guest.vm_id, "force": True})
-            row = second.db_rows().get(guest.vm_id)
-            if row is not None and row["deleted_at"] is None:
-                other.must("DeleteVm", {"vm_id": guest.vm_id, "force": True})
-            assert _host_view(second) == second_view
-            pytest.xfail(
-                "known bug: VM cgroups are named by VM id alone under a cgroup parent every "
-                "daemon shares, so a daemon cannot create a VM whose id a running VM of another "
-                f"daemon has ({twin.code}: {twin.message}); the failed create left a CREATED "
-                f"row and {sorted(left)} behind, and DeleteVm of it failed ({stuck.code}) while "
-                "the other VM ran"
-            )
+        assert twin.ok, f"the same VM id in another daemon (own cgroup parent): {twin!r}"
         twin_guest = Guest(other, guest.vm_id)
         twin_guest.boot()
         assert int(other.info(guest.vm_id).body["backend_info"]["pid"]) != pid

@@ -131,13 +131,22 @@ class VmService:
                 nic = await self._network.setup(vm_id, caller, config.network)
                 process = await self._backend.create(replace(spec_of(vm_id), nic=nic))
             except BaseException:
-                await self._backend.destroy(vm_id)
-                await self._network.teardown(vm_id)
-                await self._store.remove(vm_id)
+                await self._undo_create(vm_id)
                 raise
             vm.process = process
             await self._store.update(vm)
             return vm
+
+    async def _undo_create(self, vm_id: str) -> None:
+        """Every undo step runs even when an earlier one fails: what a step could not remove
+        is logged, and the next start's orphan removal takes it (no row owns it any more)."""
+        steps = (("VMM", self._backend.destroy), ("network", self._network.teardown))
+        for what, undo in steps:
+            try:
+                await undo(vm_id)
+            except Exception:
+                log.exception("vm %s: undoing a failed create: removing its %s failed", vm_id, what)
+        await self._store.remove(vm_id)
 
     async def boot_vm(self, caller: str, vm_id: str) -> VmRecord:
         async with self._locks.hold(vm_id):
