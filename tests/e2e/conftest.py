@@ -123,7 +123,8 @@ def e2e_root() -> Iterator[Path]:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
     if report.when == "call":
-        item.stash[_CALL_FAILED] = report.failed
+        # An expected failure (xfail) stopped the test half-way just the same.
+        item.stash[_CALL_FAILED] = report.failed or hasattr(report, "wasxfail")
     return report
 
 
