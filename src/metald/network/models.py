@@ -321,6 +321,22 @@ def _dns(value: Any, version: int, where: str) -> tuple[str, ...] | None:
     return tuple(out)
 
 
+def _static_address(text: str, kind: Any, subnet: Any, gateway: Any, where: str) -> Any:
+    """A static address asked for (None if none): in the subnet, with its prefix if given."""
+    if not text:
+        return None
+    try:
+        iface = kind(text)
+    except ValueError:
+        raise InvalidArgument(
+            f"{where}.address", f"is not an IPv{subnet.version} address"
+        ) from None
+    if "/" in text and iface.network.prefixlen != subnet.prefixlen:
+        raise InvalidArgument(f"{where}.address", f"the prefix must be /{subnet.prefixlen}")
+    _check_static(iface.ip, subnet, gateway, f"{where}.address")
+    return iface.ip
+
+
 def _parse_v4(
     cfg: Mapping[str, Any], settings: NetworkSettings, where: str
 ) -> tuple[IPv4 | None, tuple[str, ...] | None]:
@@ -331,17 +347,9 @@ def _parse_v4(
         raise InvalidArgument(f"{where}.dhcp", "not supported: metald assigns the address")
     subnet = settings.subnet4
     gateway = settings.gateway4.ip
-    address = None
-    text = str(cfg.get("address", "") or "")
-    if text:
-        try:
-            iface = ipaddress.IPv4Interface(text)
-        except ValueError:
-            raise InvalidArgument(f"{where}.address", "is not an IPv4 address") from None
-        if "/" in text and iface.network.prefixlen != subnet.prefixlen:
-            raise InvalidArgument(f"{where}.address", f"the prefix must be /{subnet.prefixlen}")
-        address = iface.ip
-        _check_static(address, subnet, gateway, f"{where}.address")
+    address = _static_address(
+        str(cfg.get("address", "") or ""), ipaddress.IPv4Interface, subnet, gateway, where
+    )
     netmask = str(cfg.get("netmask", "") or "")
     if netmask and netmask not in (str(subnet.netmask), str(subnet.prefixlen)):
         raise InvalidArgument(f"{where}.netmask", f"must be {subnet.netmask} (the VM subnet's)")
@@ -373,17 +381,9 @@ def _parse_v6(
         raise InvalidArgument(f"{where}.link_local", "not supported")
     subnet = settings.subnet6
     gateway = settings.gateway6.ip
-    address = None
-    text = str(cfg.get("address", "") or "")
-    if text:
-        try:
-            iface = ipaddress.IPv6Interface(text)
-        except ValueError:
-            raise InvalidArgument(f"{where}.address", "is not an IPv6 address") from None
-        if "/" in text and iface.network.prefixlen != subnet.prefixlen:
-            raise InvalidArgument(f"{where}.address", f"the prefix must be /{subnet.prefixlen}")
-        address = iface.ip
-        _check_static(address, subnet, gateway, f"{where}.address")
+    address = _static_address(
+        str(cfg.get("address", "") or ""), ipaddress.IPv6Interface, subnet, gateway, where
+    )
     prefix = _int(cfg.get("prefix_length", 0) or 0, f"{where}.prefix_length")
     if prefix and prefix != subnet.prefixlen:
         raise InvalidArgument(f"{where}.prefix_length", f"must be {subnet.prefixlen}")
