@@ -143,7 +143,7 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
         assets = LocalAssetStore(settings.assetmanager_cache_dir)
         service = VmService(
             store,
-            backend,
+            {backend.name: backend},
             assets,
             network,
             Limits(max_vcpus=settings.vcpu_limit, max_memory_bytes=settings.memory_limit),

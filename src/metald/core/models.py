@@ -55,6 +55,17 @@ class ResolvedDisk:
 
 
 @dataclass(frozen=True)
+class RateLimit:
+    """A token bucket, as the API's RateLimit message gives it: ``bandwidth`` bytes per
+    second, ``refill_time_ms`` the time the bucket takes to refill (0: one second), ``burst``
+    extra bytes allowed at once (0: none beyond the bucket)."""
+
+    bandwidth: int
+    refill_time_ms: int = 0
+    burst: int = 0
+
+
+@dataclass(frozen=True)
 class NicSpec:
     """The guest's network card: a TAP in the VM's own network namespace."""
 
@@ -62,6 +73,9 @@ class NicSpec:
     tap: str
     mac: str
     guest_args: str  # metald.ip4=... etc. for the guest's kernel command line
+    # Limits a VMM with its own limiter applies (Firecracker); QEMU's are tc on the veth.
+    rx_rate_limit: RateLimit | None = None  # toward the guest
+    tx_rate_limit: RateLimit | None = None  # from the guest
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from metald.core.errors import (
     MetaldError,
     NotFound,
     PermissionDenied,
+    Unavailable,
 )
 from metald.core.ids import new_vm_id
 from metald.core.models import (
@@ -47,16 +48,26 @@ class VmService:
     def __init__(
         self,
         store: Store,
-        backend: Backend,
+        backends: Mapping[str, Backend],
         assets: Assets,
         network: Network,
         limits: Limits,
         *,
+        default_backend: str = "",
         default_shutdown_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`backends`: every VMM backend this host can run, by name (a VM row records its
+        backend, so VMs of each are adopted after a restart); new VMs use `default_backend`
+        (the only one when there is one)."""
+        if not backends:
+            raise ValueError("at least one backend")
+        default_backend = default_backend or next(iter(backends))
+        if default_backend not in backends:
+            raise ValueError(f"default backend {default_backend!r} is not among the backends")
         self._store = store
-        self._backend = backend
+        self._backends = dict(backends)
+        self._backend = self._backends[default_backend]
         self._assets = assets
         self._network = network
         self._limits = limits
@@ -68,14 +79,17 @@ class VmService:
 
     async def start(self) -> None:
         """Adopt VMMs left by an earlier metald, mark lost ones SHUTDOWN, remove orphans."""
-        self._backend.set_exit_callback(self._on_vmm_exit)
-        self._backend.set_tap_callback(self._network.attach)
+        for backend in self._backends.values():
+            backend.set_exit_callback(self._on_vmm_exit)
+            backend.set_tap_callback(self._network.attach)
         records = await self._store.list_live()
         for vm in records:
             async with self._locks.hold(vm.id):
                 await self._reconcile(vm)
         known = {vm.id for vm in records}
-        removed = await self._backend.remove_orphans(known)
+        removed: list[str] = []
+        for backend in self._backends.values():
+            removed += await backend.remove_orphans(known)
         removed += await self._network.remove_orphans(known)
         if removed:
             log.info("removed leftovers no VM owns: %s", ", ".join(removed))
@@ -83,7 +97,16 @@ class VmService:
     async def _reconcile(self, vm: VmRecord) -> None:
         if vm.state not in LIVE_STATES:
             return
-        live = await self._backend.adopt(vm.id, vm.process) if vm.process else None
+        backend = self._backends.get(vm.backend)
+        if backend is None:
+            # Its processes, if any, are left alone: a daemon with that backend adopts them.
+            log.error(
+                "vm %s: its backend %r is not available on this daemon; left as it is",
+                vm.id,
+                vm.backend,
+            )
+            return
+        live = await backend.adopt(vm.id, vm.process) if vm.process else None
         if live is None:
             reason = "vmm process was gone when metald started"
             await self._save(vm, state=VmState.SHUTDOWN, process=None, exit_reason=reason)
@@ -152,28 +175,28 @@ class VmService:
         async with self._locks.hold(vm_id):
             vm = await self._owned(caller, vm_id)
             new_state = next_state(Operation.BOOT, vm.state)
-            process = await self._backend.boot(vm_id)
+            process = await self._backend_of(vm).boot(vm_id)
             return await self._save(vm, state=new_state, process=process, exit_reason=None)
 
     async def pause_vm(self, caller: str, vm_id: str) -> VmRecord:
         async with self._locks.hold(vm_id):
             vm = await self._owned(caller, vm_id)
             new_state = next_state(Operation.PAUSE, vm.state)
-            await self._backend.pause(vm_id)
+            await self._backend_of(vm).pause(vm_id)
             return await self._save(vm, state=new_state)
 
     async def resume_vm(self, caller: str, vm_id: str) -> VmRecord:
         async with self._locks.hold(vm_id):
             vm = await self._owned(caller, vm_id)
             new_state = next_state(Operation.RESUME, vm.state)
-            await self._backend.resume(vm_id)
+            await self._backend_of(vm).resume(vm_id)
             return await self._save(vm, state=new_state)
 
     async def reboot_vm(self, caller: str, vm_id: str) -> VmRecord:
         async with self._locks.hold(vm_id):
             vm = await self._owned(caller, vm_id)
             new_state = next_state(Operation.REBOOT, vm.state)
-            await self._backend.reboot(vm_id)
+            await self._backend_of(vm).reboot(vm_id)
             return await self._save(vm, state=new_state)
 
     async def shutdown_vm(
@@ -185,7 +208,7 @@ class VmService:
         async with self._locks.hold(vm_id):
             vm = await self._owned(caller, vm_id)
             new_state = next_state(Operation.SHUTDOWN, vm.state)
-            how = await self._backend.shutdown(vm_id, timeout=timeout, force=force)
+            how = await self._backend_of(vm).shutdown(vm_id, timeout=timeout, force=force)
             return await self._save(
                 vm, state=new_state, process=None, exit_reason=f"shutdown requested ({how})"
             )
@@ -198,7 +221,7 @@ class VmService:
                 raise FailedPrecondition(
                     f"VM is {vm.state.value}: shut it down first or delete with force"
                 )
-            await self._backend.destroy(vm_id)
+            await self._backend_of(vm).destroy(vm_id)
             await self._network.teardown(vm_id)
             vm.deleted_at = self._clock()
             await self._save(vm, state=VmState.SHUTDOWN, process=None)
@@ -212,8 +235,9 @@ class VmService:
         info = dict(vm.backend_info)
         if vm.state in LIVE_STATES:
             try:
-                usage = await self._backend.usage(vm_id)
-                info.update(self._backend.info(vm_id))
+                backend = self._backend_of(vm)
+                usage = await backend.usage(vm_id)
+                info.update(backend.info(vm_id))
             except MetaldError as exc:
                 # The VMM may be exiting right now; the exit callback will record it.
                 log.debug("usage of %s unavailable: %s", vm_id, exc)
@@ -232,6 +256,14 @@ class VmService:
         return Page(vms=vms, next_token=next_token, total_count=total)
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _backend_of(self, vm: VmRecord) -> Backend:
+        backend = self._backends.get(vm.backend)
+        if backend is None:
+            raise Unavailable(
+                f"VM {vm.id} runs on the {vm.backend} backend, which this daemon does not run"
+            )
+        return backend
 
     async def _owned(self, caller: str, vm_id: str) -> VmRecord:
         check_vm_id(vm_id)
