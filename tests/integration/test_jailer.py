@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from metald.assets.kernel_args import host_tsc_khz
 from metald.assets.store import LocalAssetStore
-from metald.backends.process import ProcessWatch
 from metald.core.errors import BackendError
+from metald.host.cpu import host_tsc_khz
+from metald.host.process import ProcessWatch
 from metald.jailer import (
     STEPS,
     CgroupSpec,

@@ -36,9 +36,9 @@ from typing import Any
 
 import pytest
 
-from metald.assets.kernel_args import host_tsc_khz
 from metald.assets.store import LocalAssetStore
 from metald.core.errors import InvalidArgument, MetaldError, ResourceExhausted
+from metald.host.cpu import host_tsc_khz
 from metald.network import (
     NetworkManager,
     NetworkMode,

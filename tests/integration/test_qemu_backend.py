@@ -33,11 +33,11 @@ import pytest
 
 from metald.assets.store import LocalAssetStore
 from metald.backends.jail import JailSettings, processes_rooted_at
-from metald.backends.process import identity_of, is_alive, kill_identity, read_cmdline
 from metald.backends.qemu.backend import QemuBackend
 from metald.core.errors import BackendError, InvalidArgument
 from metald.core.models import LaunchSpec, NicSpec, ProcessIdentity, ResolvedDisk
 from metald.core.states import VmState
+from metald.host.process import identity_of, is_alive, kill_identity, read_cmdline
 from metald.jailer import ensure_jail_user, qemu_host_paths
 from metald.jailer.cgroups import cgroup_dir, cgroup_mount, mounts_under
 

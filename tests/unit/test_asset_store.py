@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from metald.assets import guest_builder as gb
-from metald.assets.kernel_args import GuestArgs, host_tsc_khz, kernel_command_line
+from metald.assets.kernel_args import GuestArgs, kernel_command_line
 from metald.assets.store import (
     LocalAssetStore,
     NoDefaultImage,
@@ -33,6 +33,7 @@ from metald.cli.assets import STORE_ENV
 from metald.cli.main import app
 from metald.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from metald.core.ports import Assets
+from metald.host.cpu import host_tsc_khz
 
 SECRET = "s3cr3t-host-dir"
 

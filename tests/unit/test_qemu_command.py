@@ -13,14 +13,7 @@ from pathlib import Path
 import pytest
 
 import metald.backends.qemu as qemu_pkg
-from metald.backends.jail import (
-    JailSettings,
-    UnsafeSocket,
-    load_jail_spec,
-    open_socket_path,
-    save_jail_spec,
-)
-from metald.backends.process import ExitStatus, parse_stat
+from metald.backends.jail import JailSettings, load_jail_spec, save_jail_spec
 from metald.backends.qemu.accel import PROBE_SUCCESS_EXIT, probe_argv, probe_image
 from metald.backends.qemu.command import (
     MAX_KERNEL_CMDLINE,
@@ -43,6 +36,8 @@ from metald.backends.qemu.command import (
 )
 from metald.core.errors import BackendError
 from metald.core.models import LaunchSpec, NicSpec, ResolvedDisk
+from metald.host.process import ExitStatus, parse_stat
+from metald.host.sockets import UnsafeSocket, open_socket_path
 from metald.jailer import JailSpec
 
 LAYOUT = VmLayout(Path("/srv/vms/vm-1"))

@@ -11,32 +11,9 @@ Under KVM the kernel uses kvm-clock and needs none of this.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 BASE_ARGS = "console=ttyS0 panic=-1 quiet"
-
-_CPU_MHZ_RE = re.compile(r"^cpu MHz\s*:\s*([0-9.]+)\s*$", re.M)
-
-
-def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
-    """The host's TSC frequency in kHz (what a TCG guest's TSC runs at), or None if unknown.
-
-    Read from /proc/cpuinfo's "cpu MHz" of the first CPU, which is the TSC rate on hosts
-    without cpufreq (virtual machines: the hosts where guests have to run under TCG). With a
-    cpufreq driver that field is the current clock, so None is returned there.
-    """
-    if Path("/sys/devices/system/cpu/cpu0/cpufreq").exists():
-        return None
-    try:
-        m = _CPU_MHZ_RE.search(cpuinfo.read_text())
-    except OSError:
-        return None
-    if m is None:
-        return None
-    khz = round(float(m.group(1)) * 1000)
-    return khz if khz > 0 else None
 
 
 def tcg_timer_args(tsc_khz: int | None) -> str:

@@ -5,12 +5,6 @@ and what it needs around `launch_jailed`/`remove_jail`:
   again after a metald restart;
 - proof that a live process is a VM's jailed VMM: its root (/proc/<pid>/root) is that VM's
   jail root, which only the jailer makes;
-- a connection to a control socket the VMM made in its writable /run that cannot be
-  redirected: the jail user owns that directory, so a compromised VMM could put a symlink
-  there (to, say, another daemon's socket) for metald to connect to as root. The socket is
-  opened O_PATH|O_NOFOLLOW, checked to be a socket owned by the jail user, and connected to
-  through /proc/self/fd/<n>, so the inode checked is the inode connected to (this also
-  keeps the connect()ed path short, whatever the jail base);
 - the jail directories and cgroups that no VM owns, for orphan removal.
 """
 
@@ -18,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import posixpath
@@ -27,9 +20,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from metald.backends.process import identity_of, is_alive, kill_identity
 from metald.core.errors import BackendError
 from metald.core.models import ProcessIdentity
+from metald.host.process import identity_of, is_alive, kill_identity
 from metald.jailer.cgroups import cgroup_dir
 from metald.jailer.errors import JailerError
 from metald.jailer.launch import remove_jail
@@ -205,36 +198,8 @@ def processes_rooted_at(root: Path) -> list[ProcessIdentity]:
         if _same_dir(have, want):
             ident = identity_of(int(entry.name))
             if ident is not None:
-                found.append(ident)
+                found.append(ProcessIdentity(*ident))
     return found
-
-
-# -- the control socket --
-
-
-class UnsafeSocket(OSError):
-    """The control socket path holds something else than a socket of the expected owner."""
-
-
-def open_socket_path(path: Path, owner_uid: int) -> int:
-    """An O_PATH descriptor of the socket at `path` (never through a symlink), checked to be
-    a socket owned by `owner_uid`. Connect to it as f"/proc/self/fd/{fd}", then close it.
-    Raises FileNotFoundError while it does not exist yet, UnsafeSocket for anything else
-    found there."""
-    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISSOCK(st.st_mode):
-            kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a socket"
-            raise UnsafeSocket(errno.EPERM, f"the control socket is {kind}")
-        if st.st_uid != owner_uid:
-            raise UnsafeSocket(
-                errno.EPERM, f"the control socket is owned by uid {st.st_uid}, not {owner_uid}"
-            )
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 # -- removing jails --

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from metald.core.states import VmState
 
@@ -92,9 +92,9 @@ class LaunchSpec:
     nic: NicSpec | None = None
 
 
-@dataclass(frozen=True)
-class ProcessIdentity:
-    """A VMM process, named so that a reused pid is not mistaken for it."""
+class ProcessIdentity(NamedTuple):
+    """A VMM process, named so that a reused pid is not mistaken for it. A named tuple, so
+    it equals the identity metald.host.process finds for the same process."""
 
     pid: int
     start_time: int  # /proc/<pid>/stat field 22, clock ticks since boot

@@ -28,21 +28,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import posixpath
 import resource
 import signal
-import socket
 import stat
-import struct
 import sys
 import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from metald.jailer import syscalls as sc
+from metald.host import libc as sc
+from metald.host import netns as host_netns
+from metald.host.tap import TapError, create_tap, device_exists
 from metald.jailer.cgroups import cgroup_mount, relative_cgroup
 from metald.jailer.spec import ALL_STEPS, RLIM_INFINITY, JailSpec, PlacedFile
 
@@ -50,17 +49,6 @@ TEST_HOOKS_ENV = "METALD_JAILER_TEST_HOOKS"
 # Exit status of a helper that failed at a step (the VMM never ran): 200 + the step's index.
 EXIT_CODES = {name: 200 + i for i, name in enumerate(ALL_STEPS)}
 
-# linux/if_tun.h, linux/sockios.h, net/if.h
-TUNSETIFF = 0x400454CA
-TUNSETPERSIST = 0x400454CB
-TUNSETOWNER = 0x400454CC
-TUNSETGROUP = 0x400454CE
-IFF_TAP = 0x0002
-IFF_NO_PI = 0x1000
-IFF_UP = 0x1
-SIOCGIFFLAGS = 0x8913
-SIOCSIFFLAGS = 0x8914
-_IFREQ_SIZE = 40
 
 HOST_BIND_FLAGS = sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
 FILE_BIND_FLAGS = sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
@@ -136,58 +124,27 @@ class Jail:
         if path is None:
             return None
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise StepFailed(f"cannot open network namespace {_os_message(e)}") from None
-        try:
-            sc.setns(fd, sc.CLONE_NEWNET)
+            host_netns.enter(path)
         except OSError as e:
             raise StepFailed(f"cannot enter network namespace {path}: {e.strerror}") from None
-        finally:
-            os.close(fd)
         return {"netns": path}
 
-    # -- tap (the ioctls pyroute2 itself issues for a tuntap link, without its import) --
+    # -- tap --
 
     def step_tap(self) -> dict[str, Any] | None:
         tap = self.spec.tap
         if tap is None:
             return None
         name = tap.name
-        try:
-            socket.if_nametoindex(name)
-        except OSError:
-            pass
-        else:
+        if device_exists(name):
             raise StepFailed(f"a network device named {name} already exists in the namespace")
-        ifname = name.encode()
         try:
-            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-        except OSError as e:
-            raise StepFailed(f"cannot open {_os_message(e)}") from None
-        try:
-            ifr = struct.pack("16sH", ifname, IFF_TAP | IFF_NO_PI).ljust(_IFREQ_SIZE, b"\0")
-            try:
-                fcntl.ioctl(fd, TUNSETIFF, ifr)
-                fcntl.ioctl(fd, TUNSETPERSIST, 1)
-            except OSError as e:
-                raise StepFailed(f"cannot create TAP {name}: {e.strerror}") from None
-            self.created("tap", netns=self.spec.netns_path or "", name=name)
-            try:
-                fcntl.ioctl(fd, TUNSETOWNER, self.spec.uid)
-                fcntl.ioctl(fd, TUNSETGROUP, self.spec.gid)
-            except OSError as e:
-                raise StepFailed(f"cannot give TAP {name} to the jail user: {e.strerror}") from None
-        finally:
-            os.close(fd)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            try:
-                req = struct.pack("16sH", ifname, 0).ljust(_IFREQ_SIZE, b"\0")
-                flags = struct.unpack_from("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, req))[1]
-                req = struct.pack("16sH", ifname, flags | IFF_UP).ljust(_IFREQ_SIZE, b"\0")
-                fcntl.ioctl(s, SIOCSIFFLAGS, req)
-            except OSError as e:
-                raise StepFailed(f"cannot bring TAP {name} up: {e.strerror}") from None
+            create_tap(name, self.spec.uid, self.spec.gid)
+        except TapError as e:
+            if e.stage != "create":
+                self.created("tap", netns=self.spec.netns_path or "", name=name)
+            raise StepFailed(e.strerror or str(e)) from None
+        self.created("tap", netns=self.spec.netns_path or "", name=name)
         return {"tap": name, "uid": self.spec.uid, "gid": self.spec.gid}
 
     # -- mount --

@@ -22,16 +22,15 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from metald.backends.process import ExitStatus, identity_of, inheritable_fds, reap_pidfd
 from metald.core.models import ProcessIdentity
-from metald.jailer import syscalls as sc
+from metald.host import netns as host_netns
+from metald.host.process import ExitStatus, identity_of, inheritable_fds, reap_pidfd
 from metald.jailer.cgroups import cgroup_dir, mounts_under, relative_cgroup
 from metald.jailer.errors import JailerError
 from metald.jailer.spec import STEPS, JailSpec, SpecError
@@ -107,11 +106,11 @@ async def launch_jailed(
             os.close(report_fd)
         elapsed = time.monotonic() - started
         if reader.error is None and reader.exec_started:
-            identity = identity_of(pid)
-            if identity is None:  # pragma: no cover - the VMM died at once and was reaped
+            found = identity_of(pid)
+            if found is None:  # pragma: no cover - the VMM died at once and was reaped
                 raise JailerError("exec", "the VMM vanished right after starting")
             os.close(pidfd)
-            return _result(spec, identity, reader, elapsed)
+            return _result(spec, ProcessIdentity(*found), reader, elapsed)
         status = await _reap(pidfd)
         if reader.error is not None:
             step, message = reader.error
@@ -466,29 +465,8 @@ def _remove_jail_dir(path: Path) -> None:
 
 
 def _in_netns(netns_path: str, work: Callable[[], _T], missing: _T) -> _T:
-    """Run `work` in a fresh thread that has entered the namespace (a thread's namespace is
-    its own; this one ends with the work, so no thread of metald stays in it). `missing`
-    if the namespace does not exist."""
-    result: list[_T] = []
-    failure: list[BaseException] = []
-
+    """Run `work` in the namespace (host.netns.run_in); `missing` if the namespace does not
+    exist (it is gone, and its devices with it)."""
     if not os.path.exists(netns_path):
-        return missing  # the namespace is gone, and its devices with it
-
-    def thread() -> None:
-        try:
-            fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                sc.setns(fd, sc.CLONE_NEWNET)
-            finally:
-                os.close(fd)
-            result.append(work())
-        except BaseException as e:
-            failure.append(e)
-
-    t = threading.Thread(target=thread, name="metald-jailer-netns", daemon=True)
-    t.start()
-    t.join()
-    if failure:
-        raise failure[0]
-    return result[0]
+        return missing
+    return host_netns.run_in(netns_path, work)

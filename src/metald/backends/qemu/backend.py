@@ -55,28 +55,14 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from metald.assets.kernel_args import host_tsc_khz
 from metald.backends.jail import (
     JailSettings,
-    UnsafeSocket,
     load_jail_spec,
-    open_socket_path,
     release_jail,
     remove_jail_at,
     remove_orphan_jails,
     rooted_at,
     save_jail_spec,
-)
-from metald.backends.process import (
-    ExitStatus,
-    ProcessWatch,
-    is_alive,
-    kill_identity,
-    process_age_seconds,
-    read_cmdline,
-    read_rss_bytes,
-    read_stat,
-    spawn,
 )
 from metald.backends.qemu.accel import probe_kvm
 from metald.backends.qemu.command import (
@@ -106,6 +92,20 @@ from metald.core.errors import BackendError, InvalidArgument, MetaldError
 from metald.core.models import LaunchSpec, ProcessIdentity, VmUsage
 from metald.core.ports import ExitCallback
 from metald.core.states import VmState
+from metald.host.cpu import host_tsc_khz
+from metald.host.files import write_atomic
+from metald.host.process import (
+    ExitStatus,
+    ProcessWatch,
+    is_alive,
+    kill_identity,
+    process_age_seconds,
+    read_cmdline,
+    read_rss_bytes,
+    read_stat,
+    spawn,
+)
+from metald.host.sockets import UnsafeSocket, open_socket_path
 from metald.jailer.errors import JailerError
 from metald.jailer.host import qemu_host_paths, vmm_devices
 from metald.jailer.launch import launch_jailed
@@ -395,7 +395,7 @@ class QemuBackend:
             raise BackendError(f"cannot make the VM directory: {e.strerror}") from e
         try:
             await self._copy_disks(spec, layout)
-            _write_atomic(layout.spec_file, spec_to_json(spec))
+            write_atomic(layout.spec_file, spec_to_json(spec))
             vm = await self._launch(spec, layout)
         except BaseException as e:
             try:
@@ -517,7 +517,7 @@ class QemuBackend:
             with contextlib.suppress(FileNotFoundError):
                 layout.qmp_socket.unlink()
             try:
-                identity = spawn(argv, stderr_path=layout.stderr_log)
+                identity = ProcessIdentity(*spawn(argv, stderr_path=layout.stderr_log))
             except OSError as e:
                 raise BackendError(f"cannot start {self.qemu_binary}: {e.strerror or e}") from e
         vm = _Vm(
@@ -1040,7 +1040,7 @@ class QemuBackend:
             "accelerator": vm.accelerator,
             "booted_at": vm.booted_at,
         }
-        _write_atomic(vm.layout.process_file, json.dumps(data))
+        write_atomic(vm.layout.process_file, json.dumps(data))
 
     def _recorded_identity(self, layout: VmLayout) -> ProcessIdentity | None:
         data = _read_json(layout.process_file)
@@ -1173,12 +1173,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 async def _kill(identity: ProcessIdentity) -> None:

@@ -1,4 +1,4 @@
-"""VMM processes: identity, spawning, watching and killing. Generic: every backend uses it.
+"""Processes: identity, spawning, watching, reaping and killing.
 
 A process is named by its pid *and* its start time (field 22 of /proc/<pid>/stat, clock ticks
 since boot), so a pid the kernel has reused for another program is never mistaken for ours.
@@ -17,12 +17,29 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from metald.core.models import ProcessIdentity
+from typing import Any, NamedTuple, Protocol
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+class Identified(Protocol):
+    """Anything that names a process by pid and start time (the domain's ProcessIdentity
+    is one; this floor does not import the domain)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def start_time(self) -> int: ...
+
+
+class ProcessIdentity(NamedTuple):
+    """A live process as this module finds it: pid and start time (clock ticks since boot).
+    A named tuple: it equals the domain's identity of the same process."""
+
+    pid: int
+    start_time: int
 
 
 @dataclass(frozen=True)
@@ -67,7 +84,7 @@ def identity_of(pid: int) -> ProcessIdentity | None:
     return None if stat is None else ProcessIdentity(pid=pid, start_time=stat.start_time)
 
 
-def is_alive(identity: ProcessIdentity) -> bool:
+def is_alive(identity: Identified) -> bool:
     """Whether that very process exists and has not exited (a zombie counts as exited)."""
     stat = read_stat(identity.pid)
     return stat is not None and stat.start_time == identity.start_time and stat.state != "Z"
@@ -90,7 +107,7 @@ def boot_time_ticks_now() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME) * CLOCK_TICKS
 
 
-def process_age_seconds(identity: ProcessIdentity) -> float:
+def process_age_seconds(identity: Identified) -> float:
     return max(0.0, (boot_time_ticks_now() - identity.start_time) / CLOCK_TICKS)
 
 
@@ -103,7 +120,7 @@ def read_cmdline(pid: int) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
-def open_pidfd(identity: ProcessIdentity) -> int | None:
+def open_pidfd(identity: Identified) -> int | None:
     """A pidfd for exactly that process, or None if it is gone (or the pid was reused).
 
     The start time is checked *after* opening, so the pidfd cannot name a newer process. A
@@ -183,7 +200,7 @@ class ProcessWatch:
 
     def __init__(
         self,
-        identity: ProcessIdentity,
+        identity: Identified,
         fd: int,
         on_exit: Callable[[ExitStatus | None], None] | None = None,
     ) -> None:
@@ -198,7 +215,7 @@ class ProcessWatch:
     @classmethod
     def open(
         cls,
-        identity: ProcessIdentity,
+        identity: Identified,
         on_exit: Callable[[ExitStatus | None], None] | None = None,
     ) -> ProcessWatch | None:
         """Start watching, or None if the process is already gone."""
@@ -251,7 +268,7 @@ class ProcessWatch:
         self.detach()
 
 
-async def kill_identity(identity: ProcessIdentity, timeout: float = 10.0) -> bool:
+async def kill_identity(identity: Identified, timeout: float = 10.0) -> bool:
     """SIGKILL that very process (if it is still alive) and wait for it to go.
 
     Returns True if it was alive and has now gone, False if it was already gone.

@@ -1,4 +1,5 @@
-"""The Linux calls the jailer needs that Python 3.11's os module lacks, through ctypes.
+"""The Linux calls metald needs that Python 3.11's os module lacks, through ctypes (the
+jailer helper's mount, pivot_root and capability steps, entering namespaces).
 
 Each raises OSError with the errno and the call's name on failure.
 """
