@@ -20,8 +20,9 @@ from metald.api.handlers import VmHandlers
 from metald.api.http import MetaldASGI
 from metald.api.interceptors import AuthAndErrorsInterceptor, MetricsInterceptor
 from metald.assets.store import LocalAssetStore
-from metald.backends.jail import JailSettings
-from metald.backends.qemu.backend import QemuBackend
+from metald.backends.qemu.driver import QemuDriver
+from metald.backends.vmm.jail import JailSettings
+from metald.backends.vmm.runtime import VmmRuntime
 from metald.config import BackendKind, ConfigError, Settings, load_settings
 from metald.core.ports import Backend, Network
 from metald.core.validation import Limits
@@ -79,10 +80,9 @@ def build_backend(settings: Settings) -> Backend:
             "UNKEY_METALD_BACKEND=firecracker: the Firecracker backend is not part of this "
             "version yet; set UNKEY_METALD_BACKEND=qemu"
         )
-    return QemuBackend(
+    return VmmRuntime(
+        QemuDriver(settings.qemu_binary, settings.qemu_accel.value),
         settings.vm_dir,
-        qemu_binary=settings.qemu_binary,
-        accelerator=settings.qemu_accel.value,
         jail=jail_settings(settings),
         guest_agent=settings.guest_agent,
     )

@@ -26,8 +26,8 @@ from qemu.qmp import QMPClient
 
 from metald.assets.guest_agent import GuestAgent
 from metald.assets.guest_builder import build_default_guest, existing_guest, make_rootfs
-from metald.assets.kernel_args import GuestArgs, kernel_command_line
 from metald.assets.store import LocalAssetStore
+from metald.core.guest import GuestArgs, kernel_command_line
 from metald.host.cpu import host_tsc_khz
 
 pytestmark = pytest.mark.guest

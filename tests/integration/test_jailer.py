@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from metald.assets.store import LocalAssetStore
+from metald.backends.qemu.host_paths import qemu_host_paths
 from metald.core.errors import BackendError
 from metald.host.cpu import host_tsc_khz
 from metald.host.process import ProcessWatch
@@ -41,7 +42,6 @@ from metald.jailer import (
     TapSpec,
     ensure_jail_user,
     launch_jailed,
-    qemu_host_paths,
     remove_jail,
     vmm_devices,
 )

@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from metald.assets import guest_builder as gb
-from metald.assets.kernel_args import GuestArgs, kernel_command_line
 from metald.assets.store import (
     LocalAssetStore,
     NoDefaultImage,
@@ -32,6 +31,7 @@ from metald.assets.store import (
 from metald.cli.assets import STORE_ENV
 from metald.cli.main import app
 from metald.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from metald.core.guest import GuestArgs, kernel_command_line
 from metald.core.ports import Assets
 from metald.host.cpu import host_tsc_khz
 
@@ -564,10 +564,13 @@ def test_guest_args_render() -> None:
 def test_kernel_command_line() -> None:
     line = kernel_command_line(GuestArgs(vm_id="v"), accel="tcg", tsc_khz=2596138)
     assert line == (
-        "console=ttyS0 panic=-1 quiet reboot=t tsc_early_khz=2596138 tsc=reliable metald.vm_id=v"
+        "console=ttyS0 panic=-1 quiet sysctl.kernel.ctrl-alt-del=0 reboot=t tsc_early_khz=2596138 tsc=reliable metald.vm_id=v"
     )
     line = kernel_command_line(GuestArgs(vm_id="v"), accel="kvm", reboot="k", extra="x=1")
-    assert line == "console=ttyS0 panic=-1 quiet reboot=k metald.vm_id=v x=1"
+    assert (
+        line
+        == "console=ttyS0 panic=-1 quiet sysctl.kernel.ctrl-alt-del=0 reboot=k metald.vm_id=v x=1"
+    )
 
 
 def test_host_tsc_khz(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from metald.backends.qemu.host_paths import firmware_dirs
 from metald.jailer import CgroupSpec, JailSpec
 from metald.jailer.cgroups import (
     cgroup_dir,
@@ -19,7 +20,7 @@ from metald.jailer.cgroups import (
     relative_cgroup,
 )
 from metald.jailer.helper import EXIT_CODES, Jail, Reporter, StepFailed
-from metald.jailer.host import firmware_dirs, parse_ldd, vmm_devices
+from metald.jailer.host import parse_ldd, vmm_devices
 from metald.jailer.launch import _Reports
 from metald.jailer.spec import ALL_STEPS, STEPS
 

@@ -13,29 +13,28 @@ from pathlib import Path
 import pytest
 
 import metald.backends.qemu as qemu_pkg
-from metald.backends.jail import JailSettings, load_jail_spec, save_jail_spec
 from metald.backends.qemu.accel import PROBE_SUCCESS_EXIT, probe_argv, probe_image
-from metald.backends.qemu.command import (
+from metald.backends.qemu.command import build_argv, check_nic, escape_option, memory_mib
+from metald.backends.vmm.cmdline import (
     MAX_KERNEL_CMDLINE,
-    VmLayout,
-    VmmPaths,
-    build_argv,
-    check_nic,
-    check_socket_path,
-    check_vm_id,
-    escape_option,
-    jailed_drives,
+    GuestBoot,
     kernel_cmdline,
     kernel_cmdline_and_dropped,
-    max_jailed_vm_id_length,
-    max_vm_id_length,
-    memory_mib,
-    plan_drives,
-    spec_from_json,
-    spec_to_json,
 )
+from metald.backends.vmm.driver import LaunchContext
+from metald.backends.vmm.jail import JailSettings, load_jail_spec, save_jail_spec
+from metald.backends.vmm.layout import (
+    VmLayout,
+    check_socket_path,
+    check_vm_id,
+    jailed_drives,
+    max_vm_id_length,
+    plan_drives,
+    vmm_files,
+)
+from metald.backends.vmm.records import load_spec, save_spec
 from metald.core.errors import BackendError
-from metald.core.models import LaunchSpec, NicSpec, ResolvedDisk
+from metald.core.models import LaunchSpec, NicSpec, RateLimit, ResolvedDisk
 from metald.host.process import ExitStatus, parse_stat
 from metald.host.sockets import UnsafeSocket, open_socket_path
 from metald.jailer import JailSpec
@@ -63,24 +62,35 @@ def spec(**overrides: object) -> LaunchSpec:
     return LaunchSpec(**values)  # type: ignore[arg-type]
 
 
+def launch_for(
+    s: LaunchSpec,
+    *,
+    jailed: bool = False,
+    accelerator: str = "tcg",
+    tsc_khz: int | None = None,
+    layout: VmLayout = LAYOUT,
+) -> LaunchContext:
+    files = vmm_files(s, layout, "qmp.sock", jailed=jailed)
+    boot = GuestBoot(accelerator=accelerator, tsc_khz=tsc_khz)
+    return LaunchContext(s, files, layout.dir, 0, 0, kernel_cmdline(s, boot))
+
+
 def argv_for(s: LaunchSpec, accelerator: str = "tcg", tsc_khz: int | None = None) -> list[str]:
-    return build_argv(
-        s,
-        paths=VmmPaths.direct(s, LAYOUT),
-        drives=plan_drives(s, LAYOUT),
-        accelerator=accelerator,
-        tsc_khz=tsc_khz,
-    )
+    launch = launch_for(s, accelerator=accelerator, tsc_khz=tsc_khz)
+    return build_argv(launch, accelerator=accelerator)
 
 
 def jailed_argv_for(s: LaunchSpec) -> list[str]:
-    return build_argv(
-        s,
-        paths=VmmPaths.jailed(s),
-        drives=jailed_drives(plan_drives(s, LAYOUT)),
-        accelerator="tcg",
-        binary="/usr/bin/qemu-system-x86_64",
-    )
+    launch = launch_for(s, jailed=True)
+    return build_argv(launch, accelerator="tcg", binary="/usr/bin/qemu-system-x86_64")
+
+
+def cmdline(s: LaunchSpec, **boot: object) -> str:
+    return kernel_cmdline(s, GuestBoot(**boot))  # type: ignore[arg-type]
+
+
+def cmdline_and_dropped(s: LaunchSpec, **boot: object) -> tuple[str, list[str]]:
+    return kernel_cmdline_and_dropped(s, GuestBoot(**boot))  # type: ignore[arg-type]
 
 
 def option(argv: list[str], flag: str) -> list[str]:
@@ -127,24 +137,29 @@ def test_no_initrd() -> None:
 def test_kernel_command_line() -> None:
     (append,) = option(argv_for(spec()), "-append")
     assert append == (
-        "console=ttyS0 panic=-1 quiet reboot=t metald.vm_id=vm-1 metald.ip4=10.0.0.2/24"
+        "console=ttyS0 panic=-1 quiet sysctl.kernel.ctrl-alt-del=0 reboot=t metald.vm_id=vm-1 metald.ip4=10.0.0.2/24"
     )
-    with_tsc = kernel_cmdline(spec(kernel_args=""), accelerator="tcg", tsc_khz=2596138)
+    with_tsc = cmdline(spec(kernel_args=""), accelerator="tcg", tsc_khz=2596138)
     assert with_tsc.endswith("tsc_early_khz=2596138 tsc=reliable metald.vm_id=vm-1")
-    assert "tsc" not in kernel_cmdline(spec(), accelerator="tcg", tsc_khz=None)
+    assert "tsc" not in cmdline(spec(), accelerator="tcg", tsc_khz=None)
+    # Firecracker's guests: reboot=k, and the init reboots (Firecracker exits) at the end.
+    fc = cmdline(spec(kernel_args=""), reboot="k", on_shutdown="reboot", accelerator="kvm")
+    assert fc == (
+        "console=ttyS0 panic=-1 quiet sysctl.kernel.ctrl-alt-del=0 reboot=k metald.vm_id=vm-1 metald.on_shutdown=reboot"
+    )
 
 
 def test_kernel_command_line_stays_within_the_kernels_limit() -> None:
     # A line of 2048 bytes or more kills a microvm guest before its first console line.
     long_args = "quiet a=1 " + "x" * 2048 + " b=2"
-    line, dropped = kernel_cmdline_and_dropped(spec(kernel_args=long_args), tsc_khz=2596138)
+    line, dropped = cmdline_and_dropped(spec(kernel_args=long_args), tsc_khz=2596138)
     assert len(line.encode()) <= MAX_KERNEL_CMDLINE == 2047
     assert line.endswith("metald.vm_id=vm-1 quiet a=1")  # metald's own arguments always stay
     assert dropped == ["x" * 2048, "b=2"]  # whole words, and nothing after a dropped one
-    fill = "y" * (MAX_KERNEL_CMDLINE - len(kernel_cmdline(spec(kernel_args=""))) - 1)
-    exact, dropped = kernel_cmdline_and_dropped(spec(kernel_args=fill))
+    fill = "y" * (MAX_KERNEL_CMDLINE - len(cmdline(spec(kernel_args=""))) - 1)
+    exact, dropped = cmdline_and_dropped(spec(kernel_args=fill))
     assert len(exact) == MAX_KERNEL_CMDLINE and dropped == []
-    _, dropped = kernel_cmdline_and_dropped(spec(kernel_args=fill + "y"))
+    _, dropped = cmdline_and_dropped(spec(kernel_args=fill + "y"))
     assert dropped == [fill + "y"]
 
 
@@ -158,6 +173,7 @@ def test_writable_disks_are_copied_read_only_ones_shared() -> None:
     # The root device comes first: it is /dev/vda in the guest.
     assert [d.node_id for d in drives] == ["disk0", "disk1"]
     assert drives[0].source == Path("/assets/root,1.img") and drives[0].read_only
+    assert [d.drive_id for d in drives] == ["root", "data"]
     assert drives[0].path == Path("/assets/root,1.img")
     assert drives[1].path == LAYOUT.dir / "disk1.img" and not drives[1].read_only
     argv = argv_for(s)
@@ -196,19 +212,20 @@ def test_socket_path_limit() -> None:
         check_socket_path(Path("/" + "x" * 107))
     deep = VmLayout(Path("/" + "d" * 100) / "vm-1")
     with pytest.raises(ValueError, match="shorter data directory"):
-        build_argv(spec(), paths=VmmPaths.direct(spec(), deep), drives=(), accelerator="tcg")
+        check_socket_path(launch_for(spec(), layout=deep).files.control_socket)
 
 
 def test_longest_vm_id_that_fits() -> None:
-    assert max_vm_id_length(Path("/opt/metald/data/vms")) == 64
+    assert max_vm_id_length(Path("/opt/metald/data/vms"), "/qmp.sock") == 64
     # 107 = len(root) + 1 + id + len("/qmp.sock")
-    assert max_vm_id_length(Path("/" + "r" * 59)) == 107 - 60 - 1 - 9
-    assert max_vm_id_length(Path("/" + "r" * 200)) == 0
+    assert max_vm_id_length(Path("/" + "r" * 59), "/qmp.sock") == 107 - 60 - 1 - 9
+    assert max_vm_id_length(Path("/" + "r" * 200), "/qmp.sock") == 0
     # Jailed: <base>/qemu/<id>/root/run/qmp.sock
-    assert max_jailed_vm_id_length(Path("/srv/jailer/qemu")) == 64
+    jailed = "/root/run/qmp.sock"
+    assert max_vm_id_length(Path("/srv/jailer/qemu"), jailed) == 64
     base = Path("/" + "j" * 49)
-    assert max_jailed_vm_id_length(base) == 107 - 50 - 1 - len("/root/run/qmp.sock")
-    socket = f"{base}/{'v' * max_jailed_vm_id_length(base)}/root/run/qmp.sock"
+    assert max_vm_id_length(base, jailed) == 107 - 50 - 1 - len(jailed)
+    socket = f"{base}/{'v' * max_vm_id_length(base, jailed)}{jailed}"
     assert len(socket) == 107
 
 
@@ -216,14 +233,22 @@ def test_escape_option() -> None:
     assert escape_option("a,b,,c") == "a,,b,,,,c"
 
 
-def test_spec_round_trips_through_json() -> None:
+def test_spec_round_trips_through_json(tmp_path: Path) -> None:
+    layout = VmLayout(tmp_path)
+
+    def round_trip(s: LaunchSpec) -> LaunchSpec:
+        save_spec(layout, s)
+        return load_spec(layout)
+
     s = spec(
         disks=(ResolvedDisk("d", Path("/assets/d.img"), read_only=True, is_root_device=False),)
     )
-    assert spec_from_json(spec_to_json(s)) == s
-    assert spec_from_json(spec_to_json(spec(initrd=None))).initrd is None
-    assert spec_from_json(spec_to_json(spec(nic=NIC))) == spec(nic=NIC)
-    assert spec_from_json(spec_to_json(s)).nic is None
+    assert round_trip(s) == s
+    assert round_trip(spec(initrd=None)).initrd is None
+    assert round_trip(spec(nic=NIC)) == spec(nic=NIC)
+    assert round_trip(s).nic is None
+    limited = dataclasses.replace(NIC, rx_rate_limit=RateLimit(1000, 100, 50))
+    assert round_trip(spec(nic=limited)) == spec(nic=limited)
 
 
 def test_a_jailed_qemu_sees_only_its_jail() -> None:
@@ -262,16 +287,16 @@ def test_a_nic_is_a_virtio_net_device_on_its_tap() -> None:
 def test_the_nics_guest_arguments_come_between_metalds_and_the_callers() -> None:
     (append,) = option(argv_for(spec(nic=NIC, kernel_args="quiet foo=1")), "-append")
     assert append == (
-        "console=ttyS0 panic=-1 quiet reboot=t metald.vm_id=vm-1 "
+        "console=ttyS0 panic=-1 quiet sysctl.kernel.ctrl-alt-del=0 reboot=t metald.vm_id=vm-1 "
         "metald.ip4=10.123.0.2/24 metald.gw4=10.123.0.1 quiet foo=1"
     )
     # They are metald's own: never dropped; the caller's arguments make way.
-    fill = "y" * (MAX_KERNEL_CMDLINE - len(kernel_cmdline(spec(kernel_args=""))) - 1)
-    line, dropped = kernel_cmdline_and_dropped(spec(nic=NIC, kernel_args=fill))
+    fill = "y" * (MAX_KERNEL_CMDLINE - len(cmdline(spec(kernel_args=""))) - 1)
+    line, dropped = cmdline_and_dropped(spec(nic=NIC, kernel_args=fill))
     assert NIC.guest_args in line and dropped == [fill]
     huge = NicSpec("ns", "tap0", "02:00:00:00:00:01", "metald.x=" + "z" * 2048)
     with pytest.raises(ValueError, match="metald's own kernel arguments"):
-        kernel_cmdline_and_dropped(spec(nic=huge))
+        cmdline_and_dropped(spec(nic=huge))
 
 
 @pytest.mark.parametrize(
@@ -296,7 +321,7 @@ def test_bad_nics_are_refused(field: str, value: str) -> None:
     with pytest.raises(ValueError, match=f"nic.{field}"):
         check_nic(bad)
     with pytest.raises(ValueError, match=f"nic.{field}"):
-        argv_for(spec(nic=bad))
+        build_argv(launch_for(spec(nic=bad)), accelerator="tcg")
     check_nic(NIC)
     check_nic(dataclasses.replace(NIC, netns="/run/netns/vm-1-ns"))
 
@@ -337,7 +362,7 @@ def test_exit_status_descriptions() -> None:
     assert ExitStatus().describe() == "exit status unknown"
 
 
-# -- jail settings and the control socket check (metald.backends.jail) --
+# -- jail settings and the control socket check (metald.backends.vmm.jail) --
 
 
 def test_jail_settings_refuse_what_cannot_be_a_jail() -> None:

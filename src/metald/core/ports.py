@@ -18,7 +18,9 @@ TapCallback = Callable[[str], Awaitable[None]]
 class Backend(Protocol):
     """A VMM backend. Every method acts on one VM; the service serialises calls per VM."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The backend's name ("qemu", "firecracker"), recorded in each VM's row."""
 
     async def start(self) -> None:
         """Check the host can run this backend (binary, accelerator); raise with advice if not."""
@@ -39,7 +41,10 @@ class Backend(Protocol):
 
     async def pause(self, vm_id: str) -> None: ...
     async def resume(self, vm_id: str) -> None: ...
-    async def reboot(self, vm_id: str) -> None: ...
+
+    async def reboot(self, vm_id: str) -> ProcessIdentity:
+        """A guest-visible hard reset; the VMM's identity afterwards (a VMM whose guest reset
+        ends it is replaced by a new process)."""
 
     async def shutdown(self, vm_id: str, *, timeout: float, force: bool) -> str:
         """Stop the guest (gracefully unless force); returns how it ended ("graceful"/"forced")."""

@@ -1,4 +1,4 @@
-"""Host CPU facts a guest needs: the TSC rate a TCG guest is told (see assets/kernel_args.py
+"""Host CPU facts a guest needs: the TSC rate a TCG guest is told (see core/guest.py
 for why a guest under TCG must not calibrate its TSC itself)."""
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from metald.jailer.spec import (
 
 if TYPE_CHECKING:
     from metald.jailer.errors import JailerError
-    from metald.jailer.host import qemu_host_paths, vmm_devices
+    from metald.jailer.host import dynamic_binary_paths, vmm_devices
     from metald.jailer.launch import (
         JailedProcess,
         StepReport,
@@ -41,7 +41,7 @@ _LAZY = {
     "launch_jailed": "metald.jailer.launch",
     "remove_jail": "metald.jailer.launch",
     "remove_tap_device": "metald.jailer.launch",
-    "qemu_host_paths": "metald.jailer.host",
+    "dynamic_binary_paths": "metald.jailer.host",
     "vmm_devices": "metald.jailer.host",
     "ensure_jail_user": "metald.jailer.user",
 }
@@ -58,9 +58,9 @@ __all__ = [
     "SpecError",
     "StepReport",
     "TapSpec",
+    "dynamic_binary_paths",
     "ensure_jail_user",
     "launch_jailed",
-    "qemu_host_paths",
     "remove_jail",
     "remove_tap_device",
     "vmm_devices",

@@ -1,8 +1,8 @@
-"""What a VMM needs from the host inside its jail: computed once at start-up (blocking)."""
+"""What any VMM needs from the host inside its jail: its binary's shared libraries and
+loader, and device nodes. Computed once at start-up (blocking)."""
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import shutil
@@ -12,7 +12,6 @@ from metald.jailer.spec import DEFAULT_DEVICES, DeviceNode
 
 _LDD_ARROW = re.compile(r"=>\s+(/\S+)\s+\(")
 _LDD_PLAIN = re.compile(r"^\s*(/\S+)\s+\(")
-QEMU_DATA_DIR = "/usr/share/qemu"
 
 
 def parse_ldd(output: str) -> tuple[list[str], list[str]]:
@@ -48,33 +47,6 @@ def dynamic_binary_paths(binary: str) -> list[str]:
         libraries, loaders = parse_ldd(result.stdout)
         paths += sorted({os.path.dirname(lib) for lib in libraries}) + loaders
     return paths
-
-
-def firmware_dirs(data_dir: str = QEMU_DATA_DIR) -> list[str]:
-    """QEMU's data directory and every directory its symlinks point into (Debian links
-    firmware from seabios, ipxe, ovmf... packages)."""
-    if not os.path.isdir(data_dir):
-        return []
-    dirs = {data_dir}
-    real_data = os.path.realpath(data_dir)
-    for top, subdirs, files in os.walk(data_dir):
-        for name in files + subdirs:
-            entry = os.path.join(top, name)
-            if not os.path.islink(entry):
-                continue
-            target = os.path.realpath(entry)
-            if not os.path.exists(target) or target.startswith(real_data + "/"):
-                continue
-            dirs.add(target if os.path.isdir(target) else os.path.dirname(target))
-    return sorted(dirs)
-
-
-@functools.lru_cache(maxsize=8)
-def qemu_host_paths(binary: str = "qemu-system-x86_64") -> tuple[str, ...]:
-    """Read-only host paths a jailed QEMU needs: its binary, libraries (its loadable modules
-    live in <libdir>/qemu), loader and firmware."""
-    paths = dynamic_binary_paths(binary) + firmware_dirs()
-    return tuple(dict.fromkeys(paths))
 
 
 def vmm_devices(*, kvm: bool, tap: bool) -> tuple[DeviceNode, ...]:

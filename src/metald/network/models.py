@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from metald.assets.kernel_args import GuestArgs
 from metald.core.errors import InvalidArgument
+from metald.core.guest import GuestArgs
 from metald.network.naming import normalise_mac
 
 IPv4 = ipaddress.IPv4Address

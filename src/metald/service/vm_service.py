@@ -196,8 +196,8 @@ class VmService:
         async with self._locks.hold(vm_id):
             vm = await self._owned(caller, vm_id)
             new_state = next_state(Operation.REBOOT, vm.state)
-            await self._backend_of(vm).reboot(vm_id)
-            return await self._save(vm, state=new_state)
+            process = await self._backend_of(vm).reboot(vm_id)
+            return await self._save(vm, state=new_state, process=process)
 
     async def shutdown_vm(
         self, caller: str, vm_id: str, *, force: bool = False, timeout_seconds: int = 0

@@ -43,7 +43,7 @@ class VmmHost:
     jail_paths: tuple[str, ...] = ()
     # Whether the VMM needs /dev/kvm in its jail.
     needs_kvm: bool = False
-    # Under TCG, the host TSC rate the guest is told (see assets/kernel_args.py); else None.
+    # Under TCG, the host TSC rate the guest is told (see core/guest.py); else None.
     tsc_khz: int | None = None
 
 
@@ -164,12 +164,21 @@ class VmmDriver(Protocol):
         """The command line that starts the VMM with its vCPUs stopped."""
 
     async def connect(
-        self, vm_id: str, socket_path: str, launch: LaunchContext | None, timeout: float
+        self,
+        vm_id: str,
+        socket_path: str,
+        *,
+        host_run_dir: Path,
+        uid: int,
+        launch: LaunchContext | None,
+        timeout: float,
     ) -> VmmControl:
         """Connect to a VMM's control socket. `socket_path` reaches the socket the runtime
-        checked (a /proc/self/fd/N path: connect to it, never to a path of your own);
-        `launch` is None when adopting a VMM left by an earlier metald. BackendError if the
-        VMM does not answer within `timeout`."""
+        checked (a /proc/self/fd/N path, valid while the control lives: connect to it, never
+        to a path of your own). `host_run_dir` is the VMM's run directory on the host and
+        `uid` its user (files found there must be that user's); `launch` is None when
+        adopting a VMM left by an earlier metald. BackendError if the VMM does not answer
+        within `timeout`."""
 
     def describe_exit(
         self, event: str | None, status: ExitStatus | None, stderr_line: str

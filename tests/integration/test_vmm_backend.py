@@ -32,13 +32,15 @@ from typing import TypeVar
 import pytest
 
 from metald.assets.store import LocalAssetStore
-from metald.backends.jail import JailSettings, processes_rooted_at
-from metald.backends.qemu.backend import QemuBackend
+from metald.backends.qemu.driver import QemuDriver
+from metald.backends.qemu.host_paths import qemu_host_paths
+from metald.backends.vmm.jail import JailSettings, processes_rooted_at
+from metald.backends.vmm.runtime import VmmRuntime
 from metald.core.errors import BackendError, InvalidArgument
 from metald.core.models import LaunchSpec, NicSpec, ProcessIdentity, ResolvedDisk
 from metald.core.states import VmState
 from metald.host.process import identity_of, is_alive, kill_identity, read_cmdline
-from metald.jailer import ensure_jail_user, qemu_host_paths
+from metald.jailer import ensure_jail_user
 from metald.jailer.cgroups import cgroup_dir, cgroup_mount, mounts_under
 
 pytestmark = pytest.mark.guest
@@ -136,11 +138,15 @@ def jail(mode: str, request: pytest.FixtureRequest) -> Iterator[JailSettings | N
     assert stray == [], f"jailed VMMs left running: {stray}"
 
 
+def make_runtime(vm_root: Path, jail: JailSettings | None) -> VmmRuntime:
+    return VmmRuntime(QemuDriver(accelerator=ACCEL), vm_root, jail=jail)
+
+
 @pytest.fixture
 async def backend(
     vm_root: Path, boot_files: tuple[Path, Path | None], jail: JailSettings | None
-) -> AsyncIterator[QemuBackend]:
-    b = QemuBackend(vm_root, accelerator=ACCEL, jail=jail)
+) -> AsyncIterator[VmmRuntime]:
+    b = make_runtime(vm_root, jail)
     await b.start()
     yield b
     for name in dirs_under(vm_root):
@@ -178,7 +184,7 @@ def status_fields(pid: int) -> dict[str, str]:
     return fields
 
 
-def assert_no_jail_left(b: QemuBackend, vm_id: str) -> None:
+def assert_no_jail_left(b: VmmRuntime, vm_id: str) -> None:
     """Nothing of the VM's jail: no directory, no cgroup, no process rooted in it."""
     assert b.jail is not None
     jail_dir = b.jail.backend_dir("qemu") / vm_id
@@ -205,14 +211,14 @@ def start_sleeper() -> subprocess.Popen[bytes]:
     return subprocess.Popen(["sleep", "300"])
 
 
-def console(b: QemuBackend, vm_id: str) -> str:
+def console(b: VmmRuntime, vm_id: str) -> str:
     try:
         return b.console_log(vm_id).read_text(errors="replace")
     except FileNotFoundError:
         return ""
 
 
-async def wait_for(b: QemuBackend, vm_id: str, pattern: re.Pattern[str], count: int = 1) -> float:
+async def wait_for(b: VmmRuntime, vm_id: str, pattern: re.Pattern[str], count: int = 1) -> float:
     start = time.monotonic()
     while time.monotonic() - start < BOOT_TIMEOUT:
         if len(pattern.findall(console(b, vm_id))) >= count:
@@ -222,13 +228,13 @@ async def wait_for(b: QemuBackend, vm_id: str, pattern: re.Pattern[str], count: 
     raise AssertionError(f"{pattern.pattern!r} x{count} not seen in {BOOT_TIMEOUT} s:\n{tail}")
 
 
-def heartbeats(b: QemuBackend, vm_id: str) -> int:
+def heartbeats(b: VmmRuntime, vm_id: str) -> int:
     return len(HEARTBEAT.findall(console(b, vm_id)))
 
 
 @BOTH
 async def test_lifecycle(
-    mode: str, backend: QemuBackend, boot_files: tuple[Path, Path | None], tmp_path: Path
+    mode: str, backend: VmmRuntime, boot_files: tuple[Path, Path | None], tmp_path: Path
 ) -> None:
     data = tmp_path / "data.img"
     with data.open("wb") as f:
@@ -242,7 +248,7 @@ async def test_lifecycle(
     created_in = time.monotonic() - t0
     vm_dir = backend.vm_dir(vm)
     assert is_alive(ident)
-    assert await backend.runstate(vm) == "prelaunch"
+    assert await backend.runstate(vm) is VmState.CREATED
     # A sparse per-VM copy of the writable disk; the original is left alone.
     copy = vm_dir / "disk0.img"
     assert copy.stat().st_size == data.stat().st_size
@@ -256,7 +262,7 @@ async def test_lifecycle(
     assert await backend.boot(vm) == ident
     ready_in = await wait_for(backend, vm, READY)
     print(f"\n{mode}: create {created_in:.2f} s, boot -> READY {ready_in:.1f} s")
-    assert await backend.runstate(vm) == "running"
+    assert await backend.runstate(vm) is VmState.RUNNING
     await wait_for(backend, vm, HEARTBEAT, 2)
     usage = await backend.usage(vm)
     assert usage.cpu_time_ns > 0
@@ -265,7 +271,7 @@ async def test_lifecycle(
     assert usage.disk_read_ops > 0
 
     await backend.pause(vm)
-    assert await backend.runstate(vm) == "paused"
+    assert await backend.runstate(vm) is VmState.PAUSED
     await asyncio.sleep(0.5)
     before = heartbeats(backend, vm)
     await asyncio.sleep(2.5)
@@ -307,7 +313,7 @@ async def test_lifecycle(
 
 
 async def test_paused_and_forced_shutdowns(
-    backend: QemuBackend, boot_files: tuple[Path, Path | None]
+    backend: VmmRuntime, boot_files: tuple[Path, Path | None]
 ) -> None:
     exits: list[tuple[str, str]] = []
 
@@ -336,7 +342,7 @@ async def test_paused_and_forced_shutdowns(
 
 
 async def test_graceful_shutdown_of_a_guest_still_booting(
-    backend: QemuBackend, boot_files: tuple[Path, Path | None]
+    backend: VmmRuntime, boot_files: tuple[Path, Path | None]
 ) -> None:
     """Right after a boot or reboot the guest cannot take Ctrl-Alt-Del yet (no keyboard driver,
     no trap in its init): the shutdown must still end gracefully, well within its timeout,
@@ -354,7 +360,7 @@ async def test_graceful_shutdown_of_a_guest_still_booting(
 
 @BOTH
 async def test_unexpected_exit_calls_back_within_2s(
-    mode: str, backend: QemuBackend, boot_files: tuple[Path, Path | None]
+    mode: str, backend: VmmRuntime, boot_files: tuple[Path, Path | None]
 ) -> None:
     got = asyncio.get_running_loop().create_future()
 
@@ -378,7 +384,7 @@ async def test_unexpected_exit_calls_back_within_2s(
 
 
 async def test_guest_poweroff_is_reported(
-    backend: QemuBackend, boot_files: tuple[Path, Path | None]
+    backend: VmmRuntime, boot_files: tuple[Path, Path | None]
 ) -> None:
     got = asyncio.get_running_loop().create_future()
 
@@ -392,11 +398,8 @@ async def test_guest_poweroff_is_reported(
     # The guest powering itself off (SIGTERM to its init runs the same path as Ctrl-Alt-Del,
     # but here metald did not ask): Ctrl-Alt-Del straight over QMP, behind the backend's back.
     vm = backend._vms["vm-off"]
-    assert vm.qmp is not None
-    await vm.qmp.execute(
-        "send-key",
-        {"keys": [{"type": "qcode", "data": k} for k in ("ctrl", "alt", "delete")]},
-    )
+    assert vm.control is not None
+    await vm.control.ask_guest_to_stop()
     assert await asyncio.wait_for(got, 60) == "guest powered off"
     assert not is_alive(ident)
 
@@ -405,7 +408,7 @@ async def test_guest_poweroff_is_reported(
 async def test_adopt_after_restart(
     mode: str,
     vm_root: Path,
-    backend: QemuBackend,
+    backend: VmmRuntime,
     boot_files: tuple[Path, Path | None],
     jail: JailSettings | None,
 ) -> None:
@@ -416,14 +419,14 @@ async def test_adopt_after_restart(
     await backend.close()
     assert is_alive(ident), "close() must leave the VMM running"
 
-    fresh = QemuBackend(vm_root, accelerator=ACCEL, jail=jail)
+    fresh = make_runtime(vm_root, jail)
     await fresh.start()
     try:
         assert await fresh.adopt("vm-adopt", ident) == VmState.RUNNING
         assert fresh.identity("vm-adopt") == ident
         assert fresh.info("vm-adopt") == info  # the same sockets and console, found again
         await fresh.pause("vm-adopt")
-        assert await fresh.runstate("vm-adopt") == "paused"
+        assert await fresh.runstate("vm-adopt") is VmState.PAUSED
         usage = await fresh.usage("vm-adopt")
         assert usage.cpu_time_ns > 0 and usage.uptime_seconds >= 0
         await fresh.resume("vm-adopt")
@@ -452,13 +455,13 @@ async def test_adopt_after_restart(
 async def test_adopt_with_a_stale_identity_kills_the_unrecorded_vmm(
     mode: str,
     vm_root: Path,
-    backend: QemuBackend,
+    backend: VmmRuntime,
     boot_files: tuple[Path, Path | None],
     jail: JailSettings | None,
 ) -> None:
     ident = await backend.create(spec_for(boot_files, "vm-stale"))
     await backend.close()
-    fresh = QemuBackend(vm_root, accelerator=ACCEL, jail=jail)
+    fresh = make_runtime(vm_root, jail)
     try:
         stale = ProcessIdentity(ident.pid, ident.start_time - 1)
         assert await fresh.adopt("vm-stale", stale) is None
@@ -473,7 +476,7 @@ async def test_adopt_with_a_stale_identity_kills_the_unrecorded_vmm(
 async def test_remove_orphans(
     mode: str,
     vm_root: Path,
-    backend: QemuBackend,
+    backend: VmmRuntime,
     boot_files: tuple[Path, Path | None],
     jail: JailSettings | None,
 ) -> None:
@@ -499,7 +502,7 @@ async def test_remove_orphans(
             f'{{"pid": {s_ident.pid}, "start_time": {s_ident.start_time}}}'
         )
         (vm_root / "not a vm id").mkdir()
-        fresh = QemuBackend(vm_root, accelerator=ACCEL, jail=jail)
+        fresh = make_runtime(vm_root, jail)
         try:
             removed = await fresh.remove_orphans({"vm-keep"})
             if jail is None:
@@ -533,7 +536,7 @@ async def test_remove_orphans(
 async def test_bad_kernel_leaves_nothing(
     mode: str,
     vm_root: Path,
-    backend: QemuBackend,
+    backend: VmmRuntime,
     boot_files: tuple[Path, Path | None],
     tmp_path: Path,
 ) -> None:
@@ -570,7 +573,7 @@ async def test_bad_kernel_leaves_nothing(
 async def test_a_missing_disk_leaves_nothing(
     mode: str,
     vm_root: Path,
-    backend: QemuBackend,
+    backend: VmmRuntime,
     boot_files: tuple[Path, Path | None],
     tmp_path: Path,
 ) -> None:
@@ -589,7 +592,7 @@ async def test_a_missing_disk_leaves_nothing(
 
 @BOTH
 async def test_read_only_disk_is_shared(
-    mode: str, backend: QemuBackend, boot_files: tuple[Path, Path | None], tmp_path: Path
+    mode: str, backend: VmmRuntime, boot_files: tuple[Path, Path | None], tmp_path: Path
 ) -> None:
     image = tmp_path / "ro.img"
     image.write_bytes(b"\0" * 1024 * 1024)
@@ -613,7 +616,7 @@ async def test_read_only_disk_is_shared(
 
 @BOTH
 async def test_the_vmm_inherits_none_of_our_descriptors(
-    mode: str, backend: QemuBackend, boot_files: tuple[Path, Path | None]
+    mode: str, backend: VmmRuntime, boot_files: tuple[Path, Path | None]
 ) -> None:
     # Like hypercorn's listening socket: inheritable. A VMM holding it would keep the port
     # busy after metald dies.
@@ -627,7 +630,7 @@ async def test_the_vmm_inherits_none_of_our_descriptors(
         theirs = fd_targets(ident.pid)
         assert ours not in theirs.values()
         assert theirs[0] == theirs[1] == "/dev/null"
-        assert theirs[2].endswith("/vm-fds/qemu.stderr")
+        assert theirs[2].endswith("/vm-fds/vmm.stderr")
         await backend.destroy("vm-fds")
     finally:
         listener.close()
@@ -639,7 +642,7 @@ JAILED = pytest.mark.parametrize("mode", ["jailed"])
 
 
 def check_confinement(
-    backend: QemuBackend, vm_id: str, pid: int, ids: tuple[int, int], data: Path
+    backend: VmmRuntime, vm_id: str, pid: int, ids: tuple[int, int], data: Path
 ) -> None:
     uid, gid = ids
     # Its root is the VM's jail; the host paths metald reports are inside it.
@@ -655,7 +658,7 @@ def check_confinement(
     # Only what it needs: kernel, initrd, its disk, QEMU with libraries and firmware
     # (read-only), device nodes, and /run.
     inside = Path(f"/proc/{pid}/root")
-    host_tops = {p.split("/")[1] for p in qemu_host_paths(backend._binary_path or "")}
+    host_tops = {p.split("/")[1] for p in qemu_host_paths(backend.host.binary)}
     expected = {"vmlinux", "initrd", "disk0.img", "dev", "run"} | host_tops
     assert {p.name for p in inside.iterdir()} == expected
     devices = {"null", "urandom"} | ({"kvm"} if backend.accelerator() == "kvm" else set())
@@ -681,7 +684,7 @@ def check_confinement(
 @JAILED
 async def test_a_jailed_vmm_is_unprivileged_and_sees_only_its_jail(
     mode: str,
-    backend: QemuBackend,
+    backend: VmmRuntime,
     boot_files: tuple[Path, Path | None],
     jail_ids: tuple[int, int],
     tmp_path: Path,
@@ -719,7 +722,7 @@ def plant_symlink(qmp: Path, target: Path) -> None:
 async def test_a_planted_qmp_socket_is_not_followed(
     mode: str,
     vm_root: Path,
-    backend: QemuBackend,
+    backend: VmmRuntime,
     boot_files: tuple[Path, Path | None],
     jail: JailSettings | None,
     tmp_path: Path,
@@ -735,7 +738,7 @@ async def test_a_planted_qmp_socket_is_not_followed(
     decoy.setblocking(False)
     try:
         plant_symlink(Path(backend.info("vm-plant")["qmp_socket"]), decoy_path)
-        fresh = QemuBackend(vm_root, accelerator=ACCEL, jail=jail)
+        fresh = make_runtime(vm_root, jail)
         try:
             assert await fresh.adopt("vm-plant", ident) is None
             assert not is_alive(ident)
@@ -743,7 +746,7 @@ async def test_a_planted_qmp_socket_is_not_followed(
                 decoy.accept()  # nobody connected to it
             # Gone for good: booting again gets a new jail and a genuine socket.
             ident2 = await fresh.boot("vm-plant")
-            assert is_alive(ident2) and await fresh.runstate("vm-plant") == "running"
+            assert is_alive(ident2) and await fresh.runstate("vm-plant") is VmState.RUNNING
             await fresh.destroy("vm-plant")
             assert_no_jail_left(fresh, "vm-plant")
         finally:
@@ -812,7 +815,7 @@ def ping_from(netns_name: str, address: str) -> bool:
 
 @JAILED
 async def test_a_nic_in_the_vms_network_namespace(
-    mode: str, backend: QemuBackend, boot_files: tuple[Path, Path | None], netns_name: str
+    mode: str, backend: VmmRuntime, boot_files: tuple[Path, Path | None], netns_name: str
 ) -> None:
     tap = "tap-mqb0"
     nic = NicSpec(
@@ -827,7 +830,7 @@ async def test_a_nic_in_the_vms_network_namespace(
     connected: list[str] = []
 
     async def connect_tap(vm_id: str) -> None:
-        assert await backend.runstate(vm_id) == "prelaunch"
+        assert await backend.runstate(vm_id) is VmState.CREATED
         await in_thread(add_address, netns_name, tap, "10.123.0.1", 24)
         connected.append(vm_id)
 
@@ -877,7 +880,7 @@ async def test_a_nic_in_the_vms_network_namespace(
 async def test_a_tap_that_cannot_be_connected_fails_the_create(
     mode: str,
     vm_root: Path,
-    backend: QemuBackend,
+    backend: VmmRuntime,
     boot_files: tuple[Path, Path | None],
     netns_name: str,
 ) -> None:
@@ -894,7 +897,7 @@ async def test_a_tap_that_cannot_be_connected_fails_the_create(
 
 
 async def test_a_nic_needs_the_jailer(
-    vm_root: Path, backend: QemuBackend, boot_files: tuple[Path, Path | None]
+    vm_root: Path, backend: VmmRuntime, boot_files: tuple[Path, Path | None]
 ) -> None:
     nic = NicSpec(netns="nowhere", tap="tap-x", mac="02:00:00:00:00:01", guest_args="")
     with pytest.raises(BackendError, match="needs the jailer"):
@@ -905,7 +908,7 @@ async def test_a_nic_needs_the_jailer(
 async def test_long_vm_root_is_refused(tmp_path: Path) -> None:
     root = tmp_path / ("x" * 100)
     with pytest.raises(BackendError, match=r"Unix socket|AF_UNIX"):
-        await QemuBackend(root, accelerator="tcg").start()
+        await VmmRuntime(QemuDriver(accelerator="tcg"), root).start()
 
 
 async def test_a_vm_id_too_long_for_the_socket_path_is_an_invalid_argument(
@@ -915,7 +918,7 @@ async def test_a_vm_id_too_long_for_the_socket_path_is_an_invalid_argument(
     short = Path(tempfile.mkdtemp(prefix="m", dir="/tmp"))
     root = short / ("r" * (59 - len(str(short))))
     assert len(str(root)) == 60
-    b = QemuBackend(root, accelerator="tcg")
+    b = VmmRuntime(QemuDriver(accelerator="tcg"), root)
     try:
         await b.start()
         with pytest.raises(InvalidArgument, match="vm_id: at most 37 characters"):
@@ -928,7 +931,7 @@ async def test_a_vm_id_too_long_for_the_socket_path_is_an_invalid_argument(
 
 async def test_missing_binary_names_the_package(tmp_path: Path) -> None:
     with pytest.raises(BackendError, match="qemu-system-x86"):
-        await QemuBackend(tmp_path, qemu_binary="no-such-qemu-binary").start()
+        await VmmRuntime(QemuDriver("no-such-qemu-binary"), tmp_path).start()
 
 
 async def test_kill_identity_never_kills_a_reused_pid() -> None:

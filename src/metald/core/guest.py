@@ -1,4 +1,9 @@
-"""Kernel command lines for the default guest (the init contract is in guest_builder.py).
+"""The guest contract: the kernel arguments metald gives every guest, and the ``metald.*``
+arguments the default guest's init honours (assets/guest-init.sh prints the console lines
+`METALD-GUEST READY ...`, `HEARTBEAT n` and `SHUTDOWN` that tests and operators read).
+
+Pure: every backend builds its guests' command lines from here (backends/vmm/cmdline.py
+keeps them within the kernel's budget), and the network manager fills in the addresses.
 
 Under TCG the guest's TSC ticks at the host's TSC rate, but Debian's kernel calibrates it
 against the PIT with busy loops that are far too slow when emulated: under any load the
@@ -13,7 +18,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-BASE_ARGS = "console=ttyS0 panic=-1 quiet"
+# sysctl.kernel.ctrl-alt-del=0: Ctrl-Alt-Del (how metald asks a guest to stop) becomes a
+# SIGINT to init from the moment the kernel applies its sysctl arguments, just before init
+# starts, instead of an immediate reboot. Without it a key press that reaches a guest still
+# booting resets it; metald repeats the keys every 2 s until the VMM exits, so on a loaded host
+# whose guests take longer than that to reach their init (TCG), a shutdown right after a boot
+# or reboot kept resetting the guest until the timeout and then killed it (measured: 8 of 8
+# such shutdowns forced with guests taking 8 s to READY). Until the init traps SIGINT, PID 1
+# ignores it, so early presses are lost harmlessly and the next one is taken.
+BASE_ARGS = "console=ttyS0 panic=-1 quiet sysctl.kernel.ctrl-alt-del=0"
 
 
 def tcg_timer_args(tsc_khz: int | None) -> str:

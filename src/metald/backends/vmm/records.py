@@ -1,0 +1,73 @@
+"""The per-VM JSON files the runtime keeps (spec.json, process.json), read and written one
+way: pydantic over the domain's dataclasses, written atomically.
+
+jail.json is the JailSpec's own JSON (JailSpec.to_json/from_json) because that is the wire
+format the jailer helper reads, and the helper is standard-library only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import TypeAdapter, ValidationError
+
+from metald.backends.vmm.layout import VmLayout
+from metald.core.errors import BackendError
+from metald.core.models import LaunchSpec, ProcessIdentity
+from metald.host.files import write_atomic
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    """The VMM process a VM has now (process.json): found again after a metald restart."""
+
+    pid: int
+    start_time: int
+    accelerator: str
+    booted_at: float | None = None  # when its vCPUs were last started (wall clock)
+
+    @property
+    def identity(self) -> ProcessIdentity:
+        return ProcessIdentity(self.pid, self.start_time)
+
+
+_SPEC = TypeAdapter(LaunchSpec)
+_PROCESS = TypeAdapter(ProcessRecord)
+
+
+def save_spec(layout: VmLayout, spec: LaunchSpec) -> None:
+    write_atomic(layout.spec_file, _SPEC.dump_json(spec, indent=2).decode())
+
+
+def load_spec(layout: VmLayout) -> LaunchSpec:
+    """The saved launch spec; BackendError saying what to do when there is none."""
+    vm_id = layout.vm_id
+    try:
+        text = layout.spec_file.read_bytes()
+    except FileNotFoundError:
+        raise BackendError(
+            f"VM {vm_id} has no saved launch spec on this host; delete and recreate it"
+        ) from None
+    try:
+        return _SPEC.validate_json(text)
+    except ValidationError as e:
+        raise BackendError(
+            f"VM {vm_id} has an unreadable launch spec: {e.error_count()} errors"
+        ) from None
+
+
+def save_process(layout: VmLayout, record: ProcessRecord) -> None:
+    write_atomic(layout.process_file, _PROCESS.dump_json(record).decode())
+
+
+def load_process(layout: VmLayout) -> ProcessRecord | None:
+    """The recorded VMM process; None when there is none or the file is unusable."""
+    try:
+        return _PROCESS.validate_json(layout.process_file.read_bytes())
+    except (OSError, ValidationError):
+        return None
+
+
+def remove_process(layout: VmLayout) -> None:
+    Path(layout.process_file).unlink(missing_ok=True)
