@@ -564,7 +564,8 @@ def test_guest_args_render() -> None:
 def test_kernel_command_line() -> None:
     line = kernel_command_line(GuestArgs(vm_id="v"), accel="tcg", tsc_khz=2596138)
     assert line == (
-        "console=ttyS0 panic=-1 quiet sysctl.kernel.ctrl-alt-del=0 reboot=t tsc_early_khz=2596138 tsc=reliable metald.vm_id=v"
+        "console=ttyS0 panic=-1 quiet sysctl.kernel.ctrl-alt-del=0 reboot=t "
+        "tsc_early_khz=2596138 tsc=reliable metald.vm_id=v"
     )
     line = kernel_command_line(GuestArgs(vm_id="v"), accel="kvm", reboot="k", extra="x=1")
     assert (

@@ -137,7 +137,8 @@ def test_no_initrd() -> None:
 def test_kernel_command_line() -> None:
     (append,) = option(argv_for(spec()), "-append")
     assert append == (
-        "console=ttyS0 panic=-1 quiet sysctl.kernel.ctrl-alt-del=0 reboot=t metald.vm_id=vm-1 metald.ip4=10.0.0.2/24"
+        "console=ttyS0 panic=-1 quiet sysctl.kernel.ctrl-alt-del=0 reboot=t metald.vm_id=vm-1 "
+        "metald.ip4=10.0.0.2/24"
     )
     with_tsc = cmdline(spec(kernel_args=""), accelerator="tcg", tsc_khz=2596138)
     assert with_tsc.endswith("tsc_early_khz=2596138 tsc=reliable metald.vm_id=vm-1")
@@ -145,7 +146,8 @@ def test_kernel_command_line() -> None:
     # Firecracker's guests: reboot=k, and the init reboots (Firecracker exits) at the end.
     fc = cmdline(spec(kernel_args=""), reboot="k", on_shutdown="reboot", accelerator="kvm")
     assert fc == (
-        "console=ttyS0 panic=-1 quiet sysctl.kernel.ctrl-alt-del=0 reboot=k metald.vm_id=vm-1 metald.on_shutdown=reboot"
+        "console=ttyS0 panic=-1 quiet sysctl.kernel.ctrl-alt-del=0 reboot=k metald.vm_id=vm-1 "
+        "metald.on_shutdown=reboot"
     )
 
 
