@@ -126,8 +126,8 @@ def _kv(data: Mapping[str, str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(data.items())) or "-"
 
 
-def vms_table(vms: Sequence[pb.VmInfo], caption: str | None = None) -> Table:
-    table = Table(caption=None if caption is None else Text(caption), caption_justify="left")
+def vms_table(vms: Sequence[pb.VmInfo]) -> Table:
+    table = Table()
     for column in ("VM ID", "STATE", "VCPUS", "MEMORY", "CREATED", "METADATA"):
         table.add_column(column, no_wrap=column in ("VM ID", "STATE", "CREATED"))
     for vm in vms:
@@ -492,5 +492,6 @@ def list_(
     elif not response.vms and not response.next_page_token:
         typer.echo("no VMs")
     else:
-        caption = list_caption(len(response.vms), response.total_count, response.next_page_token)
-        _out().print(vms_table(response.vms, caption))
+        _out().print(vms_table(response.vms))
+        # A plain line under the table, never wrapped: the page token must copy whole.
+        typer.echo(list_caption(len(response.vms), response.total_count, response.next_page_token))
