@@ -280,7 +280,8 @@ def test_create_and_boot(env: dict[str, str], daemon: FakeDaemon) -> None:
         env=env,
     )
     assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines() == ["created web-1: CREATED", "booted web-1: RUNNING"]
+    assert result.stdout == "web-1\n"  # the id alone, for vm=$(metald vm create ...)
+    assert result.stderr.splitlines() == ["created web-1: CREATED", "booted web-1: RUNNING"]
     (request,) = daemon.requests("CreateVm")
     config = request.config
     assert request.vm_id == "web-1"
@@ -311,9 +312,23 @@ def test_create_json(env: dict[str, str]) -> None:
     }
 
 
-def test_create_quiet_prints_only_the_id(env: dict[str, str]) -> None:
-    assert GENERATED_ID.fullmatch(run("create", "-q", env=env).stdout.removesuffix("\n"))
-    assert run("create", "-q", "--boot", "--id", "b", env=env).stdout == "b\n"
+def test_create_prints_the_id_alone_for_scripts(env: dict[str, str], daemon: FakeDaemon) -> None:
+    # As the README's walkthrough uses it: vm=$(metald vm create ...); metald vm boot "$vm"
+    created = run("create", env=env)
+    assert created.exit_code == 0, created.output
+    vm_id = created.stdout.removesuffix("\n")
+    assert GENERATED_ID.fullmatch(vm_id)
+    assert created.stderr == f"created {vm_id}: CREATED\n"  # for people, out of $( )
+    assert run("boot", vm_id, env=env).exit_code == 0
+    assert daemon.store.rows[vm_id].state is VmState.RUNNING
+
+
+def test_create_quiet_says_nothing_on_stderr(env: dict[str, str]) -> None:
+    quiet = run("create", "-q", env=env)
+    assert GENERATED_ID.fullmatch(quiet.stdout.removesuffix("\n"))
+    assert quiet.stderr == ""
+    booted = run("create", "-q", "--boot", "--id", "b", env=env)
+    assert (booted.stdout, booted.stderr) == ("b\n", "")
     assert json.loads(run("create", "-q", "--json", "--id", "c", env=env).stdout)["vm_id"] == "c"
 
 
@@ -324,10 +339,11 @@ def test_create_boot_failure_says_the_vm_exists() -> None:
         result = run("create", "--boot", "--id", "v", "--addr", daemon.address, "--token", TOKEN)
     assert daemon.store.rows["v"].state is VmState.CREATED
     assert result.exit_code == 1
-    assert result.stdout == "created v: CREATED\n"
+    assert result.stdout == "v\n"
     lines = result.stderr.splitlines()
-    assert lines[0] == "error: resource_exhausted: host capacity exhausted"
-    assert "v was created but not booted" in lines[1]
+    assert lines[0] == "created v: CREATED"
+    assert lines[1] == "error: resource_exhausted: host capacity exhausted"
+    assert "v was created but not booted" in lines[2]
 
 
 def test_lifecycle_lines(env: dict[str, str]) -> None:
@@ -387,6 +403,18 @@ class _Unsuccessful(VmHandlers):
 
     async def pause_vm(self, request: Any, ctx: RequestContext[Any, Any], /) -> pb.PauseVmResponse:
         return pb.PauseVmResponse(success=False, state=pb.VM_STATE_RUNNING)
+
+
+class _BootUnsuccessful(VmHandlers):
+    async def boot_vm(self, request: Any, ctx: RequestContext[Any, Any], /) -> pb.BootVmResponse:
+        return pb.BootVmResponse(success=False, state=pb.VM_STATE_CREATED)
+
+
+def test_create_boot_unsuccessful_still_prints_the_id_and_exits_1() -> None:
+    with serve_fake_daemon(_BootUnsuccessful) as daemon:
+        result = run("create", "--boot", "--id", "v", "--addr", daemon.address, "--token", TOKEN)
+    assert (result.exit_code, result.stdout) == (1, "v\n")
+    assert result.stderr.splitlines() == ["created v: CREATED", "boot v did not succeed: CREATED"]
 
 
 def test_unsuccessful_response_exits_1() -> None:
