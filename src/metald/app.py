@@ -34,6 +34,7 @@ from metald.observability.health import Health
 from metald.observability.metrics import ApiMetrics
 from metald.service.vm_service import VmService
 from metald.store.addresses import SqlAddressBook
+from metald.store.database import Database
 from metald.store.sqlite import SqlStore
 
 log = logging.getLogger("metald")
@@ -88,9 +89,9 @@ def build_backend(settings: Settings) -> Backend:
     )
 
 
-def build_network(settings: Settings, database_url: str) -> tuple[Network, SqlAddressBook | None]:
+def build_network(settings: Settings, database: Database) -> Network:
     if not settings.network_enabled:
-        return NoNetwork(), None
+        return NoNetwork()
     if not settings.jailer_enabled:
         raise StartupError(
             "networking needs the jailer (it makes each VM's TAP inside the VM's namespace): "
@@ -112,16 +113,15 @@ def build_network(settings: Settings, database_url: str) -> tuple[Network, SqlAd
             default_rate_limit_mbps=rate,
             netns_prefix=settings.network_netns_prefix,
         )
-        book = SqlAddressBook.from_url(database_url)
         manager = NetworkManager(
             settings.network_host_netns or None,
-            book,
+            SqlAddressBook(database),
             net_settings,
             segments_netns=settings.network_segments_netns,
         )
     except ValueError as exc:
         raise StartupError(str(exc)) from None
-    return NetlinkNetwork(manager), book
+    return NetlinkNetwork(manager)
 
 
 def _split(values: str) -> tuple[str, ...]:
@@ -133,11 +133,12 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
     """Everything started and reconciled; on exit, control connections closed (VMs live on)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings.vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = SqlStore(settings.effective_database_url)
+    database = Database(settings.effective_database_url)  # one engine: store and addresses
+    store = SqlStore(database)
     backend = build_backend(settings)
-    network, book = build_network(settings, settings.effective_database_url)
+    network = build_network(settings, database)
     try:
-        await store.migrate()
+        await database.migrate()
         await backend.start()
         await network.start()
         assets = LocalAssetStore(settings.assetmanager_cache_dir)
@@ -172,9 +173,7 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
     finally:
         await backend.close()
         await network.stop()
-        if book is not None:
-            await book.close()
-        await store.close()
+        await database.close()
 
 
 async def serve(settings: Settings) -> None:

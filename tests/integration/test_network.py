@@ -52,7 +52,7 @@ from metald.network import (
 from metald.network.manager import SETUP_STEPS
 from metald.network.models import IPv4
 from metald.store.addresses import SqlAddressBook
-from metald.store.sqlite import SqlStore
+from metald.store.database import Database
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, netlink)")
 
@@ -73,6 +73,7 @@ class Env:
     prefix: str
     url: str
     tmp: Path
+    database: Database
     book: SqlAddressBook
     nm: NetworkManager
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -94,9 +95,8 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     token = f"mtn{os.getpid()}t{next(_counter)}."
     host = token + "host"
     url = f"sqlite+aiosqlite:///{tmp_path / 'metald.db'}"
-    store = SqlStore(url)
-    await store.migrate()
-    book = SqlAddressBook.from_url(url)
+    database = Database(url)
+    await database.migrate()
     netns.create(host)
     e = Env(
         token=token,
@@ -105,7 +105,8 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         prefix=token + "vm-",
         url=url,
         tmp=tmp_path,
-        book=book,
+        database=database,
+        book=SqlAddressBook(database),
         nm=None,  # type: ignore[arg-type]
     )
     try:
@@ -121,8 +122,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         for name in netns.list_names():
             if name.startswith(token):
                 netns.remove(name)
-        await book.close()
-        await store.close()
+        await e.database.close()
 
 
 def in_ns(ns: str, fn: Callable[[], Any]) -> Any:
@@ -479,8 +479,9 @@ async def test_rate_limits_are_tbf_on_the_veth_pair(env: Env) -> None:
 async def test_restart_keeps_networks_and_addresses(env: Env) -> None:
     kept = await env.nm.setup_vm("kept", "c")
     # A new metald: new manager, new connection to the same database.
-    await env.book.close()
-    env.book = SqlAddressBook.from_url(env.url)
+    await env.database.close()
+    env.database = Database(env.url)
+    env.book = SqlAddressBook(env.database)
     nm = env.manager()
     await nm.start()
     assert await nm.remove_orphans({"kept"}) == []

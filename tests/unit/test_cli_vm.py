@@ -1,11 +1,12 @@
 """`metald vm ...`: argument parsing and usage errors with typer's CliRunner, formatting as pure
-functions, and whole commands against the generated VmServiceASGIApplication (in-memory
-service, hypercorn on a free loopback port)."""
+functions, and whole commands against the real service, handlers and interceptors over
+in-memory ports (tests/fakes/daemon.py, hypercorn on a free loopback port)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 from collections.abc import Iterator
 from io import StringIO
@@ -13,21 +14,22 @@ from typing import Any
 
 import pytest
 import typer
-from connectrpc.code import Code
-from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
-from fake_vm_service import InMemoryVmService, serve_in_thread
+from fakes.daemon import FakeDaemon, build_fake_daemon, serve_fake_daemon
 from rich.console import Console
 from rich.status import Status
 from rich.table import Table
 from typer.testing import CliRunner
 
+from metald.api.handlers import VmHandlers
 from metald.cli import vm
 from metald.cli.main import app
 from metald.client import Disk, pb
-from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
+from metald.core.errors import ResourceExhausted
+from metald.core.states import VmState
 
 TOKEN = "dev_customer_acme"
+GENERATED_ID = re.compile(r"vm-[0-9a-f]{16}")
 runner = CliRunner()
 
 
@@ -111,8 +113,7 @@ def test_vms_table() -> None:
                     created_timestamp=1_700_000_000,
                     metadata={"b": "2", "a": "1"},
                 )
-            ],
-            caption="1 VM",
+            ]
         )
     )
     for column in ("VM ID", "STATE", "VCPUS", "MEMORY", "CREATED", "METADATA"):
@@ -120,7 +121,6 @@ def test_vms_table() -> None:
     row = next(line for line in text.splitlines() if "vm-a" in line)
     for cell in ("RUNNING", "2", "512 MiB", "2023-11-14 22:13:20Z", "a=1, b=2"):
         assert cell in row
-    assert "1 VM" in text
 
 
 def test_info_table() -> None:
@@ -243,17 +243,17 @@ def test_unreachable_server() -> None:
 
 
 @pytest.fixture
-def service() -> InMemoryVmService:
-    return InMemoryVmService()
+def daemon() -> Iterator[FakeDaemon]:
+    with serve_fake_daemon() as served:
+        yield served
 
 
 @pytest.fixture
-def env(service: InMemoryVmService) -> Iterator[dict[str, str]]:
-    with serve_in_thread(VmServiceASGIApplication(service)) as address:
-        yield {"METALD_ADDR": address, "METALD_TOKEN": TOKEN}
+def env(daemon: FakeDaemon) -> dict[str, str]:
+    return {"METALD_ADDR": daemon.address, "METALD_TOKEN": TOKEN}
 
 
-def test_create_and_boot(env: dict[str, str], service: InMemoryVmService) -> None:
+def test_create_and_boot(env: dict[str, str], daemon: FakeDaemon) -> None:
     result = run(
         "create",
         "--vcpus",
@@ -265,7 +265,7 @@ def test_create_and_boot(env: dict[str, str], service: InMemoryVmService) -> Non
         "--initrd",
         "initrd.img",
         "--kernel-args",
-        "console=ttyS0 quiet",
+        "quiet loglevel=3",
         "--disk",
         "/root.ext4",
         "--disk",
@@ -280,25 +280,29 @@ def test_create_and_boot(env: dict[str, str], service: InMemoryVmService) -> Non
         env=env,
     )
     assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines() == ["created web-1: CREATED", "booted web-1: RUNNING"]
-    request = next(r for name, r, _ in service.calls if name == "create")
+    assert result.stdout == "web-1\n"  # the id alone, for vm=$(metald vm create ...)
+    assert result.stderr.splitlines() == ["created web-1: CREATED", "booted web-1: RUNNING"]
+    (request,) = daemon.requests("CreateVm")
     config = request.config
     assert request.vm_id == "web-1"
     assert (config.cpu.vcpu_count, config.memory.size_bytes) == (2, 512 * 1024**2)
     assert (config.boot.kernel_path, config.boot.initrd_path) == ("vmlinux", "initrd.img")
-    assert config.boot.kernel_args == "console=ttyS0 quiet"
+    assert config.boot.kernel_args == "quiet loglevel=3"
     assert [(d.path, d.read_only, d.is_root_device) for d in config.storage] == [
         ("/root.ext4", False, True),
         ("/data.img", True, False),
     ]
     assert dict(config.metadata) == {"team": "a", "env": "dev"}
-    assert service.vms["web-1"].state == pb.VM_STATE_RUNNING
+    assert daemon.store.rows["web-1"].state is VmState.RUNNING
+    assert daemon.backend.vmms["web-1"].state is VmState.RUNNING
 
 
 def test_create_json(env: dict[str, str]) -> None:
     result = run("create", "--json", env=env)
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout) == {"vm_id": "vm-0001", "state": "CREATED"}
+    created = json.loads(result.stdout)
+    assert GENERATED_ID.fullmatch(created.pop("vm_id"))
+    assert created == {"state": "CREATED"}
     result = run("create", "--json", "--boot", "--id", "b", env=env)
     assert json.loads(result.stdout) == {
         "vm_id": "b",
@@ -308,25 +312,38 @@ def test_create_json(env: dict[str, str]) -> None:
     }
 
 
-def test_create_quiet_prints_only_the_id(env: dict[str, str]) -> None:
-    assert run("create", "-q", env=env).stdout == "vm-0001\n"
-    assert run("create", "-q", "--boot", "--id", "b", env=env).stdout == "b\n"
+def test_create_prints_the_id_alone_for_scripts(env: dict[str, str], daemon: FakeDaemon) -> None:
+    # As the README's walkthrough uses it: vm=$(metald vm create ...); metald vm boot "$vm"
+    created = run("create", env=env)
+    assert created.exit_code == 0, created.output
+    vm_id = created.stdout.removesuffix("\n")
+    assert GENERATED_ID.fullmatch(vm_id)
+    assert created.stderr == f"created {vm_id}: CREATED\n"  # for people, out of $( )
+    assert run("boot", vm_id, env=env).exit_code == 0
+    assert daemon.store.rows[vm_id].state is VmState.RUNNING
+
+
+def test_create_quiet_says_nothing_on_stderr(env: dict[str, str]) -> None:
+    quiet = run("create", "-q", env=env)
+    assert GENERATED_ID.fullmatch(quiet.stdout.removesuffix("\n"))
+    assert quiet.stderr == ""
+    booted = run("create", "-q", "--boot", "--id", "b", env=env)
+    assert (booted.stdout, booted.stderr) == ("b\n", "")
     assert json.loads(run("create", "-q", "--json", "--id", "c", env=env).stdout)["vm_id"] == "c"
 
 
-class _NoCapacity(InMemoryVmService):
-    async def boot_vm(self, request: Any, ctx: RequestContext[Any, Any]) -> pb.BootVmResponse:
-        raise ConnectError(Code.RESOURCE_EXHAUSTED, "host capacity exhausted")
-
-
 def test_create_boot_failure_says_the_vm_exists() -> None:
-    with serve_in_thread(VmServiceASGIApplication(_NoCapacity())) as address:
-        result = run("create", "--boot", "--id", "v", "--addr", address, "--token", TOKEN)
+    full = build_fake_daemon()
+    full.backend.faults.fail("boot", ResourceExhausted("host capacity exhausted"))
+    with serve_fake_daemon(daemon=full) as daemon:
+        result = run("create", "--boot", "--id", "v", "--addr", daemon.address, "--token", TOKEN)
+    assert daemon.store.rows["v"].state is VmState.CREATED
     assert result.exit_code == 1
-    assert result.stdout == "created v: CREATED\n"
+    assert result.stdout == "v\n"
     lines = result.stderr.splitlines()
-    assert lines[0] == "error: resource_exhausted: host capacity exhausted"
-    assert "v was created but not booted" in lines[1]
+    assert lines[0] == "created v: CREATED"
+    assert lines[1] == "error: resource_exhausted: host capacity exhausted"
+    assert "v was created but not booted" in lines[2]
 
 
 def test_lifecycle_lines(env: dict[str, str]) -> None:
@@ -346,14 +363,15 @@ def test_lifecycle_lines(env: dict[str, str]) -> None:
         assert result.stderr == ""
 
 
-def test_lifecycle_json(env: dict[str, str], service: InMemoryVmService) -> None:
+def test_lifecycle_json(env: dict[str, str], daemon: FakeDaemon) -> None:
     run("create", "--id", "v", env=env)
     result = run("boot", "v", "--json", env=env)
     assert json.loads(result.stdout) == {"vm_id": "v", "success": True, "state": "RUNNING"}
     result = run("shutdown", "v", "--force", "--timeout", "7", "--json", env=env)
     assert json.loads(result.stdout) == {"vm_id": "v", "success": True, "state": "SHUTDOWN"}
-    shutdown = next(r for name, r, _ in service.calls if name == "shutdown")
+    (shutdown,) = daemon.requests("ShutdownVm")
     assert (shutdown.force, shutdown.timeout_seconds) == (True, 7)
+    assert daemon.backend.calls[-1].args == {"timeout": 7.0, "force": True}
     result = run("delete", "v", "--json", env=env)
     assert json.loads(result.stdout) == {"vm_id": "v", "success": True}
 
@@ -361,7 +379,7 @@ def test_lifecycle_json(env: dict[str, str], service: InMemoryVmService) -> None
 def test_errors_print_code_and_message(env: dict[str, str]) -> None:
     result = run("pause", "ghost", env=env)
     assert result.exit_code == 1
-    assert result.stderr == "error: not_found: vm ghost not found\n"
+    assert result.stderr == "error: not_found: VM 'ghost' not found\n"
     assert result.stdout == ""
     run("create", "--id", "v", "--boot", env=env)
     result = run("delete", "v", "--json", env=env)
@@ -373,22 +391,35 @@ def test_errors_print_code_and_message(env: dict[str, str]) -> None:
     assert result.stderr.startswith("error: unauthenticated: ")
 
 
-def test_token_option_overrides_environment(
-    env: dict[str, str], service: InMemoryVmService
-) -> None:
-    result = run("list", "--token", "dev_customer_other", env=env)
-    assert result.exit_code == 0, result.output
-    assert service.calls[-1][2] == "Bearer dev_customer_other"
+def test_token_option_overrides_environment(env: dict[str, str], daemon: FakeDaemon) -> None:
+    run("create", "--id", "mine", env=env)
+    result = run("list", "-q", "--token", "dev_customer_other", env=env)
+    assert (result.exit_code, result.stdout) == (0, "")  # another customer's list
+    assert daemon.calls[-1].authorization == "Bearer dev_customer_other"
 
 
-class _Unsuccessful(InMemoryVmService):
-    async def pause_vm(self, request: Any, ctx: RequestContext[Any, Any]) -> pb.PauseVmResponse:
+class _Unsuccessful(VmHandlers):
+    """An answer the real service never gives: success=false without an error."""
+
+    async def pause_vm(self, request: Any, ctx: RequestContext[Any, Any], /) -> pb.PauseVmResponse:
         return pb.PauseVmResponse(success=False, state=pb.VM_STATE_RUNNING)
 
 
+class _BootUnsuccessful(VmHandlers):
+    async def boot_vm(self, request: Any, ctx: RequestContext[Any, Any], /) -> pb.BootVmResponse:
+        return pb.BootVmResponse(success=False, state=pb.VM_STATE_CREATED)
+
+
+def test_create_boot_unsuccessful_still_prints_the_id_and_exits_1() -> None:
+    with serve_fake_daemon(_BootUnsuccessful) as daemon:
+        result = run("create", "--boot", "--id", "v", "--addr", daemon.address, "--token", TOKEN)
+    assert (result.exit_code, result.stdout) == (1, "v\n")
+    assert result.stderr.splitlines() == ["created v: CREATED", "boot v did not succeed: CREATED"]
+
+
 def test_unsuccessful_response_exits_1() -> None:
-    with serve_in_thread(VmServiceASGIApplication(_Unsuccessful())) as address:
-        result = run("pause", "v", "--addr", address, "--token", TOKEN)
+    with serve_fake_daemon(_Unsuccessful) as daemon:
+        result = run("pause", "v", "--addr", daemon.address, "--token", TOKEN)
     assert result.exit_code == 1
     assert result.stdout == "pause v did not succeed: RUNNING\n"
 
@@ -424,11 +455,12 @@ def test_list_table_quiet_and_json(env: dict[str, str]) -> None:
 def test_list_pages(env: dict[str, str]) -> None:
     for name in ("a", "b", "c"):
         run("create", "--id", name, env=env)
-    page = run("list", "--page-size", "2", env=env)
-    assert "2 VMs of 3; more with --all-pages or --page-token 2" in page.stdout
     data = json.loads(run("list", "--json", "--page-size", "2", env=env).stdout)
-    assert ([v["vm_id"] for v in data["vms"]], data["next_page_token"]) == (["a", "b"], "2")
-    rest = run("list", "-q", "--page-size", "2", "--page-token", "2", env=env)
+    token = data["next_page_token"]
+    assert [v["vm_id"] for v in data["vms"]] == ["a", "b"] and token
+    page = run("list", "--page-size", "2", env=env)
+    assert f"2 VMs of 3; more with --all-pages or --page-token {token}" in page.stdout
+    rest = run("list", "-q", "--page-size", "2", "--page-token", token, env=env)
     assert rest.stdout == "c\n"
     everything = json.loads(
         run("list", "--json", "--all-pages", "--page-size", "1", env=env).stdout
@@ -438,7 +470,19 @@ def test_list_pages(env: dict[str, str]) -> None:
 
 
 def test_info(env: dict[str, str]) -> None:
-    run("create", "--id", "v", "--vcpus", "3", "--disk", "/r.ext4:ro", env=env)
+    created = run(
+        "create",
+        "--id",
+        "v",
+        "--vcpus",
+        "3",
+        "--disk",
+        "/r.ext4:ro",
+        "--network",
+        "dual-stack",
+        env=env,
+    )
+    assert created.exit_code == 0, created.output
     result = run("info", "v", env=env)
     assert result.exit_code == 0, result.output
     for expected in ("v", "CREATED", "3", "256 MiB", "/r.ext4 (root, ro)", "10.100.0.2"):

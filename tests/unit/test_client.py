@@ -1,6 +1,6 @@
 """The Python SDK: request building and conversions as pure functions, then real round trips
-over the Connect protocol against the generated VmServiceASGIApplication (in-memory service,
-hypercorn on a free loopback port)."""
+over the Connect protocol against the real service, handlers and interceptors over in-memory
+ports (tests/fakes/daemon.py, hypercorn on a free loopback port)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import pytest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
-from fake_vm_service import InMemoryVmService, serve_in_thread
+from fakes.daemon import FakeDaemon, serve_fake_daemon
 
+from metald.api.handlers import VmHandlers
 from metald.client import (
     STATE_CHOICES,
     AsyncMetaldClient,
@@ -27,7 +28,6 @@ from metald.client import (
     to_dict,
 )
 from metald.client.errors import from_connect_error
-from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
 
 TOKEN = "dev_customer_acme"
 
@@ -295,14 +295,14 @@ def test_local_deadline_names_the_timeout() -> None:
 
 
 @pytest.fixture
-def service() -> InMemoryVmService:
-    return InMemoryVmService()
+def daemon() -> Iterator[FakeDaemon]:
+    with serve_fake_daemon() as served:
+        yield served
 
 
 @pytest.fixture
-def address(service: InMemoryVmService) -> Iterator[str]:
-    with serve_in_thread(VmServiceASGIApplication(service)) as addr:
-        yield addr
+def address(daemon: FakeDaemon) -> str:
+    return daemon.address
 
 
 def _unused_port() -> int:
@@ -312,7 +312,7 @@ def _unused_port() -> int:
     return port
 
 
-def test_sync_lifecycle(address: str, service: InMemoryVmService) -> None:
+def test_sync_lifecycle(address: str, daemon: FakeDaemon) -> None:
     with MetaldClient(address, TOKEN) as client:
         created = client.create_vm(
             vcpus=2, memory_mib=128, disks=["/r.ext4:ro"], metadata={"a": "b"}
@@ -333,11 +333,12 @@ def test_sync_lifecycle(address: str, service: InMemoryVmService) -> None:
         assert client.delete_vm(vm_id).success
         assert client.list_vms().vms == []
     # Every call carried the bearer token, in binary protobuf (the server decoded it).
-    assert {authorization for _, _, authorization in service.calls} == {f"Bearer {TOKEN}"}
-    reboot = next(request for name, request, _ in service.calls if name == "reboot")
-    assert reboot.force
-    shutdown = next(request for name, request, _ in service.calls if name == "shutdown")
-    assert shutdown.timeout_seconds == 5
+    assert {call.authorization for call in daemon.calls} == {f"Bearer {TOKEN}"}
+    assert daemon.requests("RebootVm")[0].force
+    assert daemon.requests("ShutdownVm")[0].timeout_seconds == 5
+    shutdown = next(c for c in daemon.backend.calls if c.method == "shutdown")
+    assert shutdown.args == {"timeout": 5.0, "force": False}
+    assert daemon.backend.vmms == {} and daemon.backend.saved == {}  # deleted for real
 
 
 def test_sync_errors_carry_connect_codes(address: str) -> None:
@@ -350,9 +351,17 @@ def test_sync_errors_carry_connect_codes(address: str) -> None:
         client.pause_vm(vm_id)
     assert caught.value.code == "failed_precondition"
     assert "CREATED" in caught.value.message
+    # Another customer's VM looks like a missing one (ids leak nothing).
     with pytest.raises(MetaldClientError) as caught:
         MetaldClient(address, "dev_customer_other").get_vm_info(vm_id)
-    assert caught.value.code == "permission_denied"
+    assert caught.value.code == "not_found"
+    with pytest.raises(MetaldClientError) as caught:
+        client.create_vm(vm_id=vm_id)
+    assert caught.value.code == "already_exists"
+    with pytest.raises(MetaldClientError) as caught:
+        client.create_vm(memory_mib=64)
+    assert caught.value.code == "invalid_argument"
+    assert "config.memory.size_bytes" in caught.value.message
     with pytest.raises(MetaldClientError) as caught:
         MetaldClient(address, "not-a-dev-token").list_vms()
     assert caught.value.code == "unauthenticated"
@@ -382,20 +391,22 @@ def test_sync_list_filters_and_pages(address: str) -> None:
     assert [vm.vm_id for vm in running] == [ids[1], ids[3]]
 
 
-class _LoopingPages(InMemoryVmService):
-    async def list_vms(self, request: Any, ctx: RequestContext[Any, Any]) -> pb.ListVmsResponse:
+class _LoopingPages(VmHandlers):
+    """A broken server (the real service never does this): the same page for ever."""
+
+    async def list_vms(self, request: Any, ctx: RequestContext[Any, Any], /) -> pb.ListVmsResponse:
         return pb.ListVmsResponse(vms=[pb.VmInfo(vm_id="same")], next_page_token="again")
 
 
 def test_iter_vms_stops_on_a_looping_server() -> None:
-    with serve_in_thread(VmServiceASGIApplication(_LoopingPages())) as addr:
-        client = MetaldClient(addr, TOKEN)
+    with serve_fake_daemon(_LoopingPages) as daemon:
+        client = MetaldClient(daemon.address, TOKEN)
         with pytest.raises(MetaldClientError) as caught:
             list(client.iter_vms())
     assert caught.value.code == "internal"
 
 
-async def test_async_lifecycle(address: str, service: InMemoryVmService) -> None:
+async def test_async_lifecycle(address: str, daemon: FakeDaemon) -> None:
     async with AsyncMetaldClient(address, TOKEN) as client:
         created = await client.create_vm(vm_id="a1", kernel_path="vmlinux")
         assert (created.vm_id, created.state) == ("a1", pb.VM_STATE_CREATED)
@@ -416,7 +427,7 @@ async def test_async_lifecycle(address: str, service: InMemoryVmService) -> None
         page = await client.list_vms(states=[pb.VM_STATE_SHUTDOWN])
         assert [vm.vm_id for vm in page.vms] == ["a1"]
         assert (await client.delete_vm("a1", force=True)).success
-    assert {authorization for _, _, authorization in service.calls} == {f"Bearer {TOKEN}"}
+    assert {call.authorization for call in daemon.calls} == {f"Bearer {TOKEN}"}
 
 
 async def test_async_errors() -> None:

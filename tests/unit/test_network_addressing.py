@@ -13,7 +13,7 @@ import pytest
 from metald.core.errors import InvalidArgument, ResourceExhausted
 from metald.network.addressing import allocate
 from metald.store.addresses import AddressBook, MemoryAddressBook, SqlAddressBook
-from metald.store.sqlite import SqlStore
+from metald.store.database import Database
 
 NET4 = ipaddress.IPv4Network("10.100.0.0/16")
 GW4 = ipaddress.IPv4Address("10.100.0.1")
@@ -32,13 +32,10 @@ async def book(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
     if request.param == "memory":
         yield MemoryAddressBook()
         return
-    url = f"sqlite+aiosqlite:///{tmp_path / 'metald.db'}"
-    store = SqlStore(url)
-    await store.migrate()
-    sql = SqlAddressBook.from_url(url)
-    yield sql
-    await sql.close()
-    await store.close()
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'metald.db'}")
+    await database.migrate()
+    yield SqlAddressBook(database)
+    await database.close()
 
 
 async def test_lowest_free_address_skips_network_and_gateway(book: AddressBook) -> None:
@@ -122,18 +119,17 @@ async def test_the_book_claims_an_address_once(book: AddressBook) -> None:
 
 async def test_allocations_persist_across_a_restart(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'metald.db'}"
-    store = SqlStore(url)
-    await store.migrate()
-    first = SqlAddressBook.from_url(url)
+    database = Database(url)
+    await database.migrate()
     try:
-        assert await allocate(first, "a", NET4, GW4) == ip("10.100.0.2")
+        assert await allocate(SqlAddressBook(database), "a", NET4, GW4) == ip("10.100.0.2")
     finally:
-        await first.close()
-    await store.migrate()  # a restarted metald migrates again: harmless
-    again = SqlAddressBook.from_url(url)
+        await database.close()
+    database = Database(url)  # a restarted metald: a new engine, migrating again is harmless
+    await database.migrate()
+    again = SqlAddressBook(database)
     try:
         assert await allocate(again, "b", NET4, GW4) == ip("10.100.0.3")
         assert [(a.vm_id, a.address) for a in await again.for_vm("a")] == [("a", "10.100.0.2")]
     finally:
-        await again.close()
-        await store.close()
+        await database.close()

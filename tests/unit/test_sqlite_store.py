@@ -2,15 +2,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 
 from metald.core.models import DiskConfig, ProcessIdentity, VmConfig, VmRecord
 from metald.core.states import VmState
+from metald.store.addresses import SqlAddressBook
+from metald.store.database import Database
 from metald.store.sqlite import SqlStore
 
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SqlStore]:
-    s = SqlStore(f"sqlite+aiosqlite:///{tmp_path / 'metald.db'}")
+    s = SqlStore(Database(f"sqlite+aiosqlite:///{tmp_path / 'metald.db'}"))
     await s.migrate()
     yield s
     await s.close()
@@ -94,3 +97,24 @@ async def test_state_filter_and_total(store: SqlStore) -> None:
     await store.insert(vm("vm-c"))
     rows, total = await store.list_for_customer("acme", [VmState.RUNNING], 10, None)
     assert [r.id for r in rows] == ["vm-r"] and total == 1
+
+
+async def test_the_store_and_the_address_book_share_one_engine(tmp_path: Path) -> None:
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'metald.db'}")
+    checkouts: list[str] = []
+    event.listen(database.engine.sync_engine.pool, "checkout", lambda *_: checkouts.append("x"))
+    connects: list[str] = []
+    event.listen(database.engine.sync_engine, "connect", lambda *_: connects.append("x"))
+    store, book = SqlStore(database), SqlAddressBook(database)
+    try:
+        await store.migrate()
+        await store.insert(vm("vm-1"))
+        before = len(checkouts)
+        assert await book.claim("vm-1", 4, "10.100.0.2")
+        assert [a.address for a in await book.for_vm("vm-1")] == ["10.100.0.2"]
+        assert len(checkouts) == before + 2  # the book's queries ran on the database's pool
+        assert await store.get("vm-1") is not None
+        assert len(connects) == 1  # and one-at-a-time calls of both reuse one connection
+    finally:
+        await store.close()  # closes the shared database
+    await database.close()  # and a second close is harmless

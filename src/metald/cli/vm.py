@@ -1,7 +1,10 @@
 """`metald vm ...`: create and manage VMs through the API (with the SDK in metald.client).
 
-Every command prints a short line or a table, or the response as JSON with `--json`. Failures
-print `error: <code>: <message>` on stderr and exit 1 (2 for usage errors).
+Output is for people unless `--json` asks for the response as JSON (for scripts): state
+changes print one line (`booted vm-1: RUNNING`), `info` and `list` print tables. `create`
+prints the new VM's id alone on stdout, so `vm=$(metald vm create)` works; what it did
+(`created vm-1: CREATED`, and `booted ...` with --boot) goes to stderr, unless --quiet.
+Failures print `error: <code>: <message>` on stderr and exit 1 (2 for usage errors).
 """
 
 from __future__ import annotations
@@ -126,8 +129,8 @@ def _kv(data: Mapping[str, str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(data.items())) or "-"
 
 
-def vms_table(vms: Sequence[pb.VmInfo], caption: str | None = None) -> Table:
-    table = Table(caption=None if caption is None else Text(caption), caption_justify="left")
+def vms_table(vms: Sequence[pb.VmInfo]) -> Table:
+    table = Table()
     for column in ("VM ID", "STATE", "VCPUS", "MEMORY", "CREATED", "METADATA"):
         table.add_column(column, no_wrap=column in ("VM ID", "STATE", "CREATED"))
     for vm in vms:
@@ -299,15 +302,20 @@ def create(
     ] = None,
     boot: Annotated[bool, typer.Option("--boot", help="Boot the VM once it is created.")] = False,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="Print only the new VM's id.")
+        bool, typer.Option("--quiet", "-q", help="Only the id: nothing on stderr unless it fails.")
     ] = False,
     addr: Addr = DEFAULT_ADDRESS,
     token: Token = None,
     json_out: JsonOut = False,
 ) -> None:
-    """Create a VM (state CREATED), and boot it with --boot."""
+    """Create a VM (state CREATED) and print its id; boot it too with --boot."""
     disks = parse_disks(disk or [])
     metadata = parse_meta(meta or [])
+
+    def tell(line: str) -> None:
+        if not quiet and not json_out:
+            typer.echo(line, err=True)
+
     with _connect(addr, token) as client, _errors():
         with _status("creating VM...", json_out):
             created = client.create_vm(
@@ -321,16 +329,13 @@ def create(
                 vm_id=vm_id,
                 network=network,
             )
-        if quiet and not json_out:
+        if not json_out:
             typer.echo(created.vm_id)
+        tell(action_line("create", created.vm_id, created.state))
         if not boot:
             if json_out:
                 typer.echo(json_text(to_dict(created)))
-            elif not quiet:
-                typer.echo(action_line("create", created.vm_id, created.state))
             return
-        if not json_out and not quiet:
-            typer.echo(action_line("create", created.vm_id, created.state))
         try:
             with _status(f"booting {created.vm_id}...", json_out):
                 booted = client.boot_vm(created.vm_id)
@@ -345,8 +350,10 @@ def create(
         if json_out:
             data = {"vm_id": created.vm_id, **to_dict(booted), "created": to_dict(created)}
             typer.echo(json_text(data))
-        elif not quiet:
-            typer.echo(action_line("boot", created.vm_id, booted.state, booted.success))
+        elif not booted.success:
+            typer.echo(action_line("boot", created.vm_id, booted.state, success=False), err=True)
+        else:
+            tell(action_line("boot", created.vm_id, booted.state))
         if not booted.success:
             raise typer.Exit(1)
 
@@ -492,5 +499,6 @@ def list_(
     elif not response.vms and not response.next_page_token:
         typer.echo("no VMs")
     else:
-        caption = list_caption(len(response.vms), response.total_count, response.next_page_token)
-        _out().print(vms_table(response.vms, caption))
+        _out().print(vms_table(response.vms))
+        # A plain line under the table, never wrapped: the page token must copy whole.
+        typer.echo(list_caption(len(response.vms), response.total_count, response.next_page_token))

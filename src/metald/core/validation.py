@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 
 from metald.core.errors import InvalidArgument
+from metald.core.ids import VM_ID as VM_ID  # re-exported: network/ still imports it from here
+from metald.core.ids import VM_ID_RULE, is_vm_id
 from metald.core.models import VmConfig
 
 MIB = 1024 * 1024
@@ -21,7 +23,6 @@ MAX_KERNEL_ARGS = 1024
 MAX_DISKS = 8
 MAX_PATH = 4096
 
-VM_ID = re.compile(r"[a-z0-9-]{1,64}")
 CUSTOMER_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 METADATA_KEY = re.compile(r"[A-Za-z0-9._/-]+")
 DISK_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
@@ -37,8 +38,8 @@ class Limits:
 
 
 def check_vm_id(vm_id: str, field: str = "vm_id") -> None:
-    if not VM_ID.fullmatch(vm_id):
-        raise InvalidArgument(field, "must be 1-64 characters of a-z, 0-9 and '-'")
+    if not is_vm_id(vm_id):
+        raise InvalidArgument(field, f"must be {VM_ID_RULE}")
 
 
 def check_customer_id(customer_id: str) -> None:

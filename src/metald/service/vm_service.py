@@ -152,12 +152,13 @@ class VmService:
             await self._store.insert(vm)  # intent: the id is taken
             try:
                 nic = await self._network.setup(vm_id, caller, config.network)
-                process = await self._backend.create(replace(spec_of(vm_id), nic=nic))
+                vm.process = await self._backend.create(replace(spec_of(vm_id), nic=nic))
+                # Recording the VMM is part of the create: a row without its process could
+                # never be adopted, and the next start would keep its VMM as a known VM's.
+                await self._store.update(vm)
             except BaseException:
                 await self._undo_create(vm_id)
                 raise
-            vm.process = process
-            await self._store.update(vm)
             return vm
 
     async def _undo_create(self, vm_id: str) -> None:

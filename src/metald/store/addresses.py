@@ -4,8 +4,9 @@ The table's primary key is the address, so the database itself refuses a duplica
 between two metald processes or after a restart. Choosing a free address is the network
 manager's job (metald.network.addressing); this module only records claims.
 
-Two implementations of the AddressBook port: SqlAddressBook (SQLAlchemy Core, async; the
-table is created by migration 0002) and MemoryAddressBook for unit tests.
+Two implementations of the AddressBook port: SqlAddressBook (SQLAlchemy Core, async, on the
+Database the VM store uses; the table is created by migration 0002) and MemoryAddressBook
+for unit tests.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import Column, Float, Index, Integer, String, Table, delete, event, select
-from sqlalchemy.engine import Engine
+from sqlalchemy import Column, Float, Index, Integer, String, Table, delete, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from metald.store.database import Database
 from metald.store.schema import metadata
 
 ip_allocations = Table(
@@ -90,26 +90,11 @@ class MemoryAddressBook:
         return sorted(self._rows.values(), key=lambda a: a.address)
 
 
-def _sqlite_busy_timeout(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA busy_timeout=5000")
-    cur.close()
-
-
 class SqlAddressBook:
-    """On the store's database (the table comes from the store's migrations)."""
+    """On the store's Database (the table comes from its migrations); borrows its engine."""
 
-    def __init__(self, engine: AsyncEngine, *, owns_engine: bool = False) -> None:
-        self._engine = engine
-        self._owns_engine = owns_engine
-
-    @classmethod
-    def from_url(cls, url: str) -> SqlAddressBook:
-        engine = create_async_engine(url)
-        if url.startswith("sqlite"):
-            sync_engine: Engine = engine.sync_engine
-            event.listen(sync_engine, "connect", _sqlite_busy_timeout)
-        return cls(engine, owns_engine=True)
+    def __init__(self, database: Database) -> None:
+        self._engine = database.engine
 
     async def claim(self, vm_id: str, family: int, address: str) -> bool:
         try:
@@ -158,10 +143,6 @@ class SqlAddressBook:
         async with self._engine.connect() as conn:
             rows = await conn.execute(select(ip_allocations).order_by(ip_allocations.c.address))
             return [self._allocation(r._mapping) for r in rows]
-
-    async def close(self) -> None:
-        if self._owns_engine:
-            await self._engine.dispose()
 
     @staticmethod
     def _allocation(row: Any) -> Allocation:

@@ -1,52 +1,29 @@
-"""The Store port on SQLAlchemy Core (async). SQLite by default; the SQL is portable."""
+"""The Store port on SQLAlchemy Core (async), on a Database (store/database.py) it shares with
+the address book. SQLite by default; the SQL is portable."""
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from sqlalchemy import Connection, delete, event, func, select, tuple_, update
-from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy import delete, func, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from metald.core.models import ProcessIdentity, VmConfig, VmRecord
 from metald.core.states import VmState
+from metald.store.database import Database
 from metald.store.schema import vms
-
-_MIGRATIONS = Path(__file__).parent / "migrations"
-
-
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA busy_timeout=5000")
-    cur.close()
-
-
-def _run_migrations(conn: Connection) -> None:
-    cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(_MIGRATIONS))
-    cfg.attributes["connection"] = conn
-    command.upgrade(cfg, "head")
 
 
 class SqlStore:
-    def __init__(self, url: str, node: str | None = None) -> None:
-        self._url = url
+    def __init__(self, database: Database, node: str | None = None) -> None:
+        self._database = database
         self._node = node or socket.gethostname()
-        self._engine: AsyncEngine = create_async_engine(url)
-        if url.startswith("sqlite"):
-            sync_engine: Engine = self._engine.sync_engine
-            event.listen(sync_engine, "connect", _sqlite_pragmas)
+        self._engine: AsyncEngine = database.engine
 
     async def migrate(self) -> None:
-        async with self._engine.begin() as conn:
-            await conn.run_sync(_run_migrations)
+        await self._database.migrate()
 
     async def insert(self, vm: VmRecord) -> None:
         async with self._engine.begin() as conn:
@@ -113,11 +90,11 @@ class SqlStore:
         return {s: counts.get(s, 0) for s in VmState}
 
     async def ping(self) -> None:
-        async with self._engine.connect() as conn:
-            await conn.execute(select(1))
+        await self._database.ping()
 
     async def close(self) -> None:
-        await self._engine.dispose()
+        """Closes the database, which the address book shares (Database.close is idempotent)."""
+        await self._database.close()
 
     def _row(self, vm: VmRecord) -> dict[str, Any]:
         return {

@@ -1,0 +1,24 @@
+"""In-memory fakes of every port in metald.core.ports, for service unit tests.
+
+Each fake implements its Protocol exactly (tests/unit/test_fakes.py checks every method and
+parameter, since mypy does not check tests), records what it was asked, and can be told to
+fail at any method (`fake.faults.fail("create", BackendError(...))`) or to hold a call open
+(`fake.faults.gate("create")`) so a test can cancel it half-way.
+"""
+
+from .assets import FakeAssets
+from .backend import Call, FakeBackend, FakeVmm
+from .faults import Faults, Gate
+from .network import FakeNetwork
+from .store import MemoryStore
+
+__all__ = [
+    "Call",
+    "FakeAssets",
+    "FakeBackend",
+    "FakeNetwork",
+    "FakeVmm",
+    "Faults",
+    "Gate",
+    "MemoryStore",
+]

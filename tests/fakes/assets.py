@@ -1,0 +1,37 @@
+"""Fake Assets: a fixed set of references that resolve, everything else refused by field."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from metald.core.errors import InvalidArgument
+
+from .faults import Faults
+
+ROOT = Path("/fake-assets")
+DEFAULT_KERNEL = ROOT / "default" / "vmlinux"
+DEFAULT_INITRD = ROOT / "default" / "initrd"
+
+
+class FakeAssets:
+    """`files`: the references (paths or asset ids) that are in the store."""
+
+    def __init__(self, files: Iterable[str] = ()) -> None:
+        self.files = set(files)
+        self.resolved: list[tuple[str, str]] = []
+        self.faults = Faults()
+
+    def resolve(self, field: str, reference: str) -> Path:
+        self.resolved.append((field, reference))
+        self.faults.check("resolve")
+        if reference not in self.files:
+            raise InvalidArgument(field, f"{reference!r} is not a file in the asset store")
+        return ROOT / reference.lstrip("/")
+
+    def default_boot(self) -> tuple[Path, Path | None]:
+        self.faults.check("default_boot")
+        return DEFAULT_KERNEL, DEFAULT_INITRD
+
+    def ping(self) -> None:
+        self.faults.check("ping")
