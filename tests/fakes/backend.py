@@ -108,10 +108,10 @@ class FakeBackend:
         await self.faults.enter("resume")
         self._vmm(vm_id, VmState.PAUSED).state = VmState.RUNNING
 
-    async def reboot(self, vm_id: str) -> None:
+    async def reboot(self, vm_id: str) -> ProcessIdentity:
         self.calls.append(Call("reboot", vm_id))
         await self.faults.enter("reboot")
-        self._vmm(vm_id, VmState.RUNNING)
+        return self._vmm(vm_id, VmState.RUNNING).identity
 
     async def shutdown(self, vm_id: str, *, timeout: float, force: bool) -> str:
         self.calls.append(Call("shutdown", vm_id, {"timeout": timeout, "force": force}))

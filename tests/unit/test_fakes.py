@@ -32,6 +32,7 @@ def protocol_members(protocol: type) -> tuple[set[str], set[str]]:
         if inspect.isfunction(value) and not name.startswith("_")
     }
     attributes = set(vars(protocol).get("__annotations__", {}))
+    attributes |= {name for name, value in vars(protocol).items() if isinstance(value, property)}
     return methods, attributes
 
 

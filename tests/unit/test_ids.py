@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metald.backends.qemu.command import check_vm_id as qemu_check_vm_id
+from metald.backends.vmm.layout import check_vm_id as layout_check_vm_id
 from metald.core.errors import InvalidArgument
 from metald.core.ids import MAX_VM_ID_LENGTH, VM_ID, VM_ID_RULE, is_vm_id, new_vm_id
 from metald.core.validation import check_vm_id
@@ -38,5 +38,5 @@ def test_generated_ids_follow_the_rule() -> None:
 @given(st.from_regex(VM_ID, fullmatch=True))
 def test_every_layer_accepts_every_api_id(vm_id: str) -> None:
     check_vm_id(vm_id)
-    qemu_check_vm_id(vm_id)
+    layout_check_vm_id(vm_id)
     JailSpec(vm_id=vm_id, uid=5, gid=6, argv=("/vmm",)).validate()

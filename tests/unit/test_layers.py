@@ -48,13 +48,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("metald.api.http", "metald.observability.health"): "health endpoint, no port yet",
     ("metald.api.http", "metald.observability.metrics"): "metrics endpoint, no port yet",
     ("metald.api.interceptors", "metald.observability.metrics"): "RPC metrics, no port yet",
-    # jailer imports no adapter: the pidfd and process-identity helpers move to host/.
-    ("metald.jailer.launch", "metald.backends.process"): "process helpers, moving to host/",
-    # adapters do not import one another: the guest's kernel-argument contract moves to
-    # core, the AddressBook port too (issue 6, section 1).
-    ("metald.backends.qemu.backend", "metald.assets.kernel_args"): "guest contract -> core",
-    ("metald.backends.qemu.command", "metald.assets.kernel_args"): "guest contract -> core",
-    ("metald.network.models", "metald.assets.kernel_args"): "guest contract -> core",
+    # adapters do not import one another: the AddressBook port moves to core.
     ("metald.network.addressing", "metald.store.addresses"): "AddressBook port -> core",
     ("metald.network.manager", "metald.store.addresses"): "AddressBook port -> core",
 }

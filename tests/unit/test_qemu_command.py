@@ -201,10 +201,10 @@ def test_bad_inputs_are_refused() -> None:
         argv_for(spec(), accelerator="hvf")
     with pytest.raises(ValueError, match="vcpu"):
         argv_for(spec(vcpu_count=0))
-    for bad in ("", ".", "..", "../x", ".hidden", "a/b", "a b", "x" * 65, "a,b", "a\nb"):
+    for bad in ("", ".", "..", "../x", ".hidden", "a/b", "a b", "x" * 65, "a,b", "a\nb", "A_b.c"):
         with pytest.raises(ValueError):
             check_vm_id(bad)
-    for good in ("vm-0123456789abcdef", "-x", "x" * 64, "A_b.c"):
+    for good in ("vm-0123456789abcdef", "-x", "x" * 64):
         check_vm_id(good)
 
 

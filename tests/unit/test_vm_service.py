@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -542,7 +542,7 @@ async def test_a_vmm_gone_while_metald_was_away_is_shutdown(w: World, state: VmS
 async def test_a_reused_pid_is_not_adopted(w: World) -> None:
     await vm_in(w, S.RUNNING)
     vmm = w.backend.vmms["vm-1"]
-    vmm.identity = replace(vmm.identity, start_time=vmm.identity.start_time + 1)
+    vmm.identity = vmm.identity._replace(start_time=vmm.identity.start_time + 1)
     again = w.restarted()
     await again.service.start()
     assert w.store.rows["vm-1"].state is S.SHUTDOWN

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from metald.core.ids import VM_ID_RULE, is_vm_id
+
 # The helper's steps, in the order it runs them. "spec" names a spec the helper (or
 # launch_jailed, before starting it) refused; "start" a helper that died without a word.
 STEPS = ("netns", "tap", "mount", "cgroup", "rlimits", "privileges", "exec")
@@ -34,7 +36,6 @@ CPU_PERIOD_US = 100_000
 UID_LIMIT = 2**32 - 1  # (uid_t)-1 means "leave unchanged" to setresuid: never a real id
 RLIM_INFINITY = -1
 
-_VM_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 _BACKEND = re.compile(r"[a-z0-9_-]{1,32}")
 _IFNAME_BAD = re.compile(r"[\s/:]")
 _RLIMIT_NAMES = (
@@ -186,8 +187,8 @@ class JailSpec:
 
     def validate(self) -> None:
         """Raise SpecError for anything the helper must not attempt."""
-        if not _VM_ID.fullmatch(self.vm_id):
-            raise SpecError("vm_id: 1-64 letters, digits, '.', '_' or '-', not starting with '.'")
+        if not is_vm_id(self.vm_id):
+            raise SpecError(f"vm_id: {VM_ID_RULE}")
         if not _BACKEND.fullmatch(self.backend):
             raise SpecError("backend: 1-32 of a-z, 0-9, '_' or '-'")
         for name, value in (("uid", self.uid), ("gid", self.gid)):

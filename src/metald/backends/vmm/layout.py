@@ -16,21 +16,17 @@ the longest usable id depends on where sockets live; `max_vm_id_length` says how
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from metald.backends.vmm.driver import Drive, VmmFiles
+from metald.core.ids import MAX_VM_ID_LENGTH, VM_ID_RULE, is_vm_id
 from metald.core.models import LaunchSpec
 
 # sun_path is 108 bytes including the terminating NUL.
 MAX_UNIX_SOCKET_PATH = 107
-MAX_VM_ID = 64
-# A VM id names a directory and appears in VMM options and on the kernel command line.
-# (The API's ids, core.validation.VM_ID, are a subset; ids of VMs on disk are checked again
-# here because a directory name is not an API input.) No leading dot: never "." or "..".
-_VM_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+MAX_VM_ID = MAX_VM_ID_LENGTH
 
 # Paths inside a jail.
 JAILED_RUN_DIR = Path("/run")
@@ -41,10 +37,9 @@ AGENT_SOCKET = "agent.sock"
 
 
 def check_vm_id(vm_id: str) -> None:
-    if not _VM_ID.fullmatch(vm_id):
-        raise ValueError(
-            "a VM id must be 1-64 letters, digits, '.', '_' or '-', not starting with '.'"
-        )
+    """The one VM-id rule (core/ids.py), checked again for names found on disk."""
+    if not is_vm_id(vm_id):
+        raise ValueError(f"a VM id must be {VM_ID_RULE}")
 
 
 def max_vm_id_length(sockets_under: Path, socket_suffix: str) -> int:
