@@ -7,6 +7,7 @@ tap        creating a TAP device in the calling thread's network namespace
 sockets    connecting to a socket a VMM owns without following what it may have planted
 files      atomic file writes
 cpu        the host CPU facts a guest needs (the TSC rate under TCG)
+kvm        whether KVM really runs a guest here (a tiny firmware through the KVM API)
 
 Everything here imports only the standard library and nothing else of metald, so the jailer
 helper (which must start fast and trust nothing outside the standard library) and every

@@ -4,10 +4,11 @@
  * page-table churn -> write 0x2a to isa-debug-exit (QEMU exits with code 85). Any fault
  * triple-faults (QEMU exits 0 with -no-reboot); a KVM emulation failure stops the VM and the
  * caller's deadline expires. Under broken nested KVM the cmpxchg16b is where it stops, just
- * as a Debian kernel does.
+ * as a Debian kernel does. metald.host.kvm also runs the same image straight through the KVM
+ * API (no QEMU), mapped where QEMU maps it, and watches for the same port write.
  *
- * accel.py embeds the assembled bytes; tests/unit/test_qemu_command.py re-assembles this
- * file (when binutils are installed) and checks they match:
+ * metald/host/kvm.py embeds the assembled bytes; tests/unit/test_kvm_probe.py re-assembles
+ * this file (when binutils are installed) and checks they match:
  *   as --64 -o probe.o kvm_probe.S && ld -Ttext=0 -e 0 --oformat binary -o probe.bin probe.o
  */
     .set BASE, 0xFFFF0000
