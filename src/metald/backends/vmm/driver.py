@@ -164,12 +164,20 @@ class VmmDriver(Protocol):
         """The command line that starts the VMM with its vCPUs stopped."""
 
     async def connect(
-        self, vm_id: str, socket_path: str, launch: LaunchContext | None, timeout: float
+        self,
+        vm_id: str,
+        socket_path: str,
+        launch: LaunchContext | None,
+        timeout: float,
+        *,
+        host_run_dir: Path,
     ) -> VmmControl:
         """Connect to a VMM's control socket. `socket_path` reaches the socket the runtime
         checked (a /proc/self/fd/N path: connect to it, never to a path of your own);
-        `launch` is None when adopting a VMM left by an earlier metald. BackendError if the
-        VMM does not answer within `timeout`."""
+        `launch` is None when adopting a VMM left by an earlier metald. `host_run_dir` is
+        the VMM's run directory as metald reaches it (launch.host_run_dir for a launch): an
+        adopting control re-opens what the VMM writes there (Firecracker's metrics FIFO).
+        BackendError if the VMM does not answer within `timeout`."""
 
     def describe_exit(
         self, event: str | None, status: ExitStatus | None, stderr_line: str
