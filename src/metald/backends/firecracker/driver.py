@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import re
+import stat
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,7 +50,7 @@ from metald.backends.vmm.driver import (
 from metald.core.errors import BackendError
 from metald.core.states import VmState
 from metald.host.process import ExitStatus
-from metald.host.sockets import UnsafeSocket, open_fifo_for_reading
+from metald.host.sockets import UnsafeSocket, fd_path, open_fifo_for_reading
 from metald.jailer.host import dynamic_binary_paths, find_binary
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,12 @@ class FirecrackerDriver:
         *,
         host_run_dir: Path,
     ) -> FirecrackerControl:
-        api = FirecrackerApi(socket_path, timeout=self.api_timeout)
+        # httpx opens a new connection whenever its pool wants one (after an idle spell, or
+        # two calls at once), each time through the path: so the control holds a descriptor
+        # of its own to the socket inode the runtime checked, valid for as long as it lives,
+        # whatever the runtime does with its descriptor after this call.
+        socket_fd = _hold_socket(socket_path)
+        api = FirecrackerApi(fd_path(socket_fd), timeout=self.api_timeout)
         try:
             info = await _wait_until_answering(api, timeout)
             expected = config.instance_id(vm_id)
@@ -155,11 +161,14 @@ class FirecrackerDriver:
                 raise BackendError(
                     f"the API socket answers for instance {info.get('id')!r}, not {expected!r}"
                 )
-            control = FirecrackerControl(api, metrics_interval=self.metrics_interval)
+            control = FirecrackerControl(
+                api, socket_fd=socket_fd, metrics_interval=self.metrics_interval
+            )
             if launch is None:
-                control.adopt(info, host_run_dir, owner_uid=os.stat(socket_path).st_uid)
+                control.adopt(info, host_run_dir, owner_uid=os.fstat(socket_fd).st_uid)
         except BaseException:
             await api.aclose()
+            os.close(socket_fd)
             raise
         return control
 
@@ -180,8 +189,11 @@ class FirecrackerDriver:
 class FirecrackerControl:
     """The API connection to one Firecracker process, and its metrics."""
 
-    def __init__(self, api: FirecrackerApi, *, metrics_interval: float = 1.0) -> None:
+    def __init__(
+        self, api: FirecrackerApi, *, socket_fd: int | None = None, metrics_interval: float = 1.0
+    ) -> None:
         self.api = api
+        self._socket_fd = socket_fd  # what api's path reaches (closed with the control)
         self.metrics_interval = metrics_interval
         self._started = False  # InstanceStart done: metrics can be flushed
         self._fifo_fd: int | None = None
@@ -288,6 +300,9 @@ class FirecrackerControl:
             os.close(self._fifo_fd)
             self._fifo_fd = None
         await self.api.aclose()
+        if self._socket_fd is not None:
+            os.close(self._socket_fd)
+            self._socket_fd = None
 
     # ------------------------------------------------------------------------ metrics
 
@@ -326,6 +341,19 @@ async def _wait_until_answering(api: FirecrackerApi, timeout: float) -> dict[str
                     f"Firecracker did not answer on its API socket within {timeout:g} s ({e})"
                 ) from e
         await asyncio.sleep(_CONNECT_RETRY)
+
+
+def _hold_socket(socket_path: str) -> int:
+    """An O_PATH descriptor of the socket `socket_path` reaches. The path is the runtime's
+    /proc/self/fd/N, a link to the inode it checked, so it is followed on purpose."""
+    try:
+        fd = os.open(socket_path, os.O_PATH | os.O_CLOEXEC)
+    except OSError as e:
+        raise BackendError(f"cannot reach the API socket: {e.strerror}") from e
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BackendError("the API socket is not a socket")
+    return fd
 
 
 def make_run_files(launch: LaunchContext) -> Path:
