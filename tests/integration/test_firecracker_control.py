@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from metald.backends.firecracker.api import FirecrackerApiError
 from metald.backends.firecracker.driver import FirecrackerControl, FirecrackerDriver
 from metald.backends.vmm.driver import Drive, LaunchContext, VmmFiles, VmmHost
 from metald.core.errors import BackendError
-from metald.core.models import LaunchSpec, ResolvedDisk
+from metald.core.models import LaunchSpec, NicSpec, RateLimit, ResolvedDisk
 from metald.core.states import VmState
 from metald.host.process import ExitStatus
 from metald.host.sockets import fd_path, open_socket_path
@@ -43,6 +43,8 @@ CONNECT_TIMEOUT = 30.0
 READY = re.compile(r"^METALD-GUEST READY vm=(\S+) ", re.M)
 HEARTBEAT = re.compile(r"^METALD-GUEST HEARTBEAT (\d+)\s*$", re.M)
 SHUTDOWN = re.compile(r"^METALD-GUEST SHUTDOWN\s*$", re.M)
+NET = re.compile(r"^METALD-GUEST NET eth0 ", re.M)
+HOST_IP, GUEST_IP = "172.30.98.1", "172.30.98.2"
 
 
 @pytest.fixture(scope="module")
@@ -113,12 +115,18 @@ class Rig:
         self.vmms: list[Vmm] = []
 
     def launch_context(
-        self, vm_id: str, boot_files: tuple[Path, Path | None], disks: tuple[Drive, ...] = ()
+        self,
+        vm_id: str,
+        boot_files: tuple[Path, Path | None],
+        disks: tuple[Drive, ...] = (),
+        nic: NicSpec | None = None,
     ) -> LaunchContext:
         # A short directory: the API and the stand-in's QMP socket paths must fit sun_path.
         run_dir = Path(tempfile.mkdtemp(prefix="fc"))
         kernel, initrd = boot_files
         cmdline = f"console=ttyS0 reboot=k panic=-1 quiet metald.vm_id={vm_id}"
+        if nic is not None:
+            cmdline += f" {nic.guest_args}"
         return LaunchContext(
             spec=LaunchSpec(
                 vm_id=vm_id,
@@ -130,6 +138,7 @@ class Rig:
                 disks=tuple(
                     ResolvedDisk(d.drive_id, d.source, d.read_only, d.is_root_device) for d in disks
                 ),
+                nic=nic,
             ),
             files=VmmFiles(
                 run_dir=run_dir,
@@ -190,6 +199,26 @@ async def rig(launcher: Path) -> AsyncIterator[Rig]:
     r = Rig(driver, await driver.probe())
     yield r
     r.close()
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A namespace the test makes, with TAP `tap0` (HOST_IP/24, up); removed afterwards."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("a network namespace and a TAP need root and iproute2")
+    name = f"fcdrv{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for cmd in (
+            "tuntap add dev tap0 mode tap",
+            f"addr add {HOST_IP}/24 dev tap0",
+            "link set tap0 up",
+            "link set lo up",
+        ):
+            subprocess.run(["ip", "-n", name, *cmd.split()], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def read_only_disk(tmp_path: Path) -> Drive:
@@ -342,3 +371,43 @@ async def test_a_killed_vmm_is_an_unexpected_exit(
     report = rig.driver.describe_exit(None, status, "")
     assert report.reason == "vmm exited unexpectedly (signal 9)"
     assert not report.by_guest
+
+
+@pytest.mark.guest
+async def test_the_guest_network_with_rate_limits(
+    rig: Rig, boot_files: tuple[Path, Path | None], netns: str
+) -> None:
+    nic = NicSpec(
+        netns=netns,
+        tap="tap0",
+        mac="02:00:ac:1e:62:02",
+        guest_args=f"metald.ip4={GUEST_IP}/24 metald.gw4={HOST_IP}",
+        rx_rate_limit=RateLimit(bandwidth=10_000_000, burst=1_000_000),
+        tx_rate_limit=RateLimit(bandwidth=5_000_000, refill_time_ms=100),
+    )
+    launch = rig.launch_context("vm-fc-net", boot_files, nic=nic)
+    # The VMM runs in the VM's namespace, as the jailer puts it there.
+    vmm = rig.start(launch, ["ip", "netns", "exec", netns, *rig.driver.argv(rig.host, launch)])
+    control = await rig.connect(vmm)
+    try:
+        await control.prepare(launch)  # the interface and its limiters, checked by the spec
+        await control.start_vcpus()
+        await vmm.wait_console(NET)
+        ping = await asyncio.to_thread(
+            subprocess.run,
+            ["ip", "netns", "exec", netns, "ping", "-c", "3", "-W", "5", GUEST_IP],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        stats = await control.io_stats()
+        # The pings and their answers crossed the card (ARP too): both directions counted.
+        assert stats.net_rx_packets is not None and stats.net_rx_packets >= 3
+        assert stats.net_tx_packets is not None and stats.net_tx_packets >= 3
+        assert stats.net_rx_bytes and stats.net_tx_bytes
+        await control.ask_guest_to_stop()
+        status = await vmm.wait_exit()
+    finally:
+        await control.close()
+    assert status == ExitStatus(exit_code=0), vmm.stderr()
