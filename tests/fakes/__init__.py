@@ -1,4 +1,5 @@
-"""In-memory fakes of every port in metald.core.ports, for service unit tests.
+"""In-memory fakes of every port in metald.core.ports, for service unit tests (and, in
+firecracker/, a stand-in for the Firecracker binary, which cannot run on the test machines).
 
 Each fake implements its Protocol exactly (tests/unit/test_fakes.py checks every method and
 parameter, since mypy does not check tests), records what it was asked, and can be told to
