@@ -124,7 +124,7 @@ def launch(argv: list[str], *, serial_stdio: bool) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         argv,
         stdin=None if serial_stdio else subprocess.DEVNULL,
-        preexec_fn=lambda: _die_with_parent(parent),  # noqa: PLW1509 - a test tool
+        preexec_fn=lambda: _die_with_parent(parent),
     )
 
 

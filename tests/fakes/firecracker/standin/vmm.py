@@ -224,9 +224,10 @@ class Vmm:
             d["is_root_device"] for i, d in self.drives.items() if i != body["drive_id"]
         ):
             raise ApiError("A root block device already exists!")
-        body = {"is_read_only": False, "cache_type": "Unsafe", "io_engine": "Sync"} | body
-        _check_file(body["path_on_host"], "block device file", write=not body["is_read_only"])
-        self.drives[body["drive_id"]] = body
+        drive: dict[str, Any] = {"is_read_only": False, "cache_type": "Unsafe",
+                                 "io_engine": "Sync"} | body  # fmt: skip
+        _check_file(drive["path_on_host"], "block device file", write=not drive["is_read_only"])
+        self.drives[drive["drive_id"]] = drive
         return 204, None
 
     def op_putGuestNetworkInterfaceByID(self, op: Operation, body: dict[str, Any]) -> Reply:
@@ -236,7 +237,9 @@ class Vmm:
             raise ApiError(f"Invalid MAC address {mac!r}.")
         if any(n["host_dev_name"] == body["host_dev_name"] for n in others):
             raise ApiError(f"The host device name {body['host_dev_name']} is already in use.")
-        if mac is not None and any(str(n.get("guest_mac", "")).lower() == mac.lower() for n in others):
+        if mac is not None and any(
+            str(n.get("guest_mac", "")).lower() == mac.lower() for n in others
+        ):
             raise ApiError(f"The MAC address {mac} is already in use.")
         _check_tap(body["host_dev_name"])
         self.nets[body["iface_id"]] = body
@@ -348,7 +351,10 @@ class Vmm:
 
     def op_patchBalloonStatsInterval(self, op: Operation, body: dict[str, Any]) -> Reply:
         balloon = self._balloon()
-        now_on, was_on = body["stats_polling_interval_s"] > 0, balloon["stats_polling_interval_s"] > 0
+        now_on, was_on = (
+            body["stats_polling_interval_s"] > 0,
+            balloon["stats_polling_interval_s"] > 0,
+        )
         if self.state != "Not started" and now_on != was_on:
             raise ApiError("Balloon statistics cannot be turned on or off after boot.")
         balloon["stats_polling_interval_s"] = body["stats_polling_interval_s"]
@@ -448,7 +454,7 @@ class Vmm:
         if self.metrics.sink is None:
             return False
         self.next_flush = time.monotonic() + 60
-        stats: dict[str, dict[str, int]] = {}
+        stats: dict[str, dict[str, int] | None] = dict.fromkeys(self._started_drives)
         if self.qmp is not None:
             with contextlib.suppress(QmpError):
                 for entry in self.qmp.execute("query-blockstats"):
