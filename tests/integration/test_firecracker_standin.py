@@ -425,8 +425,12 @@ def configure_guest(
     s.ok("PUT", "/serial", {"serial_out_path": str(s.dir / "console")})
     with (s.dir / "data").open("wb") as f:
         f.truncate(4 << 20)
+    # A rate limiter (QEMU throttling: an average of 10 MB/s, far above the boot's reads).
+    limiter = {"bandwidth": {"size": 1_000_000, "refill_time": 100}}
     s.ok("PUT", "/drives/data", {"drive_id": "data", "path_on_host": str(s.dir / "data"),
-                                 "is_root_device": False, "is_read_only": True})  # fmt: skip
+                                 "is_root_device": False, "is_read_only": True,
+                                 "rate_limiter": limiter})  # fmt: skip
+    s.ok("PUT", "/entropy", {})
     if netns is not None:
         s.ok("PUT", "/network-interfaces/eth0", {"iface_id": "eth0", "host_dev_name": "tap0",
                                                  "guest_mac": "06:00:ac:1e:63:02"})  # fmt: skip
@@ -500,6 +504,13 @@ def test_a_guest_lives_and_ends_like_under_firecracker(
                 text=True,
             )
             assert ping.returncode == 0, ping.stdout + ping.stderr
+            # Then traffic one way only: 20 datagrams of 1400 bytes to a closed port (the
+            # guest answers with at most 20 small, rate-limited ICMP errors).
+            send = (
+                "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                f"for _ in range(20): s.sendto(bytes(1400), ({GUEST_IP!r}, 9))"
+            )
+            subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", send], check=True)
         s.ok("PUT", "/actions", {"action_type": "FlushMetrics"})
         s.ok("PUT", "/actions", {"action_type": "FlushMetrics"})
         s.ok("PUT", "/actions", {"action_type": "FlushMetrics"})
@@ -516,7 +527,11 @@ def test_a_guest_lives_and_ends_like_under_firecracker(
             # Three echo requests reached the guest (its rx) and three replies left it (tx).
             assert first["net_eth0"]["rx_packets_count"] >= 3
             assert first["net_eth0"]["tx_packets_count"] >= 3
-            assert first["net_eth0"]["rx_bytes_count"] >= 3 * 98
+            assert first["net_eth0"]["rx_bytes_count"] >= 3 * 98 + 20 * 1400
+            # The direction: what the guest received (the TAP's tx) outweighs what it sent.
+            rx, tx = first["net_eth0"]["rx_bytes_count"], first["net_eth0"]["tx_bytes_count"]
+            assert rx - tx > 10_000, (rx, tx)
+            assert first["net"]["rx_bytes_count"] == rx
             assert second["net_eth0"]["rx_packets_count"] < first["net_eth0"]["rx_packets_count"]
 
         # Pause stops the heartbeat; resume brings it back.
