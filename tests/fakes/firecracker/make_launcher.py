@@ -19,7 +19,7 @@ from metald.jailer.host import dynamic_binary_paths, qemu_host_paths
 HERE = Path(__file__).resolve().parent
 STANDIN = HERE / "firecracker-api-standin"
 sys.path.insert(0, str(HERE))
-from standin.spec import DEFAULT_SPEC  # noqa: E402
+from standin.spec import DEFAULT_SPEC  # type: ignore[import-not-found]  # noqa: E402
 
 SPEC = DEFAULT_SPEC
 _IMPORTS = "import jsonschema, yaml, json, ctypes, fcntl, socketserver, http.server"
@@ -65,8 +65,8 @@ def standin_host_paths(python: Path, spec: Path = SPEC) -> list[str]:
     cfg = Path(python).parent.parent / "pyvenv.cfg"
     if cfg.exists():
         paths.append(str(cfg))
-    paths += dynamic_binary_paths(os.path.realpath(executable)) + [stdlib, purelib, platlib]
+    paths += [*dynamic_binary_paths(os.path.realpath(executable)), stdlib, purelib, platlib]
     for ext in extensions:
         paths += dynamic_binary_paths(ext)[1:]  # the module itself is under site-packages
-    paths += list(qemu_host_paths()) + [str(HERE), str(spec)]
+    paths += [*qemu_host_paths(), str(HERE), str(spec)]
     return list(dict.fromkeys(paths))

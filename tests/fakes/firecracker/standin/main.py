@@ -66,10 +66,16 @@ def main(argv: list[str], spec_path: Path = DEFAULT_SPEC) -> int:
         print(f"firecracker: invalid --id {args.id!r}: alphanumeric and '-', 1-64 characters",
               file=sys.stderr)  # fmt: skip
         return 1
-    seccomp = "off (--no-seccomp)" if args.no_seccomp else (
-        f"on (filter {args.seccomp_filter})" if args.seccomp_filter else "on (default filter)")  # fmt: skip
-    print(f"firecracker-api-standin: a stand-in for Firecracker v{VERSION} (the guest runs "
-          f"under QEMU); seccomp would be {seccomp}", file=sys.stderr, flush=True)  # fmt: skip
+    if args.no_seccomp:
+        seccomp = "off (--no-seccomp)"
+    else:
+        seccomp = f"on ({args.seccomp_filter or 'the default filter'})"
+    print(
+        f"firecracker-api-standin: a stand-in for Firecracker v{VERSION} (the guest runs under "
+        f"QEMU); seccomp would be {seccomp}",
+        file=sys.stderr,
+        flush=True,
+    )
     spec = Spec(spec_path)
     api_sock = Path(args.api_sock).absolute()
 

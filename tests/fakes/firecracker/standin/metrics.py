@@ -10,6 +10,7 @@ a jail). A TAP's tx is what the guest receives, so Firecracker's rx_* is the TAP
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -95,9 +96,29 @@ def tap_counters(ifname: str) -> dict[str, int]:
 
 # --- the metrics line ------------------------------------------------------------------------
 
-_BLOCK = ["activate_fails", "cfg_fails", "no_avail_buffer", "event_fails", "execute_fails", "invalid_reqs_count", "flush_count", "queue_event_count", "rate_limiter_event_count", "update_count", "update_fails", "read_bytes", "write_bytes", "read_count", "write_count", "rate_limiter_throttled_events", "io_engine_throttled_events", "remaining_reqs_count"]  # fmt: skip
-_NET = ["activate_fails", "cfg_fails", "mac_address_updates", "no_rx_avail_buffer", "no_tx_avail_buffer", "event_fails", "rx_queue_event_count", "rx_event_rate_limiter_count", "rx_rate_limiter_throttled", "rx_tap_event_count", "rx_bytes_count", "rx_packets_count", "rx_fails", "rx_count", "tap_read_fails", "tap_write_fails", "tx_bytes_count", "tx_malformed_frames", "tx_fails", "tx_count", "tx_packets_count", "tx_partial_reads", "tx_queue_event_count", "tx_rate_limiter_event_count", "tx_rate_limiter_throttled", "tx_spoofed_mac_count", "tx_remaining_reqs_count"]  # fmt: skip
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
+
+
+# Field names as in Firecracker's metrics (BlockDeviceMetrics, NetDeviceMetrics, ...).
+_BLOCK = _names(
+    "activate_fails cfg_fails no_avail_buffer event_fails execute_fails invalid_reqs_count "
+    "flush_count queue_event_count rate_limiter_event_count update_count update_fails "
+    "read_bytes write_bytes read_count write_count rate_limiter_throttled_events "
+    "io_engine_throttled_events remaining_reqs_count"
+)
+_NET = _names(
+    "activate_fails cfg_fails mac_address_updates no_rx_avail_buffer no_tx_avail_buffer "
+    "event_fails rx_queue_event_count rx_event_rate_limiter_count rx_rate_limiter_throttled "
+    "rx_tap_event_count rx_bytes_count rx_packets_count rx_fails rx_count tap_read_fails "
+    "tap_write_fails tx_bytes_count tx_malformed_frames tx_fails tx_count tx_packets_count "
+    "tx_partial_reads tx_queue_event_count tx_rate_limiter_event_count "
+    "tx_rate_limiter_throttled tx_spoofed_mac_count tx_remaining_reqs_count"
+)
 _STATIC = {
+    "api_server": "process_startup_time_us process_startup_time_cpu_us sync_response_fails "
+    "sync_vmm_send_timeout_count",
     "vcpu": "exit_io_in exit_io_out exit_mmio_read exit_mmio_write failures",
     "vmm": "panic_count",
     "uart": "error_count flush_count missed_read_count missed_write_count read_count write_count",
@@ -115,7 +136,10 @@ _STATIC = {
     "patch_api_requests": "drive_count drive_fails network_count network_fails "
     "machine_cfg_count machine_cfg_fails mmds_count mmds_fails balloon_count balloon_fails",
 }
-_AGG = ("read_agg", "write_agg")  # latency aggregates Firecracker adds to block groups
+
+
+def _latency() -> dict[str, int]:
+    return {"min_us": 0, "max_us": 0, "sum_us": 0}  # Firecracker's LatencyAggregateMetrics
 
 
 class Metrics:
@@ -126,7 +150,6 @@ class Metrics:
         self.sink = sink  # set by PUT /metrics
         self.counters: dict[tuple[str, str], int] = {}
         self._last: dict[str, dict[str, int]] = {}  # running totals at the previous flush
-        self.started = time.monotonic()
 
     def bump(self, group: str, field: str, by: int = 1) -> None:
         self.counters[(group, field)] = self.counters.get((group, field), 0) + by
@@ -138,58 +161,59 @@ class Metrics:
 
     def line(
         self,
-        blockstats: Mapping[str, Mapping[str, int]],
+        blockstats: Mapping[str, Mapping[str, int] | None],
         taps: Mapping[str, str],
         read_tap: Callable[[str], dict[str, int]] = tap_counters,
     ) -> dict[str, Any]:
-        """One metrics object. blockstats: drive_id -> QEMU blockstats; taps: iface_id -> TAP."""
+        """One metrics object. blockstats: drive_id -> QEMU blockstats (None: not known now);
+        taps: iface_id -> TAP."""
         out: dict[str, Any] = {"utc_timestamp_ms": int(time.time() * 1000)}
-        out["api_server"] = {"process_startup_time_us": 0, "process_startup_time_cpu_us": 0,
-                             "sync_response_fails": 0, "sync_vmm_send_timeout_count": 0}  # fmt: skip
-        for group, fields in _STATIC.items():
-            out[group] = {f: self.counters.get((group, f), 0) for f in fields.split()}
+        for name, fields in _STATIC.items():
+            out[name] = {f: self.counters.get((name, f), 0) for f in _names(fields)}
         block_total = dict.fromkeys(_BLOCK, 0)
         for drive_id, st in sorted(blockstats.items()):
-            d = self._delta(
-                f"block_{drive_id}",
-                {"read_bytes": st.get("rd_bytes", 0), "write_bytes": st.get("wr_bytes", 0),
-                 "read_count": st.get("rd_operations", 0),
-                 "write_count": st.get("wr_operations", 0),
-                 "flush_count": st.get("flush_operations", 0)},
-            )  # fmt: skip
-            group = {f: d.get(f, 0) for f in _BLOCK}
-            out[f"block_{drive_id}"] = group | {
-                a: {"min_us": 0, "max_us": 0, "sum_us": 0} for a in _AGG
-            }
+            key = f"block_{drive_id}"
+            totals = self._last.get(key, {})  # QEMU did not answer (gone): no new I/O
+            if st is not None:
+                totals = {
+                    "read_bytes": st.get("rd_bytes", 0),
+                    "write_bytes": st.get("wr_bytes", 0),
+                    "read_count": st.get("rd_operations", 0),
+                    "write_count": st.get("wr_operations", 0),
+                    "flush_count": st.get("flush_operations", 0),
+                }
+            delta = self._delta(key, totals)
+            block = {f: delta.get(f, 0) for f in _BLOCK}
             for f in _BLOCK:
-                block_total[f] += group[f]
-        out["block"] = block_total | {a: {"min_us": 0, "max_us": 0, "sum_us": 0} for a in _AGG}
+                block_total[f] += block[f]
+            out[key] = block | {"read_agg": _latency(), "write_agg": _latency()}
+        out["block"] = block_total | {"read_agg": _latency(), "write_agg": _latency()}
         net_total = dict.fromkeys(_NET, 0)
         for iface_id, tap in sorted(taps.items()):
-            try:
-                c = read_tap(tap)
-            except OSError:
-                c = self._last.get(f"net_{iface_id}", {})  # gone: no new traffic to report
-            d = self._delta(
-                f"net_{iface_id}",
-                {"rx_bytes_count": c.get("tx_bytes", 0), "rx_packets_count": c.get("tx_packets", 0),
-                 "tx_bytes_count": c.get("rx_bytes", 0), "tx_packets_count": c.get("rx_packets", 0)},
-            )  # fmt: skip
-            group = {f: d.get(f, 0) for f in _NET}
-            group["rx_count"], group["tx_count"] = (
-                group["rx_packets_count"],
-                group["tx_packets_count"],
-            )
-            out[f"net_{iface_id}"] = group | {
-                "tap_write_agg": {"min_us": 0, "max_us": 0, "sum_us": 0}
-            }
+            key = f"net_{iface_id}"
+            totals = self._last.get(key, {})  # the TAP is gone: no new traffic
+            with contextlib.suppress(OSError):
+                c = read_tap(tap)  # the TAP's tx is the guest's rx
+                totals = {
+                    "rx_bytes_count": c["tx_bytes"],
+                    "rx_packets_count": c["tx_packets"],
+                    "rx_count": c["tx_packets"],
+                    "tx_bytes_count": c["rx_bytes"],
+                    "tx_packets_count": c["rx_packets"],
+                    "tx_count": c["rx_packets"],
+                }
+            delta = self._delta(key, totals)
+            net = {f: delta.get(f, 0) for f in _NET}
             for f in _NET:
-                net_total[f] += group[f]
-        out["net"] = net_total | {"tap_write_agg": {"min_us": 0, "max_us": 0, "sum_us": 0}}
+                net_total[f] += net[f]
+            out[key] = net | {"tap_write_agg": _latency()}
+        out["net"] = net_total | {"tap_write_agg": _latency()}
         self.counters.clear()  # SharedIncMetric: reset at every flush
         return out
 
-    def flush(self, blockstats: Mapping[str, Mapping[str, int]], taps: Mapping[str, str]) -> bool:
+    def flush(
+        self, blockstats: Mapping[str, Mapping[str, int] | None], taps: Mapping[str, str]
+    ) -> bool:
         if self.sink is None:
             return False
         ok = self.sink.write_line(json.dumps(self.line(blockstats, taps), separators=(",", ":")))

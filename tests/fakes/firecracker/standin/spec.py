@@ -27,7 +27,7 @@ _PARTIAL = {"patchMachineConfiguration"}
 _ID = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """YAML 1.1 reads the bare words Off/On/Yes/No as booleans (the logger level enum has
     `Off`); the spec means strings, so only true/false are booleans here."""
 
@@ -70,7 +70,7 @@ def _closed(node: Any) -> Any:
 class Spec:
     def __init__(self, path: Path = DEFAULT_SPEC) -> None:
         with path.open() as f:
-            doc = yaml.load(f, Loader=_Loader)
+            doc = yaml.load(f, Loader=_Loader)  # a SafeLoader subclass
         self.version: str = doc["info"]["version"]
         self.definitions: dict[str, Any] = _closed(doc["definitions"])
         self._routes: list[tuple[re.Pattern[str], str, dict[str, Any]]] = []

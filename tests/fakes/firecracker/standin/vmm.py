@@ -224,9 +224,10 @@ class Vmm:
             d["is_root_device"] for i, d in self.drives.items() if i != body["drive_id"]
         ):
             raise ApiError("A root block device already exists!")
-        body = {"is_read_only": False, "cache_type": "Unsafe", "io_engine": "Sync"} | body
-        _check_file(body["path_on_host"], "block device file", write=not body["is_read_only"])
-        self.drives[body["drive_id"]] = body
+        drive: dict[str, Any] = {"is_read_only": False, "cache_type": "Unsafe",
+                                 "io_engine": "Sync"} | body  # fmt: skip
+        _check_file(drive["path_on_host"], "block device file", write=not drive["is_read_only"])
+        self.drives[drive["drive_id"]] = drive
         return 204, None
 
     def op_putGuestNetworkInterfaceByID(self, op: Operation, body: dict[str, Any]) -> Reply:
@@ -453,7 +454,7 @@ class Vmm:
         if self.metrics.sink is None:
             return False
         self.next_flush = time.monotonic() + 60
-        stats: dict[str, dict[str, int]] = {}
+        stats: dict[str, dict[str, int] | None] = dict.fromkeys(self._started_drives)
         if self.qmp is not None:
             with contextlib.suppress(QmpError):
                 for entry in self.qmp.execute("query-blockstats"):
