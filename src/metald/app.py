@@ -20,11 +20,14 @@ from metald.api.handlers import VmHandlers
 from metald.api.http import MetaldASGI
 from metald.api.interceptors import AuthAndErrorsInterceptor, MetricsInterceptor
 from metald.assets.store import LocalAssetStore
+from metald.backends.firecracker.driver import FirecrackerDriver
 from metald.backends.qemu.driver import QemuDriver
+from metald.backends.vmm.driver import VmmDriver
 from metald.backends.vmm.jail import JailSettings
 from metald.backends.vmm.runtime import VmmRuntime
 from metald.config import BackendKind, ConfigError, Settings, load_settings
-from metald.core.ports import Backend, Network
+from metald.core.errors import MetaldError
+from metald.core.ports import Backend, Network, Store
 from metald.core.validation import Limits
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
 from metald.network.manager import NetworkManager
@@ -75,18 +78,42 @@ def jail_settings(settings: Settings) -> JailSettings | None:
         raise StartupError(f"UNKEY_METALD_JAILER_*: {exc}") from None
 
 
-def build_backend(settings: Settings) -> Backend:
-    if settings.backend is BackendKind.FIRECRACKER:
-        raise StartupError(
-            "UNKEY_METALD_BACKEND=firecracker: the Firecracker backend is not part of this "
-            "version yet; set UNKEY_METALD_BACKEND=qemu"
+def build_backend(settings: Settings, kind: BackendKind) -> VmmRuntime:
+    """The runtime of one VMM backend, not started yet."""
+    if kind is BackendKind.FIRECRACKER:
+        driver: VmmDriver = FirecrackerDriver(
+            settings.firecracker_binary,
+            skip_kvm_check=settings.firecracker_skip_kvm_check,
+            extra_jail_paths=settings.firecracker_extra_jail_paths,
         )
+    else:
+        driver = QemuDriver(settings.qemu_binary, settings.qemu_accel.value)
     return VmmRuntime(
-        QemuDriver(settings.qemu_binary, settings.qemu_accel.value),
-        settings.vm_dir,
-        jail=jail_settings(settings),
-        guest_agent=settings.guest_agent,
+        driver, settings.vm_dir, jail=jail_settings(settings), guest_agent=settings.guest_agent
     )
+
+
+async def start_backends(settings: Settings, store: Store) -> dict[str, Backend]:
+    """The configured backend (UNKEY_METALD_BACKEND: it must start, or start-up stops with
+    what to install or set), and every other backend that VMs in the store still run on, so
+    they are adopted; one of those that cannot start is logged and its VMs left alone."""
+    default = build_backend(settings, settings.backend)
+    try:
+        await default.start()
+    except MetaldError as e:
+        raise StartupError(f"UNKEY_METALD_BACKEND={settings.backend.value}: {e.message}") from None
+    backends: dict[str, Backend] = {default.name: default}
+    wanted = {vm.backend for vm in await store.list_live()} - set(backends)
+    for name in sorted(wanted):
+        try:
+            other = build_backend(settings, BackendKind(name))
+            await other.start()
+        except (ValueError, MetaldError) as e:
+            detail = e.message if isinstance(e, MetaldError) else str(e)
+            log.error("VMs on the %s backend cannot be managed by this daemon: %s", name, detail)
+            continue
+        backends[other.name] = other
+    return backends
 
 
 def build_network(settings: Settings, database: Database) -> Network:
@@ -135,19 +162,21 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
     settings.vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     database = Database(settings.effective_database_url)  # one engine: store and addresses
     store = SqlStore(database)
-    backend = build_backend(settings)
     network = build_network(settings, database)
+    backends: dict[str, Backend] = {}
     try:
         await database.migrate()
-        await backend.start()
+        backends = await start_backends(settings, store)
+        backend = backends[settings.backend.value]
         await network.start()
         assets = LocalAssetStore(settings.assetmanager_cache_dir)
         service = VmService(
             store,
-            {backend.name: backend},
+            backends,
             assets,
             network,
             Limits(max_vcpus=settings.vcpu_limit, max_memory_bytes=settings.memory_limit),
+            default_backend=backend.name,
             default_shutdown_timeout=float(settings.shutdown_timeout_seconds),
         )
         await service.start()
@@ -171,7 +200,8 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
         )
         yield Daemon(settings, MetaldASGI(connect_app, health, metrics, store), service)
     finally:
-        await backend.close()
+        for each in backends.values():
+            await each.close()
         await network.stop()
         await database.close()
 

@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     backend: BackendKind = BackendKind.QEMU
     qemu_binary: str = "qemu-system-x86_64"
     qemu_accel: Accelerator = Accelerator.AUTO
+    firecracker_binary: str = "firecracker"
+    # Development only: start without proving KVM runs a guest (a stand-in, or a real
+    # Firecracker on a host whose KVM cannot run guests). Logged as a warning at every start.
+    firecracker_skip_kvm_check: bool = False
+    # Read-only host paths a jailed Firecracker needs besides its binary's libraries (a VMM
+    # wrapper's interpreter, say), comma-separated absolute paths.
+    firecracker_jail_paths: str = ""
 
     # State
     data_dir: Path = Path("/opt/metald/data")
@@ -92,6 +99,18 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    @field_validator("firecracker_jail_paths")
+    @classmethod
+    def _absolute_paths(cls, value: str) -> str:
+        for path in (p.strip() for p in value.split(",") if p.strip()):
+            if not path.startswith("/"):
+                raise ValueError(f"{path!r} is not an absolute path")
+        return value
+
+    @property
+    def firecracker_extra_jail_paths(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.firecracker_jail_paths.split(",") if p.strip())
 
     @property
     def vm_dir(self) -> Path:

@@ -37,7 +37,6 @@ from metald.backends.firecracker.api import (
     FirecrackerApi,
     FirecrackerApiError,
 )
-from metald.backends.firecracker.kvm import kvm_problem
 from metald.backends.firecracker.metrics import MetricsReader
 from metald.backends.vmm.driver import (
     ExitReport,
@@ -49,6 +48,7 @@ from metald.backends.vmm.driver import (
 )
 from metald.core.errors import BackendError
 from metald.core.states import VmState
+from metald.host.kvm import probe_image, probe_kvm_directly
 from metald.host.process import ExitStatus
 from metald.host.sockets import UnsafeSocket, fd_path, open_fifo_for_reading
 from metald.jailer.host import dynamic_binary_paths, find_binary
@@ -87,8 +87,10 @@ class FirecrackerDriver:
         extra_jail_paths: Sequence[str] = (),
         api_timeout: float = 10.0,
         metrics_interval: float = 1.0,
+        kvm_probe_timeout: float = 3.0,
     ) -> None:
         self.binary = binary
+        self.kvm_probe_timeout = kvm_probe_timeout
         self.skip_kvm_check = skip_kvm_check
         self.extra_jail_paths = tuple(extra_jail_paths)
         self.api_timeout = api_timeout
@@ -107,14 +109,18 @@ class FirecrackerDriver:
             log.warning("KVM check skipped (%s): development only", SKIP_KVM_CHECK_ENV)
             reason = f"KVM check skipped ({SKIP_KVM_CHECK_ENV})"
         else:
-            problem = await asyncio.to_thread(kvm_problem)
-            if problem:
+            # Booting a tiny firmware through the KVM API: /dev/kvm answering proves nothing
+            # under broken nested virtualisation (host/kvm.py).
+            result = await asyncio.to_thread(
+                probe_kvm_directly, probe_image(), timeout=self.kvm_probe_timeout
+            )
+            if not result.works:
                 raise BackendError(
-                    f"Firecracker needs working KVM, and {problem}: run metald on a host "
-                    f"with KVM (or use the qemu backend; {SKIP_KVM_CHECK_ENV}=1 skips this "
-                    "check on a development host)"
+                    f"Firecracker needs working KVM, and here {result.detail}: run metald on "
+                    f"a host with KVM (or use the qemu backend; {SKIP_KVM_CHECK_ENV}=true "
+                    "skips this check on a development host)"
                 )
-            reason = "/dev/kvm answers (API version 12, a VM can be created)"
+            reason = result.detail
         try:
             libraries = await asyncio.to_thread(dynamic_binary_paths, path)
         except OSError as e:
