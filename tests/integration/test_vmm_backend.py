@@ -1,4 +1,8 @@
-"""The QEMU backend against real guests (the default guest image, under TCG on these machines).
+"""The VMM runtime with each driver against real guests (the default guest image, under TCG
+on these machines): QEMU, and Firecracker driven through its API stand-in
+(tests/fakes/firecracker: the spec's API, strictly, with the guest itself under QEMU; a real
+`firecracker` cannot run here). Every test that takes `backend` runs once per driver; the few
+about QEMU's own command line, QMP socket or stderr say so and skip for Firecracker.
 
 Uses the asset store at $METALD_TEST_ASSETS (default: <repo>/var/assets, which `make guest`
 builds); skipped when it has no default guest. Every VM lives under a per-test temp dir; the
@@ -23,15 +27,19 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from fakes.firecracker.make_launcher import standin_host_paths, write_launcher
 
 from metald.assets.store import LocalAssetStore
+from metald.backends.firecracker.driver import FirecrackerDriver
 from metald.backends.qemu.driver import QemuDriver
 from metald.backends.qemu.host_paths import qemu_host_paths
 from metald.backends.vmm.jail import JailSettings, processes_rooted_at
@@ -75,9 +83,10 @@ def boot_files() -> tuple[Path, Path | None]:
 
 @pytest.fixture
 def vm_root(tmp_path: Path) -> Iterator[Path]:
-    # Under tmp_path: the session's base temp dir is wiped when pytest first makes a tmp_path,
-    # so a tempfile.mkdtemp() made before that would vanish under a running test.
-    root = tmp_path / "vms"
+    # tempfile's directory (the session's, see conftest), short enough for the stand-in's
+    # sockets; made after tmp_path: the session's base temp dir is wiped when pytest first
+    # makes a tmp_path, so a directory made before that would vanish under a running test.
+    root = Path(tempfile.mkdtemp(prefix="v")) / "vms"
     yield root
     # Whatever a test left: kill it by recorded pid + start time (never by name).
     for process_file in root.glob("*/process.json"):
@@ -86,7 +95,51 @@ def vm_root(tmp_path: Path) -> Iterator[Path]:
             ident = ProcessIdentity(int(data["pid"]), int(data["start_time"]))
             if is_alive(ident):
                 os.kill(ident.pid, signal.SIGKILL)
-    shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(root.parent, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What a test may expect of one driver."""
+
+    kind: str
+    socket_key: str  # backend_info's control socket entry
+    socket_name: str
+    poweroff_reason: str  # the exit reason when the guest ends itself
+    reboot_in_place: bool  # False: a reboot is a new process (and, jailed, a new jail)
+    comm: str  # the VMM process's name
+
+
+PROFILES = {
+    "qemu": Profile("qemu", "qmp_socket", "qmp.sock", "guest powered off", True, "qemu-system"),
+    "firecracker": Profile(
+        "firecracker",
+        "api_socket",
+        "firecracker.sock",
+        "guest reset or shut down (firecracker exited)",
+        False,
+        "firecracker",
+    ),
+}
+
+
+@pytest.fixture(params=sorted(PROFILES))
+def profile(request: pytest.FixtureRequest) -> Profile:
+    return PROFILES[str(request.param)]
+
+
+@pytest.fixture(scope="session")
+def standin_binary(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tuple[str, ...]]:
+    """The stand-in's launcher, named `firecracker`, and the host paths it needs in a jail."""
+    python = Path(sys.executable).absolute()
+    launcher = write_launcher(tmp_path_factory.mktemp("fc") / "firecracker", python)
+    paths = [*standin_host_paths(python), "/proc/cpuinfo"]
+    return launcher, tuple(paths)
+
+
+def qemu_only(profile: Profile) -> None:
+    if profile.kind != "qemu":
+        pytest.skip("about QEMU itself")
 
 
 @pytest.fixture
@@ -128,7 +181,10 @@ def jail(mode: str, request: pytest.FixtureRequest) -> Iterator[JailSettings | N
     yield settings
     # Whatever a test left: any process rooted in a jail here is killed (by identity).
     stray = []
-    for jail_dir in settings.backend_dir("qemu").glob("*"):
+    for jail_dir in [
+        *settings.backend_dir("qemu").glob("*"),
+        *settings.backend_dir("firecracker").glob("*"),
+    ]:
         for ident in processes_rooted_at(jail_dir / "root"):
             stray.append(ident.pid)
             with contextlib.suppress(ProcessLookupError):
@@ -138,15 +194,45 @@ def jail(mode: str, request: pytest.FixtureRequest) -> Iterator[JailSettings | N
     assert stray == [], f"jailed VMMs left running: {stray}"
 
 
+_RUNTIMES: dict[str, Callable[[Path, JailSettings | None], VmmRuntime]] = {}
+
+
 def make_runtime(vm_root: Path, jail: JailSettings | None) -> VmmRuntime:
-    return VmmRuntime(QemuDriver(accelerator=ACCEL), vm_root, jail=jail)
+    """Another runtime with the current test's driver (a restarted metald)."""
+    return _RUNTIMES["current"](vm_root, jail)
+
+
+@pytest.fixture
+def runtime_factory(
+    profile: Profile, request: pytest.FixtureRequest
+) -> Iterator[Callable[[Path, JailSettings | None], VmmRuntime]]:
+    if profile.kind == "qemu":
+
+        def make(vm_root: Path, jail: JailSettings | None) -> VmmRuntime:
+            return VmmRuntime(QemuDriver(accelerator=ACCEL), vm_root, jail=jail)
+
+    else:
+        launcher, paths = request.getfixturevalue("standin_binary")
+
+        def make(vm_root: Path, jail: JailSettings | None) -> VmmRuntime:
+            driver = FirecrackerDriver(
+                str(launcher), skip_kvm_check=True, extra_jail_paths=paths, metrics_interval=0.5
+            )
+            return VmmRuntime(driver, vm_root, jail=jail)
+
+    _RUNTIMES["current"] = make
+    yield make
+    _RUNTIMES.pop("current", None)
 
 
 @pytest.fixture
 async def backend(
-    vm_root: Path, boot_files: tuple[Path, Path | None], jail: JailSettings | None
+    vm_root: Path,
+    boot_files: tuple[Path, Path | None],
+    jail: JailSettings | None,
+    runtime_factory: Callable[[Path, JailSettings | None], VmmRuntime],
 ) -> AsyncIterator[VmmRuntime]:
-    b = make_runtime(vm_root, jail)
+    b = runtime_factory(vm_root, jail)
     await b.start()
     yield b
     for name in dirs_under(vm_root):
@@ -187,7 +273,7 @@ def status_fields(pid: int) -> dict[str, str]:
 def assert_no_jail_left(b: VmmRuntime, vm_id: str) -> None:
     """Nothing of the VM's jail: no directory, no cgroup, no process rooted in it."""
     assert b.jail is not None
-    jail_dir = b.jail.backend_dir("qemu") / vm_id
+    jail_dir = b.jail.backend_dir(b.name) / vm_id
     assert not jail_dir.exists(), f"jail directory left: {jail_dir}"
     cgroup = cgroup_dir(b.jail.cgroup(memory_bytes=1, vcpu_count=1), vm_id)
     assert cgroup is None or not cgroup.exists(), f"cgroup left: {cgroup}"
@@ -234,7 +320,11 @@ def heartbeats(b: VmmRuntime, vm_id: str) -> int:
 
 @BOTH
 async def test_lifecycle(
-    mode: str, backend: VmmRuntime, boot_files: tuple[Path, Path | None], tmp_path: Path
+    mode: str,
+    profile: Profile,
+    backend: VmmRuntime,
+    boot_files: tuple[Path, Path | None],
+    tmp_path: Path,
 ) -> None:
     data = tmp_path / "data.img"
     with data.open("wb") as f:
@@ -279,16 +369,28 @@ async def test_lifecycle(
     await backend.resume(vm)
     await wait_for(backend, vm, HEARTBEAT, before + 1)
 
-    await backend.reboot(vm)
-    await wait_for(backend, vm, READY, 2)
-    boots = READY.findall(console(backend, vm))
+    before_reboot = console(backend, vm)
+    rebooted = await backend.reboot(vm)
+    if profile.reboot_in_place:
+        assert rebooted == ident
+        await wait_for(backend, vm, READY, 2)
+        boots = READY.findall(console(backend, vm))
+    else:
+        # A new process (Firecracker exits on a guest reset) with the same disks; jailed, in
+        # a new jail with a new console log.
+        assert rebooted != ident and is_alive(rebooted) and not is_alive(ident)
+        assert backend.identity(vm) == rebooted
+        fresh_console = mode == "jailed"
+        await wait_for(backend, vm, READY, 1 if fresh_console else 2)
+        boots = READY.findall((before_reboot if fresh_console else "") + console(backend, vm))
+        ident = rebooted
     assert boots[0][1] != boots[1][1], "a reboot gives a new boot id"
 
     assert await backend.shutdown(vm, timeout=60, force=False) == "graceful"
     assert SHUTDOWN.search(console(backend, vm))
     assert not is_alive(ident)
     assert backend.identity(vm) is None
-    assert backend.info(vm)["exit_reason"] == "guest powered off"
+    assert backend.info(vm)["exit_reason"] == profile.poweroff_reason
     assert "pid" not in backend.info(vm)
     assert await backend.runstate(vm) is None
     assert (await backend.usage(vm)).cpu_time_ns == 0
@@ -384,7 +486,7 @@ async def test_unexpected_exit_calls_back_within_2s(
 
 
 async def test_guest_poweroff_is_reported(
-    backend: VmmRuntime, boot_files: tuple[Path, Path | None]
+    profile: Profile, backend: VmmRuntime, boot_files: tuple[Path, Path | None]
 ) -> None:
     got = asyncio.get_running_loop().create_future()
 
@@ -400,7 +502,7 @@ async def test_guest_poweroff_is_reported(
     vm = backend._vms["vm-off"]
     assert vm.control is not None
     await vm.control.ask_guest_to_stop()
-    assert await asyncio.wait_for(got, 60) == "guest powered off"
+    assert await asyncio.wait_for(got, 60) == profile.poweroff_reason
     assert not is_alive(ident)
 
 
@@ -512,7 +614,7 @@ async def test_remove_orphans(
                 assert lost is not None and not is_alive(lost)
                 for name in ("vm-orphan", "vm-gone", "vm-lost"):
                     assert_no_jail_left(fresh, name)
-                assert (jail.backend_dir("qemu") / "vm-keep" / "root").exists()
+                assert (jail.backend_dir(fresh.name) / "vm-keep" / "root").exists()
             assert not is_alive(orphan)
             assert not (vm_root / "vm-orphan").exists()
             assert is_alive(keep)
@@ -534,12 +636,14 @@ async def test_remove_orphans(
 
 @BOTH
 async def test_bad_kernel_leaves_nothing(
+    profile: Profile,
     mode: str,
     vm_root: Path,
     backend: VmmRuntime,
     boot_files: tuple[Path, Path | None],
     tmp_path: Path,
 ) -> None:
+    qemu_only(profile)
     bad = tmp_path / "not-a-kernel"
     bad.write_bytes(b"this is not a kernel\n" * 5000)
     with pytest.raises(BackendError) as err:
@@ -592,8 +696,13 @@ async def test_a_missing_disk_leaves_nothing(
 
 @BOTH
 async def test_read_only_disk_is_shared(
-    mode: str, backend: VmmRuntime, boot_files: tuple[Path, Path | None], tmp_path: Path
+    profile: Profile,
+    mode: str,
+    backend: VmmRuntime,
+    boot_files: tuple[Path, Path | None],
+    tmp_path: Path,
 ) -> None:
+    qemu_only(profile)
     image = tmp_path / "ro.img"
     image.write_bytes(b"\0" * 1024 * 1024)
     image.chmod(0o444)
@@ -616,8 +725,9 @@ async def test_read_only_disk_is_shared(
 
 @BOTH
 async def test_the_vmm_inherits_none_of_our_descriptors(
-    mode: str, backend: VmmRuntime, boot_files: tuple[Path, Path | None]
+    profile: Profile, mode: str, backend: VmmRuntime, boot_files: tuple[Path, Path | None]
 ) -> None:
+    qemu_only(profile)
     # Like hypercorn's listening socket: inheritable. A VMM holding it would keep the port
     # busy after metald dies.
     listener = socket.socket()
@@ -683,12 +793,14 @@ def check_confinement(
 
 @JAILED
 async def test_a_jailed_vmm_is_unprivileged_and_sees_only_its_jail(
+    profile: Profile,
     mode: str,
     backend: VmmRuntime,
     boot_files: tuple[Path, Path | None],
     jail_ids: tuple[int, int],
     tmp_path: Path,
 ) -> None:
+    qemu_only(profile)
     uid, gid = jail_ids
     data = tmp_path / "data.img"
     data.write_bytes(b"\0" * 1024 * 1024)
@@ -720,6 +832,7 @@ def plant_symlink(qmp: Path, target: Path) -> None:
 
 @JAILED
 async def test_a_planted_qmp_socket_is_not_followed(
+    profile: Profile,
     mode: str,
     vm_root: Path,
     backend: VmmRuntime,
@@ -737,7 +850,7 @@ async def test_a_planted_qmp_socket_is_not_followed(
     decoy.listen()
     decoy.setblocking(False)
     try:
-        plant_symlink(Path(backend.info("vm-plant")["qmp_socket"]), decoy_path)
+        plant_symlink(Path(backend.info("vm-plant")[profile.socket_key]), decoy_path)
         fresh = make_runtime(vm_root, jail)
         try:
             assert await fresh.adopt("vm-plant", ident) is None
@@ -905,15 +1018,17 @@ async def test_a_nic_needs_the_jailer(
     assert dirs_under(vm_root) == []
 
 
-async def test_long_vm_root_is_refused(tmp_path: Path) -> None:
+async def test_long_vm_root_is_refused(profile: Profile, tmp_path: Path) -> None:
+    qemu_only(profile)
     root = tmp_path / ("x" * 100)
     with pytest.raises(BackendError, match=r"Unix socket|AF_UNIX"):
         await VmmRuntime(QemuDriver(accelerator="tcg"), root).start()
 
 
 async def test_a_vm_id_too_long_for_the_socket_path_is_an_invalid_argument(
-    boot_files: tuple[Path, Path | None], tmp_path: Path
+    profile: Profile, boot_files: tuple[Path, Path | None], tmp_path: Path
 ) -> None:
+    qemu_only(profile)
     # A root of exactly 60 bytes, wherever pytest's temp dir is (its path length varies).
     short = Path(tempfile.mkdtemp(prefix="m", dir="/tmp"))
     root = short / ("r" * (59 - len(str(short))))
@@ -921,15 +1036,16 @@ async def test_a_vm_id_too_long_for_the_socket_path_is_an_invalid_argument(
     b = VmmRuntime(QemuDriver(accelerator="tcg"), root)
     try:
         await b.start()
-        with pytest.raises(InvalidArgument, match="vm_id: at most 37 characters"):
-            await b.create(spec_for(boot_files, "v" * 38))
+        with pytest.raises(InvalidArgument, match="vm_id: at most 33 characters"):
+            await b.create(spec_for(boot_files, "v" * 34))
         assert dirs_under(root) == []
     finally:
         await b.close()
         shutil.rmtree(short)
 
 
-async def test_missing_binary_names_the_package(tmp_path: Path) -> None:
+async def test_missing_binary_names_the_package(profile: Profile, tmp_path: Path) -> None:
+    qemu_only(profile)
     with pytest.raises(BackendError, match="qemu-system-x86"):
         await VmmRuntime(QemuDriver("no-such-qemu-binary"), tmp_path).start()
 

@@ -119,7 +119,7 @@ def test_kvm_uses_the_host_cpu() -> None:
 def test_qmp_and_console_live_in_the_vm_directory() -> None:
     argv = argv_for(spec())
     chardevs = option(argv, "-chardev")
-    assert "socket,id=qmp,path=/srv/vms/vm-1/qmp.sock,server=on,wait=off" in chardevs
+    assert "socket,id=qmp,path=/srv/vms/vm-1/run/qmp.sock,server=on,wait=off" in chardevs
     assert "file,id=con0,path=/srv/vms/vm-1/console.log,append=on" in chardevs
     assert option(argv, "-mon") == ["chardev=qmp,mode=control"]
     assert option(argv, "-serial") == ["chardev:con0"]

@@ -14,7 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from metald.jailer.host import dynamic_binary_paths, qemu_host_paths
+from metald.backends.qemu.host_paths import qemu_host_paths
+from metald.jailer.host import dynamic_binary_paths
 
 HERE = Path(__file__).resolve().parent
 STANDIN = HERE / "firecracker-api-standin"
@@ -61,7 +62,7 @@ def standin_host_paths(python: Path, spec: Path = SPEC) -> list[str]:
         [str(python), "-I", "-c", probe], capture_output=True, text=True, check=True
     ).stdout.splitlines()
     executable, _base, stdlib, purelib, platlib, *extensions = out
-    paths = [str(Path(python).parent), os.path.realpath(executable)]
+    paths = [str(Path(python).parent), *_symlink_chain(python), os.path.realpath(executable)]
     cfg = Path(python).parent.parent / "pyvenv.cfg"
     if cfg.exists():
         paths.append(str(cfg))
@@ -70,3 +71,17 @@ def standin_host_paths(python: Path, spec: Path = SPEC) -> list[str]:
         paths += dynamic_binary_paths(ext)[1:]  # the module itself is under site-packages
     paths += [*qemu_host_paths(), str(HERE), str(spec)]
     return list(dict.fromkeys(paths))
+
+
+def _symlink_chain(path: Path) -> list[str]:
+    """Every link on the way from `path` to the file it names (a venv's python3 names the
+    base interpreter's python3, which names python3.11): each must exist in the jail."""
+    chain: list[str] = []
+    current = str(path)
+    for _ in range(40):
+        if not os.path.islink(current):
+            break
+        chain.append(current)
+        target = os.readlink(current)
+        current = os.path.normpath(os.path.join(os.path.dirname(current), target))
+    return chain

@@ -7,8 +7,8 @@ Each VM owns a directory ``<vm_root>/<vm_id>/`` (metald's records; root only):
     jail.json     the JailSpec of its jailed VMM (jailed VMs only)
     vmm.stderr    the VMM's own messages (a start failure is reported from its first line)
     disk<N>.img   sparse (reflinked where possible) copies of the writable disks
-    <socket>      the VMM's control socket   } a VMM run directly only; a jailed VMM has
-    console.log   the guest's serial console } them in its jail's /run
+    run/          the VMM's control socket and files } a VMM run directly only; a jailed
+    console.log   the guest's serial console         } VMM has them in its jail's /run
 
 AF_UNIX paths are at most 107 bytes, and the control socket's path contains the VM id, so
 the longest usable id depends on where sockets live; `max_vm_id_length` says how long.
@@ -68,6 +68,11 @@ class VmLayout:
     @property
     def vm_id(self) -> str:
         return self.dir.name
+
+    @property
+    def run_dir(self) -> Path:
+        """A VMM run directly makes its sockets and files here; each launch gets it new."""
+        return self.dir / "run"
 
     @property
     def console_log(self) -> Path:
@@ -138,11 +143,11 @@ def vmm_files(
             agent_socket=run / AGENT_SOCKET if agent else None,
         )
     return VmmFiles(
-        run_dir=layout.dir,
-        control_socket=layout.dir / socket_name,
+        run_dir=layout.run_dir,
+        control_socket=layout.run_dir / socket_name,
         console_log=layout.console_log,
         kernel=spec.kernel,
         initrd=spec.initrd,
         drives=tuple(drives),
-        agent_socket=layout.dir / AGENT_SOCKET if agent else None,
+        agent_socket=layout.run_dir / AGENT_SOCKET if agent else None,
     )

@@ -233,7 +233,7 @@ class VmmRuntime:
         if self.jail is not None:
             suffix = f"/root{JAILED_RUN_DIR}/{socket_name}"
             return max_vm_id_length(self.jail.backend_dir(self.name), suffix)
-        return max_vm_id_length(self.vm_root, f"/{socket_name}")
+        return max_vm_id_length(self.vm_root, f"/run/{socket_name}")
 
     def set_exit_callback(self, callback: ExitCallback) -> None:
         self._exit_callback = callback
@@ -280,7 +280,7 @@ class VmmRuntime:
         if jail is not None:
             run = jail.host_path(str(JAILED_RUN_DIR))
             return run / CONSOLE_LOG, run / socket_name
-        return layout.console_log, layout.dir / socket_name
+        return layout.console_log, layout.run_dir / socket_name
 
     async def runstate(self, vm_id: str) -> VmState | None:
         """The VMM's own run state, None without a VMM."""
@@ -386,7 +386,7 @@ class VmmRuntime:
         )
         if jailed:
             return files, self._jail_place(spec.vm_id).host_path(str(files.run_dir))
-        return files, layout.dir
+        return files, layout.run_dir
 
     def _launch_context(self, spec: LaunchSpec, layout: VmLayout) -> LaunchContext:
         host = self.host
@@ -445,8 +445,9 @@ class VmmRuntime:
             except BackendError as e:
                 raise BackendError(self._clean(e.message, spec, layout)) from None
         else:
-            with contextlib.suppress(FileNotFoundError):
-                control_socket.unlink()
+            # A new run directory for every launch: nothing of the last VMM's is found there.
+            await asyncio.to_thread(shutil.rmtree, layout.run_dir, ignore_errors=True)
+            layout.run_dir.mkdir(mode=0o700)
             try:
                 identity = ProcessIdentity(*spawn(argv, stderr_path=layout.stderr_log))
             except OSError as e:
@@ -481,6 +482,7 @@ class VmmRuntime:
             if state is not VmState.CREATED:
                 raise _StartFailed(f"{self.name} started in state {state}, not ready to boot")
         except BaseException as e:
+            exited_itself = vm.watch is None or vm.watch.exited
             if vm.watch is not None:
                 vm.expecting_exit = True
                 await vm.watch.kill_and_wait()
@@ -494,10 +496,11 @@ class VmmRuntime:
                     await self._remove_saved_jail(spec.vm_id, layout)
             if not isinstance(e, Exception):
                 raise
-            # The VMM's own first error line says most (bad kernel, missing file, ...).
-            detail = self._first_line(layout.stderr_log, argv[0]) or (
-                e.message if isinstance(e, MetaldError) else str(e)
-            )
+            # A VMM that ended by itself says most in its first error line (bad kernel,
+            # missing file, ...); otherwise what failed here (a refused API call, say) does.
+            said = e.message if isinstance(e, MetaldError) else str(e)
+            first_line = self._first_line(layout.stderr_log, argv[0]) if exited_itself else ""
+            detail = first_line or said
             message = f"{self.name} failed to start VM {spec.vm_id}: {detail}"
             raise BackendError(self._clean(message, spec, layout)) from None
         vm.starting = False
@@ -999,7 +1002,7 @@ class VmmRuntime:
         jail = self._saved_jail(layout)
         if jail is not None:
             return rooted_at(identity, jail.jail_root)
-        needle = str(layout.dir / self.driver.control_socket_name)
+        needle = str(layout.run_dir / self.driver.control_socket_name)
         return any(needle in arg for arg in read_cmdline(identity.pid))
 
     def _saved_jail(self, layout: VmLayout) -> JailSpec | None:
@@ -1012,8 +1015,7 @@ class VmmRuntime:
         if recorded is not None and self._provably_ours(recorded.identity, layout):
             await _kill(recorded.identity)
         remove_process(layout)
-        with contextlib.suppress(FileNotFoundError):
-            (layout.dir / self.driver.control_socket_name).unlink()
+        await asyncio.to_thread(shutil.rmtree, layout.run_dir, ignore_errors=True)
         jail = self._saved_jail(layout)
         if jail is not None:
             try:
@@ -1047,8 +1049,7 @@ class VmmRuntime:
     def _remove_runtime_files(self, vm: _Vmm) -> None:
         remove_process(vm.layout)
         if vm.jail is None:
-            with contextlib.suppress(FileNotFoundError):
-                vm.control_socket.unlink()
+            shutil.rmtree(vm.layout.run_dir, ignore_errors=True)
 
     def _first_line(self, path: Path, binary: str) -> str:
         """The first meaningful line the VMM wrote to stderr (warnings skipped if there is
