@@ -17,8 +17,10 @@ from hypercorn.config import Config as HypercornConfig
 from metald.api import h2_fixes
 from metald.api.auth import TokenAuthenticator
 from metald.api.handlers import VmHandlers
+from metald.api.health import Health
 from metald.api.http import MetaldASGI
 from metald.api.interceptors import AuthAndErrorsInterceptor, MetricsInterceptor
+from metald.api.metrics import ApiMetrics
 from metald.assets.store import LocalAssetStore
 from metald.backends.firecracker.driver import FirecrackerDriver
 from metald.backends.qemu.driver import QemuDriver
@@ -33,8 +35,6 @@ from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
 from metald.network.manager import NetworkManager
 from metald.network.models import NetworkMode, NetworkSettings
 from metald.network.port import NetlinkNetwork, NoNetwork
-from metald.observability.health import Health
-from metald.observability.metrics import ApiMetrics
 from metald.service.vm_service import VmService
 from metald.store.addresses import SqlAddressBook
 from metald.store.database import Database

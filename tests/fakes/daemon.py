@@ -27,12 +27,12 @@ from hypercorn.config import Config
 
 from metald.api.auth import TokenAuthenticator
 from metald.api.handlers import VmHandlers
+from metald.api.health import Health
 from metald.api.http import MetaldASGI
 from metald.api.interceptors import AuthAndErrorsInterceptor, MetricsInterceptor
+from metald.api.metrics import ApiMetrics
 from metald.core.validation import Limits
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
-from metald.observability.health import Health
-from metald.observability.metrics import ApiMetrics
 from metald.service.vm_service import VmService
 
 from .assets import FakeAssets

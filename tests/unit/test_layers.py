@@ -43,11 +43,6 @@ HELPER = "metald.jailer.helper"
 
 # (importer, imported): why it is still there. Shrink only.
 ALLOWED: dict[tuple[str, str], str] = {
-    # api imports no adapter: GET /health and /metrics and the RPC metrics interceptor use
-    # observability's classes directly; a port in core (or the wiring in app.py) is to come.
-    ("metald.api.http", "metald.observability.health"): "health endpoint, no port yet",
-    ("metald.api.http", "metald.observability.metrics"): "metrics endpoint, no port yet",
-    ("metald.api.interceptors", "metald.observability.metrics"): "RPC metrics, no port yet",
     # adapters do not import one another: the AddressBook port moves to core.
     ("metald.network.addressing", "metald.store.addresses"): "AddressBook port -> core",
     ("metald.network.manager", "metald.store.addresses"): "AddressBook port -> core",

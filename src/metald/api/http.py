@@ -6,9 +6,9 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from metald.api.health import Health
+from metald.api.metrics import ApiMetrics
 from metald.core.ports import Store
-from metald.observability.health import Health
-from metald.observability.metrics import ApiMetrics
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]

@@ -11,7 +11,7 @@ from connectrpc.request import RequestContext
 
 from metald.api.auth import TokenAuthenticator, current_customer
 from metald.api.errors import to_connect_error
-from metald.observability.metrics import ApiMetrics
+from metald.api.metrics import ApiMetrics
 
 
 class AuthAndErrorsInterceptor:

@@ -1,4 +1,6 @@
-"""Prometheus metrics, in a registry of our own (tests can run several apps in one process)."""
+"""The API's Prometheus metrics (RPCs by method and code, latency, VMs by state), in a
+registry of our own (tests can run several apps in one process). Transport concerns, so they
+live with the transport; the metering and observability of issue 9 is an adapter of its own."""
 
 from __future__ import annotations
 
