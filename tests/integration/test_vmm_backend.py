@@ -297,9 +297,23 @@ def start_sleeper() -> subprocess.Popen[bytes]:
     return subprocess.Popen(["sleep", "300"])
 
 
+async def runstate(b: VmmRuntime, vm_id: str) -> VmState | None:
+    """The VMM's own run state (None without a running VMM), asked through its control."""
+    vm = b._vms.get(vm_id)
+    if vm is None or not vm.alive or vm.control is None:
+        return None
+    return await vm.control.runstate()
+
+
+def identity(b: VmmRuntime, vm_id: str) -> ProcessIdentity | None:
+    """The VMM process the runtime watches for the VM (None without one)."""
+    vm = b._vms.get(vm_id)
+    return vm.identity if vm is not None and vm.alive else None
+
+
 def console(b: VmmRuntime, vm_id: str) -> str:
     try:
-        return b.console_log(vm_id).read_text(errors="replace")
+        return Path(b.info(vm_id)["console_log"]).read_text(errors="replace")
     except FileNotFoundError:
         return ""
 
@@ -338,7 +352,7 @@ async def test_lifecycle(
     created_in = time.monotonic() - t0
     vm_dir = backend.vm_dir(vm)
     assert is_alive(ident)
-    assert await backend.runstate(vm) is VmState.CREATED
+    assert await runstate(backend, vm) is VmState.CREATED
     # A sparse per-VM copy of the writable disk; the original is left alone.
     copy = vm_dir / "disk0.img"
     assert copy.stat().st_size == data.stat().st_size
@@ -352,7 +366,7 @@ async def test_lifecycle(
     assert await backend.boot(vm) == ident
     ready_in = await wait_for(backend, vm, READY)
     print(f"\n{mode}: create {created_in:.2f} s, boot -> READY {ready_in:.1f} s")
-    assert await backend.runstate(vm) is VmState.RUNNING
+    assert await runstate(backend, vm) is VmState.RUNNING
     await wait_for(backend, vm, HEARTBEAT, 2)
     usage = await backend.usage(vm)
     assert usage.cpu_time_ns > 0
@@ -361,7 +375,7 @@ async def test_lifecycle(
     assert usage.disk_read_ops > 0
 
     await backend.pause(vm)
-    assert await backend.runstate(vm) is VmState.PAUSED
+    assert await runstate(backend, vm) is VmState.PAUSED
     await asyncio.sleep(0.5)
     before = heartbeats(backend, vm)
     await asyncio.sleep(2.5)
@@ -379,7 +393,7 @@ async def test_lifecycle(
         # A new process (Firecracker exits on a guest reset) with the same disks; jailed, in
         # a new jail with a new console log.
         assert rebooted != ident and is_alive(rebooted) and not is_alive(ident)
-        assert backend.identity(vm) == rebooted
+        assert identity(backend, vm) == rebooted
         fresh_console = mode == "jailed"
         await wait_for(backend, vm, READY, 1 if fresh_console else 2)
         boots = READY.findall((before_reboot if fresh_console else "") + console(backend, vm))
@@ -389,10 +403,10 @@ async def test_lifecycle(
     assert await backend.shutdown(vm, timeout=60, force=False) == "graceful"
     assert SHUTDOWN.search(console(backend, vm))
     assert not is_alive(ident)
-    assert backend.identity(vm) is None
+    assert identity(backend, vm) is None
     assert backend.info(vm)["exit_reason"] == profile.poweroff_reason
     assert "pid" not in backend.info(vm)
-    assert await backend.runstate(vm) is None
+    assert await runstate(backend, vm) is None
     assert (await backend.usage(vm)).cpu_time_ns == 0
 
     # Boot again from SHUTDOWN: a new QEMU from the saved spec, same disk copy. (A jailed
@@ -525,10 +539,10 @@ async def test_adopt_after_restart(
     await fresh.start()
     try:
         assert await fresh.adopt("vm-adopt", ident) == VmState.RUNNING
-        assert fresh.identity("vm-adopt") == ident
+        assert identity(fresh, "vm-adopt") == ident
         assert fresh.info("vm-adopt") == info  # the same sockets and console, found again
         await fresh.pause("vm-adopt")
-        assert await fresh.runstate("vm-adopt") is VmState.PAUSED
+        assert await runstate(fresh, "vm-adopt") is VmState.PAUSED
         usage = await fresh.usage("vm-adopt")
         assert usage.cpu_time_ns > 0 and usage.uptime_seconds >= 0
         await fresh.resume("vm-adopt")
@@ -655,7 +669,7 @@ async def test_bad_kernel_leaves_nothing(
     assert str(tmp_path) not in err.value.message
     assert str(vm_root) not in err.value.message
     assert not (vm_root / "vm-bad").exists()
-    assert backend.identity("vm-bad") is None
+    assert identity(backend, "vm-bad") is None
     if mode == "jailed":
         assert_no_jail_left(backend, "vm-bad")
 
@@ -859,7 +873,7 @@ async def test_a_planted_qmp_socket_is_not_followed(
                 decoy.accept()  # nobody connected to it
             # Gone for good: booting again gets a new jail and a genuine socket.
             ident2 = await fresh.boot("vm-plant")
-            assert is_alive(ident2) and await fresh.runstate("vm-plant") is VmState.RUNNING
+            assert is_alive(ident2) and await runstate(fresh, "vm-plant") is VmState.RUNNING
             await fresh.destroy("vm-plant")
             assert_no_jail_left(fresh, "vm-plant")
         finally:
@@ -943,7 +957,7 @@ async def test_a_nic_in_the_vms_network_namespace(
     connected: list[str] = []
 
     async def connect_tap(vm_id: str) -> None:
-        assert await backend.runstate(vm_id) is VmState.CREATED
+        assert await runstate(backend, vm_id) is VmState.CREATED
         await in_thread(add_address, netns_name, tap, "10.123.0.1", 24)
         connected.append(vm_id)
 

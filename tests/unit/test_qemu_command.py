@@ -13,7 +13,6 @@ from metald.backends.qemu.command import build_argv, check_nic, escape_option, m
 from metald.backends.vmm.cmdline import (
     MAX_KERNEL_CMDLINE,
     GuestBoot,
-    kernel_cmdline,
     kernel_cmdline_and_dropped,
 )
 from metald.backends.vmm.driver import LaunchContext
@@ -67,7 +66,7 @@ def launch_for(
 ) -> LaunchContext:
     files = vmm_files(s, layout, "qmp.sock", jailed=jailed)
     boot = GuestBoot(accelerator=accelerator, tsc_khz=tsc_khz)
-    return LaunchContext(s, files, layout.dir, 0, 0, kernel_cmdline(s, boot))
+    return LaunchContext(s, files, layout.dir, 0, 0, kernel_cmdline_and_dropped(s, boot)[0])
 
 
 def argv_for(s: LaunchSpec, accelerator: str = "tcg", tsc_khz: int | None = None) -> list[str]:
@@ -81,7 +80,7 @@ def jailed_argv_for(s: LaunchSpec) -> list[str]:
 
 
 def cmdline(s: LaunchSpec, **boot: object) -> str:
-    return kernel_cmdline(s, GuestBoot(**boot))  # type: ignore[arg-type]
+    return kernel_cmdline_and_dropped(s, GuestBoot(**boot))[0]  # type: ignore[arg-type]
 
 
 def cmdline_and_dropped(s: LaunchSpec, **boot: object) -> tuple[str, list[str]]:

@@ -61,7 +61,3 @@ def kernel_cmdline_and_dropped(spec: LaunchSpec, boot: GuestBoot) -> tuple[str, 
         args.append(word)
         size += extra
     return " ".join(args), dropped
-
-
-def kernel_cmdline(spec: LaunchSpec, boot: GuestBoot) -> str:
-    return kernel_cmdline_and_dropped(spec, boot)[0]

@@ -259,10 +259,6 @@ class VmmRuntime:
         check_vm_id(vm_id)
         return self.vm_root / vm_id
 
-    def console_log(self, vm_id: str) -> Path:
-        """The guest's console log (a host path; inside the jail's /run when jailed)."""
-        return self._host_files(vm_id, VmLayout(self.vm_dir(vm_id)))[0]
-
     def jail_spec(self, vm_id: str) -> JailSpec | None:
         """The jail of the VM's VMM (the running one, else the last one), None if the VM was
         not jailed."""
@@ -281,18 +277,6 @@ class VmmRuntime:
             run = jail.host_path(str(JAILED_RUN_DIR))
             return run / CONSOLE_LOG, run / socket_name
         return layout.console_log, layout.run_dir / socket_name
-
-    async def runstate(self, vm_id: str) -> VmState | None:
-        """The VMM's own run state, None without a VMM."""
-        vm = self._vms.get(vm_id)
-        if vm is None or not vm.alive or vm.control is None:
-            return None
-        return await vm.control.runstate()
-
-    def identity(self, vm_id: str) -> ProcessIdentity | None:
-        """The identity of the VM's VMM process while it runs."""
-        vm = self._vms.get(vm_id)
-        return vm.identity if vm is not None and vm.alive else None
 
     # ---------------------------------------------------------------- create / boot
 
