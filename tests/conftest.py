@@ -11,6 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# No per-example deadline: hypothesis' default (200 ms) fails an example that merely ran while
+# the machine was busy (guests under TCG on 2 cores), which made unit tests flaky under load.
+settings.register_profile("metald", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("metald")
 
 _BASE = Path(tempfile.gettempdir()) / f"metald-test-{os.getpid()}"
 
