@@ -50,7 +50,7 @@ from metald.network import (
     netns,
 )
 from metald.network.manager import SETUP_STEPS
-from metald.network.models import IPv4
+from metald.network.models import IPv4, IPv6
 from metald.store.addresses import SqlAddressBook
 from metald.store.sqlite import SqlStore
 
@@ -304,7 +304,7 @@ async def test_modes_and_static_addresses(env: Env) -> None:
     assert v4.ipv6 is None and v4.gateway6 is None and v4.dns6 == ()
     assert v4.guest_args().ip6 == ""
     v6 = await env.nm.setup_vm("v6", "c", NetworkRequest(mode=NetworkMode.IPV6_ONLY))
-    assert v6.ipv4 is None and v6.network_info()["ip_address"] == "fd00::2"
+    assert v6.ipv4 is None and v6.network_info().ipv6 == IPv6("fd00::2")
     fixed = await env.nm.setup_vm(
         "fixed", "c", NetworkRequest(ipv4=IPv4("10.100.9.9"), mac="02:12:34:56:78:9a")
     )
@@ -730,7 +730,7 @@ async def test_guests_reach_the_host_and_only_their_own_customer(
 
         def drop_rules() -> None:
             with links.rtnl(env.host) as ipr:
-                for rule in env.nm._rules:
+                for rule in env.nm.host_side.rules:
                     links.delete_rule(ipr, rule)
 
         await inspect(drop_rules)
@@ -740,7 +740,7 @@ async def test_guests_reach_the_host_and_only_their_own_customer(
         await set_host_sysctls(env, {"ipv4/ip_forward": "0", "ipv6/conf/all/forwarding": "0"})
 
         stats = await env.nm.stats("a1")
-        assert stats["bytes_received"] > 0 and stats["bytes_transmitted"] > 0
+        assert stats.bytes_received > 0 and stats.bytes_transmitted > 0
     finally:
         for g in guests:
             g.stop()

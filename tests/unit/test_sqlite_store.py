@@ -1,9 +1,20 @@
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from metald.core.models import DiskConfig, ProcessIdentity, VmConfig, VmRecord
+from metald.core.models import (
+    DiskConfig,
+    IPv4Config,
+    IPv6Config,
+    NetworkInterface,
+    NetworkMode,
+    ProcessIdentity,
+    RateLimit,
+    VmConfig,
+    VmRecord,
+)
 from metald.core.states import VmState
 from metald.store.sqlite import SqlStore
 
@@ -94,3 +105,37 @@ async def test_state_filter_and_total(store: SqlStore) -> None:
     await store.insert(vm("vm-c"))
     rows, total = await store.list_for_customer("acme", [VmState.RUNNING], 10, None)
     assert [r.id for r in rows] == ["vm-r"] and total == 1
+
+
+FULL_NIC = NetworkInterface(
+    id="eth0",
+    mode=NetworkMode.IPV4_ONLY,
+    mac_address="02:00:00:00:00:09",
+    ipv4_config=IPv4Config(address="10.100.0.9", dns_servers=("1.1.1.1",)),
+    ipv6_config=IPv6Config(prefix_length=64),
+    rx_rate_limit=RateLimit(bandwidth=1_000_000, refill_time_ms=100, burst=4096),
+)
+
+
+async def test_a_typed_network_interface_round_trips(store: SqlStore) -> None:
+    original = vm("vm-1")
+    original.config = replace(original.config, network=(FULL_NIC,))
+    await store.insert(original)
+    assert await store.get("vm-1") == original
+
+
+def test_a_config_row_in_the_old_protobuf_json_shape_is_read() -> None:
+    # Rows written before the network config was typed held MessageToDict's output.
+    old = {
+        "network": [
+            {
+                "id": "eth0",
+                "mode": "NETWORK_MODE_IPV4_ONLY",
+                "mac_address": "02:00:00:00:00:09",
+                "ipv4_config": {"address": "10.100.0.9", "dns_servers": ["1.1.1.1"]},
+                "ipv6_config": {"prefix_length": 64},
+                "rx_rate_limit": {"bandwidth": "1000000", "refill_time": "100", "burst": "4096"},
+            }
+        ]
+    }
+    assert VmConfig.from_dict(old).network == (FULL_NIC,)

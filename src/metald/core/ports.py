@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from metald.core.models import LaunchSpec, NicSpec, ProcessIdentity, VmRecord, VmUsage
+from metald.core.models import (
+    LaunchSpec,
+    NetworkInfo,
+    NetworkInterface,
+    NicSpec,
+    ProcessIdentity,
+    VmRecord,
+    VmUsage,
+)
 from metald.core.states import VmState
 
 # Called by a backend when a VMM exits without metald asking: (vm_id, reason).
@@ -109,11 +117,11 @@ class Network(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
 
-    def check(self, interfaces: Sequence[Mapping[str, Any]]) -> None:
+    def check(self, interfaces: Sequence[NetworkInterface]) -> None:
         """Raise InvalidArgument (naming the field) for interfaces this host cannot give."""
 
     async def setup(
-        self, vm_id: str, customer_id: str, interfaces: Sequence[Mapping[str, Any]]
+        self, vm_id: str, customer_id: str, interfaces: Sequence[NetworkInterface]
     ) -> NicSpec | None:
         """Build the VM's network (None when it asks for none); leaves nothing on failure."""
 
@@ -124,8 +132,8 @@ class Network(Protocol):
         """Remove the VM's network and release its addresses. Idempotent."""
 
     async def describe(
-        self, vm_id: str, customer_id: str, interfaces: Sequence[Mapping[str, Any]]
-    ) -> dict[str, Any]:
-        """GetVmInfo's network_info fields and traffic counters ({} without a network)."""
+        self, vm_id: str, customer_id: str, interfaces: Sequence[NetworkInterface]
+    ) -> NetworkInfo | None:
+        """The VM's network and its traffic counters (None without a network)."""
 
     async def remove_orphans(self, known_vm_ids: set[str]) -> list[str]: ...

@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from metald.core import paging
 from metald.core.errors import (
@@ -22,6 +21,7 @@ from metald.core.errors import (
 from metald.core.ids import new_vm_id
 from metald.core.models import (
     LaunchSpec,
+    NetworkInfo,
     Page,
     ProcessIdentity,
     ResolvedDisk,
@@ -228,7 +228,7 @@ class VmService:
 
     async def get_vm(
         self, caller: str, vm_id: str
-    ) -> tuple[VmRecord, VmUsage, dict[str, str], dict[str, Any]]:
+    ) -> tuple[VmRecord, VmUsage, dict[str, str], NetworkInfo | None]:
         vm = await self._owned(caller, vm_id)
         network = await self._network.describe(vm_id, vm.customer_id, vm.config.network)
         usage = VmUsage()
