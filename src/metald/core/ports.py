@@ -128,6 +128,17 @@ class Network(Protocol):
     async def attach(self, vm_id: str) -> None:
         """Join the TAP the VMM's jailer made to the VM's network and apply its limits."""
 
+    async def adopt(
+        self,
+        vm_id: str,
+        customer_id: str,
+        interfaces: Sequence[NetworkInterface],
+        vmm_pid: int | None,
+    ) -> None:
+        """At start-up, make a known VM's network whole again: a namespace whose name was
+        lost is taken back from its VMM (``vmm_pid``: alive, adopted) or, without one,
+        made anew; missing links and entries are rebuilt. Nothing to do when it is whole."""
+
     async def teardown(self, vm_id: str) -> None:
         """Remove the VM's network and release its addresses. Idempotent."""
 

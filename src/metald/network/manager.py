@@ -101,6 +101,14 @@ class NetworkManager:
         a VM whose network exists completes and returns it (the same addresses)."""
         return await self._vms.setup(vm_id, customer_id, request or NetworkRequest())
 
+    async def adopt_vm(
+        self, vm_id: str, customer_id: str, request: NetworkRequest, vmm_pid: int | None
+    ) -> VmNetwork:
+        """After a restart, the network of a VM set up earlier, whole again: its namespace
+        taken back from its VMM (vmm_pid) if the name was lost, or made anew without one;
+        whatever is missing rebuilt, with the same addresses and MAC."""
+        return await self._vms.adopt(vm_id, customer_id, request, vmm_pid)
+
     async def teardown_vm(self, vm_id: str) -> None:
         """Remove the VM's namespace, links, neighbour and FDB entries and addresses.
         Idempotent. Call it after the VMM has exited: a process still inside keeps the

@@ -47,6 +47,19 @@ class NetlinkNetwork:
     async def attach(self, vm_id: str) -> None:
         await self._manager.attach_tap(vm_id)
 
+    async def adopt(
+        self,
+        vm_id: str,
+        customer_id: str,
+        interfaces: Sequence[NetworkInterface],
+        vmm_pid: int | None,
+    ) -> None:
+        request = NetworkRequest.from_config(interfaces, self._manager.settings)
+        if request is None:
+            return
+        net = await self._manager.adopt_vm(vm_id, customer_id, request, vmm_pid)
+        self._known[vm_id] = net
+
     async def teardown(self, vm_id: str) -> None:
         self._known.pop(vm_id, None)
         await self._manager.teardown_vm(vm_id)
@@ -96,6 +109,15 @@ class NoNetwork:
         return None
 
     async def attach(self, vm_id: str) -> None:
+        return None
+
+    async def adopt(
+        self,
+        vm_id: str,
+        customer_id: str,
+        interfaces: Sequence[NetworkInterface],
+        vmm_pid: int | None,
+    ) -> None:
         return None
 
     async def teardown(self, vm_id: str) -> None:

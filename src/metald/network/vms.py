@@ -27,7 +27,7 @@ from metald.core.validation import check_customer_id, check_vm_id
 from metald.network import links, netns
 from metald.network.addressing import allocate
 from metald.network.blocking import blocking, uncancellable
-from metald.network.context import NetContext, NetworkError, on_undo
+from metald.network.context import NetContext, NetworkError, log, on_undo
 from metald.network.links import rtnl
 from metald.network.models import NetworkMode, NetworkRequest, VmNetwork, tbf_burst
 from metald.network.naming import (
@@ -294,6 +294,25 @@ class VmNetworks:
             raise NotFound(f"network of VM {names.vm_id} not found")
         with netns.entered(names.netns):
             links.attach_tap_here(names.tap, names.vm_bridge)
+
+    # After a restart -----------------------------------------------------------------------
+
+    async def adopt(
+        self, vm_id: str, customer_id: str, request: NetworkRequest, vmm_pid: int | None
+    ) -> VmNetwork:
+        names = self.names(vm_id)
+        if vmm_pid is not None and await blocking(netns.attach, names.netns, vmm_pid):
+            log.warning(
+                "network: VM %s: its namespace's name was lost; taken back from its VMM (pid %d)",
+                vm_id,
+                vmm_pid,
+            )
+        network = await self.describe(vm_id, customer_id, request)
+        if network is not None:
+            return network  # whole: nothing to rebuild
+        log.warning("network: VM %s: its network is incomplete; rebuilding it", vm_id)
+        # The addresses are still in the book, and set-up completes what exists.
+        return await self.setup(vm_id, customer_id, request)
 
     # Teardown ----------------------------------------------------------------------------
 

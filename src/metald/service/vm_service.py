@@ -86,6 +86,7 @@ class VmService:
         for vm in records:
             async with self._locks.hold(vm.id):
                 await self._reconcile(vm)
+                await self._adopt_network(vm)
         known = {vm.id for vm in records}
         removed: list[str] = []
         for backend in self._backends.values():
@@ -113,6 +114,18 @@ class VmService:
             log.info("vm %s: %s", vm.id, reason)
         elif live != vm.state:
             await self._save(vm, state=live)
+
+    async def _adopt_network(self, vm: VmRecord) -> None:
+        """Make the VM's network whole again after the restart (after _reconcile, so the
+        VMM, if any, is adopted). A failure is logged, never stops start-up: the VM stays
+        deletable, and its next boot finds what could be rebuilt."""
+        if not vm.config.network or vm.backend not in self._backends:
+            return  # a VM of a backend we do not run is left as it is, network included
+        pid = vm.process.pid if vm.process is not None and vm.state in LIVE_STATES else None
+        try:
+            await self._network.adopt(vm.id, vm.customer_id, vm.config.network, pid)
+        except Exception:
+            log.exception("vm %s: its network could not be restored after the restart", vm.id)
 
     async def _on_vmm_exit(self, vm_id: str, reason: str) -> None:
         async with self._locks.hold(vm_id):
