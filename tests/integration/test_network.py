@@ -535,6 +535,10 @@ async def test_a_restart_after_names_were_lost_rebuilds_the_networks(env: Env) -
     gone = await env.nm.setup_vm("gone", "c")
     vmm = popen_in(env, held.netns, ["sleep", "300"])  # stands for the VMM
     inside = os.stat(f"/proc/{vmm.pid}/ns/net").st_ino
+    # The kernel cleans up a namespace that lost its last reference some time later, and
+    # only then do its veth ends (and so their peers in the VM and host namespaces) go:
+    # keep the old segments namespace alive, so the rebuild meets the peers still there.
+    popen_in(env, env.segments, ["sleep", "300"])
     for name in (env.segments, held.netns, gone.netns):
         lose_name(name)
 

@@ -59,6 +59,11 @@ class Segments:
         if created:
             on_undo(undo, f"segment {customer.bridge}", self._undo, customer.bridge, host_veth)
         ub = links.get_link(host, customer.uplink_host)
+        if ub is not None and links.get_link(seg, customer.uplink_customer) is None:
+            # Its peer went with a lost segments namespace (or is going: the kernel removes
+            # the pair once that namespace is cleaned up): make the pair anew.
+            links.delete_link(host, customer.uplink_host)
+            ub = None
         if ub is None:
             # The uplink joins the host bridge down and isolated before it carries anything.
             ub_index = links.add_veth(

@@ -161,6 +161,10 @@ class VmNetworks:
             ctx.step("veth")
             vh = links.get_link(seg, names.host_veth)
             if vh is None:
+                if links.get_link(vmr, names.vm_veth) is not None:
+                    # Its host end went with a lost segments namespace (the kernel removes
+                    # the pair only once that namespace is cleaned up): make it anew.
+                    links.delete_link(vmr, names.vm_veth)
                 vh_index = links.add_veth(seg, names.host_veth, names.vm_veth, names.netns)
                 on_undo(
                     undo, f"veth {names.host_veth}", self._segments.delete_link, names.host_veth
