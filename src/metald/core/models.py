@@ -273,6 +273,16 @@ class NetworkInfo:
 
 
 @dataclass(frozen=True)
+class Allocation:
+    """One IP address held by one VM (the address book's record)."""
+
+    vm_id: str
+    family: int  # 4 or 6
+    address: str  # canonical text (ipaddress str())
+    allocated_at: float
+
+
+@dataclass(frozen=True)
 class Page:
     vms: list[VmRecord]
     next_token: str

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Protocol
 
 from metald.core.models import (
+    Allocation,
     LaunchSpec,
     NetworkInfo,
     NetworkInterface,
@@ -148,3 +149,24 @@ class Network(Protocol):
         """The VM's network and its traffic counters (None without a network)."""
 
     async def remove_orphans(self, known_vm_ids: set[str]) -> list[str]: ...
+
+
+class AddressBook(Protocol):
+    """Which VM holds which IP address. A claim is atomic: two claims of one address
+    cannot both win, also between two metald processes or after a restart."""
+
+    async def claim(self, vm_id: str, family: int, address: str) -> bool:
+        """Record that vm_id holds address; False (nothing recorded) if someone holds it."""
+
+    async def used(self, family: int) -> set[str]:
+        """Every address of the family that is held."""
+
+    async def for_vm(self, vm_id: str) -> list[Allocation]: ...
+
+    async def release(self, vm_id: str) -> int:
+        """Drop every address vm_id holds; how many went. Idempotent."""
+
+    async def release_address(self, vm_id: str, address: str) -> None: ...
+
+    async def all(self) -> list[Allocation]:
+        """Every allocation, ordered by address (for reconciliation and tests)."""

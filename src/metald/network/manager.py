@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from metald.core.models import RateLimit, TrafficCounters
+from metald.core.ports import AddressBook
 from metald.core.validation import VM_ID
 from metald.network import netns
 from metald.network.blocking import blocking
@@ -26,7 +27,6 @@ from metald.network.naming import VmNames, check_netns_prefix, vm_id_from_netns
 from metald.network.reconcile import Reconciler
 from metald.network.segments import Segments
 from metald.network.vms import SETUP_STEPS, VmNetworks
-from metald.store.addresses import AddressBook
 
 __all__ = ["SETUP_STEPS", "NetworkError", "NetworkManager", "StepHook"]
 

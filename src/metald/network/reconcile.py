@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 from collections.abc import Iterable
 
+from metald.core.ports import AddressBook
 from metald.core.validation import VM_ID
 from metald.network import links, netns
 from metald.network.blocking import blocking
@@ -26,7 +27,6 @@ from metald.network.naming import (
 )
 from metald.network.segments import Segments
 from metald.network.vms import VmNetworks
-from metald.store.addresses import AddressBook
 
 
 class Reconciler:

@@ -23,6 +23,7 @@ from metald.core.errors import (
     ResourceExhausted,
 )
 from metald.core.models import RateLimit, TrafficCounters
+from metald.core.ports import AddressBook
 from metald.core.validation import check_customer_id, check_vm_id
 from metald.network import links, netns
 from metald.network.addressing import allocate
@@ -39,7 +40,6 @@ from metald.network.naming import (
     vm_alias,
 )
 from metald.network.segments import Segments
-from metald.store.addresses import AddressBook
 
 SETUP_STEPS = (
     "validate",
