@@ -223,9 +223,18 @@ class Daemon:
     """`metald serve` as a separate process in its own session, on a free port and its own
     data directory. stop()/kill9()/start_again() keep the port and the data directory."""
 
-    def __init__(self, workdir: Path, env: dict[str, str], name: str = "metald") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        env: dict[str, str],
+        name: str = "metald",
+        command_prefix: tuple[str, ...] = (),
+    ) -> None:
         self.workdir = workdir
         self.name = name
+        # Run `metald serve` under this (e.g. `unshare --mount ...`, which execs it: the
+        # pid stays the daemon's).
+        self.command_prefix = command_prefix
         self.port = free_port()
         self.data_dir = workdir / "data"
         self.log_path = workdir / f"{name}.log"
@@ -278,7 +287,7 @@ class Daemon:
             log.write(f"\n===== {self.name}: start at {time.strftime('%X')} =====\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                [str(METALD), "serve"],
+                [*self.command_prefix, str(METALD), "serve"],
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -178,16 +178,17 @@ def _check_and_clean(daemon: Daemon) -> list[str]:
 def metald_factory(
     request: pytest.FixtureRequest, e2e_root: Path
 ) -> Iterator[Callable[..., Daemon]]:
-    """start(**env) -> a running Daemon with its own temp dir, free port and data dir.
+    """start(name, command_prefix, **env) -> a running Daemon with its own temp dir, free
+    port and data dir (started under command_prefix, if given).
 
     Teardown: SIGTERM each daemon by pid; any QEMU still alive that it started is killed (by
     pid) and the test FAILS as a leak; the temp dir is removed. The daemon's log is printed
     (pytest shows it when the test failed)."""
     daemons: list[Daemon] = []
 
-    def start(name: str = "metald", **env: str) -> Daemon:
+    def start(name: str = "metald", command_prefix: tuple[str, ...] = (), **env: str) -> Daemon:
         workdir = Path(tempfile.mkdtemp(prefix="d", dir=e2e_root))
-        daemon = Daemon(workdir, env, name=name)
+        daemon = Daemon(workdir, env, name=name, command_prefix=command_prefix)
         daemons.append(daemon)
         daemon.start()
         return daemon

@@ -89,6 +89,8 @@ def test_guests_answer_ping_on_both_families(
         console = Console(Path(info["backend_info"]["console_log"]))
         wait_until(lambda: console.ready_count() >= 1, 90, "READY on the console")
         ip6 = wait_until(lambda: _guest_ipv6(console), 10, "the guest's NET line")
+        # GetVmInfo reports the guest's IPv6 address and gateway too (dual-stack).
+        assert (net["ipv6_address"], net["ipv6_gateway"]) == (ip6, "fd00::1"), net
         for address in (ip4, ip6):
             ping = _in_host_ns(daemon, "ping", "-c", "2", "-W", "3", address)
             assert ping.returncode == 0, f"ping {address}: {ping.stdout}{ping.stderr}"

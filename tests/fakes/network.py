@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from metald.core.errors import AlreadyExists, InvalidArgument, NotFound
-from metald.core.models import NicSpec
+from metald.core.models import NetworkInfo, NetworkInterface, NicSpec, TrafficCounters
 
 from .faults import Faults
 
@@ -49,7 +48,7 @@ class FakeNetwork:
         self.calls.append(("stop", ""))
         self.started = False
 
-    def check(self, interfaces: Sequence[Mapping[str, Any]]) -> None:
+    def check(self, interfaces: Sequence[NetworkInterface]) -> None:
         self.calls.append(("check", ""))
         self.faults.check("check")
         if interfaces and self.refusal is not None:
@@ -58,7 +57,7 @@ class FakeNetwork:
             raise InvalidArgument("config.network", "at most one interface")
 
     async def setup(
-        self, vm_id: str, customer_id: str, interfaces: Sequence[Mapping[str, Any]]
+        self, vm_id: str, customer_id: str, interfaces: Sequence[NetworkInterface]
     ) -> NicSpec | None:
         self.calls.append(("setup", vm_id))
         await self.faults.enter("setup")
@@ -72,6 +71,8 @@ class FakeNetwork:
             tap=f"tap-{vm_id[-8:]}",
             mac="02:00:00:00:00:01",
             guest_args=f"metald.ip4={address}/16",
+            rx_rate_limit=interfaces[0].rx_rate_limit,
+            tx_rate_limit=interfaces[0].tx_rate_limit,
         )
         self.networks[vm_id] = FakeVmNetwork(customer_id, nic, address)
         return nic
@@ -83,6 +84,16 @@ class FakeNetwork:
             raise NotFound(f"VM {vm_id} has no network")
         self.attached.add(vm_id)
 
+    async def adopt(
+        self,
+        vm_id: str,
+        customer_id: str,
+        interfaces: Sequence[NetworkInterface],
+        vmm_pid: int | None,
+    ) -> None:
+        self.calls.append(("adopt", vm_id))
+        await self.faults.enter("adopt")
+
     async def teardown(self, vm_id: str) -> None:
         self.calls.append(("teardown", vm_id))
         await self.faults.enter("teardown")
@@ -90,22 +101,22 @@ class FakeNetwork:
         self.attached.discard(vm_id)
 
     async def describe(
-        self, vm_id: str, customer_id: str, interfaces: Sequence[Mapping[str, Any]]
-    ) -> dict[str, Any]:
+        self, vm_id: str, customer_id: str, interfaces: Sequence[NetworkInterface]
+    ) -> NetworkInfo | None:
         self.calls.append(("describe", vm_id))
         await self.faults.enter("describe")
         net = self.networks.get(vm_id)
         if net is None:
-            return {}
-        return {
-            "ip_address": net.address,
-            "mac_address": net.nic.mac,
-            "tap_device": net.nic.tap,
-            "network_namespace": net.nic.netns,
-            "gateway": "10.100.0.1",
-            "dns_servers": ["10.100.0.1"],
-            "stats": {"bytes_received": 10, "bytes_transmitted": 20},
-        }
+            return None
+        return NetworkInfo(
+            mac=net.nic.mac,
+            tap=net.nic.tap,
+            netns=net.nic.netns,
+            ipv4=ipaddress.IPv4Address(net.address),
+            gateway4=ipaddress.IPv4Address("10.100.0.1"),
+            dns_servers=("10.100.0.1",),
+            counters=TrafficCounters(bytes_received=10, bytes_transmitted=20),
+        )
 
     async def remove_orphans(self, known_vm_ids: set[str]) -> list[str]:
         self.calls.append(("remove_orphans", ""))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gzip
 import io
 import itertools
@@ -50,7 +51,7 @@ from metald.network import (
     netns,
 )
 from metald.network.manager import SETUP_STEPS
-from metald.network.models import IPv4
+from metald.network.models import IPv4, IPv6
 from metald.store.addresses import SqlAddressBook
 from metald.store.database import Database
 
@@ -304,7 +305,7 @@ async def test_modes_and_static_addresses(env: Env) -> None:
     assert v4.ipv6 is None and v4.gateway6 is None and v4.dns6 == ()
     assert v4.guest_args().ip6 == ""
     v6 = await env.nm.setup_vm("v6", "c", NetworkRequest(mode=NetworkMode.IPV6_ONLY))
-    assert v6.ipv4 is None and v6.network_info()["ip_address"] == "fd00::2"
+    assert v6.ipv4 is None and v6.network_info().ipv6 == IPv6("fd00::2")
     fixed = await env.nm.setup_vm(
         "fixed", "c", NetworkRequest(ipv4=IPv4("10.100.9.9"), mac="02:12:34:56:78:9a")
     )
@@ -490,6 +491,75 @@ async def test_restart_keeps_networks_and_addresses(env: Env) -> None:
     assert other.ipv4 != kept.ipv4 and other.ipv6 != kept.ipv6
     snap = await nm.snapshot()
     assert len(snap["neighbours"]) == 4, "start() on a running host must not flush neighbours"
+
+
+def lose_name(name: str) -> None:
+    """What a daemon killed in a mount namespace of its own leaves: the name's mount is
+    gone (only a process inside still holds the namespace), the file stays."""
+    path = netns.path_of(name)
+    assert netns.exists(name)
+    while libc.umount2(str(path).encode(), 2) == 0:  # MNT_DETACH
+        pass
+    assert path.exists() and netns.is_stale(name) and not netns.exists(name)
+
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+async def test_a_stale_name_is_never_taken_for_a_namespace(env: Env) -> None:
+    name = env.token + "stale"
+    netns.path_of(name).touch()  # an empty file where a name was
+    assert netns.is_stale(name) and not netns.exists(name)
+    with pytest.raises(netns.NamespaceError, match="was lost"), netns.entered(name):
+        pass
+    assert netns.create(name), "a stale name is replaced by a new namespace"
+    assert netns.exists(name) and not netns.is_stale(name)
+    assert netns.remove(name) and not netns.path_of(name).exists()
+
+
+async def test_a_lost_name_is_taken_back_from_a_process_inside(env: Env) -> None:
+    name = env.token + "held"
+    netns.create(name)
+    holder = popen_in(env, name, ["sleep", "300"])
+    inside = os.stat(f"/proc/{holder.pid}/ns/net").st_ino
+    lose_name(name)
+    assert netns.attach(name, holder.pid)
+    assert netns.exists(name) and netns.ns_identity(name)[1] == inside
+    assert not netns.attach(name, holder.pid), "already named: nothing to do"
+
+
+async def test_a_restart_after_names_were_lost_rebuilds_the_networks(env: Env) -> None:
+    """The segments namespace and a VM's name lost (its VMM alive inside), another VM's
+    namespace lost altogether: start() does not fail, and adopting the VMs makes their
+    networks whole, with the same addresses and MACs."""
+    held = await env.nm.setup_vm("held", "c")
+    gone = await env.nm.setup_vm("gone", "c")
+    vmm = popen_in(env, held.netns, ["sleep", "300"])  # stands for the VMM
+    inside = os.stat(f"/proc/{vmm.pid}/ns/net").st_ino
+    # The kernel cleans up a namespace that lost its last reference some time later, and
+    # only then do its veth ends (and so their peers in the VM and host namespaces) go:
+    # keep the old segments namespace alive, so the rebuild meets the peers still there.
+    popen_in(env, env.segments, ["sleep", "300"])
+    for name in (env.segments, held.netns, gone.netns):
+        lose_name(name)
+
+    nm = env.manager()
+    await nm.start()  # it used to fail: setns <segments namespace>: Invalid argument
+    assert netns.exists(env.segments)
+    assert await nm.adopt_vm("held", "c", NetworkRequest(), vmm.pid) == held
+    assert netns.ns_identity(held.netns)[1] == inside, "not the VMM's namespace"
+    assert await nm.adopt_vm("gone", "c", NetworkRequest(), None) == gone
+    assert await nm.remove_orphans({"held", "gone"}) == []
+    snap = await nm.snapshot()
+    for net in (held, gone):
+        assert net.host_veth in snap["segment_links"]
+        assert await nm.describe_vm(net.vm_id, "c") == net
+    # Adopting a whole network changes nothing.
+    assert await nm.adopt_vm("held", "c", NetworkRequest(), vmm.pid) == held
+    assert await nm.snapshot() == snap
+    for net in (held, gone):
+        await nm.teardown_vm(net.vm_id)
+    assert not any(n.startswith(env.prefix) for n in netns.list_names())
 
 
 async def test_remove_orphans(env: Env) -> None:
@@ -731,7 +801,7 @@ async def test_guests_reach_the_host_and_only_their_own_customer(
 
         def drop_rules() -> None:
             with links.rtnl(env.host) as ipr:
-                for rule in env.nm._rules:
+                for rule in env.nm.host_side.rules:
                     links.delete_rule(ipr, rule)
 
         await inspect(drop_rules)
@@ -741,7 +811,7 @@ async def test_guests_reach_the_host_and_only_their_own_customer(
         await set_host_sysctls(env, {"ipv4/ip_forward": "0", "ipv6/conf/all/forwarding": "0"})
 
         stats = await env.nm.stats("a1")
-        assert stats["bytes_received"] > 0 and stats["bytes_transmitted"] > 0
+        assert stats.bytes_received > 0 and stats.bytes_transmitted > 0
     finally:
         for g in guests:
             g.stop()

@@ -458,11 +458,16 @@ async def test_paused_and_forced_shutdowns(
 
 
 async def test_graceful_shutdown_of_a_guest_still_booting(
-    backend: VmmRuntime, boot_files: tuple[Path, Path | None]
+    profile: Profile, backend: VmmRuntime, boot_files: tuple[Path, Path | None]
 ) -> None:
     """Right after a boot or reboot the guest cannot take Ctrl-Alt-Del yet (no keyboard driver,
     no trap in its init): the shutdown must still end gracefully, well within its timeout,
-    instead of waiting the whole timeout and killing the guest."""
+    instead of waiting the whole timeout and killing the guest.
+
+    QEMU only: where a guest reset ends the VMM (Firecracker), an early press that resets
+    the guest, a guest panic and a clean stop all end the process with status 0, so
+    "graceful" cannot be checked from the outside; the stand-in showed all three."""
+    qemu_only(profile)
     await backend.create(spec_for(boot_files, "vm-early"))
     await backend.boot("vm-early")
     await wait_for(backend, "vm-early", READY)
@@ -664,7 +669,7 @@ async def test_bad_kernel_leaves_nothing(
         await backend.create(spec_for(boot_files, "vm-bad", kernel=bad))
     # QEMU's own words (which depend on the bytes), e.g. "linux kernel too old to load a ram
     # disk" or "invalid kernel header".
-    assert err.value.message.startswith("QEMU failed to start VM vm-bad: qemu: ")
+    assert err.value.message.startswith("qemu failed to start VM vm-bad: qemu: ")
     assert "kernel" in err.value.message
     assert str(tmp_path) not in err.value.message
     assert str(vm_root) not in err.value.message

@@ -137,7 +137,9 @@ def test_info_table() -> None:
             metadata={"team": "x"},
         ),
         metrics=pb.VmMetrics(cpu_usage_percent=12.34, memory_usage_bytes=2048, uptime_seconds=9),
-        network_info=pb.VmNetworkInfo(ip_address="10.100.0.5", dns_servers=["8.8.8.8", "1.1.1.1"]),
+        network_info=pb.VmNetworkInfo(
+            ip_address="10.100.0.5", dns_servers=["8.8.8.8", "1.1.1.1"], ipv6_address="fd00::5"
+        ),
         backend_info={"pid": "4242"},
     )
     text = render(vm.info_table(info))
@@ -150,6 +152,7 @@ def test_info_table() -> None:
         "/r.ext4 (root, ro)",
         "team=x",
         "10.100.0.5",
+        "fd00::5",
         "8.8.8.8, 1.1.1.1",
         "12.3%",
         "2 KiB",

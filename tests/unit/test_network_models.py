@@ -1,4 +1,9 @@
-"""Reading config.network into a NetworkRequest, settings checks, and the VmNetwork views."""
+"""Reading config.network into a NetworkRequest, settings checks, and the VmNetwork views.
+
+Interfaces are given as the API's JSON and go the way a request goes: protobuf, then
+api.convert to the core NetworkInterface, core.validation's shape checks, and the
+network's own checks against the host's settings.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,13 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from google.protobuf.json_format import ParseDict, ParseError
 
+from metald.api.convert import interface_from_pb
 from metald.core.errors import InvalidArgument
+from metald.core.models import NetworkInfo, NetworkInterface
+from metald.core.validation import check_interface_shape
+from metald.gen.vmprovisioner.v1 import vm_pb2 as pb
 from metald.network.models import (
     IPv4,
     IPv6,
@@ -17,13 +27,21 @@ from metald.network.models import (
     NetworkSettings,
     RateLimit,
     VmNetwork,
+    tbf_burst,
 )
 
 SETTINGS = NetworkSettings()
 
 
+def typed(iface: dict[str, Any]) -> NetworkInterface:
+    where = "config.network[0]"
+    core = interface_from_pb(ParseDict(iface, pb.NetworkInterface()), where)
+    check_interface_shape(core, where)
+    return core
+
+
 def parse(iface: dict[str, Any], settings: NetworkSettings = SETTINGS) -> NetworkRequest:
-    request = NetworkRequest.from_config([iface], settings)
+    request = NetworkRequest.from_config([typed(iface)], settings)
     assert request is not None
     return request
 
@@ -45,7 +63,7 @@ def test_empty_interface_takes_every_default() -> None:
 
 def test_at_most_one_interface() -> None:
     with pytest.raises(InvalidArgument) as info:
-        NetworkRequest.from_config([{}, {}], SETTINGS)
+        NetworkRequest.from_config([NetworkInterface(), NetworkInterface()], SETTINGS)
     assert info.value.field == "config.network"
 
 
@@ -57,7 +75,7 @@ def test_at_most_one_interface() -> None:
         ("NETWORK_MODE_IPV6_ONLY", NetworkMode.IPV6_ONLY),
         (2, NetworkMode.IPV4_ONLY),
         ("NETWORK_MODE_UNSPECIFIED", None),
-        ("", None),
+        (0, None),
     ],
 )
 def test_modes(value: object, mode: NetworkMode | None) -> None:
@@ -65,9 +83,12 @@ def test_modes(value: object, mode: NetworkMode | None) -> None:
 
 
 def test_unknown_mode_and_fields_are_refused() -> None:
-    refused({"mode": "NETWORK_MODE_IPX"}, "config.network[0].mode")
-    refused({"colour": "blue"}, "config.network[0].colour")
-    refused({"ipv4_config": {"adress": "10.100.0.5"}}, "config.network[0].ipv4_config.adress")
+    # A mode number the schema does not name (proto3 enums are open on the binary wire).
+    refused({"mode": 7}, "config.network[0].mode")
+    # Names the schema does not have never get past the protobuf parser.
+    for bad in ({"mode": "NETWORK_MODE_IPX"}, {"colour": "blue"}, {"ipv4_config": {"x": 1}}):
+        with pytest.raises(ParseError):
+            typed(bad)
     refused({"interface_type": "e1000"}, "config.network[0].interface_type")
     refused({"options": {"a": "b"}}, "config.network[0].options")
 
@@ -140,14 +161,14 @@ def test_gateway_and_dns_may_be_given_when_they_agree() -> None:
 
 
 def test_rate_limits_from_json_form() -> None:
-    # MessageToDict renders int64 as strings.
+    # Protobuf JSON renders int64 as strings.
     request = parse(
         {
             "rx_rate_limit": {"bandwidth": "1048576", "burst": "65536", "refill_time": "100"},
             "tx_rate_limit": {"bandwidth": 2048},
         }
     )
-    assert request.rx == RateLimit(bandwidth=1048576, burst=65536)
+    assert request.rx == RateLimit(bandwidth=1048576, refill_time_ms=100, burst=65536)
     assert request.tx == RateLimit(bandwidth=2048)
     assert parse({"rx_rate_limit": {}}).rx is None
     assert parse({"rx_rate_limit": {"bandwidth": "0"}}).rx is None
@@ -158,20 +179,19 @@ def test_rate_limits_from_json_form() -> None:
     [
         ({"bandwidth": "-1"}, "rx_rate_limit.bandwidth"),
         ({"bandwidth": str(2**32)}, "rx_rate_limit.bandwidth"),
-        ({"bandwidth": "ten"}, "rx_rate_limit.bandwidth"),
         ({"bandwidth": "10", "burst": "-5"}, "rx_rate_limit.burst"),
+        ({"bandwidth": "10", "refill_time": "-5"}, "rx_rate_limit.refill_time"),
         ({"burst": "100"}, "rx_rate_limit.bandwidth"),
-        ({"size": "100"}, "rx_rate_limit.size"),
     ],
 )
 def test_bad_rate_limits(limit: dict[str, Any], field: str) -> None:
     refused({"rx_rate_limit": limit}, f"config.network[0].{field}")
 
 
-def test_effective_burst_has_a_floor() -> None:
-    assert RateLimit(1024).effective_burst() == 32 * 1024
-    assert RateLimit(100 * 1024 * 1024).effective_burst() == 100 * 1024 * 1024 // 50
-    assert RateLimit(1024, burst=4096).effective_burst() == 4096
+def test_tbf_burst_has_a_floor() -> None:
+    assert tbf_burst(RateLimit(1024)) == 32 * 1024
+    assert tbf_burst(RateLimit(100 * 1024 * 1024)) == 100 * 1024 * 1024 // 50
+    assert tbf_burst(RateLimit(1024, burst=4096)) == 4096
 
 
 def test_default_settings_are_consistent() -> None:
@@ -214,7 +234,7 @@ def network(**kw: Any) -> VmNetwork:
         "gateway6": IPv6("fd00::1"),
         "dns4": ("8.8.8.8",),
         "dns6": ("2606:4700:4700::1111",),
-        "rx": RateLimit(1000, 2000),
+        "rx": RateLimit(1000, burst=2000),
     }
     base.update(kw)
     return VmNetwork(**base)
@@ -232,19 +252,16 @@ def test_guest_args_carry_the_whole_configuration() -> None:
 
 
 def test_network_info_for_get_vm_info() -> None:
-    assert network().network_info() == {
-        "ip_address": "10.100.0.2",
-        "mac_address": "02:00:00:00:00:01",
-        "tap_device": "tap0123456789ab",
-        "network_namespace": "mvm-vm-1",
-        "gateway": "10.100.0.1",
-        "dns_servers": ["8.8.8.8", "2606:4700:4700::1111"],
-    }
+    assert network().network_info() == NetworkInfo(
+        mac="02:00:00:00:00:01",
+        tap="tap0123456789ab",
+        netns="mvm-vm-1",
+        ipv4=IPv4("10.100.0.2"),
+        gateway4=IPv4("10.100.0.1"),
+        ipv6=IPv6("fd00::2"),
+        gateway6=IPv6("fd00::1"),
+        dns_servers=("8.8.8.8", "2606:4700:4700::1111"),
+    )
     v6 = network(mode=NetworkMode.IPV6_ONLY, ipv4=None, gateway4=None, dns4=()).network_info()
-    assert v6["ip_address"] == "fd00::2"
-    assert v6["gateway"] == "fd00::1"
-
-
-def test_vm_network_round_trips_through_a_dict() -> None:
-    for net in (network(), network(ipv4=None, gateway4=None, rx=None, tx=RateLimit(5))):
-        assert VmNetwork.from_dict(net.to_dict()) == net
+    assert v6.ipv4 is None and v6.gateway4 is None
+    assert v6.ipv6 == IPv6("fd00::2") and v6.gateway6 == IPv6("fd00::1")

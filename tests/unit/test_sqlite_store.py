@@ -1,10 +1,21 @@
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from sqlalchemy import event
 
-from metald.core.models import DiskConfig, ProcessIdentity, VmConfig, VmRecord
+from metald.core.models import (
+    DiskConfig,
+    IPv4Config,
+    IPv6Config,
+    NetworkInterface,
+    NetworkMode,
+    ProcessIdentity,
+    RateLimit,
+    VmConfig,
+    VmRecord,
+)
 from metald.core.states import VmState
 from metald.store.addresses import SqlAddressBook
 from metald.store.database import Database
@@ -118,3 +129,37 @@ async def test_the_store_and_the_address_book_share_one_engine(tmp_path: Path) -
     finally:
         await store.close()  # closes the shared database
     await database.close()  # and a second close is harmless
+
+
+FULL_NIC = NetworkInterface(
+    id="eth0",
+    mode=NetworkMode.IPV4_ONLY,
+    mac_address="02:00:00:00:00:09",
+    ipv4_config=IPv4Config(address="10.100.0.9", dns_servers=("1.1.1.1",)),
+    ipv6_config=IPv6Config(prefix_length=64),
+    rx_rate_limit=RateLimit(bandwidth=1_000_000, refill_time_ms=100, burst=4096),
+)
+
+
+async def test_a_typed_network_interface_round_trips(store: SqlStore) -> None:
+    original = vm("vm-1")
+    original.config = replace(original.config, network=(FULL_NIC,))
+    await store.insert(original)
+    assert await store.get("vm-1") == original
+
+
+def test_a_config_row_in_the_old_protobuf_json_shape_is_read() -> None:
+    # Rows written before the network config was typed held MessageToDict's output.
+    old = {
+        "network": [
+            {
+                "id": "eth0",
+                "mode": "NETWORK_MODE_IPV4_ONLY",
+                "mac_address": "02:00:00:00:00:09",
+                "ipv4_config": {"address": "10.100.0.9", "dns_servers": ["1.1.1.1"]},
+                "ipv6_config": {"prefix_length": 64},
+                "rx_rate_limit": {"bandwidth": "1000000", "refill_time": "100", "burst": "4096"},
+            }
+        ]
+    }
+    assert VmConfig.from_dict(old).network == (FULL_NIC,)

@@ -5,7 +5,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from metald.core.errors import InvalidArgument
-from metald.core.models import DiskConfig, VmConfig
+from metald.core.models import (
+    DiskConfig,
+    IPv4Config,
+    IPv6Config,
+    NetworkInterface,
+    RateLimit,
+    VmConfig,
+)
 from metald.core.validation import Limits, check_config, check_customer_id, check_vm_id
 
 MIB = 1024 * 1024
@@ -85,3 +92,22 @@ def test_customer_ids() -> None:
     for bad in ("", "a b", "x" * 129, "a/b"):
         with pytest.raises(InvalidArgument):
             check_customer_id(bad)
+
+
+@pytest.mark.parametrize(
+    ("iface", "field"),
+    [
+        (NetworkInterface(mac_address="01:00:5e:00:00:01"), "mac_address"),
+        (NetworkInterface(mac_address="00:00:00:00:00:00"), "mac_address"),
+        (NetworkInterface(ipv4_config=IPv4Config(dns_servers=("fd00::53",))), "ipv4_config"),
+        (NetworkInterface(ipv6_config=IPv6Config(dns_servers=("nope",))), "ipv6_config"),
+        (NetworkInterface(ipv4_config=IPv4Config(dns_servers=("1.1.1.1",) * 5)), "ipv4_config"),
+        (NetworkInterface(rx_rate_limit=RateLimit(bandwidth=-1)), "rx_rate_limit.bandwidth"),
+        (NetworkInterface(tx_rate_limit=RateLimit(bandwidth=0, burst=5)), "tx_rate_limit"),
+        (NetworkInterface(tx_rate_limit=RateLimit(10, refill_time_ms=-1)), "tx_rate_limit"),
+    ],
+)
+def test_network_interface_shapes_are_checked(iface: NetworkInterface, field: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        check_config(VmConfig(network=(NetworkInterface(), iface)), LIMITS)
+    assert info.value.field.startswith(f"config.network[1].{field}"), info.value.field

@@ -79,7 +79,7 @@ class VmHandlers:
             vm_id=vm.id,
             config=convert.config_to_pb(vm.config),
             state=convert.state_to_pb(vm.state),
-            metrics=convert.usage_to_pb(usage, network.get("stats", {})),
+            metrics=convert.usage_to_pb(usage, network.counters if network else None),
             backend_info=info,
             network_info=convert.network_info_to_pb(network),
         )

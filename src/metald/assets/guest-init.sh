@@ -40,6 +40,35 @@ export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 umask 022
 set -f
 
+say() { echo "METALD-GUEST $*"; }
+
+# The shutdown path is PID 1's trap before anything else runs: metald gives the kernel
+# sysctl.kernel.ctrl-alt-del=0, so Ctrl-Alt-Del is a SIGINT to this shell from its first
+# instruction, and a shell without the trap would exit on it (and the kernel panic).
+HEARTBEAT_PID=""
+ON_SHUTDOWN=""
+shutdown_path() {
+    trap '' INT TERM
+    [ -n "$HEARTBEAT_PID" ] && kill "$HEARTBEAT_PID" 2>/dev/null
+    say SHUTDOWN
+    sync
+    if [ -z "$ON_SHUTDOWN" ]; then  # asked before the command line was read
+        [ -r /proc/cmdline ] || mount -t proc proc /proc
+        case " $(cat /proc/cmdline) " in
+            *" metald.on_shutdown=reboot "*) ON_SHUTDOWN=reboot ;;
+        esac
+    fi
+    if [ "$ON_SHUTDOWN" = reboot ]; then
+        reboot -f
+    else
+        poweroff -f
+    fi
+    # Not reached unless the kernel refused; keep PID 1 alive rather than panic.
+    while :; do sleep 60; done
+}
+trap shutdown_path INT TERM
+trap '' HUP QUIT USR1 USR2 PIPE
+
 [ -d /proc/self ] || mount -t proc proc /proc
 [ -d /sys/kernel ] || mount -t sysfs sysfs /sys
 [ -c /dev/null ] || mount -t devtmpfs devtmpfs /dev
@@ -47,18 +76,17 @@ exec </dev/console >/dev/console 2>&1
 mkdir -p /dev/pts /dev/shm /run /tmp
 grep -q " /dev/pts " /proc/mounts || mount -t devpts devpts /dev/pts 2>/dev/null
 
-say() { echo "METALD-GUEST $*"; }
-
-# Ctrl-Alt-Del: signal PID 1 (SIGINT) instead of resetting the machine.
+# Ctrl-Alt-Del: signal PID 1 (SIGINT) instead of resetting the machine (for kernels started
+# without metald's sysctl argument).
 echo 0 > /proc/sys/kernel/ctrl-alt-del
 
 VM_ID=""
-ON_SHUTDOWN=poweroff
+on_shutdown=poweroff
 IP4="" GW4="" IP6="" GW6="" DNS="" MAC="" ROOT="" AGENT=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         metald.vm_id=*) VM_ID="${arg#*=}" ;;
-        metald.on_shutdown=*) [ "${arg#*=}" = reboot ] && ON_SHUTDOWN=reboot ;;
+        metald.on_shutdown=*) [ "${arg#*=}" = reboot ] && on_shutdown=reboot ;;
         metald.ip4=*) IP4="${arg#*=}" ;;
         metald.gw4=*) GW4="${arg#*=}" ;;
         metald.ip6=*) IP6="${arg#*=}" ;;
@@ -69,23 +97,8 @@ for arg in $(cat /proc/cmdline); do
         metald.agent=*) AGENT="${arg#*=}" ;;
     esac
 done
+ON_SHUTDOWN=$on_shutdown
 
-shutdown_path() {
-    trap '' INT TERM
-    [ -n "$HEARTBEAT_PID" ] && kill "$HEARTBEAT_PID" 2>/dev/null
-    say SHUTDOWN
-    sync
-    if [ "$ON_SHUTDOWN" = reboot ]; then
-        reboot -f
-    else
-        poweroff -f
-    fi
-    # Not reached unless the kernel refused; keep PID 1 alive rather than panic.
-    while :; do sleep 60; done
-}
-HEARTBEAT_PID=""
-trap shutdown_path INT TERM
-trap '' HUP QUIT USR1 USR2 PIPE
 
 # Modules, in dependency order (written by the builder). Already loaded ones are skipped, so
 # this also works after switch_root into a root filesystem that carries the same image.

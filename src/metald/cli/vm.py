@@ -184,6 +184,8 @@ def info_table(info: pb.GetVmInfoResponse) -> Table:
             ("IP address", net.ip_address),
             ("MAC address", net.mac_address),
             ("Gateway", net.gateway),
+            ("IPv6 address", net.ipv6_address if net.ipv6_address != net.ip_address else ""),
+            ("IPv6 gateway", net.ipv6_gateway if net.ipv6_gateway != net.gateway else ""),
             ("DNS", ", ".join(net.dns_servers)),
             ("TAP device", net.tap_device),
             ("Netns", net.network_namespace),

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from metald.core.models import LaunchSpec, NicSpec, ProcessIdentity, VmRecord, VmUsage
+from metald.core.models import (
+    Allocation,
+    LaunchSpec,
+    NetworkInfo,
+    NetworkInterface,
+    NicSpec,
+    ProcessIdentity,
+    VmRecord,
+    VmUsage,
+)
 from metald.core.states import VmState
 
 # Called by a backend when a VMM exits without metald asking: (vm_id, reason).
@@ -114,23 +123,55 @@ class Network(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
 
-    def check(self, interfaces: Sequence[Mapping[str, Any]]) -> None:
+    def check(self, interfaces: Sequence[NetworkInterface]) -> None:
         """Raise InvalidArgument (naming the field) for interfaces this host cannot give."""
 
     async def setup(
-        self, vm_id: str, customer_id: str, interfaces: Sequence[Mapping[str, Any]]
+        self, vm_id: str, customer_id: str, interfaces: Sequence[NetworkInterface]
     ) -> NicSpec | None:
         """Build the VM's network (None when it asks for none); leaves nothing on failure."""
 
     async def attach(self, vm_id: str) -> None:
         """Join the TAP the VMM's jailer made to the VM's network and apply its limits."""
 
+    async def adopt(
+        self,
+        vm_id: str,
+        customer_id: str,
+        interfaces: Sequence[NetworkInterface],
+        vmm_pid: int | None,
+    ) -> None:
+        """At start-up, make a known VM's network whole again: a namespace whose name was
+        lost is taken back from its VMM (``vmm_pid``: alive, adopted) or, without one,
+        made anew; missing links and entries are rebuilt. Nothing to do when it is whole."""
+
     async def teardown(self, vm_id: str) -> None:
         """Remove the VM's network and release its addresses. Idempotent."""
 
     async def describe(
-        self, vm_id: str, customer_id: str, interfaces: Sequence[Mapping[str, Any]]
-    ) -> dict[str, Any]:
-        """GetVmInfo's network_info fields and traffic counters ({} without a network)."""
+        self, vm_id: str, customer_id: str, interfaces: Sequence[NetworkInterface]
+    ) -> NetworkInfo | None:
+        """The VM's network and its traffic counters (None without a network)."""
 
     async def remove_orphans(self, known_vm_ids: set[str]) -> list[str]: ...
+
+
+class AddressBook(Protocol):
+    """Which VM holds which IP address. A claim is atomic: two claims of one address
+    cannot both win, also between two metald processes or after a restart."""
+
+    async def claim(self, vm_id: str, family: int, address: str) -> bool:
+        """Record that vm_id holds address; False (nothing recorded) if someone holds it."""
+
+    async def used(self, family: int) -> set[str]:
+        """Every address of the family that is held."""
+
+    async def for_vm(self, vm_id: str) -> list[Allocation]: ...
+
+    async def release(self, vm_id: str) -> int:
+        """Drop every address vm_id holds; how many went. Idempotent."""
+
+    async def release_address(self, vm_id: str, address: str) -> None: ...
+
+    async def all(self) -> list[Allocation]:
+        """Every allocation, ordered by address (for reconciliation and tests)."""

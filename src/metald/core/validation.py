@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
 from metald.core.errors import InvalidArgument
 from metald.core.ids import VM_ID as VM_ID  # re-exported: network/ still imports it from here
 from metald.core.ids import VM_ID_RULE, is_vm_id
-from metald.core.models import VmConfig
+from metald.core.models import NetworkInterface, RateLimit, VmConfig
 
 MIB = 1024 * 1024
 MIN_MEMORY_BYTES = 128 * MIB
@@ -22,6 +23,7 @@ MAX_METADATA_TOTAL = 16 * 1024
 MAX_KERNEL_ARGS = 1024
 MAX_DISKS = 8
 MAX_PATH = 4096
+MAX_DNS_SERVERS = 4
 
 CUSTOMER_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 METADATA_KEY = re.compile(r"[A-Za-z0-9._/-]+")
@@ -74,6 +76,8 @@ def check_config(config: VmConfig, limits: Limits) -> None:
     for name, value in (("kernel_path", config.kernel_path), ("initrd_path", config.initrd_path)):
         _check_path_text(f"config.boot.{name}", value)
     _check_storage(config)
+    for i, iface in enumerate(config.network):
+        check_interface_shape(iface, f"config.network[{i}]")
     _check_metadata(config.metadata)
 
 
@@ -133,3 +137,62 @@ def _check_metadata(metadata: dict[str, str]) -> None:
         total += len(key.encode()) + len(value.encode())
     if total > MAX_METADATA_TOTAL:
         raise InvalidArgument("config.metadata", f"must be at most {MAX_METADATA_TOTAL} bytes")
+
+
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+def normalise_mac(mac: str) -> str:
+    """Lower-case colon form of a unicast, non-zero MAC; ValueError otherwise."""
+    value = mac.strip().lower().replace("-", ":")
+    if not _MAC.fullmatch(value):
+        raise ValueError("must be a MAC address like 02:00:00:00:00:01")
+    first = int(value[:2], 16)
+    if first & 0x01:
+        raise ValueError("must be a unicast MAC (the lowest bit of the first octet clear)")
+    if value == "00:00:00:00:00:00":
+        raise ValueError("must not be all zeros")
+    return value
+
+
+def check_interface_shape(iface: NetworkInterface, where: str) -> None:
+    """Field shapes of one network interface, whatever the host offers: a MAC that can be
+    a guest's, DNS servers of the right family, rate limits that make sense. What the host
+    can give (modes, subnets, gateways) is the network adapter's to check."""
+    if iface.mac_address:
+        try:
+            normalise_mac(iface.mac_address)
+        except ValueError as exc:
+            raise InvalidArgument(f"{where}.mac_address", str(exc)) from None
+    if iface.ipv4_config is not None:
+        _check_dns(iface.ipv4_config.dns_servers, 4, f"{where}.ipv4_config.dns_servers")
+    if iface.ipv6_config is not None:
+        _check_dns(iface.ipv6_config.dns_servers, 6, f"{where}.ipv6_config.dns_servers")
+        if iface.ipv6_config.prefix_length < 0:
+            raise InvalidArgument(f"{where}.ipv6_config.prefix_length", "must not be negative")
+    for name, limit in (("rx", iface.rx_rate_limit), ("tx", iface.tx_rate_limit)):
+        if limit is not None:
+            _check_rate_limit(limit, f"{where}.{name}_rate_limit")
+
+
+def _check_dns(servers: tuple[str, ...], version: int, where: str) -> None:
+    for i, server in enumerate(servers):
+        try:
+            ip = ipaddress.ip_address(server)
+        except ValueError:
+            raise InvalidArgument(f"{where}[{i}]", "is not an IP address") from None
+        if ip.version != version:
+            raise InvalidArgument(f"{where}[{i}]", f"must be an IPv{version} address")
+    if len(servers) > MAX_DNS_SERVERS:
+        raise InvalidArgument(where, f"at most {MAX_DNS_SERVERS} servers")
+
+
+def _check_rate_limit(limit: RateLimit, where: str) -> None:
+    if limit.bandwidth < 0:
+        raise InvalidArgument(f"{where}.bandwidth", "must not be negative (bytes/s)")
+    if limit.burst < 0:
+        raise InvalidArgument(f"{where}.burst", "must not be negative (bytes)")
+    if limit.refill_time_ms < 0:
+        raise InvalidArgument(f"{where}.refill_time", "must not be negative")
+    if limit.bandwidth == 0 and limit.burst:
+        raise InvalidArgument(f"{where}.bandwidth", "is required when burst is set")

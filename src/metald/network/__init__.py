@@ -69,9 +69,19 @@ address is honoured if it is inside the subnet and free. The MAC is the caller's
 from the VM id (locally administered, stable across restarts). The guest learns everything
 from its kernel command line (``VmNetwork.guest_args()``).
 
-Failure: every set-up step records how to undo what it made; a failure (or a cancellation) at
-any step undoes it all and releases the new addresses. Teardown is idempotent, and
-``remove_orphans`` removes what no known VM owns (after a crash).
+Failure: every set-up step registers its undo (a contextlib.ExitStack); a failure (or a
+cancellation) at any step undoes it all and releases the new addresses. Teardown is
+idempotent, and ``remove_orphans`` removes what no known VM owns (after a crash).
+
+Restart: names under /run/netns are mounted where they outlive metald even when it runs in
+a mount namespace of its own (metald.network.netns); a name lost anyway is stale, never
+taken for a namespace, and at start-up each known VM's network is adopted
+(``NetworkManager.adopt_vm``): its namespace taken back from its live VMM, or made anew,
+and whatever is missing rebuilt with the same addresses and MAC.
+
+Modules: manager.py (the thin NetworkManager), hostside.py, segments.py, vms.py,
+reconcile.py (one concern each), models.py (requests, settings, VmNetwork), naming.py,
+addressing.py, links.py (netlink), netns.py (namespaces), port.py (the service's port).
 
 Every netlink request runs in a worker thread; a thread enters a namespace with setns(2) for
 the moment it opens a socket (metald.network.netns), and never forks.

@@ -12,8 +12,8 @@ import ipaddress
 from collections.abc import Iterator
 
 from metald.core.errors import InvalidArgument, ResourceExhausted
+from metald.core.ports import AddressBook
 from metald.network.models import IPv4, IPv6, reserved_addresses
-from metald.store.addresses import AddressBook
 
 Subnet = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = IPv4 | IPv6

@@ -1,20 +1,23 @@
 """What a caller asks of the network, what the manager hands back, and its settings.
 
-Pure: no I/O. ``NetworkRequest.from_config`` reads the ``config.network`` entries of a
-VmConfig (protobuf NetworkInterface messages as dicts, MessageToDict with proto field names)
-and raises InvalidArgument naming the field for anything it cannot honour.
+Pure: no I/O. ``NetworkRequest.from_config`` reads the ``config.network`` interfaces of a
+VmConfig (core NetworkInterface records, their shapes already checked by
+core.validation) against this host's settings — modes enabled, subnets, gateways — and
+raises InvalidArgument naming the field for anything it cannot honour.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 from metald.core.errors import InvalidArgument
 from metald.core.guest import GuestArgs
+from metald.core.models import IPv4Config, IPv6Config, NetworkInfo, NetworkInterface
+from metald.core.models import NetworkMode as NetworkMode  # re-exported: the network's users
+from metald.core.models import RateLimit as RateLimit  # take these from here too
 from metald.network.naming import normalise_mac
 
 IPv4 = ipaddress.IPv4Address
@@ -25,41 +28,10 @@ MAX_BANDWIDTH = 2**32 - 1
 MAX_BURST = 2**31 - 1
 
 
-class NetworkMode(StrEnum):
-    DUAL_STACK = "dual-stack"
-    IPV4_ONLY = "ipv4-only"
-    IPV6_ONLY = "ipv6-only"
-
-    @property
-    def ipv4(self) -> bool:
-        return self is not NetworkMode.IPV6_ONLY
-
-    @property
-    def ipv6(self) -> bool:
-        return self is not NetworkMode.IPV4_ONLY
-
-
-_PROTO_MODES = {
-    "NETWORK_MODE_DUAL_STACK": NetworkMode.DUAL_STACK,
-    "NETWORK_MODE_IPV4_ONLY": NetworkMode.IPV4_ONLY,
-    "NETWORK_MODE_IPV6_ONLY": NetworkMode.IPV6_ONLY,
-    1: NetworkMode.DUAL_STACK,
-    2: NetworkMode.IPV4_ONLY,
-    3: NetworkMode.IPV6_ONLY,
-}
-_UNSPECIFIED = ("", "NETWORK_MODE_UNSPECIFIED", 0, None)
-
-
-@dataclass(frozen=True)
-class RateLimit:
-    """A token bucket: ``bandwidth`` bytes per second, ``burst`` bytes (0: a default)."""
-
-    bandwidth: int
-    burst: int = 0
-
-    def effective_burst(self) -> int:
-        # At least a few full-size frames, else about 20 ms worth of the rate.
-        return self.burst or max(32 * 1024, self.bandwidth // 50)
+def tbf_burst(limit: RateLimit) -> int:
+    """The bucket size tc's tbf gets for a limit: its burst, or by default at least a few
+    full-size frames, else about 20 ms worth of the rate."""
+    return limit.burst or max(32 * 1024, limit.bandwidth // 50)
 
 
 @dataclass(frozen=True)
@@ -185,7 +157,7 @@ class NetworkRequest:
 
     @classmethod
     def from_config(
-        cls, interfaces: Sequence[Mapping[str, Any]], settings: NetworkSettings
+        cls, interfaces: Sequence[NetworkInterface], settings: NetworkSettings
     ) -> NetworkRequest | None:
         """The request from VmConfig.network (None if the VM has no network interface)."""
         if not interfaces:
@@ -196,55 +168,35 @@ class NetworkRequest:
 
     @classmethod
     def from_interface(
-        cls, iface: Mapping[str, Any], settings: NetworkSettings, where: str
+        cls, iface: NetworkInterface, settings: NetworkSettings, where: str
     ) -> NetworkRequest:
-        known = {
-            "id",
-            "mac_address",
-            "tap_device",  # ignored: metald names the TAP (GetVmInfo reports it)
-            "interface_type",
-            "options",
-            "ipv4_config",
-            "ipv6_config",
-            "mode",
-            "rx_rate_limit",
-            "tx_rate_limit",
-        }
-        for key in iface:
-            if key not in known:
-                raise InvalidArgument(f"{where}.{key}", "unknown field")
-        if iface.get("interface_type", "") not in ("", "virtio-net", "virtio"):
+        if iface.interface_type not in ("", "virtio-net", "virtio"):
             raise InvalidArgument(f"{where}.interface_type", "only virtio-net is supported")
-        if iface.get("options"):
+        if iface.options:
             raise InvalidArgument(f"{where}.options", "no options are supported")
 
-        mode_value = iface.get("mode", "")
-        if mode_value in _UNSPECIFIED:
-            mode = None
-        elif mode_value in _PROTO_MODES:
-            mode = _PROTO_MODES[mode_value]
-        else:
-            raise InvalidArgument(f"{where}.mode", f"unknown network mode {mode_value!r}")
+        mode = iface.mode
         effective = mode or settings.effective_default_mode()
         if effective not in settings.allowed_modes():
             raise InvalidArgument(f"{where}.mode", f"{effective.value} is not enabled on this host")
 
         mac = None
-        if iface.get("mac_address"):
+        if iface.mac_address:
             try:
-                mac = normalise_mac(str(iface["mac_address"]))
+                mac = normalise_mac(iface.mac_address)
             except ValueError as exc:
                 raise InvalidArgument(f"{where}.mac_address", str(exc)) from None
 
-        v4 = _mapping(iface.get("ipv4_config"), f"{where}.ipv4_config")
-        v6 = _mapping(iface.get("ipv6_config"), f"{where}.ipv6_config")
+        # A sub-config given but left all empty asks for nothing (as an absent one).
+        v4 = iface.ipv4_config if iface.ipv4_config != IPv4Config() else None
+        v6 = iface.ipv6_config if iface.ipv6_config != IPv6Config() else None
         ipv4 = dns4 = None
         ipv6 = dns6 = None
-        if v4:
+        if v4 is not None:
             if not effective.ipv4:
                 raise InvalidArgument(f"{where}.ipv4_config", f"not allowed in {effective.value}")
             ipv4, dns4 = _parse_v4(v4, settings, f"{where}.ipv4_config")
-        if v6:
+        if v6 is not None:
             if not effective.ipv6:
                 raise InvalidArgument(f"{where}.ipv6_config", f"not allowed in {effective.value}")
             ipv6, dns6 = _parse_v6(v6, settings, f"{where}.ipv6_config")
@@ -256,69 +208,27 @@ class NetworkRequest:
             ipv6=ipv6,
             dns4=dns4,
             dns6=dns6,
-            rx=_rate_limit(iface.get("rx_rate_limit"), f"{where}.rx_rate_limit"),
-            tx=_rate_limit(iface.get("tx_rate_limit"), f"{where}.tx_rate_limit"),
-            interface_id=str(iface.get("id", "")),
+            rx=_rate_limit(iface.rx_rate_limit, f"{where}.rx_rate_limit"),
+            tx=_rate_limit(iface.tx_rate_limit, f"{where}.tx_rate_limit"),
+            interface_id=iface.id,
         )
 
 
-def _mapping(value: Any, where: str) -> Mapping[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise InvalidArgument(where, "must be a message")
-    return value
-
-
-def _int(value: Any, where: str) -> int:
-    # MessageToDict renders int64 as a string.
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise InvalidArgument(where, "must be an integer") from None
-    return number
-
-
-def _rate_limit(value: Any, where: str) -> RateLimit | None:
-    data = _mapping(value, where)
-    if not data:
+def _rate_limit(limit: RateLimit | None, where: str) -> RateLimit | None:
+    """The limit to apply (None for none). Shapes (signs, burst without bandwidth) were
+    checked by core.validation; here only what tc can take."""
+    if limit is None or limit.bandwidth == 0:
         return None
-    for key in data:
-        if key not in ("bandwidth", "burst", "refill_time"):
-            raise InvalidArgument(f"{where}.{key}", "unknown field")
-    bandwidth = _int(data.get("bandwidth", 0), f"{where}.bandwidth")
-    burst = _int(data.get("burst", 0), f"{where}.burst")
-    refill = _int(data.get("refill_time", 0), f"{where}.refill_time")
-    if bandwidth < 0 or bandwidth > MAX_BANDWIDTH:
+    if limit.bandwidth > MAX_BANDWIDTH:
         raise InvalidArgument(f"{where}.bandwidth", f"must be 0-{MAX_BANDWIDTH} bytes/s")
-    if burst < 0 or burst > MAX_BURST:
+    if limit.burst > MAX_BURST:
         raise InvalidArgument(f"{where}.burst", f"must be 0-{MAX_BURST} bytes")
-    if refill < 0:
-        raise InvalidArgument(f"{where}.refill_time", "must not be negative")
-    if bandwidth == 0:
-        if burst:
-            raise InvalidArgument(f"{where}.bandwidth", "is required when burst is set")
-        return None
-    return RateLimit(bandwidth=bandwidth, burst=burst)
+    return limit
 
 
-def _dns(value: Any, version: int, where: str) -> tuple[str, ...] | None:
-    if not value:
-        return None
-    if isinstance(value, str) or not isinstance(value, Sequence):
-        raise InvalidArgument(where, "must be a list of addresses")
-    out = []
-    for i, item in enumerate(value):
-        try:
-            ip = ipaddress.ip_address(str(item))
-        except ValueError:
-            raise InvalidArgument(f"{where}[{i}]", "is not an IP address") from None
-        if ip.version != version:
-            raise InvalidArgument(f"{where}[{i}]", f"must be an IPv{version} address")
-        out.append(str(ip))
-    if len(out) > 4:
-        raise InvalidArgument(where, "at most 4 servers")
-    return tuple(out)
+def _dns(servers: tuple[str, ...]) -> tuple[str, ...] | None:
+    # Checked by core.validation (addresses of the family, at most 4); normalised here.
+    return tuple(str(ipaddress.ip_address(s)) for s in servers) or None
 
 
 def _static_address(text: str, kind: Any, subnet: Any, gateway: Any, where: str) -> Any:
@@ -338,66 +248,44 @@ def _static_address(text: str, kind: Any, subnet: Any, gateway: Any, where: str)
 
 
 def _parse_v4(
-    cfg: Mapping[str, Any], settings: NetworkSettings, where: str
+    cfg: IPv4Config, settings: NetworkSettings, where: str
 ) -> tuple[IPv4 | None, tuple[str, ...] | None]:
-    for key in cfg:
-        if key not in ("address", "netmask", "gateway", "dns_servers", "dhcp"):
-            raise InvalidArgument(f"{where}.{key}", "unknown field")
-    if cfg.get("dhcp"):
+    if cfg.dhcp:
         raise InvalidArgument(f"{where}.dhcp", "not supported: metald assigns the address")
     subnet = settings.subnet4
     gateway = settings.gateway4.ip
-    address = _static_address(
-        str(cfg.get("address", "") or ""), ipaddress.IPv4Interface, subnet, gateway, where
-    )
-    netmask = str(cfg.get("netmask", "") or "")
-    if netmask and netmask not in (str(subnet.netmask), str(subnet.prefixlen)):
+    address = _static_address(cfg.address, ipaddress.IPv4Interface, subnet, gateway, where)
+    if cfg.netmask and cfg.netmask not in (str(subnet.netmask), str(subnet.prefixlen)):
         raise InvalidArgument(f"{where}.netmask", f"must be {subnet.netmask} (the VM subnet's)")
-    gw = str(cfg.get("gateway", "") or "")
-    if gw and gw != str(gateway):
+    if cfg.gateway and cfg.gateway != str(gateway):
         raise InvalidArgument(f"{where}.gateway", f"must be {gateway} (the host bridge) or empty")
-    return address, _dns(cfg.get("dns_servers"), 4, f"{where}.dns_servers")
+    return address, _dns(cfg.dns_servers)
 
 
 def _parse_v6(
-    cfg: Mapping[str, Any], settings: NetworkSettings, where: str
+    cfg: IPv6Config, settings: NetworkSettings, where: str
 ) -> tuple[IPv6 | None, tuple[str, ...] | None]:
-    for key in cfg:
-        if key not in (
-            "address",
-            "prefix_length",
-            "gateway",
-            "dns_servers",
-            "slaac",
-            "privacy_extensions",
-            "link_local",
-        ):
-            raise InvalidArgument(f"{where}.{key}", "unknown field")
-    if cfg.get("slaac"):
+    if cfg.slaac:
         raise InvalidArgument(f"{where}.slaac", "not supported: metald assigns the address")
-    if cfg.get("privacy_extensions"):
+    if cfg.privacy_extensions:
         raise InvalidArgument(f"{where}.privacy_extensions", "not supported")
-    if cfg.get("link_local"):
+    if cfg.link_local:
         raise InvalidArgument(f"{where}.link_local", "not supported")
     subnet = settings.subnet6
     gateway = settings.gateway6.ip
-    address = _static_address(
-        str(cfg.get("address", "") or ""), ipaddress.IPv6Interface, subnet, gateway, where
-    )
-    prefix = _int(cfg.get("prefix_length", 0) or 0, f"{where}.prefix_length")
-    if prefix and prefix != subnet.prefixlen:
+    address = _static_address(cfg.address, ipaddress.IPv6Interface, subnet, gateway, where)
+    if cfg.prefix_length and cfg.prefix_length != subnet.prefixlen:
         raise InvalidArgument(f"{where}.prefix_length", f"must be {subnet.prefixlen}")
-    gw = str(cfg.get("gateway", "") or "")
-    if gw:
+    if cfg.gateway:
         try:
-            same = ipaddress.IPv6Address(gw) == gateway
+            same = ipaddress.IPv6Address(cfg.gateway) == gateway
         except ValueError:
             same = False
         if not same:
             raise InvalidArgument(
                 f"{where}.gateway", f"must be {gateway} (the host bridge) or empty"
             )
-    return address, _dns(cfg.get("dns_servers"), 6, f"{where}.dns_servers")
+    return address, _dns(cfg.dns_servers)
 
 
 def _check_static(
@@ -460,61 +348,15 @@ class VmNetwork:
             mac=self.mac,
         )
 
-    def network_info(self) -> dict[str, Any]:
-        """GetVmInfo's VmNetworkInfo fields (the IPv4 address first; IPv6 when IPv6-only)."""
-        primary = self.ipv4 or self.ipv6
-        gateway = self.gateway4 if self.ipv4 else self.gateway6
-        return {
-            "ip_address": str(primary.ip) if primary else "",
-            "mac_address": self.mac,
-            "tap_device": self.tap,
-            "network_namespace": self.netns,
-            "gateway": str(gateway) if gateway else "",
-            "dns_servers": list(self.dns_servers),
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-able form (for backend_info or a store column)."""
-        return {
-            "vm_id": self.vm_id,
-            "customer_id": self.customer_id,
-            "netns": self.netns,
-            "tap": self.tap,
-            "mac": self.mac,
-            "mode": self.mode.value,
-            "ipv4": str(self.ipv4) if self.ipv4 else "",
-            "ipv6": str(self.ipv6) if self.ipv6 else "",
-            "gateway4": str(self.gateway4) if self.gateway4 else "",
-            "gateway6": str(self.gateway6) if self.gateway6 else "",
-            "dns4": list(self.dns4),
-            "dns6": list(self.dns6),
-            "host_veth": self.host_veth,
-            "vm_veth": self.vm_veth,
-            "vm_bridge": self.vm_bridge,
-            "customer_bridge": self.customer_bridge,
-            "rx": [self.rx.bandwidth, self.rx.burst] if self.rx else None,
-            "tx": [self.tx.bandwidth, self.tx.burst] if self.tx else None,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> VmNetwork:
-        return cls(
-            vm_id=data["vm_id"],
-            customer_id=data["customer_id"],
-            netns=data["netns"],
-            tap=data["tap"],
-            mac=data["mac"],
-            mode=NetworkMode(data["mode"]),
-            ipv4=ipaddress.IPv4Interface(data["ipv4"]) if data.get("ipv4") else None,
-            ipv6=ipaddress.IPv6Interface(data["ipv6"]) if data.get("ipv6") else None,
-            gateway4=IPv4(data["gateway4"]) if data.get("gateway4") else None,
-            gateway6=IPv6(data["gateway6"]) if data.get("gateway6") else None,
-            dns4=tuple(data.get("dns4", ())),
-            dns6=tuple(data.get("dns6", ())),
-            host_veth=data.get("host_veth", ""),
-            vm_veth=data.get("vm_veth", ""),
-            vm_bridge=data.get("vm_bridge", ""),
-            customer_bridge=data.get("customer_bridge", ""),
-            rx=RateLimit(*data["rx"]) if data.get("rx") else None,
-            tx=RateLimit(*data["tx"]) if data.get("tx") else None,
+    def network_info(self) -> NetworkInfo:
+        """What GetVmInfo reports (without traffic counters)."""
+        return NetworkInfo(
+            mac=self.mac,
+            tap=self.tap,
+            netns=self.netns,
+            ipv4=self.ipv4.ip if self.ipv4 else None,
+            gateway4=self.gateway4 if self.ipv4 else None,
+            ipv6=self.ipv6.ip if self.ipv6 else None,
+            gateway6=self.gateway6 if self.ipv6 else None,
+            dns_servers=self.dns_servers,
         )

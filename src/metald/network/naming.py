@@ -16,6 +16,8 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+from metald.core.validation import normalise_mac as normalise_mac  # re-exported (one rule)
+
 IFNAMSIZ = 15
 HASH_CHARS = 12
 
@@ -121,17 +123,16 @@ def generated_mac(vm_id: str) -> str:
     return ":".join(f"{b:02x}" for b in raw)
 
 
-_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+def vm_alias(vm_id: str, mac: str) -> str:
+    """The alias of a VM's host-side veth end: its owner and its MAC (read back after a
+    restart)."""
+    return f"{VM_ALIAS}{vm_id} mac={mac}"
 
 
-def normalise_mac(mac: str) -> str:
-    """Lower-case colon form of a unicast, non-zero MAC; ValueError otherwise."""
-    value = mac.strip().lower().replace("-", ":")
-    if not _MAC.fullmatch(value):
-        raise ValueError("must be a MAC address like 02:00:00:00:00:01")
-    first = int(value[:2], 16)
-    if first & 0x01:
-        raise ValueError("must be a unicast MAC (the lowest bit of the first octet clear)")
-    if value == "00:00:00:00:00:00":
-        raise ValueError("must not be all zeros")
-    return value
+def parse_vm_alias(alias: str) -> tuple[str, str] | None:
+    """(vm_id, mac) from a vm_alias(), None for any other alias."""
+    if not alias.startswith(VM_ALIAS):
+        return None
+    rest = alias[len(VM_ALIAS) :]
+    vm_id, _, mac = rest.partition(" mac=")
+    return vm_id, mac

@@ -3,11 +3,11 @@ switched off."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import replace
 
 from metald.core.errors import NotFound, Unimplemented
-from metald.core.models import NicSpec
+from metald.core.models import NetworkInfo, NetworkInterface, NicSpec
 from metald.network.manager import NetworkManager
 from metald.network.models import NetworkRequest, VmNetwork
 
@@ -24,11 +24,11 @@ class NetlinkNetwork:
     async def stop(self) -> None:
         await self._manager.stop()
 
-    def check(self, interfaces: Sequence[Mapping[str, Any]]) -> None:
+    def check(self, interfaces: Sequence[NetworkInterface]) -> None:
         NetworkRequest.from_config(interfaces, self._manager.settings)
 
     async def setup(
-        self, vm_id: str, customer_id: str, interfaces: Sequence[Mapping[str, Any]]
+        self, vm_id: str, customer_id: str, interfaces: Sequence[NetworkInterface]
     ) -> NicSpec | None:
         request = NetworkRequest.from_config(interfaces, self._manager.settings)
         if request is None:
@@ -36,34 +36,51 @@ class NetlinkNetwork:
         net = await self._manager.setup_vm(vm_id, customer_id, request)
         self._known[vm_id] = net
         return NicSpec(
-            netns=net.netns, tap=net.tap, mac=net.mac, guest_args=net.guest_args().render()
+            netns=net.netns,
+            tap=net.tap,
+            mac=net.mac,
+            guest_args=net.guest_args().render(),
+            rx_rate_limit=net.rx,
+            tx_rate_limit=net.tx,
         )
 
     async def attach(self, vm_id: str) -> None:
         await self._manager.attach_tap(vm_id)
+
+    async def adopt(
+        self,
+        vm_id: str,
+        customer_id: str,
+        interfaces: Sequence[NetworkInterface],
+        vmm_pid: int | None,
+    ) -> None:
+        request = NetworkRequest.from_config(interfaces, self._manager.settings)
+        if request is None:
+            return
+        net = await self._manager.adopt_vm(vm_id, customer_id, request, vmm_pid)
+        self._known[vm_id] = net
 
     async def teardown(self, vm_id: str) -> None:
         self._known.pop(vm_id, None)
         await self._manager.teardown_vm(vm_id)
 
     async def describe(
-        self, vm_id: str, customer_id: str, interfaces: Sequence[Mapping[str, Any]]
-    ) -> dict[str, Any]:
+        self, vm_id: str, customer_id: str, interfaces: Sequence[NetworkInterface]
+    ) -> NetworkInfo | None:
         net = self._known.get(vm_id)
         if net is None:
             request = NetworkRequest.from_config(interfaces, self._manager.settings)
             if request is None:
-                return {}
+                return None
             net = await self._manager.describe_vm(vm_id, customer_id, request)
             if net is None:
-                return {}
+                return None
             self._known[vm_id] = net
-        info = net.network_info()
         try:
-            info["stats"] = await self._manager.stats(vm_id)
+            counters = await self._manager.stats(vm_id)
         except NotFound:
-            info["stats"] = {}
-        return info
+            counters = None
+        return replace(net.network_info(), counters=counters)
 
     async def remove_orphans(self, known_vm_ids: set[str]) -> list[str]:
         return await self._manager.remove_orphans(known_vm_ids)
@@ -78,7 +95,7 @@ class NoNetwork:
     async def stop(self) -> None:
         return None
 
-    def check(self, interfaces: Sequence[Mapping[str, Any]]) -> None:
+    def check(self, interfaces: Sequence[NetworkInterface]) -> None:
         if interfaces:
             raise Unimplemented(
                 "config.network: networking is switched off on this host "
@@ -86,7 +103,7 @@ class NoNetwork:
             )
 
     async def setup(
-        self, vm_id: str, customer_id: str, interfaces: Sequence[Mapping[str, Any]]
+        self, vm_id: str, customer_id: str, interfaces: Sequence[NetworkInterface]
     ) -> NicSpec | None:
         self.check(interfaces)
         return None
@@ -94,13 +111,22 @@ class NoNetwork:
     async def attach(self, vm_id: str) -> None:
         return None
 
+    async def adopt(
+        self,
+        vm_id: str,
+        customer_id: str,
+        interfaces: Sequence[NetworkInterface],
+        vmm_pid: int | None,
+    ) -> None:
+        return None
+
     async def teardown(self, vm_id: str) -> None:
         return None
 
     async def describe(
-        self, vm_id: str, customer_id: str, interfaces: Sequence[Mapping[str, Any]]
-    ) -> dict[str, Any]:
-        return {}
+        self, vm_id: str, customer_id: str, interfaces: Sequence[NetworkInterface]
+    ) -> NetworkInfo | None:
+        return None
 
     async def remove_orphans(self, known_vm_ids: set[str]) -> list[str]:
         return []

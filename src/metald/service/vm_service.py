@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from metald.core import paging
 from metald.core.errors import (
@@ -22,6 +21,7 @@ from metald.core.errors import (
 from metald.core.ids import new_vm_id
 from metald.core.models import (
     LaunchSpec,
+    NetworkInfo,
     Page,
     ProcessIdentity,
     ResolvedDisk,
@@ -86,6 +86,7 @@ class VmService:
         for vm in records:
             async with self._locks.hold(vm.id):
                 await self._reconcile(vm)
+                await self._adopt_network(vm)
         known = {vm.id for vm in records}
         removed: list[str] = []
         for backend in self._backends.values():
@@ -113,6 +114,18 @@ class VmService:
             log.info("vm %s: %s", vm.id, reason)
         elif live != vm.state:
             await self._save(vm, state=live)
+
+    async def _adopt_network(self, vm: VmRecord) -> None:
+        """Make the VM's network whole again after the restart (after _reconcile, so the
+        VMM, if any, is adopted). A failure is logged, never stops start-up: the VM stays
+        deletable, and its next boot finds what could be rebuilt."""
+        if not vm.config.network or vm.backend not in self._backends:
+            return  # a VM of a backend we do not run is left as it is, network included
+        pid = vm.process.pid if vm.process is not None and vm.state in LIVE_STATES else None
+        try:
+            await self._network.adopt(vm.id, vm.customer_id, vm.config.network, pid)
+        except Exception:
+            log.exception("vm %s: its network could not be restored after the restart", vm.id)
 
     async def _on_vmm_exit(self, vm_id: str, reason: str) -> None:
         async with self._locks.hold(vm_id):
@@ -229,7 +242,7 @@ class VmService:
 
     async def get_vm(
         self, caller: str, vm_id: str
-    ) -> tuple[VmRecord, VmUsage, dict[str, str], dict[str, Any]]:
+    ) -> tuple[VmRecord, VmUsage, dict[str, str], NetworkInfo | None]:
         vm = await self._owned(caller, vm_id)
         network = await self._network.describe(vm_id, vm.customer_id, vm.config.network)
         usage = VmUsage()

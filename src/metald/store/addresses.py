@@ -12,12 +12,13 @@ for unit tests.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import Column, Float, Index, Integer, String, Table, delete, select
 from sqlalchemy.exc import IntegrityError
 
+from metald.core.models import Allocation as Allocation  # the port's types live in core;
+from metald.core.ports import AddressBook as AddressBook  # re-exported for this module's users
 from metald.store.database import Database
 from metald.store.schema import metadata
 
@@ -31,32 +32,6 @@ ip_allocations = Table(
     Index("ix_ip_allocations_vm", "vm_id"),
     Index("ix_ip_allocations_family", "family"),
 )
-
-
-@dataclass(frozen=True)
-class Allocation:
-    vm_id: str
-    family: int
-    address: str
-    allocated_at: float
-
-
-class AddressBook(Protocol):
-    async def claim(self, vm_id: str, family: int, address: str) -> bool:
-        """Record that vm_id holds address; False (nothing recorded) if someone holds it."""
-
-    async def used(self, family: int) -> set[str]:
-        """Every address of the family that is held."""
-
-    async def for_vm(self, vm_id: str) -> list[Allocation]: ...
-
-    async def release(self, vm_id: str) -> int:
-        """Drop every address vm_id holds; how many went. Idempotent."""
-
-    async def release_address(self, vm_id: str, address: str) -> None: ...
-
-    async def all(self) -> list[Allocation]:
-        """Every allocation, ordered by address (for reconciliation and tests)."""
 
 
 class MemoryAddressBook:

@@ -269,6 +269,9 @@ class FirecrackerControl:
     async def ask_guest_to_stop(self) -> None:
         await self.api.send_ctrl_alt_del()
 
+    async def stop_abandoned(self) -> None:
+        return None  # asking changed nothing: a guest reset always ends Firecracker
+
     async def runstate(self) -> VmState | None:
         info = await self.api.get_instance_info()
         state = _STATES.get(str(info["state"]))

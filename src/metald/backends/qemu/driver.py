@@ -127,7 +127,8 @@ class QemuDriver:
     ) -> ExitReport:
         if event is not None:
             reason = _SHUTDOWN_REASONS.get(event, f"vmm shut down ({event})")
-            return ExitReport(reason, by_guest=event == "guest-shutdown")
+            # A guest reset ends QEMU only while a stop is asked for (QmpControl): the answer.
+            return ExitReport(reason, by_guest=event in ("guest-shutdown", "guest-reset"))
         if status is None:
             return ExitReport("vmm exited unexpectedly")
         if status.signal is not None:

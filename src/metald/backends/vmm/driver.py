@@ -130,7 +130,13 @@ class VmmControl(Protocol):
 
     async def ask_guest_to_stop(self) -> None:
         """One request to the guest to run its shutdown path (Ctrl-Alt-Del). The runtime
-        repeats it and waits for the process to exit."""
+        repeats it and waits for the process to exit. From the first request on, a guest
+        reset counts as the guest's answer: a VMM that resets in place is told to end on it
+        instead (a guest still in its kernel restarts on the keys)."""
+
+    async def stop_abandoned(self) -> None:
+        """The runtime stopped asking with the VMM still up (the request was cancelled):
+        undo what asking changed."""
 
     async def runstate(self) -> VmState | None:
         """CREATED (vCPUs not started), RUNNING or PAUSED; None for a VMM that cannot carry

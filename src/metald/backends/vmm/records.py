@@ -24,7 +24,7 @@ class ProcessRecord:
 
     pid: int
     start_time: int
-    accelerator: str
+    accelerator: str = ""  # "" in a record that names only the process
     booted_at: float | None = None  # when its vCPUs were last started (wall clock)
 
     @property
@@ -62,7 +62,9 @@ def save_process(layout: VmLayout, record: ProcessRecord) -> None:
 
 
 def load_process(layout: VmLayout) -> ProcessRecord | None:
-    """The recorded VMM process; None when there is none or the file is unusable."""
+    """The recorded VMM process; None when there is none or the file is unusable. A record
+    needs only pid and start time: whatever process it names is checked before anything is
+    done to it (or to the directory it is in)."""
     try:
         return _PROCESS.validate_json(layout.process_file.read_bytes())
     except (OSError, ValidationError):

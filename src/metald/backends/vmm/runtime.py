@@ -664,6 +664,9 @@ class VmmRuntime:
             # Interrupted (cancelled) with the VMM still up: its exit is news again.
             if not vm.watch.exited:
                 vm.expecting_exit = False
+                if vm.control is not None:
+                    with contextlib.suppress(BackendError):
+                        await vm.control.stop_abandoned()
         return how
 
     async def _ask_guest_to_stop(self, vm: _Vmm, timeout: float) -> bool:

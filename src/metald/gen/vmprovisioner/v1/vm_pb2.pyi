@@ -369,20 +369,36 @@ class GetVmInfoResponse(_message.Message):
     def __init__(self, vm_id: _Optional[str] = ..., config: _Optional[_Union[VmConfig, _Mapping]] = ..., state: _Optional[_Union[VmState, str]] = ..., metrics: _Optional[_Union[VmMetrics, _Mapping]] = ..., backend_info: _Optional[_Mapping[str, str]] = ..., network_info: _Optional[_Union[VmNetworkInfo, _Mapping]] = ...) -> None: ...
 
 class VmNetworkInfo(_message.Message):
-    __slots__ = ("ip_address", "mac_address", "tap_device", "network_namespace", "gateway", "dns_servers")
+    __slots__ = ("ip_address", "mac_address", "tap_device", "network_namespace", "gateway", "dns_servers", "port_mappings", "ipv6_address", "ipv6_gateway")
     IP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MAC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TAP_DEVICE_FIELD_NUMBER: _ClassVar[int]
     NETWORK_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_FIELD_NUMBER: _ClassVar[int]
     DNS_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    PORT_MAPPINGS_FIELD_NUMBER: _ClassVar[int]
+    IPV6_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    IPV6_GATEWAY_FIELD_NUMBER: _ClassVar[int]
     ip_address: str
     mac_address: str
     tap_device: str
     network_namespace: str
     gateway: str
     dns_servers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, ip_address: _Optional[str] = ..., mac_address: _Optional[str] = ..., tap_device: _Optional[str] = ..., network_namespace: _Optional[str] = ..., gateway: _Optional[str] = ..., dns_servers: _Optional[_Iterable[str]] = ...) -> None: ...
+    port_mappings: _containers.RepeatedCompositeFieldContainer[PortMapping]
+    ipv6_address: str
+    ipv6_gateway: str
+    def __init__(self, ip_address: _Optional[str] = ..., mac_address: _Optional[str] = ..., tap_device: _Optional[str] = ..., network_namespace: _Optional[str] = ..., gateway: _Optional[str] = ..., dns_servers: _Optional[_Iterable[str]] = ..., port_mappings: _Optional[_Iterable[_Union[PortMapping, _Mapping]]] = ..., ipv6_address: _Optional[str] = ..., ipv6_gateway: _Optional[str] = ...) -> None: ...
+
+class PortMapping(_message.Message):
+    __slots__ = ("container_port", "host_port", "protocol")
+    CONTAINER_PORT_FIELD_NUMBER: _ClassVar[int]
+    HOST_PORT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    container_port: int
+    host_port: int
+    protocol: str
+    def __init__(self, container_port: _Optional[int] = ..., host_port: _Optional[int] = ..., protocol: _Optional[str] = ...) -> None: ...
 
 class VmMetrics(_message.Message):
     __slots__ = ("cpu_usage_percent", "memory_usage_bytes", "network_stats", "storage_stats", "uptime_seconds")
