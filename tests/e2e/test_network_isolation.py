@@ -530,6 +530,9 @@ def _ns_curl(ns: str, port: int, method: str, body: dict[str, Any], token: str) 
 def test_the_daemon_runs_inside_a_namespace_the_test_made(e2e_root: Path) -> None:
     tag = secrets.token_hex(3)
     ns, seg, prefix = f"mtn{tag}", f"mtm{tag}", f"mtw{tag}-"
+    # Its own cgroup parent, like every Daemon's: the default ("metald") is shared with any
+    # other daemon on this machine (another test session's, the lead's own).
+    cgroup_parent = f"metald-test-{tag}"
     workdir = Path(tempfile.mkdtemp(prefix="n", dir=e2e_root))
     jail_dir = Path(tempfile.mkdtemp(prefix="mj", dir="/tmp"))
     machine_links = _link_names(None)
@@ -553,6 +556,7 @@ def test_the_daemon_runs_inside_a_namespace_the_test_made(e2e_root: Path) -> Non
             "UNKEY_METALD_NETWORK_SEGMENTS_NETNS": seg,
             "UNKEY_METALD_NETWORK_NETNS_PREFIX": prefix,
             "UNKEY_METALD_JAILER_CHROOT_DIR": str(jail_dir),
+            "UNKEY_METALD_JAILER_CGROUP_PARENT": cgroup_parent,
         }
         with log.open("wb") as out:
             proc = subprocess.Popen(
@@ -614,7 +618,16 @@ def test_the_daemon_runs_inside_a_namespace_the_test_made(e2e_root: Path) -> Non
             print(f"\n----- metald in {ns} -----\n" + "\n".join(log.read_text().splitlines()[-80:]))
         shutil.rmtree(jail_dir, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
+        cgroups_left = []
+        for hierarchy in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+            parent = Path(hierarchy) / cgroup_parent
+            if parent.is_dir():
+                try:
+                    parent.rmdir()  # goes once it has no VM cgroups left
+                except OSError as exc:
+                    cgroups_left.append(f"{parent}: {exc.strerror}")
     assert _link_names(None) == machine_links
+    assert not cgroups_left, f"cgroup left behind: {cgroups_left}"
 
 
 # -- 6. two daemons on one machine -----------------------------------------------------------

@@ -460,23 +460,27 @@ async def test_paused_and_forced_shutdowns(
 async def test_graceful_shutdown_of_a_guest_still_booting(
     profile: Profile, backend: VmmRuntime, boot_files: tuple[Path, Path | None]
 ) -> None:
-    """Right after a boot or reboot the guest cannot take Ctrl-Alt-Del yet (no keyboard driver,
-    no trap in its init): the shutdown must still end gracefully, well within its timeout,
-    instead of waiting the whole timeout and killing the guest.
-
-    QEMU only: where a guest reset ends the VMM (Firecracker), an early press that resets
-    the guest, a guest panic and a clean stop all end the process with status 0, so
-    "graceful" cannot be checked from the outside; the stand-in showed all three."""
-    qemu_only(profile)
+    """Right after a boot or reboot the guest cannot take Ctrl-Alt-Del yet: first it has no
+    keyboard driver (the keys are lost), then its kernel has one but its init has not taken
+    the keys over yet (Linux restarts the machine on them: kernel.ctrl-alt-del=1), then its
+    init traps them. The shutdown must still end gracefully, well within its timeout, instead
+    of waiting the whole timeout and killing the guest. Under TCG on a loaded machine the
+    middle phase lasts longer than the interval at which the keys are sent again (seen: 6 s
+    of guest time), so a guest that restarts on them has to count as stopped, or every
+    repeat restarts its boot and the shutdown ends forced after the whole timeout."""
     await backend.create(spec_for(boot_files, "vm-early"))
     await backend.boot("vm-early")
     await wait_for(backend, "vm-early", READY)
     await backend.reboot("vm-early")
     started = time.monotonic()
-    assert await backend.shutdown("vm-early", timeout=60, force=False) == "graceful"
+    how = await backend.shutdown("vm-early", timeout=60, force=False)
+    text = console(backend, "vm-early")
+    assert how == "graceful", f"{how} after {time.monotonic() - started:.0f} s:\n{text[-3000:]}"
     assert time.monotonic() - started < 45
-    # The second boot may be stopped before or after its READY line: both are graceful.
-    assert SHUTDOWN.search(console(backend, "vm-early"))
+    # The second boot may be stopped by its init (before or after its READY line) or, still
+    # in the kernel, by the kernel's own restart: both are the guest's answer to the keys.
+    assert SHUTDOWN.search(text) or "reboot: Restarting system" in text, text[-3000:]
+    assert backend.info("vm-early")["exit_reason"] in (profile.poweroff_reason, "guest reset")
 
 
 @BOTH
