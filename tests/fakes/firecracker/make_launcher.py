@@ -14,7 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from metald.jailer.host import dynamic_binary_paths, qemu_host_paths
+from metald.backends.qemu.host_paths import qemu_host_paths
+from metald.jailer.host import dynamic_binary_paths
 
 HERE = Path(__file__).resolve().parent
 STANDIN = HERE / "firecracker-api-standin"
