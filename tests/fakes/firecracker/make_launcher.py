@@ -62,7 +62,9 @@ def standin_host_paths(python: Path, spec: Path = SPEC) -> list[str]:
         [str(python), "-I", "-c", probe], capture_output=True, text=True, check=True
     ).stdout.splitlines()
     executable, _base, stdlib, purelib, platlib, *extensions = out
-    paths = [str(Path(python).parent), os.path.realpath(executable)]
+    # Every hop from the venv's `python` to the real binary: a bind-mounted venv bin dir
+    # holds only the first link, and pyenv's bin/python3 is a link too.
+    paths = [str(Path(python).parent), *_link_chain(str(python)), os.path.realpath(executable)]
     cfg = Path(python).parent.parent / "pyvenv.cfg"
     if cfg.exists():
         paths.append(str(cfg))
@@ -71,3 +73,12 @@ def standin_host_paths(python: Path, spec: Path = SPEC) -> list[str]:
         paths += dynamic_binary_paths(ext)[1:]  # the module itself is under site-packages
     paths += [*qemu_host_paths(), str(HERE), str(spec)]
     return list(dict.fromkeys(paths))
+
+
+def _link_chain(path: str) -> list[str]:
+    """`path` and, while it is a symlink, each path it leads to (absolute, not resolved)."""
+    chain = [path]
+    while os.path.islink(chain[-1]) and len(chain) < 40:
+        link = os.readlink(chain[-1])
+        chain.append(os.path.normpath(os.path.join(os.path.dirname(chain[-1]), link)))
+    return chain
