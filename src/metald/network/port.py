@@ -8,8 +8,9 @@ from typing import Any
 
 from metald.core.errors import NotFound, Unimplemented
 from metald.core.models import NicSpec
+from metald.core.models import RateLimit as CoreRateLimit
 from metald.network.manager import NetworkManager
-from metald.network.models import NetworkRequest, VmNetwork
+from metald.network.models import NetworkRequest, RateLimit, VmNetwork
 
 
 class NetlinkNetwork:
@@ -36,7 +37,12 @@ class NetlinkNetwork:
         net = await self._manager.setup_vm(vm_id, customer_id, request)
         self._known[vm_id] = net
         return NicSpec(
-            netns=net.netns, tap=net.tap, mac=net.mac, guest_args=net.guest_args().render()
+            netns=net.netns,
+            tap=net.tap,
+            mac=net.mac,
+            guest_args=net.guest_args().render(),
+            rx_rate_limit=_core_limit(net.rx),
+            tx_rate_limit=_core_limit(net.tx),
         )
 
     async def attach(self, vm_id: str) -> None:
@@ -104,3 +110,8 @@ class NoNetwork:
 
     async def remove_orphans(self, known_vm_ids: set[str]) -> list[str]:
         return []
+
+
+def _core_limit(limit: RateLimit | None) -> CoreRateLimit | None:
+    """The VM's limit for a VMM that applies its own (Firecracker's token buckets)."""
+    return None if limit is None else CoreRateLimit(bandwidth=limit.bandwidth, burst=limit.burst)
