@@ -346,14 +346,14 @@ def test_restart_adopts_running_and_paused(
         assert_nothing_left(daemon, vm_id, [pid])
 
 
+# -- 4. a networked VM with rate limits -----------------------------------------------------------
+
+
 def _bucket(iface: dict[str, Any], direction: str) -> dict[str, Any]:
     """The bandwidth bucket of an interface's rx or tx limiter, unset fields left out (a real
     Firecracker reports them as null)."""
     limiter = iface.get(f"{direction}_rate_limiter") or {}
     return {k: v for k, v in (limiter.get("bandwidth") or {}).items() if v is not None}
-
-
-# -- 4. a networked VM with rate limits -----------------------------------------------------------
 
 
 def test_networked_vm_with_rate_limits(fc_daemon: Daemon, callers: Callable[..., Caller]) -> None:
