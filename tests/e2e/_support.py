@@ -362,9 +362,10 @@ class Daemon:
         """Remove this daemon's namespaces and jail base; a VM namespace or jail still there
         is a leak."""
         problems = []
-        jails = self.jail_dir / "qemu"
-        if jails.is_dir() and any(jails.iterdir()):
-            problems.append(f"jails left behind: {sorted(os.listdir(jails))}")
+        for backend in ("qemu", "firecracker"):
+            jails = self.jail_dir / backend
+            if jails.is_dir() and any(jails.iterdir()):
+                problems.append(f"{backend} jails left behind: {sorted(os.listdir(jails))}")
         shutil.rmtree(self.jail_dir, ignore_errors=True)
         for hierarchy in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
             parent = Path(hierarchy) / self.cgroup_parent
