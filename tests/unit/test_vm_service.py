@@ -31,7 +31,14 @@ from metald.core.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from metald.core.models import DiskConfig, ProcessIdentity, VmConfig, VmRecord
+from metald.core.models import (
+    DiskConfig,
+    NetworkInterface,
+    NetworkMode,
+    ProcessIdentity,
+    VmConfig,
+    VmRecord,
+)
 from metald.core.states import DELETE_NEEDS_FORCE, LIVE_STATES, TRANSITIONS, Operation, VmState
 from metald.core.validation import Limits, check_vm_id
 from metald.service.vm_service import VmService
@@ -40,7 +47,7 @@ S = VmState
 ALICE, BOB = "alice", "bob"
 LIMITS = Limits(max_vcpus=8, max_memory_bytes=8 * 1024**3)
 PLAIN = VmConfig()
-NETWORKED = VmConfig(network=({"id": "eth0", "mode": "NETWORK_MODE_DUAL_STACK"},))
+NETWORKED = VmConfig(network=(NetworkInterface(id="eth0", mode=NetworkMode.DUAL_STACK),))
 GONE_AT_START = "vmm process was gone when metald started"
 
 
@@ -241,7 +248,8 @@ async def test_get_vm_reports_usage_backend_info_and_network(w: World) -> None:
     assert vm.state is S.RUNNING
     assert usage.memory_bytes == 64 * 1024 * 1024
     assert info["pid"] == str(w.backend.vmms["vm-1"].identity.pid)
-    assert network["ip_address"] == w.network.networks["vm-1"].address
+    assert network is not None
+    assert str(network.ipv4) == w.network.networks["vm-1"].address
     await w.service.shutdown_vm(ALICE, "vm-1")
     _, usage, info, _ = await w.service.get_vm(ALICE, "vm-1")
     assert usage.memory_bytes == 0  # no VMM, no usage
@@ -356,7 +364,7 @@ async def test_a_bad_id_is_invalid_argument_everywhere(w: World, bad: str) -> No
             VmConfig(storage=(DiskConfig(id="root", path="images/other.ext4"),)),
             "config.storage[0].path",
         ),
-        (VmConfig(network=({}, {})), "config.network"),
+        (VmConfig(network=(NetworkInterface(), NetworkInterface())), "config.network"),
     ],
 )
 async def test_a_bad_config_names_the_field_and_creates_nothing(
