@@ -3,6 +3,7 @@ end no QEMU process may mention it and no per-VM directory may remain in it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -75,3 +76,29 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     problems += [f"per-VM directory left behind: {d}" for d in vm_dirs]
     if problems:
         pytest.fail("leaks found after the test session:\n" + "\n".join(problems))
+
+
+def _reap_orphaned_qemu_zombies() -> None:
+    """The e2e suite makes this process a child subreaper, so a QEMU whose parent died (the
+    Firecracker stand-in's guest, ended by PR_SET_PDEATHSIG when the stand-in is killed) is
+    re-parented here and stays a zombie, which later tests' leftover checks then see. Reap
+    exactly those: our children, exited, named qemu-system*."""
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        rest = text[text.rindex(")") + 2 :].split()
+        if rest[0] == "Z" and int(rest[1]) == me and name.startswith("qemu-system"):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(int(entry.name), os.WNOHANG)
+
+
+@pytest.fixture(autouse=True)
+def reap_orphaned_qemu() -> Iterator[None]:
+    yield
+    _reap_orphaned_qemu_zombies()
