@@ -29,6 +29,7 @@ from metald.assets.store import LocalAssetStore
 from metald.backends.qemu.host_paths import qemu_host_paths
 from metald.core.errors import BackendError
 from metald.host.cpu import host_tsc_khz
+from metald.host.mounts import mounts_under
 from metald.host.process import ProcessWatch
 from metald.jailer import (
     STEPS,
@@ -45,7 +46,7 @@ from metald.jailer import (
     remove_jail,
     vmm_devices,
 )
-from metald.jailer.cgroups import cgroup_dir, cgroup_mount, mounts_under
+from metald.jailer.cgroups import cgroup_dir, cgroup_mount
 from metald.jailer.helper import EXIT_CODES, TEST_HOOKS_ENV
 from metald.jailer.host import dynamic_binary_paths
 

@@ -30,8 +30,9 @@ from typing import Any, TypeVar
 
 from metald.core.models import ProcessIdentity
 from metald.host import netns as host_netns
+from metald.host.mounts import mounts_under
 from metald.host.process import ExitStatus, identity_of, inheritable_fds, reap_pidfd
-from metald.jailer.cgroups import cgroup_dir, mounts_under, relative_cgroup
+from metald.jailer.cgroups import cgroup_dir, relative_cgroup
 from metald.jailer.errors import JailerError
 from metald.jailer.spec import STEPS, JailSpec, SpecError
 
@@ -466,7 +467,7 @@ def _remove_jail_dir(path: Path) -> None:
 
 def _in_netns(netns_path: str, work: Callable[[], _T], missing: _T) -> _T:
     """Run `work` in the namespace (host.netns.run_in); `missing` if the namespace does not
-    exist (it is gone, and its devices with it)."""
-    if not os.path.exists(netns_path):
+    exist or its name is stale (it is gone, and its devices with it)."""
+    if not host_netns.is_namespace(netns_path):
         return missing
     return host_netns.run_in(netns_path, work)

@@ -74,17 +74,17 @@ cancellation) at any step undoes it all and releases the new addresses. Teardown
 idempotent, and ``remove_orphans`` removes what no known VM owns (after a crash).
 
 Restart: names under /run/netns are mounted where they outlive metald even when it runs in
-a mount namespace of its own (metald.network.netns); a name lost anyway is stale, never
+a mount namespace of its own (metald.host.named_netns); a name lost anyway is stale, never
 taken for a namespace, and at start-up each known VM's network is adopted
 (``NetworkManager.adopt_vm``): its namespace taken back from its live VMM, or made anew,
 and whatever is missing rebuilt with the same addresses and MAC.
 
 Modules: manager.py (the thin NetworkManager), hostside.py, segments.py, vms.py,
 reconcile.py (one concern each), models.py (requests, settings, VmNetwork), naming.py,
-addressing.py, links.py (netlink), netns.py (namespaces), port.py (the service's port).
+addressing.py, links.py (netlink), port.py (the service's port).
 
 Every netlink request runs in a worker thread; a thread enters a namespace with setns(2) for
-the moment it opens a socket (metald.network.netns), and never forks.
+the moment it opens a socket (metald.host.named_netns), and never forks.
 """
 
 from metald.network.manager import NetworkError, NetworkManager

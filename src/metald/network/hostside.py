@@ -9,7 +9,9 @@ request (tests, uninstall).
 from __future__ import annotations
 
 from metald.core.errors import Unavailable
-from metald.network import links, netns
+from metald.host import named_netns as netns
+from metald.host.netns import ensure_home
+from metald.network import links
 from metald.network.context import NetContext, log
 from metald.network.links import FR_ACT_PROHIBIT, FR_ACT_TO_TBL, RT_TABLE_MAIN, Rule, rtnl
 from metald.network.models import NetworkSettings
@@ -46,7 +48,7 @@ class HostSide:
         """Create (idempotently) the host bridge with the gateway addresses, the routing
         rules and the segments namespace."""
         ctx = self._ctx
-        netns.ensure_home()
+        ensure_home()
         if ctx.host_netns is not None and not netns.exists(ctx.host_netns):
             raise Unavailable(f"network: host namespace {ctx.host_netns} does not exist")
         s = ctx.settings
@@ -83,7 +85,7 @@ class HostSide:
         """Remove the host bridge, the rules and the segments namespace. VMs must have been
         torn down first."""
         ctx = self._ctx
-        netns.ensure_home()
+        ensure_home()
         with rtnl(ctx.host_netns) as ipr:
             for rule in self.rules:
                 links.delete_rule(ipr, rule)

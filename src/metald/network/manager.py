@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from metald.core.models import RateLimit, TrafficCounters
 from metald.core.ports import AddressBook
 from metald.core.validation import VM_ID
-from metald.network import netns
+from metald.host import named_netns as netns
 from metald.network.blocking import blocking
 from metald.network.context import NetContext, NetworkError, StepHook
 from metald.network.hostside import HostSide

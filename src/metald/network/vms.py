@@ -25,7 +25,9 @@ from metald.core.errors import (
 from metald.core.models import RateLimit, TrafficCounters
 from metald.core.ports import AddressBook
 from metald.core.validation import check_customer_id, check_vm_id
-from metald.network import links, netns
+from metald.host import named_netns as netns
+from metald.host.netns import ensure_home
+from metald.network import links
 from metald.network.addressing import allocate
 from metald.network.blocking import blocking, uncancellable
 from metald.network.context import NetContext, NetworkError, log, on_undo
@@ -134,7 +136,7 @@ class VmNetworks:
         customer: CustomerNames,
         built: list[contextlib.ExitStack],
     ) -> None:
-        netns.ensure_home()
+        ensure_home()
         undo = contextlib.ExitStack()
         built.append(undo)
         try:
@@ -271,7 +273,7 @@ class VmNetworks:
     def _apply_limits_sync(
         self, names: VmNames, rx: RateLimit | None, tx: RateLimit | None
     ) -> None:
-        netns.ensure_home()
+        ensure_home()
         if not netns.exists(names.netns):
             raise NotFound(f"network of VM {names.vm_id} not found")
         with rtnl(self._ctx.segments_netns) as seg, rtnl(names.netns) as vmr:
@@ -283,7 +285,7 @@ class VmNetworks:
         return names.tap
 
     def _create_tap_sync(self, names: VmNames, uid: int, gid: int) -> None:
-        netns.ensure_home()
+        ensure_home()
         if not netns.exists(names.netns):
             raise NotFound(f"network of VM {names.vm_id} not found")
         with netns.entered(names.netns):
@@ -331,7 +333,7 @@ class VmNetworks:
 
     def _teardown_sync(self, names: VmNames, addresses: list[str]) -> None:
         ctx = self._ctx
-        netns.ensure_home()
+        ensure_home()
         macs: set[str] = set()
         with rtnl(ctx.host_netns) as host, rtnl(ctx.segments_netns) as seg, ctx.lock:
             segment = ""
@@ -415,7 +417,7 @@ class VmNetworks:
 
     def owner_sync(self, names: VmNames) -> tuple[str, str] | None:
         """(vm_id, mac) from the host end's alias if the VM's network is there."""
-        netns.ensure_home()
+        ensure_home()
         if not netns.exists(names.netns):
             return None
         with rtnl(self._ctx.segments_netns) as seg:
@@ -429,7 +431,7 @@ class VmNetworks:
         return await blocking(self._stats_sync, self.names(vm_id))
 
     def _stats_sync(self, names: VmNames) -> TrafficCounters:
-        netns.ensure_home()
+        ensure_home()
         with rtnl(self._ctx.segments_netns) as seg:
             if links.get_link(seg, names.host_veth) is None:
                 raise NotFound(f"network of VM {names.vm_id} not found")
