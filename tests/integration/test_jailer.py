@@ -630,9 +630,26 @@ async def test_a_missing_netns(jail_ids: tuple[int, int], jail_base: Path) -> No
     with pytest.raises(JailerError) as caught:
         await launch_jailed(spec, stderr_path=jail_base / "err")
     assert caught.value.step == "netns"
-    assert "No such file" in caught.value.reason
+    assert "does not exist" in caught.value.reason
     assert not exists(f"/run/netns/no-such-ns-{os.getpid()}")  # not created either
     assert_no_leftovers(spec)
+
+
+async def test_a_stale_netns_name_is_refused_as_lost(
+    jail_ids: tuple[int, int], jail_base: Path
+) -> None:
+    stale = Path(f"/run/netns/stale-ns-{os.getpid()}")  # a name whose mount was lost
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(stale, os.O_CREAT | os.O_WRONLY, 0o600))
+    try:
+        spec = busybox_spec(jail_base, jail_ids, script="true", netns=stale.name, tap="tap-x")
+        with pytest.raises(JailerError) as caught:
+            await launch_jailed(spec, stderr_path=jail_base / "err")
+        assert caught.value.step == "netns"
+        assert "stale" in caught.value.reason
+        assert not spec.jail_dir.exists()  # nothing made (a stale name has no links to check)
+    finally:
+        os.unlink(stale)
 
 
 async def test_a_tap_name_in_use_is_refused_and_kept(

@@ -69,7 +69,7 @@ address is honoured if it is inside the subnet and free. The MAC is the caller's
 from the VM id (locally administered, stable across restarts). The guest learns everything
 from its kernel command line (``VmNetwork.guest_args()``).
 
-Failure: every set-up step registers its undo (a contextlib.ExitStack); a failure (or a
+Failure: every set-up step registers its undo (metald.core.undo); a failure (or a
 cancellation) at any step undoes it all and releases the new addresses. Teardown is
 idempotent, and ``remove_orphans`` removes what no known VM owns (after a crash).
 

@@ -2,7 +2,7 @@
 bridge its TAP joins, the host bridge's FDB and neighbour entries for its MAC and
 addresses, the rate limits, and the addresses in the address book.
 
-Set-up is a sequence of small steps, each registering its undo on an ExitStack: a failure
+Set-up is a sequence of small steps, each registering its undo (core.undo.Undo): a failure
 (or a cancellation) at any step undoes what the call made and releases the addresses it
 took; calling it again for a VM whose network exists completes it and returns the same
 network. Teardown is idempotent.
@@ -11,7 +11,6 @@ network. Teardown is idempotent.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 from typing import Any
 
@@ -24,13 +23,14 @@ from metald.core.errors import (
 )
 from metald.core.models import RateLimit, TrafficCounters
 from metald.core.ports import AddressBook
+from metald.core.undo import Undo
 from metald.core.validation import check_customer_id, check_vm_id
 from metald.host import named_netns as netns
 from metald.host.netns import ensure_home
 from metald.network import links
 from metald.network.addressing import allocate
 from metald.network.blocking import blocking, uncancellable
-from metald.network.context import NetContext, NetworkError, log, on_undo
+from metald.network.context import NetContext, NetworkError, log
 from metald.network.links import rtnl
 from metald.network.models import NetworkMode, NetworkRequest, VmNetwork, tbf_burst
 from metald.network.naming import (
@@ -83,7 +83,7 @@ class VmNetworks:
         mac = request.mac or generated_mac(vm_id)
 
         held_before = {a.address for a in await self._book.for_vm(vm_id)}
-        built: list[contextlib.ExitStack] = []
+        built: list[Undo] = []
         try:
             ctx.step("allocate")
             ip4 = ip6 = None
@@ -119,7 +119,7 @@ class VmNetworks:
             # The build undoes itself when it fails; if it succeeded but the caller was
             # cancelled meanwhile, what it made is undone here.
             if built:
-                await uncancellable(asyncio.to_thread(built[0].close))
+                await uncancellable(asyncio.to_thread(built[0].run))
             await uncancellable(self._release_new(vm_id, held_before))
             raise
         return network
@@ -134,27 +134,27 @@ class VmNetworks:
         net: VmNetwork,
         names: VmNames,
         customer: CustomerNames,
-        built: list[contextlib.ExitStack],
+        built: list[Undo],
     ) -> None:
         ensure_home()
-        undo = contextlib.ExitStack()
+        undo = Undo(log, f"network of {net.vm_id}: a failed set-up")
         built.append(undo)
         try:
             self._build_steps(net, names, customer, undo)
         except MetaldError:
-            undo.close()
+            undo.run()
             raise
         except BaseException as exc:
-            undo.close()
+            undo.run()
             raise NetworkError(f"network set-up of {net.vm_id} failed: {exc}") from exc
 
     def _build_steps(
-        self, net: VmNetwork, names: VmNames, customer: CustomerNames, undo: contextlib.ExitStack
+        self, net: VmNetwork, names: VmNames, customer: CustomerNames, undo: Undo
     ) -> None:
         ctx = self._ctx
         ctx.step("netns")
         if netns.create(names.netns):
-            on_undo(undo, f"netns {names.netns}", netns.remove, names.netns)
+            undo.add(f"netns {names.netns}", netns.remove, names.netns)
         with (
             rtnl(ctx.host_netns) as host,
             rtnl(ctx.segments_netns) as seg,
@@ -168,9 +168,7 @@ class VmNetworks:
                     # the pair only once that namespace is cleaned up): make it anew.
                     links.delete_link(vmr, names.vm_veth)
                 vh_index = links.add_veth(seg, names.host_veth, names.vm_veth, names.netns)
-                on_undo(
-                    undo, f"veth {names.host_veth}", self._segments.delete_link, names.host_veth
-                )
+                undo.add(f"veth {names.host_veth}", self._segments.delete_link, names.host_veth)
                 links.set_alias(seg, vh_index, vm_alias(net.vm_id, net.mac))
                 links.no_ipv6_addresses(seg, vh_index)
             else:
@@ -217,14 +215,12 @@ class VmNetworks:
                 present = {(e.mac, e.port) for e in links.static_fdb(host, bridge_index)}
                 if (net.mac, ub_index) not in present:
                     links.add_static_fdb(host, ub_index, net.mac)
-                    on_undo(undo, f"fdb {net.mac}", self._undo_fdb, ub_index, net.mac)
+                    undo.add(f"fdb {net.mac}", self._undo_fdb, ub_index, net.mac)
 
                 ctx.step("neighbours")
                 for address in addresses:
                     links.set_permanent_neighbour(host, bridge_index, address, net.mac)
-                    on_undo(
-                        undo, f"neighbour {address}", self._undo_neighbour, bridge_index, address
-                    )
+                    undo.add(f"neighbour {address}", self._undo_neighbour, bridge_index, address)
 
             ctx.step("rate-limit")
             self._apply_limits(seg, vmr, names, net.rx, net.tx)

@@ -31,6 +31,7 @@ from metald.core.models import (
 )
 from metald.core.ports import Assets, Backend, Network, Store
 from metald.core.states import DELETE_NEEDS_FORCE, LIVE_STATES, Operation, VmState, next_state
+from metald.core.undo import Undo
 from metald.core.validation import Limits, check_config, check_customer_id, check_vm_id
 from metald.service.locks import VmLocks
 
@@ -163,6 +164,12 @@ class VmService:
                 updated_at=now,
             )
             await self._store.insert(vm)  # intent: the id is taken
+            # Every step's undo runs even if an earlier one fails: what stays is logged and
+            # the next start's orphan removal takes it (no row owns it any more).
+            undo = Undo(log, f"vm {vm_id}: undoing a failed create")
+            undo.add("its row", self._store.remove, vm_id)
+            undo.add("its network", self._network.teardown, vm_id)
+            undo.add("its VMM", self._backend.destroy, vm_id)
             try:
                 nic = await self._network.setup(vm_id, caller, config.network)
                 vm.process = await self._backend.create(replace(spec_of(vm_id), nic=nic))
@@ -170,20 +177,9 @@ class VmService:
                 # never be adopted, and the next start would keep its VMM as a known VM's.
                 await self._store.update(vm)
             except BaseException:
-                await self._undo_create(vm_id)
+                await undo.run_async()
                 raise
             return vm
-
-    async def _undo_create(self, vm_id: str) -> None:
-        """Every undo step runs even when an earlier one fails: what a step could not remove
-        is logged, and the next start's orphan removal takes it (no row owns it any more)."""
-        steps = (("VMM", self._backend.destroy), ("network", self._network.teardown))
-        for what, undo in steps:
-            try:
-                await undo(vm_id)
-            except Exception:
-                log.exception("vm %s: undoing a failed create: removing its %s failed", vm_id, what)
-        await self._store.remove(vm_id)
 
     async def boot_vm(self, caller: str, vm_id: str) -> VmRecord:
         async with self._locks.hold(vm_id):
