@@ -8,7 +8,7 @@ Two tables, each in a namespace metald owns or was told to use, never anywhere e
   made it, now or after a reboot. Such a frame passes only if its source MAC is the VM's
   and it is ARP for the VM's MAC and IPv4 address, IPv4 from its address, or IPv6 from its
   address or its link-local (EUI-64 of its MAC); everything else (other ether types, VLAN
-  tags, STP, LLDP...) is dropped. Router advertisements and redirects, and DHCP/DHCPv6
+  tagged frames, STP, LLDP...) is dropped. Router advertisements and redirects, and DHCP/DHCPv6
   server replies (UDP from port 67/547), are dropped whatever their source. Neighbour
   discovery may claim only the VM's own addresses (the NA target) and its own MAC (the
   first link-layer option, the one Linux reads; ND messages of an unusual length are
@@ -81,7 +81,9 @@ def guest_rules(
     own6 = [link_local(mac)] + ([ip6] if ip6 is not None else [])
     own6_set = "{ " + ", ".join(str(a) for a in own6) + " }"
     own6_hex = "{ " + ", ".join(f"0x{int(a):032x}" for a in own6) + " }"
-    lines = [f"ether saddr != {mac} drop"]
+    # A VLAN tag first: the kernel moves it out of the frame (into the packet's metadata)
+    # before the bridge sees it, and the checks below would then pass a tagged frame.
+    lines = [f"ether saddr != {mac} drop", "ether type { 8021q, 8021ad } drop"]
     if ip4 is not None:
         lines += [
             "arp htype 1 arp ptype ip arp hlen 6 arp plen 4 "
