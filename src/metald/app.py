@@ -139,6 +139,7 @@ def build_network(settings: Settings, database: Database) -> Network:
             default_mode=NetworkMode(settings.network_ipv6_mode),
             default_rate_limit_mbps=rate,
             netns_prefix=settings.network_netns_prefix,
+            host_allow=settings.network_host_allow,
         )
         manager = NetworkManager(
             settings.network_host_netns or None,

@@ -93,6 +93,12 @@ class Settings(BaseSettings):
     network_segments_netns: str = "metald-segments"
     network_netns_prefix: str = "mvm-"
 
+    # Guest network guard (issue 7): every guest's port drops spoofed MAC/IP sources, router
+    # advertisements and DHCP server replies; guests reach the host's own services only
+    # for what this lists: comma-separated tcp:<port>[-<port>], udp:<port>[-<port>], icmp
+    # (echo requests); empty for nothing. Checked with the network settings at start-up.
+    network_host_allow: str = "icmp"
+
     @field_validator("address")
     @classmethod
     def _address_not_empty(cls, value: str) -> str:

@@ -1,6 +1,7 @@
 """Each VM's own network: its namespace, the veth pair to its customer's segment, the VM
-bridge its TAP joins, the host bridge's FDB and neighbour entries for its MAC and
-addresses, the rate limits, and the addresses in the address book.
+bridge its TAP joins, the filters on the guest's port (filters.py), the host bridge's FDB
+and neighbour entries for its MAC and addresses, the rate limits, and the addresses in the
+address book.
 
 Set-up is a sequence of small steps, each registering its undo (core.undo.Undo): a failure
 (or a cancellation) at any step undoes what the call made and releases the addresses it
@@ -27,7 +28,7 @@ from metald.core.undo import Undo
 from metald.core.validation import check_customer_id, check_vm_id
 from metald.host import named_netns as netns
 from metald.host.netns import ensure_home
-from metald.network import links
+from metald.network import filters, links
 from metald.network.addressing import allocate
 from metald.network.blocking import blocking, uncancellable
 from metald.network.context import NetContext, NetworkError, log
@@ -49,6 +50,7 @@ SETUP_STEPS = (
     "netns",
     "veth",
     "vm-links",
+    "filters",
     "segment",
     "fdb",
     "neighbours",
@@ -200,6 +202,12 @@ class VmNetworks:
             links.set_up(vmr, vg.index)
             links.set_up(vmr, vb_index)
 
+            # Before the VM end joins its customer's segment (and long before the TAP is
+            # attached): what the guest may send.
+            ctx.step("filters")
+            if filters.ensure_guest(names.netns, self.guest_rules(net)):
+                undo.add(f"filters of {names.netns}", self._undo_filters, names)
+
             ctx.step("segment")
             with ctx.lock:
                 bridge_index = self._segments.host_bridge_index(host)
@@ -226,6 +234,16 @@ class VmNetworks:
             self._apply_limits(seg, vmr, names, net.rx, net.tx)
 
     # Undo steps open their own sockets: they run after the set-up's sockets are closed.
+
+    def _undo_filters(self, names: VmNames) -> None:
+        # Fail closed: while a TAP is there a guest may be sending, and filters it keeps.
+        # (A namespace this set-up made goes whole with its own undo.)
+        if not netns.exists(names.netns):
+            return
+        with rtnl(names.netns) as vmr:
+            if links.get_link(vmr, names.tap) is not None:
+                return
+        filters.remove_guest(names.netns)
 
     def _undo_fdb(self, port: int, mac: str) -> None:
         with rtnl(self._ctx.host_netns) as host, self._ctx.lock:
@@ -311,10 +329,30 @@ class VmNetworks:
             )
         network = await self.describe(vm_id, customer_id, request)
         if network is not None:
-            return network  # whole: nothing to rebuild
+            if await blocking(self._repair_filters_sync, network):
+                log.warning("network: VM %s: its port filters were missing; restored", vm_id)
+            return network  # whole now
         log.warning("network: VM %s: its network is incomplete; rebuilding it", vm_id)
         # The addresses are still in the book, and set-up completes what exists.
         return await self.setup(vm_id, customer_id, request)
+
+    def guest_rules(self, net: VmNetwork) -> str:
+        return filters.guest_rules(
+            net.vm_id,
+            net.vm_veth,
+            net.mac,
+            net.ipv4.ip if net.ipv4 else None,
+            net.ipv6.ip if net.ipv6 else None,
+        )
+
+    def _repair_filters_sync(self, net: VmNetwork) -> bool:
+        ensure_home()
+        return filters.ensure_guest(net.netns, self.guest_rules(net))
+
+    def filters_current_sync(self, net: VmNetwork) -> bool:
+        """Whether the VM's port filters are there and as this metald would make them."""
+        ensure_home()
+        return filters.guest_current(net.netns, self.guest_rules(net))
 
     # Teardown ----------------------------------------------------------------------------
 
