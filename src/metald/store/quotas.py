@@ -148,15 +148,20 @@ class SqlQuotas:
     ) -> None:
         scopes = (f"customer:{customer_id}", f"host:{self._node}")
         while True:
-            async with self._engine.begin() as conn:
-                if not await self._lock(conn, scopes):
-                    missing = True
-                else:
-                    missing = False
-                    customer, host = await self._count(conn, customer_id, vm_id)
-                    view = AdmissionView(customer, host, await self._overrides(conn, customer_id))
-                    check(view)  # a raise rolls the transaction back: nothing recorded
-                    await self._record(conn, customer_id, vm_id, claim, new)
+            try:
+                async with self._engine.begin() as conn:
+                    if not await self._lock(conn, scopes):
+                        missing = True
+                    else:
+                        missing = False
+                        customer, host = await self._count(conn, customer_id, vm_id)
+                        overrides = await self._overrides(conn, customer_id)
+                        check(AdmissionView(customer, host, overrides))  # a raise records nothing
+                        await self._record(conn, customer_id, vm_id, claim, new)
+            except IntegrityError:
+                # Another customer's create of the same id (it holds another customer lock)
+                # recorded its claim between our look and our insert.
+                raise AlreadyExists(f"a VM with id {vm_id!r} exists or existed") from None
             if not missing:
                 return
             await self._make_scopes(scopes)
