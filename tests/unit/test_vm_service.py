@@ -401,6 +401,26 @@ async def test_create_resolves_assets_into_the_launch_spec(w: World) -> None:
     assert (default.kernel.name, default.initrd and default.initrd.name) == ("vmlinux", "initrd")
 
 
+async def test_another_customers_asset_is_not_found_and_creates_nothing() -> None:
+    """The caller is who resolves: an asset another customer owns is NotFound, exactly as
+    one nobody has, and nothing is made; the owner attaches it."""
+    assets = FakeAssets({"kernels/vmlinux", "kernels/bobs"}, owners={"kernels/bobs": BOB})
+    w = world(assets=assets)
+    await w.service.start()
+    foreign, missing = VmConfig(kernel_path="kernels/bobs"), VmConfig(kernel_path="sha256-x")
+    assets.owners["sha256-x"] = "nobody"
+    with pytest.raises(NotFound) as theirs:
+        await w.service.create_vm(ALICE, "vm-1", foreign)
+    with pytest.raises(NotFound) as nobodys:
+        await w.service.create_vm(ALICE, "vm-1", missing)
+    assert theirs.value.code == nobodys.value.code == "not_found"
+    assert_nothing_of(w, "vm-1")
+    assert "create" not in w.backend.methods()
+    assert set(assets.customers) == {ALICE}
+    await w.service.create_vm(BOB, "vm-2", foreign)
+    assert assets.customers[-1] == BOB
+
+
 # --- undo of a failing CreateVm ------------------------------------------------------------
 
 

@@ -108,14 +108,18 @@ class Store(Protocol):
 
 
 class Assets(Protocol):
-    def resolve(self, field: str, reference: str) -> Path:
-        """A path inside the asset store, or an asset id, to a real file in the store.
+    def resolve(self, field: str, reference: str, *, customer: str) -> Path:
+        """A path inside the asset store, or an asset id, to a trusted file in the store
+        that `customer` may attach, opened once without following symlinks; the returned
+        path names that very file for good (a pin): a later swap in the store reaches no VM.
 
-        Raises InvalidArgument naming `field` for anything else.
+        Raises InvalidArgument naming `field` for a reference that names no usable file,
+        NotFound for an asset nobody has or another customer owns (the same words), and
+        FailedPrecondition for a file the store must not hand out.
         """
 
     def default_boot(self) -> tuple[Path, Path | None]:
-        """The default guest's kernel and initrd."""
+        """The default guest's kernel and initrd (shared), resolved like resolve()."""
 
     def ping(self) -> None: ...
 

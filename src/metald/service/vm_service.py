@@ -152,7 +152,7 @@ class VmService:
             check_vm_id(vm_id)
         check_config(config, self._limits)
         self._network.check(config.network)
-        spec_of = self._resolve(config)
+        spec_of = self._resolve(config, caller)
         vm_id = vm_id or new_vm_id()
         claim = self._admission.check_request(config, spec_of(vm_id).disks)
         async with self._locks.hold(vm_id):
@@ -292,20 +292,25 @@ class VmService:
             raise NotFound(f"VM {vm_id!r} not found")
         return vm
 
-    def _resolve(self, config: VmConfig) -> Callable[[str], LaunchSpec]:
-        """Resolve every path now, so a bad one is refused before anything is created."""
+    def _resolve(self, config: VmConfig, caller: str) -> Callable[[str], LaunchSpec]:
+        """Resolve every path now, so a bad one is refused before anything is created; only
+        assets that are shared or the caller's own resolve."""
         kernel: Path
         initrd: Path | None = None
         if config.kernel_path:
-            kernel = self._assets.resolve("config.boot.kernel_path", config.kernel_path)
+            kernel = self._assets.resolve(
+                "config.boot.kernel_path", config.kernel_path, customer=caller
+            )
         else:
             kernel, initrd = self._assets.default_boot()
         if config.initrd_path:
-            initrd = self._assets.resolve("config.boot.initrd_path", config.initrd_path)
+            initrd = self._assets.resolve(
+                "config.boot.initrd_path", config.initrd_path, customer=caller
+            )
         disks = tuple(
             ResolvedDisk(
                 id=d.id,
-                path=self._assets.resolve(f"config.storage[{i}].path", d.path),
+                path=self._assets.resolve(f"config.storage[{i}].path", d.path, customer=caller),
                 read_only=d.read_only,
                 is_root_device=d.is_root_device,
             )
