@@ -32,9 +32,9 @@ from metald.backends.vmm.jail import JailSettings, processes_rooted_at
 from metald.backends.vmm.runtime import VmmRuntime
 from metald.core.errors import BackendError, InvalidArgument
 from metald.core.models import LaunchSpec, ResolvedDisk
+from metald.host.mounts import mounts_under
 from metald.host.process import is_alive
 from metald.jailer import ensure_jail_user
-from metald.jailer.cgroups import mounts_under
 
 pytestmark = pytest.mark.guest
 
