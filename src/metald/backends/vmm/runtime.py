@@ -309,7 +309,7 @@ class VmmRuntime:
 
     def info(self, vm_id: str) -> dict[str, str]:
         try:
-            layout = VmLayout(self._ctx.vm_dir(vm_id))
+            layout = VmLayout(self.vm_dir(vm_id))
         except ValueError:
             return {}
         vm = self._vms.get(vm_id)
