@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -127,8 +128,12 @@ class Launcher:
         try:
             await self._make_ready(vm, launch)
         except BaseException as e:
-            exited_itself = vm.watch is None or vm.watch.exited
             await self._supervisor.abandon(vm)
+            # Whether it ended by itself comes from its exit status, not from whether the
+            # loop had seen the exit yet: a VMM that dies on a bad kernel breaks the control
+            # handshake before its pidfd is read, and our kill then finds it already gone.
+            status = vm.watch.status if vm.watch is not None else None
+            exited_itself = status is None or status.signal != signal.SIGKILL
             if jail is not None:
                 with contextlib.suppress(BackendError):  # logged; destroy tries again
                     await remove_saved_jail(ctx, spec.vm_id, layout)
