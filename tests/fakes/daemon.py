@@ -29,7 +29,7 @@ from metald.api.auth import TokenAuthenticator
 from metald.api.handlers import VmHandlers
 from metald.api.health import Health
 from metald.api.http import MetaldASGI
-from metald.api.interceptors import AuthAndErrorsInterceptor, MetricsInterceptor
+from metald.api.interceptors import api_interceptors
 from metald.api.metrics import ApiMetrics
 from metald.core.validation import Limits
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
@@ -54,7 +54,8 @@ class RecordedCall:
 
 
 class RecordingInterceptor:
-    """First in the chain: records every decoded request and its Authorization header."""
+    """Right after authentication: records every authenticated, decoded request and its
+    Authorization header."""
 
     def __init__(self, calls: list[RecordedCall]) -> None:
         self._calls = calls
@@ -113,11 +114,11 @@ def serve_fake_daemon(
     metrics = ApiMetrics()
     connect_app = VmServiceASGIApplication(
         handlers(daemon.service),
-        interceptors=[
-            RecordingInterceptor(daemon.calls),
-            MetricsInterceptor(metrics),
-            AuthAndErrorsInterceptor(TokenAuthenticator(dev_tokens=True)),
-        ],
+        interceptors=api_interceptors(
+            TokenAuthenticator(dev_tokens=True),
+            metrics,
+            after_auth=[RecordingInterceptor(daemon.calls)],
+        ),
     )
     health = Health(
         backend=daemon.backend.name,
