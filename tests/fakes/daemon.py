@@ -25,6 +25,7 @@ from connectrpc.request import RequestContext
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
+from metald.api import h2_fixes
 from metald.api.auth import TokenAuthenticator
 from metald.api.handlers import VmHandlers
 from metald.api.health import Health
@@ -111,6 +112,7 @@ def serve_fake_daemon(
     """Serve the real service over fakes; `handlers` may be a VmHandlers subclass for a
     test that needs an answer the real service never gives."""
     daemon = daemon or build_fake_daemon()
+    h2_fixes.apply()  # as app.serve does
     metrics = ApiMetrics()
     connect_app = VmServiceASGIApplication(
         handlers(daemon.service),

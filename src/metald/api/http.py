@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,6 +26,8 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+log = logging.getLogger(__name__)
 
 
 DEFAULT_BODY_TIMEOUT = 10.0
@@ -73,29 +76,48 @@ class MetaldASGI:
                 )
             return
         if scope["type"] == "http":
-            receive = BodyDeadline(receive, self._body_timeout)
+            guarded = GuardedRequest(receive, send, self._body_timeout)
+            receive, send = guarded.receive, guarded.send
         await self._connect(scope, receive, send)
 
 
-class BodyDeadline:
-    """receive() for one request whose body must be complete within `seconds` of now.
+class GuardedRequest:
+    """receive() and send() of one RPC: a deadline on its body, and no stall on a body the
+    answer did not wait for.
 
-    A body still incomplete at the deadline fails the read with `deadline_exceeded`, which
-    connectrpc answers in the call's own protocol; what the client sends after that is
-    dropped (HTTP/2: api/h2_fixes.py) or ends the connection (HTTP/1.1). Once the body is
-    complete (or the client gone), messages pass through untouched: connectrpc keeps
-    reading to notice a disconnect while the handler runs.
+    Deadline: a body still incomplete `seconds` after the headers fails the read with
+    `deadline_exceeded`, which connectrpc answers in the call's own protocol.
+
+    Drain: hypercorn hands the body over through a queue of ten messages per call, and
+    blocks the connection's reader when it is full. A call answered before its body was
+    read (no valid token, the deadline, a body over the size limit) leaves nobody to empty
+    that queue: the reader, and with it every call of the connection, waits for ever, and
+    so does the answer's own end (hypercorn queues a disconnect message there too). So
+    once an answer starts while the body is unread, a task reads the rest of the body and
+    drops it, until the body ends or hypercorn reports the call closed (always, at the end
+    of the answer or of the connection). On HTTP/2 what arrives after that is dropped by
+    api/h2_fixes.py; HTTP/1.1 closes the connection.
+
+    metald's RPCs are unary: connectrpc reads a unary body to its end before the handler
+    runs, so an answer that starts before the body ended never reads the rest of it.
     """
 
-    def __init__(self, receive: Receive, seconds: float) -> None:
+    def __init__(self, receive: Receive, send: Send, seconds: float) -> None:
         self._receive = receive
+        self._send = send
         self._seconds = seconds
         self._deadline = asyncio.get_running_loop().time() + seconds
-        self._done = False
+        self._body_done = False
+        self._closed = False  # hypercorn reported the call closed; nothing more will come
+        self._reading = False
+        self._draining = False
 
-    async def __call__(self) -> dict[str, Any]:
-        if self._done:
+    async def receive(self) -> dict[str, Any]:
+        if self._closed:
+            return {"type": "http.disconnect"}
+        if self._body_done:
             return await self._receive()
+        self._reading = True
         try:
             async with asyncio.timeout_at(self._deadline):
                 message = await self._receive()
@@ -104,9 +126,37 @@ class BodyDeadline:
                 Code.DEADLINE_EXCEEDED,
                 f"the request body did not arrive within {self._seconds:g} s",
             ) from None
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            self._done = True
+        finally:
+            self._reading = False
+        self._note(message)
         return message
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start" and not (
+            self._body_done or self._reading or self._draining
+        ):
+            self._draining = True
+            task = asyncio.create_task(self._drain())
+            _DRAINS.add(task)
+            task.add_done_callback(_DRAINS.discard)
+        await self._send(message)
+
+    def _note(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.disconnect":
+            self._closed = self._body_done = True
+        elif not message.get("more_body", False):
+            self._body_done = True
+
+    async def _drain(self) -> None:
+        try:
+            while not self._body_done:
+                self._note(await self._receive())
+        except Exception:  # nothing to report to: the call is answered
+            log.debug("draining an answered request failed", exc_info=True)
+
+
+# Drain tasks in flight (asyncio keeps only weak references to tasks).
+_DRAINS: set[asyncio.Task[None]] = set()
 
 
 async def _respond(send: Send, status: int, body: bytes, content_type: str) -> None:
