@@ -62,6 +62,7 @@ class Answer:
     ended: bool = False  # the server ended its side of the stream (HTTP/2) or the message
     reset: int | None = None  # RST_STREAM error code
     sent: int = 0  # body bytes the client got onto the wire
+    closed_by_server: bool = False  # HTTP/1.1: the server ended the connection after it
 
     def code(self) -> str | None:
         """The call's status as its protocol encodes it: a Connect error's JSON `code`, or
@@ -100,6 +101,7 @@ class SlowStream:
     token: str | None
     burst: bytes
     finish: bool = False
+    frame_size: int = 16384  # body bytes per DATA frame
     stream_id: int = 0
     answer: Answer = field(default_factory=Answer)
 
@@ -150,8 +152,9 @@ class H2Client:
             stream.stream_id, headers, end_stream=stream.finish and not stream.burst
         )
         self.streams[stream.stream_id] = stream
+        size = stream.frame_size
         self._pending[stream.stream_id] = deque(
-            stream.burst[i : i + 16384] for i in range(0, len(stream.burst), 16384)
+            stream.burst[i : i + size] for i in range(0, len(stream.burst), size)
         )
         self._send_pending()
         await self._flush()
@@ -265,21 +268,36 @@ class H2Client:
 
 
 async def h1_slow_request(
-    port: int, protocol: str, method: str, token: str | None, first: bytes, length: int
+    port: int,
+    protocol: str,
+    method: str,
+    token: str | None,
+    first: bytes,
+    length: int | None,
+    *,
+    chunk: int = 0,
+    until_closed: bool = False,
 ) -> Answer:
-    """POST with `Content-Length: length`, send `first` (shorter), then nothing more; the
-    answer the server gives while the body is still incomplete."""
+    """POST with `Content-Length: length` (None: chunked, in chunks of `chunk` bytes), send
+    `first` (shorter) in one write, then nothing more; the answer the server gives while
+    the body is still incomplete. `until_closed`: then wait for the server to end the
+    connection (it cannot be used again: the body never finished)."""
     answer = Answer()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     conn = h11.Connection(h11.CLIENT)
     try:
+        framing = (
+            ("transfer-encoding", "chunked") if length is None else ("content-length", str(length))
+        )
         headers = [
             ("host", f"127.0.0.1:{port}"),
-            ("content-length", str(length)),
+            framing,
             *request_headers(protocol, method, token),
         ]
         request = h11.Request(method="POST", target=f"/{SERVICE}/{method}", headers=headers)
-        writer.write(conn.send(request) + conn.send(h11.Data(data=first)))
+        size = chunk or len(first) or 1
+        pieces = [first[i : i + size] for i in range(0, len(first), size)]
+        writer.write(conn.send(request) + b"".join(conn.send(h11.Data(data=p)) for p in pieces))
         await writer.drain()
         answer.sent = len(first)
         while not answer.ended:
@@ -299,8 +317,12 @@ async def h1_slow_request(
                 answer.ended = True
             elif isinstance(event, h11.ConnectionClosed):
                 break
+        if until_closed:
+            while await reader.read(65536):
+                pass
+            answer.closed_by_server = True
     except (ConnectionError, h11.RemoteProtocolError):
-        pass
+        answer.closed_by_server = until_closed
     finally:
         writer.close()
         with _suppress():

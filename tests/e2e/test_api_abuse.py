@@ -208,6 +208,47 @@ def test_a_slow_authenticated_body_is_cut_at_the_deadline(
     assert after.code() == "0", after
 
 
+def test_an_answer_that_did_not_wait_for_its_body_leaves_the_connection_working(
+    metald_factory: Callable[..., Daemon],
+) -> None:
+    """Seen failing: hypercorn queues at most ten body messages per call and then blocks the
+    connection's reader; a call answered without reading its body (here: no token) left
+    them unread, and the answer's own end queues one more. Headers and many small DATA
+    frames in one write then hung the connection for ever: no other call on it was
+    answered, and an HTTP/1.1 connection was never closed."""
+    daemon = metald_factory()
+    request = pb.ListVmsRequest(page_size=5).SerializeToString()
+
+    async def run() -> tuple[list[Answer], Answer, Answer]:
+        client = H2Client(daemon.port)
+        await client.connect()
+        refused = []
+        for protocol in ("grpc", "connect"):
+            body = _slow_body(protocol, 6000)
+            stream = SlowStream(protocol, "CreateVm", None, body, frame_size=100)
+            await client.open(stream)  # headers and 60 DATA frames in one write
+            refused.append(stream.answer)
+        after = SlowStream("grpc", "ListVms", TOKEN, envelope(request), finish=True)
+        await client.open(after)
+        try:
+            await client.wait(client.answered, "answer to every call on the connection", 60)
+        finally:
+            await client.close()
+        h1 = await asyncio.wait_for(
+            h1_slow_request(
+                daemon.port, "connect-json", "CreateVm", None, bytes(6000), None,
+                chunk=100, until_closed=True,
+            ),
+            60,
+        )  # fmt: skip
+        return refused, after.answer, h1
+
+    refused, after, h1 = asyncio.run(run())
+    assert [a.code() for a in refused] == ["16", "unauthenticated"], refused
+    assert after.code() == "0", after
+    assert h1.code() == "unauthenticated" and h1.closed_by_server, h1
+
+
 def test_streams_per_connection_are_bounded(metald_factory: Callable[..., Daemon]) -> None:
     daemon = metald_factory(
         UNKEY_METALD_HTTP2_MAX_CONCURRENT_STREAMS="4",
