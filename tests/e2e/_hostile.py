@@ -277,11 +277,13 @@ async def h1_slow_request(
     *,
     chunk: int = 0,
     until_closed: bool = False,
+    path: str | None = None,
 ) -> Answer:
     """POST with `Content-Length: length` (None: chunked, in chunks of `chunk` bytes), send
     `first` (shorter) in one write, then nothing more; the answer the server gives while
     the body is still incomplete. `until_closed`: then wait for the server to end the
-    connection (it cannot be used again: the body never finished)."""
+    connection (it cannot be used again: the body never finished). `path`: another target
+    than the RPC's."""
     answer = Answer()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     conn = h11.Connection(h11.CLIENT)
@@ -294,7 +296,8 @@ async def h1_slow_request(
             framing,
             *request_headers(protocol, method, token),
         ]
-        request = h11.Request(method="POST", target=f"/{SERVICE}/{method}", headers=headers)
+        target = path or f"/{SERVICE}/{method}"
+        request = h11.Request(method="POST", target=target, headers=headers)
         size = chunk or len(first) or 1
         pieces = [first[i : i + size] for i in range(0, len(first), size)]
         writer.write(conn.send(request) + b"".join(conn.send(h11.Data(data=p)) for p in pieces))

@@ -219,7 +219,7 @@ def test_an_answer_that_did_not_wait_for_its_body_leaves_the_connection_working(
     daemon = metald_factory()
     request = pb.ListVmsRequest(page_size=5).SerializeToString()
 
-    async def run() -> tuple[list[Answer], Answer, Answer]:
+    async def run() -> tuple[list[Answer], Answer, Answer, Answer]:
         client = H2Client(daemon.port)
         await client.connect()
         refused = []
@@ -241,12 +241,20 @@ def test_an_answer_that_did_not_wait_for_its_body_leaves_the_connection_working(
             ),
             60,
         )  # fmt: skip
-        return refused, after.answer, h1
+        health = await asyncio.wait_for(
+            h1_slow_request(
+                daemon.port, "connect-json", "", None, bytes(6000), None,
+                chunk=100, until_closed=True, path="/health",
+            ),
+            60,
+        )  # fmt: skip
+        return refused, after.answer, h1, health
 
-    refused, after, h1 = asyncio.run(run())
+    refused, after, h1, health = asyncio.run(run())
     assert [a.code() for a in refused] == ["16", "unauthenticated"], refused
     assert after.code() == "0", after
     assert h1.code() == "unauthenticated" and h1.closed_by_server, h1
+    assert health.status == 405 and health.closed_by_server, health
 
 
 def test_streams_per_connection_are_bounded(metald_factory: Callable[..., Daemon]) -> None:

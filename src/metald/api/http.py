@@ -58,6 +58,10 @@ class MetaldASGI:
                 elif message["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
                     return
+        if scope["type"] == "http":
+            # Every HTTP request, /health too: none of them may leave a body unread.
+            guarded = GuardedRequest(receive, send, self._body_timeout)
+            receive, send = guarded.receive, guarded.send
         path = scope.get("path", "")
         if scope["type"] == "http" and path in ("/health", "/metrics"):
             if scope["method"] not in ("GET", "HEAD"):
@@ -75,15 +79,12 @@ class MetaldASGI:
                     "text/plain; version=0.0.4; charset=utf-8",
                 )
             return
-        if scope["type"] == "http":
-            guarded = GuardedRequest(receive, send, self._body_timeout)
-            receive, send = guarded.receive, guarded.send
         await self._connect(scope, receive, send)
 
 
 class GuardedRequest:
-    """receive() and send() of one RPC: a deadline on its body, and no stall on a body the
-    answer did not wait for.
+    """receive() and send() of one HTTP request: a deadline on its body, and no stall on a
+    body the answer did not wait for.
 
     Deadline: a body still incomplete `seconds` after the headers fails the read with
     `deadline_exceeded`, which connectrpc answers in the call's own protocol.
