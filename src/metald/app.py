@@ -16,11 +16,11 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 
 from metald.api import h2_fixes
-from metald.api.auth import TokenAuthenticator
+from metald.api.auth import TokenAuthenticator, is_loopback_only
 from metald.api.handlers import VmHandlers
 from metald.api.health import Health
 from metald.api.http import MetaldASGI
-from metald.api.interceptors import AuthAndErrorsInterceptor, MetricsInterceptor
+from metald.api.interceptors import api_interceptors
 from metald.api.metrics import ApiMetrics
 from metald.assets.store import LocalAssetStore
 from metald.backends.firecracker.driver import FirecrackerDriver
@@ -56,6 +56,38 @@ class Daemon:
     settings: Settings
     asgi: MetaldASGI
     service: VmService
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse what would hand the host to whoever reaches the port: development tokens on
+    an address other hosts can reach, and VMMs run unjailed as root. Each has an explicit
+    setting that allows it anyway, logged as a warning at every start."""
+    if settings.auth_dev_tokens and not is_loopback_only(settings.address):
+        if not settings.auth_dev_tokens_insecure:
+            raise StartupError(
+                f"UNKEY_METALD_AUTH_DEV_TOKENS=true lets anyone who reaches the API act as any "
+                f"customer, and UNKEY_METALD_ADDRESS={settings.address} is not loopback: set "
+                "UNKEY_METALD_ADDRESS=127.0.0.1 (or ::1), or give real tokens with "
+                "UNKEY_METALD_AUTH_TOKENS_FILE and UNKEY_METALD_AUTH_DEV_TOKENS=false, or (never "
+                "in production) UNKEY_METALD_AUTH_DEV_TOKENS_INSECURE=true"
+            )
+        log.warning(
+            "INSECURE: development tokens are accepted on %s, which is not loopback: anyone "
+            "who reaches the API can act as any customer (UNKEY_METALD_AUTH_DEV_TOKENS_INSECURE"
+            "=true)",
+            settings.address,
+        )
+    if not settings.jailer_enabled and os.geteuid() == 0:
+        if not settings.allow_unjailed_root:
+            raise StartupError(
+                "UNKEY_METALD_JAILER_ENABLED=false while metald runs as root would run every "
+                "VMM as root on the host: enable the jailer, or run metald as an unprivileged "
+                "user, or (development only) set UNKEY_METALD_ALLOW_UNJAILED_ROOT=true"
+            )
+        log.warning(
+            "INSECURE: the jailer is disabled and metald runs as root: every VMM runs as root "
+            "on the host (UNKEY_METALD_ALLOW_UNJAILED_ROOT=true)"
+        )
 
 
 def jail_settings(settings: Settings) -> JailSettings | None:
@@ -210,6 +242,7 @@ def _split(values: str) -> tuple[str, ...]:
 @asynccontextmanager
 async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
     """Everything started and reconciled; on exit, control connections closed (VMs live on)."""
+    check_exposure(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings.vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     database = Database(settings.effective_database_url)  # one engine: store and addresses
@@ -240,7 +273,7 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
         )
         connect_app = VmServiceASGIApplication(
             VmHandlers(service),
-            interceptors=[MetricsInterceptor(metrics), AuthAndErrorsInterceptor(authenticator)],
+            interceptors=api_interceptors(authenticator, metrics),
             read_max_bytes=settings.max_request_bytes,
         )
 
@@ -252,7 +285,14 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
             accelerator=backend.accelerator,
             checks={"store": store.ping, "assets": check_assets},
         )
-        yield Daemon(settings, MetaldASGI(connect_app, health, metrics, store), service)
+        asgi = MetaldASGI(
+            connect_app,
+            health,
+            metrics,
+            store,
+            body_timeout=settings.request_body_timeout_seconds,
+        )
+        yield Daemon(settings, asgi, service)
     finally:
         for each in backends.values():
             await each.close()
@@ -274,6 +314,10 @@ async def serve(settings: Settings) -> None:
         # hypercorn closes a connection after 1000 requests by default; gRPC clients keep
         # one connection for everything (notes/connect-stack.md).
         config.keep_alive_max_requests = 2**31
+        # Bounded work per connection: calls in flight on one HTTP/2 connection, and how long
+        # a connection may sit without one (this also bounds slow request headers).
+        config.h2_max_concurrent_streams = settings.http2_max_concurrent_streams
+        config.keep_alive_timeout = settings.http_idle_timeout_seconds
         config.graceful_timeout = 5.0
         log.info(
             "metald serving on %s:%s (backend %s, dev tokens %s); state in %s, assets in %s",

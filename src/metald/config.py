@@ -126,6 +126,25 @@ class Settings(BaseSettings):
     # it is refused; with no default (NETWORK_RATE_LIMIT off) it is also the default.
     network_rate_limit_max_mbps: int = Field(0, ge=0)
 
+    # API exposure and hostile clients (issue 7: the API and the host network).
+    # Development tokens (`dev_customer_<id>`: anyone can be anyone) are refused at start-up
+    # unless the API listens only on loopback; this accepts them on any address anyway,
+    # logged as a warning at every start. Never in production.
+    auth_dev_tokens_insecure: bool = False
+    # Seconds an RPC's body may take to arrive, counted from its headers; a slower body is
+    # answered `deadline_exceeded`. (A call without a valid token is answered from its
+    # headers: its body is never read.)
+    request_body_timeout_seconds: float = Field(10.0, gt=0, le=600)
+    # Calls in flight on one HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS; HTTP/1.1
+    # has one by nature). A client that opens more loses the connection.
+    http2_max_concurrent_streams: int = Field(32, ge=1, le=1000)
+    # Seconds a connection may stay without a call in flight, including one whose request
+    # headers are not complete yet, before it is closed.
+    http_idle_timeout_seconds: float = Field(5.0, gt=0, le=3600)
+    # Running VMMs without the jailer (UNKEY_METALD_JAILER_ENABLED=false) while metald is
+    # root gives every VMM root on the host; start-up refuses that unless this is on.
+    allow_unjailed_root: bool = False
+
     @field_validator("address")
     @classmethod
     def _address_not_empty(cls, value: str) -> str:

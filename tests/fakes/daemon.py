@@ -25,11 +25,12 @@ from connectrpc.request import RequestContext
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
+from metald.api import h2_fixes
 from metald.api.auth import TokenAuthenticator
 from metald.api.handlers import VmHandlers
 from metald.api.health import Health
 from metald.api.http import MetaldASGI
-from metald.api.interceptors import AuthAndErrorsInterceptor, MetricsInterceptor
+from metald.api.interceptors import api_interceptors
 from metald.api.metrics import ApiMetrics
 from metald.core.validation import Limits
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
@@ -55,7 +56,8 @@ class RecordedCall:
 
 
 class RecordingInterceptor:
-    """First in the chain: records every decoded request and its Authorization header."""
+    """Right after authentication: records every authenticated, decoded request and its
+    Authorization header."""
 
     def __init__(self, calls: list[RecordedCall]) -> None:
         self._calls = calls
@@ -112,14 +114,15 @@ def serve_fake_daemon(
     """Serve the real service over fakes; `handlers` may be a VmHandlers subclass for a
     test that needs an answer the real service never gives."""
     daemon = daemon or build_fake_daemon()
+    h2_fixes.apply()  # as app.serve does
     metrics = ApiMetrics()
     connect_app = VmServiceASGIApplication(
         handlers(daemon.service),
-        interceptors=[
-            RecordingInterceptor(daemon.calls),
-            MetricsInterceptor(metrics),
-            AuthAndErrorsInterceptor(TokenAuthenticator(dev_tokens=True)),
-        ],
+        interceptors=api_interceptors(
+            TokenAuthenticator(dev_tokens=True),
+            metrics,
+            after_auth=[RecordingInterceptor(daemon.calls)],
+        ),
     )
     health = Health(
         backend=daemon.backend.name,

@@ -1,8 +1,14 @@
-"""Bearer tokens to customer ids."""
+"""Bearer tokens to customer ids, and where development tokens may be accepted.
+
+A development token `dev_customer_<id>` makes its bearer customer <id>: anyone who can reach
+the port can be anyone. So they are for an API that only this host can reach (loopback).
+"""
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import socket
 from contextvars import ContextVar
 from pathlib import Path
 
@@ -53,3 +59,22 @@ class TokenAuthenticator:
             if CUSTOMER_ID.fullmatch(candidate):
                 return candidate
         raise Unauthenticated("invalid token")
+
+
+def is_loopback_only(address: str) -> bool:
+    """Whether listening on `address` (UNKEY_METALD_ADDRESS) exposes the API only to this
+    host: a loopback IP literal, or a name all of whose addresses are loopback. The
+    wildcards (0.0.0.0, ::) and names that do not resolve are not."""
+    host = address.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False
+    addresses = {str(info[4][0]) for info in infos}
+    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)

@@ -4,6 +4,13 @@ hypercorn 0.18 answers a call before its whole body has arrived when the body is
 (over read_max_bytes) and then forgets the stream; DATA frames still arriving for it raise
 KeyError in H2Protocol._handle_events, which kills the whole connection and every other call
 on it. Those frames have nowhere to go: acknowledge them for flow control and drop them.
+
+The handler ends by sending what h2 has queued, even for a read that produced no events:
+DATA frames on a stream h2 itself has closed (hypercorn closes a gRPC stream's h2 state
+when it ends the stream a second time after the trailers) produce no events, but h2 queues
+a WINDOW_UPDATE for the connection and a RST_STREAM for them. Left unsent, the connection's
+flow-control window runs dry and every call on it stalls, as seen with a client that kept
+sending the body of a call already answered `unauthenticated`.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ def apply() -> None:
                 )
                 continue
             await original(self, [event])
+        await self._flush()
 
     H2Protocol._handle_events = handle_events  # type: ignore[method-assign]
     _applied = True
