@@ -42,6 +42,13 @@ DISK_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 # C0 and C1 controls, DEL, and the Unicode line and paragraph separators.
 NON_PRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Free text (metadata and option values, paths, names) must be str.isprintable(): no
+# controls, no format characters (bidi overrides, zero-width), no separators but the space,
+# no surrogates, private-use or unassigned code points; what is echoed back displays as is.
+NOT_PRINTABLE = (
+    "must be printable text (no control, format or unassigned characters; space is the "
+    "only separator)"
+)
 
 
 @dataclass(frozen=True)
@@ -117,16 +124,16 @@ def _check_path_text(field: str, value: str) -> None:
         raise InvalidArgument(field, f"must be at most {MAX_PATH} characters")
     if "\x00" in value:
         raise InvalidArgument(field, "must not contain NUL bytes")
-    if NON_PRINTABLE.search(value):
-        raise InvalidArgument(field, "must not contain control characters")
+    if not value.isprintable():
+        raise InvalidArgument(field, NOT_PRINTABLE)
 
 
 def check_text(field: str, value: str, max_bytes: int = MAX_SHORT_TEXT) -> None:
-    """A free-text field: at most `max_bytes` of UTF-8, no control characters."""
+    """A free-text field: at most `max_bytes` of UTF-8, printable (str.isprintable)."""
     if len(value.encode()) > max_bytes:
         raise InvalidArgument(field, f"must be at most {max_bytes} bytes")
-    if NON_PRINTABLE.search(value):
-        raise InvalidArgument(field, "must not contain control characters")
+    if not value.isprintable():
+        raise InvalidArgument(field, NOT_PRINTABLE)
 
 
 def check_shutdown_timeout(timeout_seconds: int) -> None:
@@ -185,8 +192,8 @@ def _check_metadata(metadata: dict[str, str]) -> None:
             raise InvalidArgument(
                 f"config.metadata[{key}]", f"values must be at most {MAX_METADATA_VALUE} bytes"
             )
-        if NON_PRINTABLE.search(value):
-            raise InvalidArgument(f"config.metadata[{key}]", "must not contain control characters")
+        if not value.isprintable():
+            raise InvalidArgument(f"config.metadata[{key}]", NOT_PRINTABLE)
         total += len(key.encode()) + len(value.encode())
     if total > MAX_METADATA_TOTAL:
         raise InvalidArgument("config.metadata", f"must be at most {MAX_METADATA_TOTAL} bytes")

@@ -163,8 +163,8 @@ class VmService:
             vm = await self._store.get(vm_id)
             if vm is None or vm.state not in LIVE_STATES:
                 return
-            log.info("vm %s stopped on its own: %s", vm_id, reason)
             await self._save(vm, state=VmState.SHUTDOWN, process=None, exit_reason=reason)
+            log.info("vm %s stopped on its own: %s", vm_id, reason)
 
     # -- use cases -------------------------------------------------------------------------
 
