@@ -17,8 +17,9 @@ import itertools
 from collections.abc import Awaitable
 
 import pytest
-from fakes import FakeAssets, FakeBackend, FakeNetwork, MemoryStore
+from fakes import FakeAssets, FakeBackend, FakeNetwork, MemoryQuotas, MemoryStore
 from fakes.faults import Gate
+from fakes.quotas import fake_admission
 
 from metald.core.errors import AlreadyExists, InvalidArgument, NotFound
 from metald.core.models import VmConfig, VmRecord
@@ -39,6 +40,7 @@ def service(backend: FakeBackend, store: MemoryStore, *, host_details: bool = Fa
         FakeAssets({"kernels/vmlinux"}),
         FakeNetwork(),
         LIMITS,
+        admission=fake_admission(MemoryQuotas(store)),
         clock=lambda: float(next(clock)),
         host_details=host_details,
     )
