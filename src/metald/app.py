@@ -265,7 +265,13 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
             admission=admission,
             default_backend=backend.name,
             default_shutdown_timeout=float(settings.shutdown_timeout_seconds),
+            host_details=settings.expose_host_details,
         )
+        if settings.expose_host_details:
+            log.warning(
+                "UNKEY_METALD_EXPOSE_HOST_DETAILS is on: tenants see host pids, paths and "
+                "versions in backend_info (development and tests only)"
+            )
         await service.start()
         metrics = ApiMetrics()
         authenticator = TokenAuthenticator(

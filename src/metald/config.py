@@ -145,6 +145,12 @@ class Settings(BaseSettings):
     # root gives every VMM root on the host; start-up refuses that unless this is on.
     allow_unjailed_root: bool = False
 
+    # What a tenant is shown (issue 7, inputs): GetVmInfo's backend_info holds only the
+    # accelerator and the exit reason; pid, socket and console paths and the VMM's version
+    # are logged for operators. On, tenants see them too: development hosts and tests only
+    # (a warning at every start).
+    expose_host_details: bool = False
+
     @field_validator("address")
     @classmethod
     def _address_not_empty(cls, value: str) -> str:

@@ -53,6 +53,7 @@ METHODS: dict[str, tuple[type[Message], type[Message]]] = {
     "RebootVm": (pb.RebootVmRequest, pb.RebootVmResponse),
     "GetVmInfo": (pb.GetVmInfoRequest, pb.GetVmInfoResponse),
     "ListVms": (pb.ListVmsRequest, pb.ListVmsResponse),
+    "GetVmConsole": (pb.GetVmConsoleRequest, pb.GetVmConsoleResponse),
 }
 
 T = TypeVar("T")
@@ -262,6 +263,9 @@ class Daemon:
             "UNKEY_METALD_JAILER_CHROOT_DIR": str(self.jail_dir),
             # Two daemons on one host need their own cgroup parents, as their own jail bases.
             "UNKEY_METALD_JAILER_CGROUP_PARENT": self.cgroup_parent,
+            # The tests read pids and host paths from backend_info (a tenant does not see
+            # them: tests/e2e/test_tenant_view.py runs a daemon without this).
+            "UNKEY_METALD_EXPOSE_HOST_DETAILS": "true",
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None
@@ -710,15 +714,11 @@ _HEARTBEAT = re.compile(r"METALD-GUEST HEARTBEAT (\d+)")
 _SHUTDOWN = re.compile(r"METALD-GUEST SHUTDOWN\b")
 
 
-@dataclass
-class Console:
-    path: Path
+class _ConsoleLines:
+    """What the tests look for in a console's text."""
 
     def text(self) -> str:
-        try:
-            return self.path.read_text(errors="replace")
-        except OSError:
-            return ""
+        raise NotImplementedError
 
     def ready_count(self) -> int:
         return len(_READY.findall(self.text()))
@@ -732,3 +732,45 @@ class Console:
 
     def tail(self, n: int = 15) -> str:
         return "\n".join(self.text().splitlines()[-n:])
+
+
+@dataclass
+class Console(_ConsoleLines):
+    """The console log read on the host (what only the host can see: a jail's file)."""
+
+    path: Path
+
+    def text(self) -> str:
+        try:
+            return self.path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+@dataclass
+class ApiConsole(_ConsoleLines):
+    """The console as its owner reads it: GetVmConsole, followed by offsets. A log that
+    starts anew (the VM was started again) is read from its beginning."""
+
+    call: Caller
+    vm_id: str
+    data: bytes = b""
+    offset: int = 0
+
+    def read(self) -> bytes:
+        """What is new since the last read (all of it the first time)."""
+        new = b""
+        while True:
+            reply = self.call.must("GetVmConsole", {"vm_id": self.vm_id, "offset": self.offset})
+            chunk = reply.msg
+            if chunk.offset < self.offset:  # a new log
+                self.data = b""
+            self.data += chunk.data
+            new += chunk.data
+            self.offset = chunk.next_offset
+            if chunk.next_offset >= chunk.size:
+                return new
+
+    def text(self) -> str:
+        self.read()
+        return self.data.decode(errors="replace")

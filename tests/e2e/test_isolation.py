@@ -24,6 +24,8 @@ from ._support import (
 # Every RPC that names a VM, with the variants that would do the most harm.
 PER_VM_CALLS: list[tuple[str, dict[str, Any]]] = [
     ("GetVmInfo", {}),
+    ("GetVmConsole", {}),
+    ("GetVmConsole", {"offset": -1024}),
     ("BootVm", {}),
     ("PauseVm", {}),
     ("ResumeVm", {}),

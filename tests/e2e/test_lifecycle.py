@@ -16,8 +16,8 @@ import pytest
 from ._support import (
     CALLER_NAMES,
     MIB,
+    ApiConsole,
     Caller,
-    Console,
     Daemon,
     pid_alive,
     proc_state,
@@ -61,7 +61,7 @@ def test_full_life(daemon: Daemon, callers: Callable[..., Caller], caller_name: 
     console_path = Path(backend["console_log"])
     assert console_path.is_absolute(), backend
     assert pid_alive(pid), f"QEMU pid {pid} of a CREATED VM is not running"
-    console = Console(console_path)
+    console = ApiConsole(call, vm_id)  # as the tenant reads it
     assert console.ready_count() == 0, "a CREATED VM must not have started its vCPUs"
 
     listed = call.must("ListVms", {})

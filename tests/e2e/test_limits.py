@@ -6,11 +6,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
-from ._support import MIB, Caller, Console, Daemon, pid_alive, state_name, wait_until
+from ._support import MIB, ApiConsole, Caller, Daemon, pid_alive, state_name, wait_until
 
 HOST_CORES = os.cpu_count() or 1
 
@@ -93,8 +92,7 @@ def test_longest_kernel_args_keep_metalds_own(
     call = callers("grpcio", daemon.url)
     args = ("quiet " + "x" * 1024)[:1024]
     vm_id = call.must("CreateVm", {"config": {"boot": {"kernel_args": args}}}).body["vm_id"]
-    info = call.info(vm_id)
-    console = Console(Path(info.body["backend_info"]["console_log"]))
+    console = ApiConsole(call, vm_id)
     call.must("BootVm", {"vm_id": vm_id})
     try:
         wait_until(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import netns
 
-from ._support import MIB, Caller, Console, Daemon, wait_until
+from ._support import MIB, ApiConsole, Caller, Daemon, wait_until
 
 pytestmark = pytest.mark.guest
 
@@ -86,7 +86,7 @@ def test_guests_answer_ping_on_both_families(
         ip4 = net["ip_address"]
         assert ip4.startswith("10.100.")
         call.must("BootVm", {"vm_id": vm_id})
-        console = Console(Path(info["backend_info"]["console_log"]))
+        console = ApiConsole(call, vm_id)
         wait_until(lambda: console.ready_count() >= 1, 90, "READY on the console")
         ip6 = wait_until(lambda: _guest_ipv6(console), 10, "the guest's NET line")
         # GetVmInfo reports the guest's IPv6 address and gateway too (dual-stack).
@@ -105,7 +105,7 @@ def test_guests_answer_ping_on_both_families(
     call.must("DeleteVm", {"vm_id": vm2})
 
 
-def _guest_ipv6(console: Console) -> str | None:
+def _guest_ipv6(console: ApiConsole) -> str | None:
     for line in console.text().splitlines():
         if line.startswith("METALD-GUEST NET") and "ip6=" in line:
             return line.split("ip6=")[1].split()[0].split("/")[0]

@@ -14,8 +14,8 @@ import pytest
 
 from ._support import (
     MIB,
+    ApiConsole,
     Caller,
-    Console,
     Daemon,
     pid_alive,
     proc_stat,
@@ -149,7 +149,7 @@ def _boot_and_wait(call: Caller, vm_id: str) -> tuple[str, str]:
     call.must("BootVm", {"vm_id": vm_id})
     info = call.info(vm_id).body
     # A jailed VM's console log covers its current QEMU only.
-    console = Console(Path(info["backend_info"]["console_log"]))
+    console = ApiConsole(call, vm_id)
     wait_until(lambda: console.ready_count() >= 1, 120, f"READY on {vm_id}'s console")
     net = info["network_info"]
     return net["ip_address"], net["ipv6_address"]

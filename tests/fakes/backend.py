@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metald.core.errors import BackendError
-from metald.core.models import LaunchSpec, ProcessIdentity, VmUsage
+from metald.core.models import ConsoleChunk, LaunchSpec, ProcessIdentity, VmUsage
 from metald.core.ports import ExitCallback, TapCallback
 from metald.core.states import VmState
 
@@ -50,6 +50,7 @@ class FakeBackend:
         self.saved: dict[str, LaunchSpec] = {}
         self.adoption: dict[str, VmState | None] = {}
         self.orphans: set[str] = set()  # leftovers no VM row owns, for remove_orphans
+        self.consoles: dict[str, bytes] = {}  # what each VM's console log holds
         self.faults = Faults()
         self.exit_callback: ExitCallback | None = None
         self.tap_callback: TapCallback | None = None
@@ -165,7 +166,18 @@ class FakeBackend:
         info = {"backend": self.name, "accelerator": self._accelerator}
         if vmm is not None:
             info["pid"] = str(vmm.identity.pid)
+            info["console_log"] = f"/srv/fake/{vm_id}/run/console.log"
         return info
+
+    async def console(self, vm_id: str, offset: int, max_bytes: int) -> ConsoleChunk:
+        """`consoles[vm_id]` read as the real backend reads its log."""
+        self.calls.append(Call("console", vm_id, {"offset": offset, "max_bytes": max_bytes}))
+        await self.faults.enter("console")
+        log = self.consoles.get(vm_id, b"")
+        size = len(log)
+        start = max(0, size + offset) if offset < 0 else (0 if offset > size else offset)
+        data = log[start : start + max_bytes]
+        return ConsoleChunk(data=data, offset=start, next_offset=start + len(data), size=size)
 
     async def close(self) -> None:
         self.calls.append(Call("close"))

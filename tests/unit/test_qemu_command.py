@@ -49,7 +49,7 @@ def spec(**overrides: object) -> LaunchSpec:
         "memory_bytes": 512 * 1024 * 1024,
         "kernel": Path("/assets/vmlinux"),
         "initrd": Path("/assets/initrd.gz"),
-        "kernel_args": "metald.ip4=10.0.0.2/24",
+        "kernel_args": "foo=10.0.0.2/24",
         "disks": (),
     }
     values.update(overrides)
@@ -132,7 +132,7 @@ def test_kernel_command_line() -> None:
     (append,) = option(argv_for(spec()), "-append")
     assert append == (
         "console=ttyS0 panic=-1 quiet sysctl.kernel.ctrl-alt-del=0 reboot=t metald.vm_id=vm-1 "
-        "metald.ip4=10.0.0.2/24"
+        "foo=10.0.0.2/24"
     )
     with_tsc = cmdline(spec(kernel_args=""), accelerator="tcg", tsc_khz=2596138)
     assert with_tsc.endswith("tsc_early_khz=2596138 tsc=reliable metald.vm_id=vm-1")

@@ -1,4 +1,10 @@
-"""Domain errors to Connect errors; anything unexpected becomes a bare `internal`."""
+"""Domain errors to Connect errors; anything unexpected becomes a bare `internal`.
+
+A caller is shown a domain error's message (they are written to be safe), passed once more
+through core.redaction.tenant_message: one bounded line, any absolute path cut to its file
+name, in case a message carries text from below (a VMM, the kernel). `internal` errors,
+BackendError included (a VMM's words, host paths, pids), show only a reference to the log
+line that holds the details."""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
 from metald.core.errors import MetaldError
+from metald.core.redaction import tenant_message
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +39,10 @@ def to_connect_error(exc: Exception) -> ConnectError:
     if isinstance(exc, MetaldError):
         if exc.code == "internal":
             return _internal(exc)
-        return ConnectError(_CODES[exc.code], exc.message)
+        shown = tenant_message(exc.message)
+        if shown != exc.message:
+            log.info("%s error shown cleaned; in full: %s", exc.code, exc.message)
+        return ConnectError(_CODES[exc.code], shown)
     return _internal(exc)
 
 

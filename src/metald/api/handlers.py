@@ -1,4 +1,5 @@
-"""The nine VmService RPCs: proto in, service call, proto out."""
+"""The VmService RPCs (the existing API's nine and GetVmConsole): proto in, service call,
+proto out."""
 
 from __future__ import annotations
 
@@ -95,4 +96,14 @@ class VmHandlers:
             vms=[convert.vm_info_to_pb(vm) for vm in page.vms],
             next_page_token=page.next_token,
             total_count=page.total_count,
+        )
+
+    async def get_vm_console(
+        self, request: pb.GetVmConsoleRequest, ctx: Ctx, /
+    ) -> pb.GetVmConsoleResponse:
+        chunk = await self._service.get_console(
+            current_customer.get(), request.vm_id, request.offset, request.max_bytes
+        )
+        return pb.GetVmConsoleResponse(
+            data=chunk.data, offset=chunk.offset, next_offset=chunk.next_offset, size=chunk.size
         )

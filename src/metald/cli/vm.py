@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, NoReturn
@@ -461,6 +462,45 @@ def info(
             typer.echo(json_text(to_dict(response)))
         else:
             _out().print(info_table(response))
+
+
+@app.command()
+def console(
+    vm_id: VmId,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing what the guest writes.")
+    ] = False,
+    tail: Annotated[
+        int,
+        typer.Option(
+            "--tail",
+            min=0,
+            help="Start this many bytes before the end of the log (0: from its beginning).",
+        ),
+    ] = 64 * 1024,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.05, help="Seconds between reads with --follow.")
+    ] = 0.5,
+    addr: Addr = DEFAULT_ADDRESS,
+    token: Token = None,
+) -> None:
+    """Print a VM's serial console output (the guest's own bytes, as they are)."""
+    out = sys.stdout.buffer
+    with _connect(addr, token) as client, _errors():
+        offset = -tail if tail else 0
+        try:
+            while True:
+                chunk = client.get_vm_console(vm_id, offset=offset)
+                out.write(chunk.data)
+                out.flush()
+                offset = chunk.next_offset
+                if chunk.next_offset < chunk.size:
+                    continue  # more than one response holds: read on at once
+                if not follow:
+                    return
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            return
 
 
 @app.command("list")

@@ -113,6 +113,13 @@ class AsyncMetaldClient:
     async def get_vm_info(self, vm_id: str) -> vm_pb2.GetVmInfoResponse:
         return await self._invoke(_build.get_vm_info(vm_id))
 
+    async def get_vm_console(
+        self, vm_id: str, *, offset: int = 0, max_bytes: int = 0
+    ) -> vm_pb2.GetVmConsoleResponse:
+        """The VM's console output from byte `offset` (negative: the last -offset bytes);
+        pass the response's next_offset as the next offset to follow it."""
+        return await self._invoke(_build.get_vm_console(vm_id, offset, max_bytes))
+
     async def list_vms(
         self, *, states: Iterable[VmStateLike] = (), page_size: int = 0, page_token: str = ""
     ) -> vm_pb2.ListVmsResponse:

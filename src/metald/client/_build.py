@@ -171,6 +171,14 @@ def get_vm_info(vm_id: str) -> Rpc[vm_pb2.GetVmInfoResponse]:
     return Rpc("get_vm_info", vm_pb2.GetVmInfoRequest(vm_id=vm_id))
 
 
+def get_vm_console(vm_id: str, offset: int, max_bytes: int) -> Rpc[vm_pb2.GetVmConsoleResponse]:
+    try:
+        request = vm_pb2.GetVmConsoleRequest(vm_id=vm_id, offset=offset, max_bytes=max_bytes)
+    except (TypeError, ValueError) as err:
+        raise _invalid(err) from err
+    return Rpc("get_vm_console", request)
+
+
 def list_vms(
     states: Iterable[VmStateLike], page_size: int, page_token: str
 ) -> Rpc[vm_pb2.ListVmsResponse]:

@@ -16,6 +16,7 @@ Under KVM the kernel uses kvm-clock and needs none of this.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # sysctl.kernel.ctrl-alt-del=0: Ctrl-Alt-Del (how metald asks a guest to stop) becomes a
@@ -27,6 +28,84 @@ from dataclasses import dataclass
 # such shutdowns forced with guests taking 8 s to READY). Until the init traps SIGINT, PID 1
 # ignores it, so early presses are lost harmlessly and the next one is taken.
 BASE_ARGS = "console=ttyS0 panic=-1 quiet sysctl.kernel.ctrl-alt-del=0"
+
+# -- the caller's kernel arguments ------------------------------------------------------------
+#
+# A caller's arguments follow metald's on the line, and the kernel lets a later one win, so
+# none may name a parameter metald sets or the guest contract relies on. The kernel is lenient
+# about spelling, the default guest's init (a shell loop over `$(cat /proc/cmdline)`) is
+# naive, and VMMs append their own arguments after the caller's (virtio_mmio.device=...), so
+# only one plain spelling is let through:
+#
+# - words separated by single ASCII spaces (the kernel also splits on tabs, newlines and, in
+#   its Latin-1 ctype table, on 0xA0, the NBSP; the init's shell loop on tabs and newlines);
+# - ASCII only, no quotes of either kind (the kernel takes `"init"=/x` as init=, and a quoted
+#   value with spaces is one argument to the kernel but several words to the shell loop), no
+#   backslash, backtick or dollar, no glob characters (the loop is unquoted: `*` expands);
+# - a name of letters, digits, `_ - . /` starting with a letter, digit or `_`;
+# - no `--` (what follows it goes to init as its arguments: the VMM's own arguments too).
+#
+# Names are compared case-insensitively and without their `-`, `_`, `.` and `/`: the kernel
+# treats `-` and `_` as one in parameter names, sysctl.* takes `.` or `/` as separator, and a
+# case or separator variant the kernel would ignore today (`rd_init`, `Console`) is still
+# refused: it reads as metald's, and a later kernel or init may read it so too.
+RESERVED_NAMES = frozenset(
+    {
+        "console",
+        "panic",
+        "reboot",
+        "init",
+        "rdinit",
+        "initrd",
+        "tsc_early_khz",
+        "tsc",
+        "sysctl.kernel.ctrl-alt-del",
+        "sysctl.kernel.panic",
+    }
+)
+# Every name that starts with one of these (the metald.* contract, in any spelling).
+RESERVED_PREFIXES = ("metald",)
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./-]*")
+# Printable ASCII without space, quotes, backslash, backtick, dollar and glob characters.
+_VALUE = re.compile(r"[!#%&()+,./0-9:;<=>@A-Z^_a-z{|}~-]*")
+_SEPARATORS = str.maketrans("", "", "-_./")
+
+
+def canonical_arg_name(name: str) -> str:
+    """The form names are compared in: lower case, without `-` `_` `.` `/`."""
+    return name.lower().translate(_SEPARATORS)
+
+
+_RESERVED_CANONICAL = frozenset(canonical_arg_name(n) for n in RESERVED_NAMES)
+
+
+def kernel_arg_problem(word: str) -> str | None:
+    """Why one space-separated word may not be a caller's kernel argument (None: it may)."""
+    if word.strip("-") == "":
+        return "must not contain '--' (what follows would go to init)"
+    name, eq, value = word.partition("=")
+    if not _NAME.fullmatch(name):
+        return (
+            f"argument names must be ASCII letters, digits, _ - . / (got {_shown(name)}; no quotes)"
+        )
+    if eq and not _VALUE.fullmatch(value):
+        return (
+            f"the value of {name} must be printable ASCII without spaces, quotes, "
+            "backslashes, $, ` or glob characters"
+        )
+    canonical = canonical_arg_name(name)
+    if canonical in _RESERVED_CANONICAL or canonical.startswith(RESERVED_PREFIXES):
+        return f"{name} is set by metald (in any spelling)"
+    return None
+
+
+def split_kernel_args(args: str) -> list[str]:
+    """A caller's arguments as the words the kernel will see (only ' ' separates them)."""
+    return [w for w in args.split(" ") if w]
+
+
+def _shown(text: str) -> str:
+    return ascii(text[:40])
 
 
 def tcg_timer_args(tsc_khz: int | None) -> str:

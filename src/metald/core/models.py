@@ -283,6 +283,18 @@ class Allocation:
 
 
 @dataclass(frozen=True)
+class ConsoleChunk:
+    """A piece of a VM's console output: `data` starts at byte `offset` of the log, and
+    `next_offset` is where the next read follows on. `size` is the log's size when read.
+    A VM that was started again has a new log: an offset past its end reads from 0."""
+
+    data: bytes
+    offset: int
+    next_offset: int
+    size: int
+
+
+@dataclass(frozen=True)
 class Page:
     vms: list[VmRecord]
     next_token: str

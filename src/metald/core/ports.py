@@ -8,6 +8,7 @@ from typing import Protocol
 
 from metald.core.models import (
     Allocation,
+    ConsoleChunk,
     LaunchSpec,
     NetworkInfo,
     NetworkInterface,
@@ -73,7 +74,13 @@ class Backend(Protocol):
     async def usage(self, vm_id: str) -> VmUsage: ...
 
     def info(self, vm_id: str) -> dict[str, str]:
-        """backend_info for GetVmInfo: pid, accelerator, console log path, ..."""
+        """backend_info for GetVmInfo: pid, accelerator, console log path, ... (host details
+        included: the service decides what a tenant sees)."""
+
+    async def console(self, vm_id: str, offset: int, max_bytes: int) -> ConsoleChunk:
+        """At most `max_bytes` of the VM's console output from byte `offset` (negative: that
+        many bytes before the end); an empty chunk at offset 0 when there is no log yet. The
+        log is read without following links (its directory is the VMM's to write)."""
 
     async def close(self) -> None:
         """Drop control connections; VMM processes keep running."""

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 
 from metald.core.errors import InvalidArgument
+from metald.core.guest import kernel_arg_problem, split_kernel_args
 from metald.core.ids import VM_ID as VM_ID  # re-exported: network/ still imports it from here
 from metald.core.ids import VM_ID_RULE, is_vm_id
 from metald.core.models import NetworkInterface, RateLimit, VmConfig
@@ -24,13 +25,30 @@ MAX_KERNEL_ARGS = 1024
 MAX_DISKS = 8
 MAX_PATH = 4096
 MAX_DNS_SERVERS = 4
+MAX_INTERFACES = 8  # the network adapter allows fewer (one today); this bounds the request
+# Option maps (boot options, a disk's or a NIC's options): stored and echoed back by
+# GetVmInfo, so bounded like metadata, but smaller.
+MAX_OPTIONS_ENTRIES = 16
+MAX_OPTIONS_KEY = 64
+MAX_OPTIONS_VALUE = 256
+MAX_SHORT_TEXT = 256  # interface ids and types, addresses, MACs, TAP names as given
+# ShutdownVm's timeout_seconds: the VM's lock is held while the guest is waited for.
+MAX_SHUTDOWN_TIMEOUT_SECONDS = 600
 
 CUSTOMER_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 METADATA_KEY = re.compile(r"[A-Za-z0-9._/-]+")
+OPTION_KEY = re.compile(r"[A-Za-z0-9._-]+")
 DISK_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-# Kernel arguments metald itself passes to the guest; a tenant may not override them.
-RESERVED_ARG = re.compile(r"(^|\s)(metald\.|console=|panic=|reboot=)")
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators.
+NON_PRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Free text (metadata and option values, paths, names) must be str.isprintable(): no
+# controls, no format characters (bidi overrides, zero-width), no separators but the space,
+# no surrogates, private-use or unassigned code points; what is echoed back displays as is.
+NOT_PRINTABLE = (
+    "must be printable text (no control, format or unassigned characters; space is the "
+    "only separator)"
+)
 
 
 @dataclass(frozen=True)
@@ -73,22 +91,32 @@ def check_config(config: VmConfig, limits: Limits) -> None:
     if config.memory_bytes % MIB:
         raise InvalidArgument("config.memory.size_bytes", "must be a whole number of MiB")
     _check_kernel_args(config.kernel_args)
+    _check_options("config.boot.boot_options", config.boot_options)
     for name, value in (("kernel_path", config.kernel_path), ("initrd_path", config.initrd_path)):
         _check_path_text(f"config.boot.{name}", value)
     _check_storage(config)
+    if len(config.network) > MAX_INTERFACES:
+        raise InvalidArgument("config.network", f"at most {MAX_INTERFACES} interfaces")
     for i, iface in enumerate(config.network):
         check_interface_shape(iface, f"config.network[{i}]")
     _check_metadata(config.metadata)
 
 
 def _check_kernel_args(args: str) -> None:
+    """Refused, never dropped: a reserved name in any spelling (core/guest.py says which)."""
     field = "config.boot.kernel_args"
     if len(args.encode()) > MAX_KERNEL_ARGS:
         raise InvalidArgument(field, f"must be at most {MAX_KERNEL_ARGS} bytes")
-    if CONTROL_CHARS.search(args):
-        raise InvalidArgument(field, "must not contain control characters")
-    if RESERVED_ARG.search(args):
-        raise InvalidArgument(field, "metald.*, console=, panic= and reboot= are set by metald")
+    if any(c.isspace() and c != " " for c in args) or NON_PRINTABLE.search(args):
+        raise InvalidArgument(
+            field, "arguments must be separated by ASCII spaces (no tabs, newlines or controls)"
+        )
+    if not args.isascii():
+        raise InvalidArgument(field, "must be ASCII")
+    for word in split_kernel_args(args):
+        problem = kernel_arg_problem(word)
+        if problem is not None:
+            raise InvalidArgument(field, problem)
 
 
 def _check_path_text(field: str, value: str) -> None:
@@ -96,6 +124,35 @@ def _check_path_text(field: str, value: str) -> None:
         raise InvalidArgument(field, f"must be at most {MAX_PATH} characters")
     if "\x00" in value:
         raise InvalidArgument(field, "must not contain NUL bytes")
+    if not value.isprintable():
+        raise InvalidArgument(field, NOT_PRINTABLE)
+
+
+def check_text(field: str, value: str, max_bytes: int = MAX_SHORT_TEXT) -> None:
+    """A free-text field: at most `max_bytes` of UTF-8, printable (str.isprintable)."""
+    if len(value.encode()) > max_bytes:
+        raise InvalidArgument(field, f"must be at most {max_bytes} bytes")
+    if not value.isprintable():
+        raise InvalidArgument(field, NOT_PRINTABLE)
+
+
+def check_shutdown_timeout(timeout_seconds: int) -> None:
+    if not 0 <= timeout_seconds <= MAX_SHUTDOWN_TIMEOUT_SECONDS:
+        raise InvalidArgument(
+            "timeout_seconds",
+            f"must be between 0 (the default) and {MAX_SHUTDOWN_TIMEOUT_SECONDS} seconds",
+        )
+
+
+def _check_options(field: str, options: dict[str, str]) -> None:
+    if len(options) > MAX_OPTIONS_ENTRIES:
+        raise InvalidArgument(field, f"at most {MAX_OPTIONS_ENTRIES} entries")
+    for key, value in options.items():
+        if not (0 < len(key) <= MAX_OPTIONS_KEY and OPTION_KEY.fullmatch(key)):
+            raise InvalidArgument(
+                field, f"keys must be 1-{MAX_OPTIONS_KEY} characters of A-Z, a-z, 0-9, . _ -"
+            )
+        check_text(f"{field}[{key}]", value, MAX_OPTIONS_VALUE)
 
 
 def _check_storage(config: VmConfig) -> None:
@@ -115,6 +172,7 @@ def _check_storage(config: VmConfig) -> None:
         _check_path_text(f"{field}.path", disk.path)
         if disk.interface_type not in ("", "virtio-blk"):
             raise InvalidArgument(f"{field}.interface_type", "only virtio-blk is supported")
+        _check_options(f"{field}.options", disk.options)
         roots += disk.is_root_device
     if roots > 1:
         raise InvalidArgument("config.storage", "at most one root device")
@@ -134,6 +192,8 @@ def _check_metadata(metadata: dict[str, str]) -> None:
             raise InvalidArgument(
                 f"config.metadata[{key}]", f"values must be at most {MAX_METADATA_VALUE} bytes"
             )
+        if not value.isprintable():
+            raise InvalidArgument(f"config.metadata[{key}]", NOT_PRINTABLE)
         total += len(key.encode()) + len(value.encode())
     if total > MAX_METADATA_TOTAL:
         raise InvalidArgument("config.metadata", f"must be at most {MAX_METADATA_TOTAL} bytes")
@@ -159,6 +219,17 @@ def check_interface_shape(iface: NetworkInterface, where: str) -> None:
     """Field shapes of one network interface, whatever the host offers: a MAC that can be
     a guest's, DNS servers of the right family, rate limits that make sense. What the host
     can give (modes, subnets, gateways) is the network adapter's to check."""
+    for name in ("id", "mac_address", "tap_device", "interface_type"):
+        check_text(f"{where}.{name}", getattr(iface, name))
+    _check_options(f"{where}.options", iface.options)
+    for family, sub in (("ipv4_config", iface.ipv4_config), ("ipv6_config", iface.ipv6_config)):
+        if sub is None:
+            continue
+        for name in ("address", "netmask", "gateway", "link_local"):
+            if hasattr(sub, name):
+                check_text(f"{where}.{family}.{name}", getattr(sub, name))
+        if len(sub.dns_servers) > MAX_DNS_SERVERS:
+            raise InvalidArgument(f"{where}.{family}.dns_servers", f"at most {MAX_DNS_SERVERS}")
     if iface.mac_address:
         try:
             normalise_mac(iface.mac_address)

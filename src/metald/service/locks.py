@@ -12,6 +12,11 @@ class VmLocks:
         self._locks: dict[str, asyncio.Lock] = {}
         self._users: dict[str, int] = {}
 
+    def busy(self, vm_id: str) -> bool:
+        """Whether someone holds or waits for the VM's lock (a hold of a VM that is not busy
+        is taken without waiting: nothing runs in between)."""
+        return vm_id in self._locks
+
     @asynccontextmanager
     async def hold(self, vm_id: str) -> AsyncIterator[None]:
         lock = self._locks.setdefault(vm_id, asyncio.Lock())

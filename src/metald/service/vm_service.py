@@ -1,10 +1,27 @@
-"""VM use cases: ownership, per-VM locking and the state machine around the ports."""
+"""VM use cases: ownership, per-VM locking and the state machine around the ports.
+
+Tenants and ids: VM ids are one namespace for the whole host (they name directories, jails
+and namespaces), and a caller may choose one. So that no call reveals another customer's VM:
+- every call on an id the caller does not own answers not_found, exactly as for an id nobody
+  holds, and at once: ownership is checked before the VM's lock is taken, so the call never
+  waits behind the owner's operations (a wait would tell that the VM exists and is busy);
+- CreateVm with an id that is taken answers already_exists with one message whoever holds
+  it (the caller, another customer, a VM deleted long ago: ids are never reused) or is
+  creating it right now, and at once (a busy id is not waited for). What a tenant learns is
+  only "this id is not free", which a global namespace cannot hide; generated ids (the
+  default) are never taken.
+
+What a tenant is shown of the host: backend_info is cut to the keys in
+core.redaction.TENANT_INFO_KEYS (unless `host_details`, for development and tests), and the
+host details are logged for operators when a VMM starts.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +37,7 @@ from metald.core.errors import (
 )
 from metald.core.ids import new_vm_id
 from metald.core.models import (
+    ConsoleChunk,
     LaunchSpec,
     NetworkInfo,
     Page,
@@ -30,13 +48,23 @@ from metald.core.models import (
     VmUsage,
 )
 from metald.core.ports import Assets, Backend, Network, Store
+from metald.core.redaction import tenant_backend_info, vmm_text
 from metald.core.states import DELETE_NEEDS_FORCE, LIVE_STATES, Operation, VmState, next_state
 from metald.core.undo import Undo
-from metald.core.validation import Limits, check_config, check_customer_id, check_vm_id
+from metald.core.validation import (
+    Limits,
+    check_config,
+    check_customer_id,
+    check_shutdown_timeout,
+    check_vm_id,
+)
 from metald.service.admission import Admission
 from metald.service.locks import VmLocks
 
 log = logging.getLogger(__name__)
+
+DEFAULT_CONSOLE_BYTES = 64 * 1024
+MAX_CONSOLE_BYTES = 1024 * 1024
 
 
 class _Keep:
@@ -59,10 +87,12 @@ class VmService:
         default_backend: str = "",
         default_shutdown_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
+        host_details: bool = False,
     ) -> None:
         """`backends`: every VMM backend this host can run, by name (a VM row records its
         backend, so VMs of each are adopted after a restart); new VMs use `default_backend`
-        (the only one when there is one)."""
+        (the only one when there is one). `host_details`: GetVmInfo shows the backend's
+        host details (pid, paths, versions) to tenants too: development and tests only."""
         if not backends:
             raise ValueError("at least one backend")
         default_backend = default_backend or next(iter(backends))
@@ -78,6 +108,7 @@ class VmService:
         self._default_shutdown_timeout = default_shutdown_timeout
         self._clock = clock
         self._locks = VmLocks()
+        self._host_details = host_details
 
     # -- life of the service -------------------------------------------------------------
 
@@ -155,9 +186,12 @@ class VmService:
         spec_of = self._resolve(config, caller)
         vm_id = vm_id or new_vm_id()
         claim = self._admission.check_request(config, spec_of(vm_id).disks)
-        async with self._locks.hold(vm_id):
+        taken = AlreadyExists(f"vm_id {vm_id!r} is taken (VM ids are never reused)")
+        if self._locks.busy(vm_id):
+            raise taken  # someone's VM, or someone's create of it: not waited for
+        async with self._locks.hold(vm_id):  # free: taken at once, with no wait
             if await self._store.exists(vm_id):
-                raise AlreadyExists(f"a VM with id {vm_id!r} exists or existed")
+                raise taken
             now = self._clock()
             vm = VmRecord(
                 id=vm_id,
@@ -186,33 +220,32 @@ class VmService:
                 except BaseException:
                     await undo.run_async()
                     raise
+            self._log_host_details(vm)
             return vm
 
     async def boot_vm(self, caller: str, vm_id: str) -> VmRecord:
-        async with self._locks.hold(vm_id):
-            vm = await self._owned(caller, vm_id)
+        async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.BOOT, vm.state)
             async with self._admission.booting(vm):
                 process = await self._backend_of(vm).boot(vm_id)
-                return await self._save(vm, state=new_state, process=process, exit_reason=None)
+                saved = await self._save(vm, state=new_state, process=process, exit_reason=None)
+            self._log_host_details(vm)
+            return saved
 
     async def pause_vm(self, caller: str, vm_id: str) -> VmRecord:
-        async with self._locks.hold(vm_id):
-            vm = await self._owned(caller, vm_id)
+        async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.PAUSE, vm.state)
             await self._backend_of(vm).pause(vm_id)
             return await self._save(vm, state=new_state)
 
     async def resume_vm(self, caller: str, vm_id: str) -> VmRecord:
-        async with self._locks.hold(vm_id):
-            vm = await self._owned(caller, vm_id)
+        async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.RESUME, vm.state)
             await self._backend_of(vm).resume(vm_id)
             return await self._save(vm, state=new_state)
 
     async def reboot_vm(self, caller: str, vm_id: str) -> VmRecord:
-        async with self._locks.hold(vm_id):
-            vm = await self._owned(caller, vm_id)
+        async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.REBOOT, vm.state)
             process = await self._backend_of(vm).reboot(vm_id)
             return await self._save(vm, state=new_state, process=process)
@@ -220,11 +253,9 @@ class VmService:
     async def shutdown_vm(
         self, caller: str, vm_id: str, *, force: bool = False, timeout_seconds: int = 0
     ) -> VmRecord:
-        if timeout_seconds < 0:
-            raise InvalidArgument("timeout_seconds", "must not be negative")
+        check_shutdown_timeout(timeout_seconds)
         timeout = float(timeout_seconds) or self._default_shutdown_timeout
-        async with self._locks.hold(vm_id):
-            vm = await self._owned(caller, vm_id)
+        async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.SHUTDOWN, vm.state)
             how = await self._backend_of(vm).shutdown(vm_id, timeout=timeout, force=force)
             return await self._save(
@@ -232,8 +263,7 @@ class VmService:
             )
 
     async def delete_vm(self, caller: str, vm_id: str, *, force: bool = False) -> None:
-        async with self._locks.hold(vm_id):
-            vm = await self._owned(caller, vm_id)
+        async with self._owned_and_locked(caller, vm_id) as vm:
             next_state(Operation.DELETE, vm.state)
             if vm.state in DELETE_NEEDS_FORCE and not force:
                 raise FailedPrecondition(
@@ -260,7 +290,23 @@ class VmService:
             except MetaldError as exc:
                 # The VMM may be exiting right now; the exit callback will record it.
                 log.debug("usage of %s unavailable: %s", vm_id, exc)
+        if self._host_details:
+            if "exit_reason" in info:
+                info["exit_reason"] = vmm_text(info["exit_reason"])
+        else:
+            info = tenant_backend_info(info)
         return vm, usage, info, network
+
+    async def get_console(
+        self, caller: str, vm_id: str, offset: int, max_bytes: int
+    ) -> ConsoleChunk:
+        """The VM's console output for its owner: at most `max_bytes` (0: 64 KiB; at most
+        1 MiB) from byte `offset` (negative: the last -offset bytes). No lock: a read."""
+        if max_bytes < 0:
+            raise InvalidArgument("max_bytes", "must not be negative")
+        limit = min(max_bytes or DEFAULT_CONSOLE_BYTES, MAX_CONSOLE_BYTES)
+        vm = await self._owned(caller, vm_id)
+        return await self._backend_of(vm).console(vm_id, offset, limit)
 
     async def list_vms(
         self, caller: str, states: Sequence[VmState], page_size: int, page_token: str
@@ -283,6 +329,24 @@ class VmService:
                 f"VM {vm.id} runs on the {vm.backend} backend, which this daemon does not run"
             )
         return backend
+
+    @asynccontextmanager
+    async def _owned_and_locked(self, caller: str, vm_id: str) -> AsyncIterator[VmRecord]:
+        """The caller's VM under its lock. Ownership is checked first, so another customer's
+        call on the id answers not_found at once instead of waiting for the lock; read again
+        once the lock is held (the VM may have been deleted meanwhile)."""
+        await self._owned(caller, vm_id)
+        async with self._locks.hold(vm_id):
+            yield await self._owned(caller, vm_id)
+
+    def _log_host_details(self, vm: VmRecord) -> None:
+        """What tenants are not shown, for operators: pid, sockets, console path, version."""
+        try:
+            details = self._backend_of(vm).info(vm.id)
+        except MetaldError:
+            return
+        shown = " ".join(f"{k}={v}" for k, v in sorted(details.items()) if k != "exit_reason")
+        log.info("vm %s of %s: %s", vm.id, vm.customer_id, shown)
 
     async def _owned(self, caller: str, vm_id: str) -> VmRecord:
         check_vm_id(vm_id)
@@ -346,7 +410,7 @@ class VmService:
         if not isinstance(exit_reason, _Keep):
             info = {k: v for k, v in vm.backend_info.items() if k != "exit_reason"}
             if exit_reason is not None:
-                info["exit_reason"] = exit_reason
+                info["exit_reason"] = vmm_text(exit_reason)  # a VMM's words: bounded
             vm.backend_info = info
         await self._store.update(vm)
         return replace(vm)

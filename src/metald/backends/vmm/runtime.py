@@ -35,6 +35,7 @@ Lifecycle notes:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -42,6 +43,7 @@ from pathlib import Path
 
 from metald.backends.vmm.adoption import Adopter
 from metald.backends.vmm.cleanup import remove_vm_files
+from metald.backends.vmm.console import UnsafeConsole, read_console
 from metald.backends.vmm.context import VmmContext
 from metald.backends.vmm.disks import copy_writable_disks
 from metald.backends.vmm.driver import VmmDriver, VmmHost
@@ -54,7 +56,7 @@ from metald.backends.vmm.records import save_spec
 from metald.backends.vmm.supervision import Supervisor
 from metald.backends.vmm.usage import sample_usage
 from metald.core.errors import BackendError, InvalidArgument
-from metald.core.models import LaunchSpec, ProcessIdentity, VmUsage
+from metald.core.models import ConsoleChunk, LaunchSpec, ProcessIdentity, VmUsage
 from metald.core.ports import ExitCallback, TapCallback
 from metald.core.states import VmState
 from metald.jailer.spec import JailSpec
@@ -329,6 +331,20 @@ class VmmRuntime:
         if vm is not None and vm.exit_reason is not None:
             result["exit_reason"] = vm.exit_reason
         return result
+
+    async def console(self, vm_id: str, offset: int, max_bytes: int) -> ConsoleChunk:
+        """The console log of the VM's VMM (the running one, else the last one); see
+        backends/vmm/console.py for how it is read."""
+        try:
+            layout = VmLayout(self.vm_dir(vm_id))
+        except ValueError:
+            return ConsoleChunk(data=b"", offset=0, next_offset=0, size=0)
+        console_log, _ = self._ctx.host_files(self._vms.get(vm_id), layout)
+        try:
+            return await asyncio.to_thread(read_console, console_log, offset, max_bytes)
+        except (UnsafeConsole, OSError) as e:
+            log.warning("VM %s: console log %s not read: %s", vm_id, console_log, e)
+            raise BackendError(f"VM {vm_id}: its console log cannot be read") from None
 
     async def close(self) -> None:
         """Disconnect from every VMM and stop watching; the processes keep running."""

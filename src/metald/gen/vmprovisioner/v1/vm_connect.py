@@ -21,7 +21,7 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .vm_pb2 import BootVmRequest, BootVmResponse, CreateVmRequest, CreateVmResponse, DeleteVmRequest, DeleteVmResponse, GetVmInfoRequest, GetVmInfoResponse, ListVmsRequest, ListVmsResponse, PauseVmRequest, PauseVmResponse, RebootVmRequest, RebootVmResponse, ResumeVmRequest, ResumeVmResponse, ShutdownVmRequest, ShutdownVmResponse
+from .vm_pb2 import BootVmRequest, BootVmResponse, CreateVmRequest, CreateVmResponse, DeleteVmRequest, DeleteVmResponse, GetVmConsoleRequest, GetVmConsoleResponse, GetVmInfoRequest, GetVmInfoResponse, ListVmsRequest, ListVmsResponse, PauseVmRequest, PauseVmResponse, RebootVmRequest, RebootVmResponse, ResumeVmRequest, ResumeVmResponse, ShutdownVmRequest, ShutdownVmResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -63,6 +63,12 @@ class VmService(Protocol):
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
     async def list_vms(self, request: ListVmsRequest, ctx: RequestContext[ListVmsRequest, ListVmsResponse], /) -> ListVmsResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def get_vm_console(self, request: GetVmConsoleRequest, ctx: RequestContext[GetVmConsoleRequest, GetVmConsoleResponse], /) -> GetVmConsoleResponse:
+        """
+        metald's own: the VM's serial console output, for its owner.
+        """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
 
@@ -177,6 +183,17 @@ class VmServiceASGIApplication(ConnectASGIApplication[VmService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.list_vms,
+                ),
+                "/vmprovisioner.v1.VmService/GetVmConsole": Endpoint.unary(
+                    method=MethodInfo(
+                        name="GetVmConsole",
+                        service_name="vmprovisioner.v1.VmService",
+                        input=GetVmConsoleRequest,
+                        output=GetVmConsoleResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.get_vm_console,
                 ),
             },
             interceptors=interceptors,
@@ -396,6 +413,29 @@ class VmServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def get_vm_console(
+        self,
+        request: GetVmConsoleRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> GetVmConsoleResponse:
+        """
+        metald's own: the VM's serial console output, for its owner.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetVmConsole",
+                service_name="vmprovisioner.v1.VmService",
+                input=GetVmConsoleRequest,
+                output=GetVmConsoleResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
 
 class VmServiceSync(Protocol):
     def create_vm(self, request: CreateVmRequest, ctx: RequestContext[CreateVmRequest, CreateVmResponse], /) -> CreateVmResponse:
@@ -423,6 +463,12 @@ class VmServiceSync(Protocol):
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
     def list_vms(self, request: ListVmsRequest, ctx: RequestContext[ListVmsRequest, ListVmsResponse], /) -> ListVmsResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def get_vm_console(self, request: GetVmConsoleRequest, ctx: RequestContext[GetVmConsoleRequest, GetVmConsoleResponse], /) -> GetVmConsoleResponse:
+        """
+        metald's own: the VM's serial console output, for its owner.
+        """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
 
@@ -535,6 +581,17 @@ class VmServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.list_vms,
+                ),
+                "/vmprovisioner.v1.VmService/GetVmConsole": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="GetVmConsole",
+                        service_name="vmprovisioner.v1.VmService",
+                        input=GetVmConsoleRequest,
+                        output=GetVmConsoleResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.get_vm_console,
                 ),
             },
             interceptors=interceptors,
@@ -748,6 +805,29 @@ class VmServiceClientSync(ConnectClientSync):
                 service_name="vmprovisioner.v1.VmService",
                 input=ListVmsRequest,
                 output=ListVmsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def get_vm_console(
+        self,
+        request: GetVmConsoleRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> GetVmConsoleResponse:
+        """
+        metald's own: the VM's serial console output, for its owner.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetVmConsole",
+                service_name="vmprovisioner.v1.VmService",
+                input=GetVmConsoleRequest,
+                output=GetVmConsoleResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),

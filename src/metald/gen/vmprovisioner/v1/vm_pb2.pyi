@@ -484,3 +484,25 @@ class VmInfo(_message.Message):
     metadata: _containers.ScalarMap[str, str]
     customer_id: str
     def __init__(self, vm_id: _Optional[str] = ..., state: _Optional[_Union[VmState, str]] = ..., vcpu_count: _Optional[int] = ..., memory_size_bytes: _Optional[int] = ..., created_timestamp: _Optional[int] = ..., modified_timestamp: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., customer_id: _Optional[str] = ...) -> None: ...
+
+class GetVmConsoleRequest(_message.Message):
+    __slots__ = ("vm_id", "offset", "max_bytes")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    vm_id: str
+    offset: int
+    max_bytes: int
+    def __init__(self, vm_id: _Optional[str] = ..., offset: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+
+class GetVmConsoleResponse(_message.Message):
+    __slots__ = ("data", "offset", "next_offset", "size")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NEXT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    offset: int
+    next_offset: int
+    size: int
+    def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., next_offset: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
