@@ -266,6 +266,9 @@ class Daemon:
             # The tests read pids and host paths from backend_info (a tenant does not see
             # them: tests/e2e/test_tenant_view.py runs a daemon without this).
             "UNKEY_METALD_EXPOSE_HOST_DETAILS": "true",
+            # The suite's daemons outlive many tests' VMs; the host's committed-vCPU ceiling
+            # (cores x 4 by default: 8 here) is tested by test_quotas.py with its own daemon.
+            "UNKEY_METALD_HOST_VCPUS": "256",
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None
