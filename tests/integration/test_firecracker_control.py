@@ -17,7 +17,6 @@ Every process a test starts is ended by its pid; the run directories are removed
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import shutil
@@ -33,6 +32,7 @@ from typing import Any
 import httpx
 import pytest
 from fakes.firecracker.make_launcher import write_launcher
+from fakes.firecracker.real import real_firecracker_binary, thread_status
 
 from metald.assets.store import LocalAssetStore
 from metald.backends.firecracker.api import FirecrackerApiError
@@ -425,28 +425,6 @@ async def test_the_guest_network_with_rate_limits(
 
 
 # -- a real Firecracker, API only -------------------------------------------------------------
-
-
-def real_firecracker_binary() -> str:
-    """A real `firecracker` on PATH (an ELF, not a stand-in launcher), or the test skips."""
-    path = shutil.which("firecracker")
-    if path is None:
-        pytest.skip("no real `firecracker` on PATH (its API needs no working KVM guest)")
-    with open(path, "rb") as f:
-        if f.read(4) != b"\x7fELF":
-            pytest.skip(f"{path} is not a Firecracker binary (a script)")
-    return path
-
-
-def thread_status(pid: int) -> dict[str, dict[str, str]]:
-    """/proc status of each thread of `pid`, by thread name (fc_api, fc_vcpu 0, ...)."""
-    threads: dict[str, dict[str, str]] = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(FileNotFoundError):
-            text = Path(f"/proc/{pid}/task/{tid}/status").read_text()
-            fields = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
-            threads[fields["Name"].strip()] = {k: v.strip() for k, v in fields.items()}
-    return threads
 
 
 async def get_json(socket_path: Path, path: str) -> Any:
