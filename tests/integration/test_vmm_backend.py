@@ -1,8 +1,10 @@
 """The VMM runtime with each driver against real guests (the default guest image, under TCG
 on these machines): QEMU, and Firecracker driven through its API stand-in
 (tests/fakes/firecracker: the spec's API, strictly, with the guest itself under QEMU; a real
-`firecracker` cannot run here). Every test that takes `backend` runs once per driver; the few
-about QEMU's own command line, QMP socket or stderr say so and skip for Firecracker.
+`firecracker` cannot run guests here). Every test that takes `backend` runs once per driver;
+the few about QEMU's own command line, QMP socket or stderr say so and skip for Firecracker.
+The last test jails a real `firecracker` from PATH, when there is one, and checks its API and
+its own seccomp filter, no guest needed (skipped without one).
 
 Uses the asset store at $METALD_TEST_ASSETS (default: <repo>/var/assets, which `make guest`
 builds); skipped when it has no default guest. Every VM lives under a per-test temp dir; the
