@@ -8,7 +8,8 @@ its ordering rules, answers 400 with a fault_message where Firecracker would, an
 guest under QEMU, so console, network, pause and Ctrl-Alt-Del are real. A request the stand-in
 refuses makes the daemon's call fail, and so the test. When a real `firecracker` is on PATH
 and KVM runs guests, the VM tests run against it too; otherwise that variant is skipped with
-the reason.
+the reason. The last test needs a real `firecracker` on PATH only (no guest): it checks that
+one takes everything the daemon configures, InstanceStart included.
 
 Every step is also checked on the host (console log, /proc, the SQLite file, the jail base,
 the VMM's own API socket), and the e2e teardown fails the test on any process, jail, cgroup
@@ -30,6 +31,7 @@ from typing import Any
 
 import pytest
 from fakes.firecracker.make_launcher import standin_host_paths, write_launcher
+from fakes.firecracker.real import real_firecracker_binary
 
 from metald.host.kvm import probe_image, probe_kvm_directly
 
@@ -547,3 +549,50 @@ def test_startup_refuses_without_working_kvm(scratch: Path, standin: Path) -> No
     assert "Firecracker needs working KVM" in out.stderr, out.stderr
     assert "UNKEY_METALD_FIRECRACKER_SKIP_KVM_CHECK=true" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+# -- 8. a real Firecracker, API only ------------------------------------------------------------
+
+
+def test_a_real_firecracker_takes_what_the_daemon_configures(
+    metald_factory: Callable[..., Daemon], callers: Callable[..., Caller]
+) -> None:
+    """The daemon with a real `firecracker` on PATH (jailed as always): CreateVm configures
+    it (a NIC with rate limits) and nothing is refused; BootVm's InstanceStart is
+    taken, pause and resume too. Needs no working KVM guest, so no guest is looked at: where
+    KVM can run one, the tests above run against the real binary as well."""
+    daemon = metald_factory(
+        UNKEY_METALD_BACKEND="firecracker",
+        UNKEY_METALD_FIRECRACKER_BINARY=real_firecracker_binary(),
+        UNKEY_METALD_FIRECRACKER_SKIP_KVM_CHECK="true",
+    )
+    call = callers("grpcio", daemon.url)
+    nic = {
+        **NIC,
+        "rx_rate_limit": {"bandwidth": 2 * MIB},
+        "tx_rate_limit": {"bandwidth": MIB, "burst": 64 * 1024},
+    }
+    call.must("CreateVm", {"vm_id": "fc-real", "config": {**SMALL, "network": [nic]}})
+    info = call.info("fc-real").body
+    backend = info["backend_info"]
+    assert fc_api(backend, "/")["state"] == "Not started"
+    config = fc_api(backend, "/vm/config")
+    assert config["machine-config"]["mem_size_mib"] == 128, config
+    [iface] = config["network-interfaces"]
+    assert iface["host_dev_name"] == info["network_info"]["tap_device"], iface
+    assert _bucket(iface, "rx") == {"size": 2 * MIB, "refill_time": 1000}, iface
+    assert _bucket(iface, "tx") == {"size": MIB, "refill_time": 1000, "one_time_burst": 64 * 1024}
+    assert_no_refusals(call, "fc-real")
+
+    booted = call.must("BootVm", {"vm_id": "fc-real"})
+    assert state_name(booted.body["state"]) == "RUNNING"
+    assert fc_api(backend, "/")["state"] == "Running"
+    call.must("PauseVm", {"vm_id": "fc-real"})
+    assert fc_api(backend, "/")["state"] == "Paused"
+    call.must("ResumeVm", {"vm_id": "fc-real"})
+    assert fc_api(backend, "/")["state"] == "Running"
+    assert_no_refusals(call, "fc-real")
+
+    pid = vmm_pid(call, "fc-real")
+    call.must("DeleteVm", {"vm_id": "fc-real", "force": True})
+    assert_nothing_left(daemon, "fc-real", [pid])

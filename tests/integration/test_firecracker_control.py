@@ -2,7 +2,11 @@
 
 The stand-in serves Firecracker's API strictly by the spec (every body validated against its
 schema, the ordering rules enforced) and runs the guest under QEMU, so a request the spec
-would reject fails these tests. The VMM runs unjailed here, started as the runtime would
+would reject fails these tests. When a real `firecracker` is on PATH, the last test sends a
+real one everything the driver sends, up to InstanceStart, and checks what it was told: that
+needs no working KVM guest (Firecracker takes InstanceStart where nested KVM cannot run the
+guest: its vCPU threads start, the guest never gets far), so it runs here; it is skipped
+without one. The VMM runs unjailed here, started as the runtime would
 start it (the driver's argv) and reached as the runtime reaches it (a checked socket handed
 over as /proc/self/fd/N); the runtime itself is not involved. The default guest image comes
 from the asset store at $METALD_TEST_ASSETS (default <repo>/var/assets).
@@ -23,9 +27,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from fakes.firecracker.make_launcher import write_launcher
+from fakes.firecracker.real import real_firecracker_binary, thread_status
 
 from metald.assets.store import LocalAssetStore
 from metald.backends.firecracker.api import FirecrackerApiError
@@ -120,6 +127,7 @@ class Rig:
         boot_files: tuple[Path, Path | None],
         disks: tuple[Drive, ...] = (),
         nic: NicSpec | None = None,
+        vcpus: int = 1,
     ) -> LaunchContext:
         # A short directory: the API and the stand-in's QMP socket paths must fit sun_path.
         run_dir = Path(tempfile.mkdtemp(prefix="fc"))
@@ -130,7 +138,7 @@ class Rig:
         return LaunchContext(
             spec=LaunchSpec(
                 vm_id=vm_id,
-                vcpu_count=1,
+                vcpu_count=vcpus,
                 memory_bytes=256 * 1024 * 1024,
                 kernel=kernel,
                 initrd=initrd,
@@ -414,3 +422,93 @@ async def test_the_guest_network_with_rate_limits(
     finally:
         await control.close()
     assert status == ExitStatus(exit_code=0), vmm.stderr()
+
+
+# -- a real Firecracker, API only -------------------------------------------------------------
+
+
+async def get_json(socket_path: Path, path: str) -> Any:
+    async with httpx.AsyncClient(
+        transport=httpx.AsyncHTTPTransport(uds=str(socket_path)), base_url="http://localhost"
+    ) as client:
+        r = await client.get(path)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def test_a_real_firecracker_takes_every_request_the_driver_sends(
+    netns: str, tmp_path: Path
+) -> None:
+    binary = real_firecracker_binary()
+    store = LocalAssetStore(STORE_DIR)
+    if store.default() is None:
+        pytest.skip(f"no default guest image in {STORE_DIR} (`make guest` builds it)")
+    driver = FirecrackerDriver(binary, skip_kvm_check=True, metrics_interval=0.2)
+    rig = Rig(driver, await driver.probe())
+    try:
+        nic = NicSpec(
+            netns=netns,
+            tap="tap0",
+            mac="02:00:ac:1e:62:03",
+            guest_args=f"metald.ip4={GUEST_IP}/24 metald.gw4={HOST_IP}",
+            rx_rate_limit=RateLimit(bandwidth=10_000_000, burst=1_000_000),
+            tx_rate_limit=RateLimit(bandwidth=5_000_000, refill_time_ms=100),
+        )
+        # 3 vCPUs: odd counts are fine with SMT off (a real Firecracker says so).
+        launch = rig.launch_context(
+            "vm-fc-real", store.default_boot(), (read_only_disk(tmp_path),), nic=nic, vcpus=3
+        )
+        vmm = rig.start(launch, ["ip", "netns", "exec", netns, *driver.argv(rig.host, launch)])
+        control = await rig.connect(vmm)
+        try:
+            # Its own seccomp filter is on from the start where the API is served (the VMM
+            # thread gets its filter at InstanceStart).
+            assert thread_status(vmm.proc.pid)["fc_api"]["Seccomp"] == "2"
+            await control.prepare(launch)
+            assert await control.runstate() == VmState.CREATED
+            log = (vmm.run_dir / "firecracker.log").read_text()
+            assert "Status code: 400" not in log, log
+
+            # What it was told, read back.
+            sock = launch.files.control_socket
+            cfg = await get_json(sock, "/vm/config")
+            assert cfg["machine-config"] | {"vcpu_count": 3, "mem_size_mib": 256, "smt": False} \
+                == cfg["machine-config"]  # fmt: skip
+            assert cfg["boot-source"]["boot_args"] == launch.kernel_cmdline
+            assert cfg["boot-source"]["kernel_image_path"] == str(launch.files.kernel)
+            [drive] = cfg["drives"]
+            assert (drive["drive_id"], drive["is_read_only"], drive["is_root_device"]) == (
+                "data_ro", True, False
+            )  # fmt: skip
+            [iface] = cfg["network-interfaces"]
+            assert (iface["host_dev_name"], iface["guest_mac"]) == ("tap0", nic.mac)
+            assert iface["rx_rate_limiter"]["bandwidth"] == {
+                "size": 10_000_000, "refill_time": 1000, "one_time_burst": 1_000_000
+            }  # fmt: skip
+            assert iface["tx_rate_limiter"]["bandwidth"] == {
+                "size": 500_000, "refill_time": 100, "one_time_burst": None
+            }  # fmt: skip
+            assert cfg["entropy"] is not None
+
+            await control.start_vcpus()
+            assert await control.runstate() == VmState.RUNNING
+            threads = thread_status(vmm.proc.pid)
+            assert {"fc_vcpu 0", "fc_vcpu 1", "fc_vcpu 2"} <= set(threads), sorted(threads)
+            for name in ("firecracker", "fc_api", "fc_vcpu 0"):
+                assert threads[name]["Seccomp"] == "2", (name, threads[name])
+            await control.pause()
+            assert await control.runstate() == VmState.PAUSED
+            await control.resume()
+            assert await control.runstate() == VmState.RUNNING
+            # Its metrics FIFO is read: the line it writes at the start and a flush's.
+            await control.io_stats()
+            assert control._metrics is not None and control._metrics.totals.lines >= 2
+            assert control._metrics.totals.dropped_lines == 0
+
+            with pytest.raises(FirecrackerApiError, match="not supported after starting"):
+                await control.api.put_boot_source({"kernel_image_path": str(launch.files.kernel)})
+        finally:
+            await control.close()
+        assert vmm.proc.poll() is None, vmm.stderr()
+    finally:
+        rig.close()

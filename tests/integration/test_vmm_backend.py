@@ -1,8 +1,10 @@
 """The VMM runtime with each driver against real guests (the default guest image, under TCG
 on these machines): QEMU, and Firecracker driven through its API stand-in
 (tests/fakes/firecracker: the spec's API, strictly, with the guest itself under QEMU; a real
-`firecracker` cannot run here). Every test that takes `backend` runs once per driver; the few
-about QEMU's own command line, QMP socket or stderr say so and skip for Firecracker.
+`firecracker` cannot run guests here). Every test that takes `backend` runs once per driver;
+the few about QEMU's own command line, QMP socket or stderr say so and skip for Firecracker.
+The last test jails a real `firecracker` from PATH, when there is one, and checks its API and
+its own seccomp filter, no guest needed (skipped without one).
 
 Uses the asset store at $METALD_TEST_ASSETS (default: <repo>/var/assets, which `make guest`
 builds); skipped when it has no default guest. Every VM lives under a per-test temp dir; the
@@ -31,21 +33,22 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 from fakes.firecracker.make_launcher import standin_host_paths, write_launcher
+from fakes.firecracker.real import real_firecracker_binary, thread_status
 
 from metald.assets.store import LocalAssetStore
-from metald.backends.firecracker.driver import FirecrackerDriver
+from metald.backends.firecracker.driver import FirecrackerControl, FirecrackerDriver
 from metald.backends.qemu.driver import QemuDriver
 from metald.backends.qemu.host_paths import qemu_host_paths
 from metald.backends.vmm.jail import JailSettings, processes_rooted_at
 from metald.backends.vmm.runtime import VmmRuntime
 from metald.core.errors import BackendError, InvalidArgument
-from metald.core.models import LaunchSpec, NicSpec, ProcessIdentity, ResolvedDisk
+from metald.core.models import LaunchSpec, NicSpec, ProcessIdentity, RateLimit, ResolvedDisk
 from metald.core.states import VmState
 from metald.host.mounts import mounts_under
 from metald.host.process import identity_of, is_alive, kill_identity, read_cmdline
@@ -1085,3 +1088,92 @@ async def test_kill_identity_never_kills_a_reused_pid() -> None:
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+# -- a real Firecracker, jailed (API only) ----------------------------------------------------
+
+
+@JAILED
+async def test_a_real_firecracker_jailed_takes_its_configuration_and_keeps_its_seccomp(
+    mode: str,
+    vm_root: Path,
+    jail: JailSettings | None,
+    jail_ids: tuple[int, int],
+    netns_name: str,
+    tmp_path: Path,
+) -> None:
+    """A real `firecracker` on PATH, jailed as metald jails it (its own user, no
+    capabilities, no new privileges, the VM's namespace and TAP), takes every request the
+    driver sends, InstanceStart included, and its own seccomp filter stays on. No guest is
+    looked at: where nested KVM cannot run one, Firecracker still starts its vCPU threads."""
+    binary = real_firecracker_binary()
+    store = LocalAssetStore(STORE_DIR)
+    if store.default() is None:
+        pytest.skip(f"no default guest image in {STORE_DIR} (`make guest` builds it)")
+    uid, gid = jail_ids
+    data = tmp_path / "data.img"
+    data.write_bytes(b"\0" * 1024 * 1024)
+    tap, vm = "tap-fcr0", "vm-fcreal"
+    nic = NicSpec(
+        netns=netns_name,
+        tap=tap,
+        mac="02:00:0a:7b:01:02",
+        guest_args="metald.ip4=10.123.1.2/24 metald.gw4=10.123.1.1",
+        rx_rate_limit=RateLimit(bandwidth=2_000_000),
+        tx_rate_limit=RateLimit(bandwidth=1_000_000, burst=65536),
+    )
+    spec = replace(
+        spec_for(store.default_boot(), vm, disks=(ResolvedDisk("data", data, False, False),)),
+        nic=nic,
+        vcpu_count=3,
+    )
+    b = VmmRuntime(FirecrackerDriver(binary, skip_kvm_check=True), vm_root, jail=jail)
+    await b.start()
+    try:
+        b.set_tap_callback(lambda vm_id: in_thread(add_address, netns_name, tap, "10.123.1.1", 24))
+        ident = await b.create(spec)
+        status = status_fields(ident.pid)
+        assert status["Name"] == "firecracker"
+        assert status["Uid"].split() == [str(uid)] * 4
+        assert status["Gid"].split() == [str(gid)] * 4
+        for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(status[caps], 16) == 0, caps
+        assert status["NoNewPrivs"] == "1"
+        argv = read_cmdline(ident.pid)
+        assert "--no-seccomp" not in argv and "--seccomp-filter" not in argv, argv
+        assert thread_status(ident.pid)["fc_api"]["Seccomp"] == "2"
+        assert (
+            os.stat(f"/proc/{ident.pid}/ns/net").st_ino
+            == os.stat(f"/run/netns/{netns_name}").st_ino
+        )
+        assert set(await in_thread(links_in, netns_name)) == {"lo", tap}
+        run_dir = Path(b.info(vm)["console_log"]).parent
+        assert "Status code: 400" not in (run_dir / "firecracker.log").read_text()
+        assert await runstate(b, vm) is VmState.CREATED
+
+        await b.boot(vm)
+        assert await runstate(b, vm) is VmState.RUNNING
+        threads = thread_status(ident.pid)
+        assert {"fc_vcpu 0", "fc_vcpu 1", "fc_vcpu 2"} <= set(threads), sorted(threads)
+        for name, fields in threads.items():
+            if name == "firecracker" or name.startswith("fc_"):
+                assert fields["Seccomp"] == "2", (name, fields)
+        await b.pause(vm)
+        assert await runstate(b, vm) is VmState.PAUSED
+        await b.resume(vm)
+        # Its metrics FIFO is read: the line it writes at the start, and a flush's.
+        control = b._vms[vm].control
+        assert isinstance(control, FirecrackerControl)
+        await control.io_stats()
+        assert control._metrics is not None and control._metrics.totals.lines >= 2
+        assert "Status code: 400" not in (run_dir / "firecracker.log").read_text()
+
+        await b.destroy(vm)
+        assert not is_alive(ident)
+        assert_no_jail_left(b, vm)
+        assert set(await in_thread(links_in, netns_name)) == {"lo"}
+    finally:
+        for name in dirs_under(vm_root):
+            await b.destroy(name)
+        await b.remove_orphans(set())
+        await b.close()

@@ -1,10 +1,13 @@
 """The API's meaning: Firecracker's configuration state, its ordering rules, the guest's life.
 
 Every request is first checked against the spec (spec.py); what the spec cannot say is checked
-here as Firecracker checks it: pre-boot-only and post-boot-only calls, InstanceStart once and
-only with a boot source, logger and metrics configured once, files that must exist, ids that
-must match, one root drive, TAPs that must open. All of it runs on one thread (the caller's),
-one request at a time, as Firecracker's VMM thread does; QEMU is started from that thread.
+here as Firecracker checks it: pre-boot-only and post-boot-only calls (FlushMetrics is one of
+the latter), InstanceStart once and only with a boot source, metrics configured once (the
+logger may be configured again), files that must exist, ids that must match, one root drive,
+TAPs that must open. Metrics lines are written as Firecracker 1.16.1 writes them: one at
+InstanceStart, then on FlushMetrics and every 60 s (never before the start). All of it runs
+on one thread (the caller's), one request at a time, as Firecracker's VMM thread does; QEMU is
+started from that thread.
 """
 
 from __future__ import annotations
@@ -246,15 +249,21 @@ class Vmm:
         return 204, None
 
     def op_putLogger(self, op: Operation, body: dict[str, Any]) -> Reply:
-        if "logger" in self.devices:
-            raise ApiError("The logger was already initialized.")
+        # Firecracker takes the logger again (a second PUT answers 204): what the new body
+        # names replaces what was set, the rest stays.
+        cfg = self.devices.get("logger", {}) | body
+        sink = self.logger.sink if self.logger is not None else None
         if "log_path" in body:
             try:
-                sink = Sink(Path(body["log_path"]))
+                new_sink = Sink(Path(body["log_path"]))
             except OSError as e:
                 raise ApiError(f"Cannot initialize the logger: {e}") from e
-            self.logger = Logger(sink, self.instance_id, body)
-        self.devices["logger"] = body
+            if sink is not None:
+                sink.close()
+            sink = new_sink
+        if sink is not None:
+            self.logger = Logger(sink, self.instance_id, cfg)
+        self.devices["logger"] = cfg
         return 204, None
 
     def op_putMetrics(self, op: Operation, body: dict[str, Any]) -> Reply:
@@ -265,8 +274,7 @@ class Vmm:
         except OSError as e:
             raise ApiError(f"Cannot initialize the metrics: {e}") from e
         self.devices["metrics"] = body
-        self.next_flush = time.monotonic() + 60
-        return 204, None
+        return 204, None  # nothing is written before InstanceStart
 
     def op_putSerialDevice(self, op: Operation, body: dict[str, Any]) -> Reply:
         if "serial_out_path" in body:
@@ -428,6 +436,8 @@ class Vmm:
     def op_createSyncAction(self, op: Operation, body: dict[str, Any]) -> Reply:
         action = body["action_type"]
         if action == "FlushMetrics":
+            if self.state == "Not started":
+                raise ApiError(NOT_BEFORE_START)
             if not self.flush_metrics():
                 raise ApiError("The metrics system is not initialized." if self.metrics.sink
                                is None else "The metrics could not be written.")  # fmt: skip
@@ -450,7 +460,8 @@ class Vmm:
             raise ApiError(f"The VMM could not carry out the request: {e}") from e
 
     def flush_metrics(self) -> bool:
-        """Write one metrics line (FlushMetrics, and every 60 s); False if not written."""
+        """Write one metrics line (at InstanceStart, on FlushMetrics, and every 60 s after
+        the start); False if not written."""
         if self.metrics.sink is None:
             return False
         self.next_flush = time.monotonic() + 60
@@ -499,6 +510,7 @@ class Vmm:
             raise ApiError(f"Cannot start microvm: {e}") from e
         self._started_drives = [d["drive_id"] for d in drives]
         self.state = "Running"
+        self.flush_metrics()  # Firecracker writes the metrics straight away, then every 60 s
         self.on_started(self.proc)
 
     def stop_guest(self) -> None:
