@@ -580,6 +580,8 @@ class LocalAssetStore:
                 if links == 0:  # its name went since it was opened
                     raise InvalidArgument(field, "changed in the asset store while it was opened")
                 if links != 1:
+                    if _pinned(name, pins_fd):
+                        continue  # pinned by someone else since the look above: check it
                     raise FailedPrecondition(f"{field}: {_OTHER_LINKS}")
                 try:
                     files.link_fd(fd, name, dest_dir_fd=pins_fd)
@@ -643,6 +645,14 @@ def _open_problem(exc: OSError) -> str:
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         return "no such file in the asset store"
     return "cannot be read in the asset store"
+
+
+def _pinned(name: str, pins_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=pins_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _pin_problem(field: str, exc: OSError) -> Exception:
