@@ -55,8 +55,12 @@ async def connect_control(
             timeout=max(0.1, deadline - loop.time()),
         )
     except BaseException:
-        os.close(fd)
-        vm.socket_fd = None
+        # A VMM that died meanwhile had its exit handled during the await: that closed the
+        # fd already (and set socket_fd None). Closing it again could close whatever fd
+        # has taken the number since (a pidfd, the event loop's): seen as EBADF later on.
+        if vm.socket_fd == fd:
+            os.close(fd)
+            vm.socket_fd = None
         raise
 
 
