@@ -35,6 +35,7 @@ from metald.core.models import LaunchSpec, ResolvedDisk
 from metald.host.mounts import mounts_under
 from metald.host.process import is_alive
 from metald.jailer import ensure_jail_user
+from metald.jailer.cgroups import cgroup_mount
 
 pytestmark = pytest.mark.guest
 
@@ -100,6 +101,12 @@ def jail(request: pytest.FixtureRequest) -> Iterator[JailSettings | None]:
     assert mounts_under(settings.chroot_base) == []
     shutil.rmtree(settings.chroot_base, ignore_errors=True)
     assert stray == [], f"jailed VMMs left running: {stray}"
+    mount = cgroup_mount(JailSettings(uid=1, gid=1).cgroup(memory_bytes=1, vcpu_count=1))
+    if mount is not None and (Path(mount) / CGROUP_PARENT).exists():
+        parent = Path(mount) / CGROUP_PARENT
+        leftovers = [p.name for p in parent.iterdir() if p.is_dir()]
+        parent.rmdir()  # the VM cgroups' parent this module made
+        assert leftovers == [], f"VM cgroups left behind: {leftovers}"
 
 
 @pytest.fixture
