@@ -550,7 +550,8 @@ async def test_a_file_the_jail_user_owns_is_bound_read_only_not_linked(
 
 
 async def test_a_dynamically_linked_vmm_without_netns(jail_base: Path, jails: Jails) -> None:
-    """No netns, no TAP, no cgroup: the other steps alone, with libraries found by ldd."""
+    """No netns, no TAP, no cgroup: the VMM still gets an empty network namespace of its
+    own (only loopback), a PID namespace and the seccomp filter; libraries found by ldd."""
     uid, gid = ensure_jail_user()
     spec = JailSpec(
         vm_id="plain",
@@ -564,16 +565,52 @@ async def test_a_dynamically_linked_vmm_without_netns(jail_base: Path, jails: Ja
     )
     jailed = await jails.launch(spec)
     assert [(s.step, s.status) for s in jailed.steps] == [
-        ("netns", "skipped"),
+        ("netns", "ok"),
         ("tap", "skipped"),
         ("mount", "ok"),
         ("cgroup", "skipped"),
         ("rlimits", "ok"),
         ("privileges", "ok"),
+        ("seccomp", "ok"),
     ]
-    assert os.stat(f"/proc/{jailed.pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
-    assert re.search(r"^Max open files\s+64\s+128", slurp(f"/proc/{jailed.pid}/limits"), re.M)
+    pid = jailed.pid
+    assert jailed.step("netns").detail == {"netns": "private", "devices": ["lo"]}  # type: ignore[union-attr]
+    assert os.stat(f"/proc/{pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
+    assert os.stat(f"/proc/{pid}/ns/pid").st_ino != os.stat("/proc/self/ns/pid").st_ino
+    assert status_fields(pid)["NSpid"].split()[-1] == "1"  # pid 1 of its namespace
+    assert status_fields(pid)["Seccomp"] == "2"
+    assert int(status_fields(pid)["PPid"]) == os.getpid()  # our child: we reap it
+    assert re.search(r"^Max open files\s+64\s+128", slurp(f"/proc/{pid}/limits"), re.M)
     assert jailed.cgroup_path is None
+    await jails.stop(jailed)
+    assert_no_leftovers(spec)
+
+
+async def test_the_namespaces_and_filter_can_be_turned_off(jail_base: Path, jails: Jails) -> None:
+    """The helper then becomes the VMM itself, in metald's network and PID namespaces."""
+    uid, gid = ensure_jail_user()
+    spec = JailSpec(
+        vm_id="plain",
+        uid=uid,
+        gid=gid,
+        backend="probe",
+        jail_base=str(jail_base),
+        host_paths=tuple(dynamic_binary_paths("sleep")),
+        argv=("/usr/bin/sleep", "600"),
+        pid_namespace=False,
+        private_network=False,
+        deny_user_namespaces=False,
+    )
+    jailed = await jails.launch(spec)
+    assert [(s.step, s.status) for s in jailed.steps if s.status == "ok"] == [
+        ("mount", "ok"),
+        ("rlimits", "ok"),
+        ("privileges", "ok"),
+    ]
+    pid = jailed.pid
+    for ns in ("net", "pid"):
+        assert os.stat(f"/proc/{pid}/ns/{ns}").st_ino == os.stat(f"/proc/self/ns/{ns}").st_ino
+    assert status_fields(pid)["Seccomp"] == "0"
     await jails.stop(jailed)
     assert_no_leftovers(spec)
 
