@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import grp
 import logging
 import os
+import pwd
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -32,6 +34,7 @@ from metald.core.errors import MetaldError
 from metald.core.ports import Backend, Network, Store
 from metald.core.validation import Limits
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
+from metald.jailer.cgroup_check import cgroup_limit_problems
 from metald.network.manager import NetworkManager
 from metald.network.models import NetworkMode, NetworkSettings
 from metald.network.port import NetlinkNetwork, NoNetwork
@@ -63,19 +66,61 @@ def jail_settings(settings: Settings) -> JailSettings | None:
             "the jailer needs root (it enters namespaces, chroots and drops to an "
             "unprivileged user); run metald as root or set UNKEY_METALD_JAILER_ENABLED=false"
         )
+    bounds = settings.jailer_uid_bounds
     try:
-        uid, gid = settings.jailer_uid, settings.jailer_gid
-        if uid is None or gid is None:
-            user = JailSettings.for_user("metald-vm")
-            uid, gid = uid or user.uid, gid or user.gid
-        return JailSettings(
+        if bounds is not None:
+            _check_uid_range_unused(*bounds)
+            uid = gid = bounds[0]
+        else:
+            if not settings.jailer_shared_uid_insecure:
+                raise StartupError(
+                    "UNKEY_METALD_JAILER_UID_RANGE is empty: every VMM would share one uid and "
+                    "could reach another; set a range, or UNKEY_METALD_JAILER_SHARED_UID_INSECURE"
+                    "=true (development only)"
+                )
+            log.warning("INSECURE: every VMM runs as one shared uid (no UID range set)")
+            shared_uid, shared_gid = settings.jailer_uid, settings.jailer_gid
+            if shared_uid is None or shared_gid is None:
+                user = JailSettings.for_user("metald-vm")
+                shared_uid, shared_gid = shared_uid or user.uid, shared_gid or user.gid
+            uid, gid = shared_uid, shared_gid
+        jail = JailSettings(
             uid=uid,
             gid=gid,
             chroot_base=settings.jailer_chroot_dir,
             cgroup_parent=settings.jailer_cgroup_parent,
+            pids_max=settings.jailer_pids_max,
+            required_cgroup=settings.jailer_cgroup_required,
+            uid_range=bounds,
+            nproc_max=settings.jailer_nproc_max,
+            nofile_max=settings.jailer_nofile_max,
+            file_size_max=settings.jailer_file_size_max_bytes,
         )
     except (ValueError, OSError) as exc:
         raise StartupError(f"UNKEY_METALD_JAILER_*: {exc}") from None
+    problems = cgroup_limit_problems(jail.cgroup(memory_bytes=1, vcpu_count=1))
+    if problems and settings.jailer_cgroup_required:
+        raise StartupError(
+            "UNKEY_METALD_JAILER_CGROUP_REQUIRED=true, but this host cannot apply the VM "
+            f"cgroup limits: {'; '.join(problems)}"
+        )
+    if problems:
+        log.warning(
+            "VM cgroup v2 limits will not (all) apply on this host: %s", "; ".join(problems)
+        )
+    return jail
+
+
+def _check_uid_range_unused(first: int, last: int) -> None:
+    """No host user or group may hold an id of the VMMs' range (a VMM would be that user)."""
+    users = [p.pw_name for p in pwd.getpwall() if first <= p.pw_uid <= last]
+    groups = [g.gr_name for g in grp.getgrall() if first <= g.gr_gid <= last]
+    if users or groups:
+        raise StartupError(
+            f"UNKEY_METALD_JAILER_UID_RANGE={first}-{last} holds host ids "
+            f"(users: {', '.join(users) or 'none'}; groups: {', '.join(groups) or 'none'}): "
+            "choose a range no user or group uses"
+        )
 
 
 def build_backend(settings: Settings, kind: BackendKind) -> VmmRuntime:
