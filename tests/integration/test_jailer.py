@@ -26,10 +26,11 @@ from pathlib import Path
 import pytest
 
 from metald.assets.store import LocalAssetStore
+from metald.backends.qemu.command import SANDBOX
 from metald.backends.qemu.host_paths import qemu_host_paths
 from metald.core.errors import BackendError
 from metald.host.cpu import host_tsc_khz
-from metald.host.process import ProcessWatch
+from metald.host.process import ProcessWatch, identity_of
 from metald.jailer import (
     STEPS,
     CgroupSpec,
@@ -211,6 +212,7 @@ def qemu_spec(
         "-m", "256",
         "-smp", "1",
         "-nodefaults", "-no-user-config", "-nographic", "-display", "none",
+        "-sandbox", SANDBOX,
         "-S",
         "-chardev", "socket,id=qmp,path=/run/qmp.sock,server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
@@ -336,6 +338,10 @@ def check_qemu_confinement(
     for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(status[caps], 16) == 0, caps
     assert status["NoNewPrivs"] == "1"
+    # seccomp: the jailer's filter and QEMU's own -sandbox filter on top of it.
+    assert status["Seccomp"] == "2"
+    assert int(status["Seccomp_filters"]) >= 2
+    assert status["NSpid"].split()[-1] == "1"  # pid 1 of its own PID namespace
 
     # Its root is the jail (the same directory), its network namespace the VM's.
     root = os.stat(f"/proc/{pid}/root")
@@ -613,6 +619,155 @@ async def test_the_namespaces_and_filter_can_be_turned_off(jail_base: Path, jail
     assert status_fields(pid)["Seccomp"] == "0"
     await jails.stop(jailed)
     assert_no_leftovers(spec)
+
+
+# -- one VMM cannot reach another --
+
+# Ids of no host user (jail ids come from a range no user or group holds).
+TEST_IDS = (299_901, 299_902)
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+ATTACKER = r"""
+import ctypes, json, os, signal, sys
+victim, fd = int(sys.argv[1]), int(sys.argv[2])
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+def attempt(action):
+    try:
+        action()
+        return "ok"
+    except OSError as e:
+        return os.strerror(e.errno)
+def ptrace():
+    if libc.ptrace(16, victim, None, None) != 0:  # PTRACE_ATTACH
+        raise OSError(ctypes.get_errno(), "ptrace")
+    os.waitpid(victim, getattr(os, "__WALL", 0x40000000))
+    libc.ptrace(17, victim, None, None)  # PTRACE_DETACH
+def read_file():
+    with open(f"/proc/self/fd/{fd}", "rb") as f:
+        f.read()
+def read_environ():
+    with open(f"/proc/{victim}/environ", "rb") as f:
+        f.read()
+print(json.dumps({
+    "uid": os.getuid(),
+    "signal": attempt(lambda: os.kill(victim, 0)),
+    "ptrace": attempt(ptrace),
+    "file": attempt(read_file),
+    "environ": attempt(read_environ),
+    "root": attempt(lambda: os.listdir(f"/proc/{victim}/root/run")),
+}))
+"""
+
+
+def attack(as_ids: tuple[int, int], victim_pid: int, victim_file: Path) -> dict[str, object]:
+    """What a process running as `as_ids` (outside any jail: a VMM that escaped its mount and
+    PID namespaces but kept its ids) can do to the victim VMM and a file of its jail."""
+    fd = os.open(victim_file, os.O_PATH | os.O_CLOEXEC)  # reaches the inode past the jail dir
+    try:
+        out = subprocess.run(
+            # The system's interpreter: the suite's may be under /root, closed to other ids.
+            [SYSTEM_PYTHON, "-I", "-c", ATTACKER, str(victim_pid), str(fd)],
+            cwd="/",
+            user=as_ids[0],
+            group=as_ids[1],
+            extra_groups=[],
+            pass_fds=(fd,),
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+    finally:
+        os.close(fd)
+    result: dict[str, object] = json.loads(out)
+    return result
+
+
+def pid_namespace_members(pid: int) -> list[int]:
+    """Host pids of every process in the PID namespace `pid` is in."""
+    want = os.stat(f"/proc/{pid}/ns/pid").st_ino
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(entry / "ns/pid").st_ino == want:
+                    found.append(int(entry.name))
+    return sorted(found)
+
+
+async def test_two_vmms_with_their_own_ids_and_pid_namespaces_cannot_reach_each_other(
+    jail_base: Path, jails: Jails
+) -> None:
+    bb = BUSYBOX
+    script = f"""
+echo secret > /run/secret
+{bb} unshare -U {bb} true 2>/run/userns || true
+{bb} ls /proc > /run/proc 2>&1 || true
+echo done > /run/done
+"""
+    a, b = (busybox_spec(jail_base, (i, i), script=script, host_paths=(bb,)) for i in TEST_IDS)
+    ja, jb = await jails.launch(a), await jails.launch(b)
+    for spec in (a, b):
+        await wait_for_file(spec.host_path("/run/done"), "done", 10)
+    for jailed, ids in ((ja, TEST_IDS[0]), (jb, TEST_IDS[1])):
+        status = status_fields(jailed.pid)
+        assert status["Uid"].split() == [str(ids)] * 4 and status["Gid"].split() == [str(ids)] * 4
+        assert status["NSpid"].split()[-1] == "1"
+        assert status["Seccomp"] == "2"
+    ns = [os.stat(f"/proc/{j.pid}/ns/pid").st_ino for j in (ja, jb)]
+    assert len({*ns, os.stat("/proc/self/ns/pid").st_ino}) == 3
+    net = [os.stat(f"/proc/{j.pid}/ns/net").st_ino for j in (ja, jb)]
+    assert len({*net, os.stat("/proc/self/ns/net").st_ino}) == 3
+    # Inside: no user namespace can be made; no other process is visible (no /proc at all).
+    assert "Operation not permitted" in slurp(a.host_path("/run/userns"))
+    assert "No such file" in slurp(a.host_path("/run/proc"))
+    # The files a VMM makes are its own, 0600 (umask 077) in its 0700 run directory.
+    secret = b.host_path("/run/secret")
+    assert (secret.stat().st_uid, stat.S_IMODE(secret.stat().st_mode)) == (TEST_IDS[1], 0o600)
+    # Running as A's ids, B can be neither signalled, traced nor read...
+    got = await asyncio.to_thread(attack, (TEST_IDS[0],) * 2, jb.pid, secret)
+    denied = "Operation not permitted"
+    assert got == {
+        "uid": TEST_IDS[0],
+        "signal": denied,
+        "ptrace": denied,
+        "file": "Permission denied",
+        "environ": "Permission denied",
+        "root": "Permission denied",
+    }, got
+    # ...while B's own ids can (the same attempts are not refused for some other reason).
+    own = await asyncio.to_thread(attack, (TEST_IDS[1],) * 2, jb.pid, secret)
+    assert own == {**{k: "ok" for k in got}, "uid": TEST_IDS[1]}, own
+    await jails.stop(ja)
+    await jails.stop(jb)
+    assert_no_leftovers(a)
+    assert_no_leftovers(b)
+
+
+async def test_ending_pid_1_ends_every_process_of_the_vmm(jail_base: Path, jails: Jails) -> None:
+    bb = BUSYBOX
+    script = f"""
+{bb} sleep 600 &
+{bb} sh -c '{bb} sleep 600 & {bb} sleep 600' &
+echo started > /run/started
+"""
+    spec = busybox_spec(jail_base, (TEST_IDS[0],) * 2, script=script)
+    jailed = await jails.launch(spec)
+    await wait_for_file(spec.host_path("/run/started"), "started", 10)
+    await wait_until(lambda: len(pid_namespace_members(jailed.pid)) >= 4, 10)
+    members = pid_namespace_members(jailed.pid)
+    assert jailed.pid in members and os.getpid() not in members
+    await jails.stop(jailed)  # SIGKILL to the VMM alone
+    # Every other process of its namespace was killed by the kernel with it.
+    await wait_until(lambda: all(identity_of(p) is None or is_zombie(p) for p in members), 10)
+    assert_no_leftovers(spec)
+
+
+def is_zombie(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    return False
 
 
 # -- failures: every step, and realistic bad settings --
