@@ -219,6 +219,12 @@ def http_get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
 # -- the daemon ------------------------------------------------------------------------------
 
 
+def _uid_range(tag: str) -> str:
+    """100 VMM ids of a daemon's own, above any host user's (from its random tag)."""
+    first = 1_000_000 + int(tag, 16) % 100_000 * 100
+    return f"{first}-{first + 99}"
+
+
 class Daemon:
     """`metald serve` as a separate process in its own session, on a free port and its own
     data directory. stop()/kill9()/start_again() keep the port and the data directory."""
@@ -262,6 +268,8 @@ class Daemon:
             "UNKEY_METALD_JAILER_CHROOT_DIR": str(self.jail_dir),
             # Two daemons on one host need their own cgroup parents, as their own jail bases.
             "UNKEY_METALD_JAILER_CGROUP_PARENT": self.cgroup_parent,
+            # ...and their own VMM uid ranges (each daemon has its own store).
+            "UNKEY_METALD_JAILER_UID_RANGE": _uid_range(tag),
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None
