@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 from pathlib import Path
@@ -52,3 +53,33 @@ def test_what_a_vmm_put_in_the_logs_place_is_left_alone(tmp_path: Path) -> None:
         trim_log(victim, 4096, owner=12345)  # not the VMM's file
     assert victim.stat().st_size == 10_000
     assert trim_log(tmp_path / "absent", 4096) == 0
+
+
+async def test_the_capper_trims_every_file_it_is_given(tmp_path: Path) -> None:
+    from metald.backends.vmm.logcaps import CappedFile, LogCapper
+
+    big, small, foreign = tmp_path / "big", tmp_path / "small", tmp_path / "foreign"
+    big.write_bytes(b"b" * 100_000)
+    small.write_bytes(b"s" * 100)
+    foreign.write_bytes(b"f" * 100_000)
+    me = os.getuid()
+    capper = LogCapper(
+        lambda: [
+            CappedFile(big, 16_384, me),
+            CappedFile(small, 16_384, me),
+            CappedFile(foreign, 16_384, me + 1),  # not the VMM's: left alone, logged
+            CappedFile(tmp_path / "gone", 16_384, me),
+        ],
+        interval=0.01,
+    )
+    assert await capper.check_once() > 0
+    assert big.stat().st_size <= 16_384
+    assert small.stat().st_size == 100 and foreign.stat().st_size == 100_000
+    big.write_bytes(b"b" * 100_000)
+    capper.start()
+    for _ in range(3000):  # the loop gets to it
+        if big.stat().st_size <= 16_384:
+            break
+        await asyncio.sleep(0.01)
+    await capper.stop()
+    assert big.stat().st_size <= 16_384
