@@ -12,6 +12,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
@@ -32,15 +33,18 @@ from metald.backends.vmm.runtime import VmmRuntime
 from metald.config import BackendKind, ConfigError, Settings, load_settings
 from metald.core.errors import MetaldError
 from metald.core.ports import Backend, Network, Store
+from metald.core.quotas import HostCeiling, QuotaDefaults, Resource, VmMaxima
 from metald.core.validation import Limits
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
 from metald.jailer.cgroup_check import cgroup_limit_problems
 from metald.network.manager import NetworkManager
 from metald.network.models import NetworkMode, NetworkSettings
 from metald.network.port import NetlinkNetwork, NoNetwork
+from metald.service.admission import Admission
 from metald.service.vm_service import VmService
 from metald.store.addresses import SqlAddressBook
 from metald.store.database import Database
+from metald.store.quotas import SqlQuotas
 from metald.store.sqlite import SqlStore
 
 log = logging.getLogger("metald")
@@ -169,7 +173,7 @@ def build_network(settings: Settings, database: Database) -> Network:
             "networking needs the jailer (it makes each VM's TAP inside the VM's namespace): "
             "set UNKEY_METALD_NETWORK_ENABLED=false or enable the jailer"
         )
-    rate = settings.network_rate_limit_mbps if settings.network_rate_limit else 0
+    rate = default_rate_limit_mbps(settings)
     try:
         net_settings = NetworkSettings(
             bridge=settings.network_bridge,
@@ -184,6 +188,7 @@ def build_network(settings: Settings, database: Database) -> Network:
             default_mode=NetworkMode(settings.network_ipv6_mode),
             default_rate_limit_mbps=rate,
             netns_prefix=settings.network_netns_prefix,
+            host_allow=settings.network_host_allow,
         )
         manager = NetworkManager(
             settings.network_host_netns or None,
@@ -194,6 +199,53 @@ def build_network(settings: Settings, database: Database) -> Network:
     except ValueError as exc:
         raise StartupError(str(exc)) from None
     return NetlinkNetwork(manager)
+
+
+def default_rate_limit_mbps(settings: Settings) -> int:
+    """The rate a VM gets when its request gives none: the configured default, or without
+    one the operator's maximum (a tenant cannot pass the cap by asking for nothing)."""
+    cap = settings.network_rate_limit_max_mbps
+    rate = settings.network_rate_limit_mbps if settings.network_rate_limit else cap
+    if cap and rate > cap:
+        raise StartupError(
+            f"UNKEY_METALD_NETWORK_RATE_LIMIT_MBPS ({rate}) is above "
+            f"UNKEY_METALD_NETWORK_RATE_LIMIT_MAX_MBPS ({cap})"
+        )
+    return rate
+
+
+def build_admission(settings: Settings, database: Database) -> Admission:
+    """Quotas from the settings (defaults) and the database (overrides), the host's ceiling
+    and the per-VM maxima; refuses a ceiling that leaves nothing for guests."""
+    host = HostCeiling(memory_bytes=settings.host_memory_ceiling, vcpus=settings.host_vcpu_ceiling)
+    if host.memory_bytes <= 0:
+        raise StartupError(
+            "UNKEY_METALD_HOST_MEMORY_RESERVE_BYTES leaves no memory for guests: lower it or "
+            "set UNKEY_METALD_HOST_MEMORY_BYTES"
+        )
+    if host.vcpus <= 0:
+        raise StartupError(
+            "UNKEY_METALD_HOST_VCPU_RESERVE leaves no vCPUs for guests: lower it or set "
+            "UNKEY_METALD_HOST_VCPUS"
+        )
+    defaults = QuotaDefaults({r: getattr(settings, f"quota_{r.value}") for r in Resource})
+    maxima = VmMaxima(
+        disks=settings.max_disks,
+        disk_bytes=settings.max_disk_bytes,
+        rate_limit_bandwidth=settings.network_rate_limit_max_mbps * 1_000_000 // 8,
+    )
+    log.info(
+        "admission: host ceiling %d vCPUs, %d MiB guest memory; per VM at most %d vCPUs, %d MiB",
+        host.vcpus,
+        host.memory_bytes // 2**20,
+        settings.vcpu_limit,
+        settings.memory_limit // 2**20,
+    )
+    return Admission(SqlQuotas(database), defaults, host, maxima, _file_size)
+
+
+def _file_size(path: Path) -> int:
+    return path.stat().st_size
 
 
 def _split(values: str) -> tuple[str, ...]:
@@ -208,6 +260,7 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
     database = Database(settings.effective_database_url)  # one engine: store and addresses
     store = SqlStore(database)
     network = build_network(settings, database)
+    admission = build_admission(settings, database)
     backends: dict[str, Backend] = {}
     try:
         await database.migrate()
@@ -221,6 +274,7 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
             assets,
             network,
             Limits(max_vcpus=settings.vcpu_limit, max_memory_bytes=settings.memory_limit),
+            admission=admission,
             default_backend=backend.name,
             default_shutdown_timeout=float(settings.shutdown_timeout_seconds),
         )

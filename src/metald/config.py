@@ -22,6 +22,9 @@ class Accelerator(StrEnum):
     TCG = "tcg"
 
 
+GIB = 1024**3
+
+
 def _host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
@@ -58,9 +61,6 @@ class Settings(BaseSettings):
     # Static tokens: lines of `<customer_id> <token>`.
     auth_tokens_file: Path | None = None
 
-    # Limits on what a caller may ask for.
-    max_vcpus: int = Field(0, ge=0, le=32)  # 0: the host's core count
-    max_memory_bytes: int = Field(0, ge=0)  # 0: just below host memory
     shutdown_timeout_seconds: int = Field(30, ge=1, le=3600)
 
     # Jailer: every VMM runs in its own namespaces, chrooted, as an unprivileged user.
@@ -92,6 +92,39 @@ class Settings(BaseSettings):
     network_host_netns: str = ""
     network_segments_netns: str = "metald-segments"
     network_netns_prefix: str = "mvm-"
+
+    # Guest network guard (issue 7): every guest's port drops spoofed MAC/IP sources, router
+    # advertisements and DHCP server replies; guests reach the host's own services only
+    # for what this lists: comma-separated tcp:<port>[-<port>], udp:<port>[-<port>], icmp
+    # (echo requests); empty for nothing. Checked with the network settings at start-up.
+    network_host_allow: str = "icmp"
+
+    # -- Admission and quotas (issue 7; core/quotas.py says which VM states count) --------
+    # Per-VM maxima: a request above one is invalid_argument. UNKEY_METALD_MAX_VCPUS and
+    # UNKEY_METALD_MAX_MEMORY_BYTES keep their names; their 0 now means "as much as the
+    # host's ceiling" (see below), no longer "all of the host's memory minus one byte".
+    max_vcpus: int = Field(0, ge=0, le=32)  # 0: the host's core count
+    max_memory_bytes: int = Field(0, ge=0)  # 0: the host's guest memory ceiling
+    max_disks: int = Field(8, ge=0, le=8)
+    max_disk_bytes: int = Field(64 * GIB, ge=1)  # per disk image
+    # The host's ceiling on committed guest memory and vCPUs, over every customer's VMs
+    # that hold a VMM (CREATED, RUNNING, PAUSED). Beyond it CreateVm/BootVm are refused
+    # with resource_exhausted.
+    host_memory_bytes: int = Field(0, ge=0)  # 0: physical memory minus the reserve
+    host_memory_reserve_bytes: int = Field(1 * GIB, ge=0)  # for metald, VMMs, the system
+    host_vcpus: int = Field(0, ge=0)  # 0: (cores - reserve) x overcommit
+    host_vcpu_reserve: int = Field(0, ge=0)  # cores kept for metald and the system
+    host_vcpu_overcommit: float = Field(4.0, gt=0, le=64)  # vCPUs per remaining core
+    # Per-customer defaults (unset: no limit); per-customer overrides live in the database
+    # (`metald quota set`). 0 allows none.
+    quota_running_vms: int | None = Field(None, ge=0)
+    quota_vms: int | None = Field(None, ge=0)
+    quota_vcpus: int | None = Field(None, ge=0)
+    quota_memory_bytes: int | None = Field(None, ge=0)
+    quota_disk_bytes: int | None = Field(None, ge=0)
+    # The most a tenant may ask for per direction, Mbit/s (0: no maximum). A request above
+    # it is refused; with no default (NETWORK_RATE_LIMIT off) it is also the default.
+    network_rate_limit_max_mbps: int = Field(0, ge=0)
 
     # VMM isolation (issue 7: one VMM cannot reach another). Each VMM runs as its own uid and
     # gid (one number), claimed from this range and recorded in the store; no host user or
@@ -157,12 +190,25 @@ class Settings(BaseSettings):
         return f"sqlite+aiosqlite:///{self.data_dir / 'metald.db'}"
 
     @property
+    def host_memory_ceiling(self) -> int:
+        """Committed guest memory this host takes (may be <= 0 if the reserve is too big:
+        start-up refuses that)."""
+        return self.host_memory_bytes or _host_memory_bytes() - self.host_memory_reserve_bytes
+
+    @property
+    def host_vcpu_ceiling(self) -> int:
+        cores = os.cpu_count() or 1
+        return self.host_vcpus or int((cores - self.host_vcpu_reserve) * self.host_vcpu_overcommit)
+
+    @property
     def vcpu_limit(self) -> int:
+        """The per-VM vCPU maximum."""
         return self.max_vcpus or (os.cpu_count() or 1)
 
     @property
     def memory_limit(self) -> int:
-        return self.max_memory_bytes or _host_memory_bytes()
+        """The per-VM memory maximum."""
+        return self.max_memory_bytes or self.host_memory_ceiling
 
 
 def parse_uid_range(value: str) -> tuple[int, int]:

@@ -228,13 +228,16 @@ def callers() -> Iterator[Callable[..., Caller]]:
 
 @pytest.fixture
 def private_store(e2e_root: Path) -> Iterator[Path]:
-    """A copy of the asset store (hard links, no bytes copied) with traps in it: symlinks that
-    point out of the store. The shared store is never written to."""
+    """A copy of the asset store with traps in it: symlinks that point out of the store. The
+    shared store is never written to. Copied, not hard-linked: the store refuses a file with
+    hard links it does not account for (a second store's names are such links)."""
     root = Path(tempfile.mkdtemp(prefix="store-", dir=e2e_root))
     store = root / "assets"
     store.mkdir()
     for name in ("blobs", "assets"):
-        subprocess.run(["cp", "-al", str(ASSETS / name), str(store / name)], check=True)
+        subprocess.run(
+            ["cp", "-a", "--reflink=auto", str(ASSETS / name), str(store / name)], check=True
+        )
     shutil.copy2(ASSETS / "default.json", store / "default.json")
     (store / "escape").symlink_to("/etc/shadow")
     (store / "etc-link").symlink_to("/etc")

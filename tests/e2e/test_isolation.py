@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+from metald.assets.store import LocalAssetStore
 
 from ._support import (
     SERVICE,
@@ -159,3 +162,42 @@ def test_dev_tokens_refused_when_dev_auth_is_off(
             assert reply.code == "unauthenticated", (name, method, reply)
     assert strict.db_rows() == {}
     assert not strict.qemu_pids()
+
+
+def test_another_customers_asset_is_not_found(
+    metald_factory: Callable[..., Daemon],
+    private_store: Path,
+    callers: Callable[..., Caller],
+    tmp_path: Path,
+) -> None:
+    """An asset the operator gave to Bob (`metald assets owner`) cannot be attached by Alice:
+    by id and by its blob's path the answer is not_found, in the same words as for an asset
+    nobody has, and nothing is made. Bob attaches it; the default guest is everyone's."""
+    store = LocalAssetStore(private_store)
+    image = tmp_path / "bobs.img"
+    image.write_bytes(b"bob's data" + bytes(1 << 16))
+    bobs = store.add_file(image, "disk", "bob's disk", owner="bob")
+    daemon = metald_factory(UNKEY_METALD_ASSETMANAGER_CACHE_DIR=str(private_store))
+    alice = callers("curl-connect-json", daemon.url, "dev_customer_alice")
+    bob = callers("curl-connect-json", daemon.url, "dev_customer_bob")
+
+    def with_disk(path: str, vm_id: str) -> dict[str, Any]:
+        disk = {"id": "data", "path": path, "read_only": True}
+        return {"vm_id": vm_id, "config": {"storage": [disk]}}
+
+    before = daemon.snapshot()
+    blob_path = f"blobs/sha256/{bobs.sha256}"
+    nobodys = {bobs.id: "sha256-0123456789abcdef", blob_path: "blobs/sha256/" + "0" * 64}
+    for theirs, missing in nobodys.items():
+        got = alice("CreateVm", with_disk(theirs, "a-steal"))
+        none = alice("CreateVm", with_disk(missing, "a-steal"))
+        assert got.code == none.code == "not_found", (got, none)
+        assert got.message.replace(theirs, "X") == none.message.replace(missing, "X")
+        assert "bob" not in got.message
+    assert daemon.snapshot() == before
+
+    b_id = bob.must("CreateVm", with_disk(bobs.id, "b-own")).body["vm_id"]
+    a_id = alice.must("CreateVm", {"vm_id": "a-default"}).body["vm_id"]
+    for who, vm_id in ((bob, b_id), (alice, a_id)):
+        who.must("DeleteVm", {"vm_id": vm_id})
+    assert not daemon.qemu_pids()

@@ -11,6 +11,7 @@ from .assets import FakeAssets
 from .backend import Call, FakeBackend, FakeVmm
 from .faults import Faults, Gate
 from .network import FakeNetwork
+from .quotas import MemoryQuotas
 from .store import MemoryStore
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
     "FakeVmm",
     "Faults",
     "Gate",
+    "MemoryQuotas",
     "MemoryStore",
 ]

@@ -1,11 +1,12 @@
-"""Fake Assets: a fixed set of references that resolve, everything else refused by field."""
+"""Fake Assets: a fixed set of references that resolve, everything else refused by field;
+`owners` makes some of them one customer's (NotFound for the others, as the real store)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
 
-from metald.core.errors import InvalidArgument
+from metald.core.errors import InvalidArgument, NotFound
 
 from .faults import Faults
 
@@ -17,14 +18,19 @@ DEFAULT_INITRD = ROOT / "default" / "initrd"
 class FakeAssets:
     """`files`: the references (paths or asset ids) that are in the store."""
 
-    def __init__(self, files: Iterable[str] = ()) -> None:
+    def __init__(self, files: Iterable[str] = (), owners: dict[str, str] | None = None) -> None:
         self.files = set(files)
+        self.owners = dict(owners or {})
         self.resolved: list[tuple[str, str]] = []
+        self.customers: list[str] = []  # the customer of each resolve
         self.faults = Faults()
 
-    def resolve(self, field: str, reference: str) -> Path:
+    def resolve(self, field: str, reference: str, *, customer: str) -> Path:
         self.resolved.append((field, reference))
+        self.customers.append(customer)
         self.faults.check("resolve")
+        if self.owners.get(reference, customer) != customer:
+            raise NotFound(f"{field}: no asset {reference!r} in the asset store")
         if reference not in self.files:
             raise InvalidArgument(field, f"{reference!r} is not a file in the asset store")
         return ROOT / reference.lstrip("/")

@@ -38,6 +38,7 @@ from metald.service.vm_service import VmService
 from .assets import FakeAssets
 from .backend import FakeBackend
 from .network import FakeNetwork
+from .quotas import MemoryQuotas, fake_admission
 from .store import MemoryStore
 
 LIMITS = Limits(max_vcpus=8, max_memory_bytes=16 * 1024**3)
@@ -96,6 +97,7 @@ def build_fake_daemon(asset_files: Iterable[str] = ASSET_FILES) -> FakeDaemon:
         assets,
         network,
         LIMITS,
+        admission=fake_admission(MemoryQuotas(store)),
         default_shutdown_timeout=30.0,
         clock=lambda: float(next(clock)),
     )

@@ -30,6 +30,7 @@ from metald.backends.qemu.command import SANDBOX
 from metald.backends.qemu.host_paths import qemu_host_paths
 from metald.core.errors import BackendError
 from metald.host.cpu import host_tsc_khz
+from metald.host.mounts import mounts_under
 from metald.host.process import ProcessWatch, identity_of
 from metald.jailer import (
     STEPS,
@@ -46,7 +47,7 @@ from metald.jailer import (
     remove_jail,
     vmm_devices,
 )
-from metald.jailer.cgroups import cgroup_dir, cgroup_mount, mounts_under
+from metald.jailer.cgroups import cgroup_dir, cgroup_mount
 from metald.jailer.helper import EXIT_CODES, TEST_HOOKS_ENV
 from metald.jailer.host import dynamic_binary_paths
 
@@ -378,9 +379,15 @@ def check_qemu_confinement(
             assert "ro" in options and "nodev" in options, (mount_point, options)
     assert "/run" in mounts and "/dev" in mounts
     assert "/proc" not in mounts and "/sys" not in mounts
-    # The kernel and initrd are on the jail's filesystem: hard links, nothing mounted.
+    # The kernel and initrd are bind-mounted read-only from the files the helper opened (no
+    # hard link: the asset store accounts for every name its files have), and they are the
+    # very files named in the spec.
     assert jailed.step("mount") is not None
-    assert jailed.step("mount").detail["files"] == {"/vmlinux": "link", "/initrd": "link"}  # type: ignore[union-attr]
+    assert jailed.step("mount").detail["files"] == {"/vmlinux": "bind-ro", "/initrd": "bind-ro"}  # type: ignore[union-attr]
+    for f in spec.files:
+        placed = os.stat(inside / f.target.lstrip("/"))
+        original = os.stat(f.source)
+        assert (placed.st_dev, placed.st_ino) == (original.st_dev, original.st_ino)
 
     # The TAP is in the VM's namespace, owned by the jail user, up.
     tap = links(netns)["tap-jq"]
@@ -525,7 +532,7 @@ echo changed >> /elsewhere 2>/dev/null || echo denied > /run/write-elsewhere
         assert (disk.stat().st_uid, disk.stat().st_gid) == (uid, gid)  # handed to the jail user
         assert kernel.read_bytes() == b"kernel"
         placed = jailed.step("mount").detail["files"]  # type: ignore[union-attr]
-        assert placed == {"/disk.img": "link", "/kernel": "link", "/elsewhere": "bind-ro"}
+        assert placed == {"/disk.img": "link", "/kernel": "bind-ro", "/elsewhere": "bind-ro"}
         await jails.stop(jailed)
         assert_no_leftovers(spec)
         assert disk.exists() and kernel.exists() and elsewhere.exists()  # only links went
@@ -821,9 +828,26 @@ async def test_a_missing_netns(jail_ids: tuple[int, int], jail_base: Path) -> No
     with pytest.raises(JailerError) as caught:
         await launch_jailed(spec, stderr_path=jail_base / "err")
     assert caught.value.step == "netns"
-    assert "No such file" in caught.value.reason
+    assert "does not exist" in caught.value.reason
     assert not exists(f"/run/netns/no-such-ns-{os.getpid()}")  # not created either
     assert_no_leftovers(spec)
+
+
+async def test_a_stale_netns_name_is_refused_as_lost(
+    jail_ids: tuple[int, int], jail_base: Path
+) -> None:
+    stale = Path(f"/run/netns/stale-ns-{os.getpid()}")  # a name whose mount was lost
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(stale, os.O_CREAT | os.O_WRONLY, 0o600))
+    try:
+        spec = busybox_spec(jail_base, jail_ids, script="true", netns=stale.name, tap="tap-x")
+        with pytest.raises(JailerError) as caught:
+            await launch_jailed(spec, stderr_path=jail_base / "err")
+        assert caught.value.step == "netns"
+        assert "stale" in caught.value.reason
+        assert not spec.jail_dir.exists()  # nothing made (a stale name has no links to check)
+    finally:
+        os.unlink(stale)
 
 
 async def test_a_tap_name_in_use_is_refused_and_kept(
@@ -856,6 +880,31 @@ async def test_a_missing_file_to_place(
     assert caught.value.step == "mount"
     assert "no-such-kernel" in caught.value.reason
     assert_no_leftovers(spec)  # the TAP made before is gone too
+
+
+@pytest.mark.parametrize("where", ["last", "directory"])
+async def test_a_file_to_place_through_a_symlink_is_refused(
+    jail_ids: tuple[int, int], jail_base: Path, where: str
+) -> None:
+    """The helper opens what it places with no symlink on the path: a symlink in the spec's
+    source, at its end or higher up, fails the mount step (nothing is followed)."""
+    real = jail_base / "real"
+    real.mkdir()
+    (real / "kernel").write_bytes(b"kernel")
+    if where == "last":
+        (real / "link").symlink_to("kernel")
+        source = real / "link"
+    else:
+        (jail_base / "dir-link").symlink_to(real)
+        source = jail_base / "dir-link" / "kernel"
+    spec = busybox_spec(
+        jail_base, jail_ids, script="true", files=(PlacedFile(str(source), "/vmlinux"),)
+    )
+    with pytest.raises(JailerError) as caught:
+        await launch_jailed(spec, stderr_path=jail_base / "err")
+    assert caught.value.step == "mount"
+    assert "symbolic link" in caught.value.reason
+    assert_no_leftovers(spec)
 
 
 async def test_an_existing_jail_root_is_refused_and_kept(

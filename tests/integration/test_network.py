@@ -39,6 +39,7 @@ import pytest
 
 from metald.assets.store import LocalAssetStore
 from metald.core.errors import InvalidArgument, MetaldError, ResourceExhausted
+from metald.host import named_netns as netns
 from metald.host.cpu import host_tsc_khz
 from metald.network import (
     NetworkManager,
@@ -48,7 +49,6 @@ from metald.network import (
     RateLimit,
     VmNetwork,
     links,
-    netns,
 )
 from metald.network.manager import SETUP_STEPS
 from metald.network.models import IPv4, IPv6

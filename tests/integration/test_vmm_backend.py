@@ -47,9 +47,10 @@ from metald.backends.vmm.runtime import VmmRuntime
 from metald.core.errors import BackendError, InvalidArgument
 from metald.core.models import LaunchSpec, NicSpec, ProcessIdentity, ResolvedDisk
 from metald.core.states import VmState
+from metald.host.mounts import mounts_under
 from metald.host.process import identity_of, is_alive, kill_identity, read_cmdline
 from metald.jailer import ensure_jail_user
-from metald.jailer.cgroups import cgroup_dir, cgroup_mount, mounts_under
+from metald.jailer.cgroups import cgroup_dir, cgroup_mount
 
 pytestmark = pytest.mark.guest
 

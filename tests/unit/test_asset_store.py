@@ -15,6 +15,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -33,6 +34,7 @@ from metald.cli.main import app
 from metald.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from metald.core.guest import GuestArgs, kernel_command_line
 from metald.core.ports import Assets
+from metald.host import files
 from metald.host.cpu import host_tsc_khz
 
 SECRET = "s3cr3t-host-dir"
@@ -76,6 +78,7 @@ def test_add_file_is_content_addressed(store: LocalAssetStore, tmp_path: Path) -
         "size": 12,
         "name": "my kernel",
         "created_at": asset.created_at,
+        "owner": "",
     }
     assert store.get(asset.id) == asset
     assert list((store.root / "tmp").iterdir()) == []
@@ -214,6 +217,14 @@ def test_ping(store: LocalAssetStore, tmp_path: Path) -> None:
 # -- resolve: the security boundary --------------------------------------------------------
 
 
+def _resolve(store: LocalAssetStore, ref: str, customer: str = "alice", field: str = "f") -> Path:
+    return store.resolve(field, ref, customer=customer)
+
+
+def _same(a: Path, b: Path) -> bool:
+    return files.same_file(os.stat(a), os.stat(b))
+
+
 @pytest.fixture
 def populated(tmp_path: Path) -> Iterator[tuple[LocalAssetStore, str, Path]]:
     """A store with one asset, a user file, and hostile symlinks; and a secret dir outside."""
@@ -228,6 +239,7 @@ def populated(tmp_path: Path) -> Iterator[tuple[LocalAssetStore, str, Path]]:
     (store.root / "images" / "dangling-outside").symlink_to(secret_dir / "missing")
     (store.root / "images" / "loop").symlink_to("loop")
     (store.root / "images" / "subdir").mkdir()
+    (store.root / "linked-dir").symlink_to("images")
     # A sibling whose name starts with the store's: a naive prefix check would accept it.
     _file(tmp_path / "store2" / "x.img", b"sibling")
     yield store, asset.id, tmp_path
@@ -236,26 +248,34 @@ def populated(tmp_path: Path) -> Iterator[tuple[LocalAssetStore, str, Path]]:
 def test_resolve_accepts_ids_and_paths_inside(populated: tuple[LocalAssetStore, str, Path]) -> None:
     store, asset_id, _ = populated
     real = Path(os.path.realpath(store.root))
-    blob = store.resolve("f", asset_id)
-    assert blob.read_bytes() == b"kernel" and blob.is_relative_to(real)
+    pin = _resolve(store, asset_id)
+    # What comes back is the pin: a second name of that very file, in the store's pins/.
+    assert pin.parent == real / "pins" and _same(pin, store.get(asset_id).path)
+    assert pin.read_bytes() == b"kernel"
+    assert _resolve(store, f"blobs/sha256/{store.get(asset_id).sha256}") == pin
     disk = real / "images" / "disk.img"
-    assert store.resolve("f", "images/disk.img") == disk
-    assert store.resolve("f", "./images//disk.img") == disk
-    assert store.resolve("f", str(store.root / "images" / "disk.img")) == disk
-    assert store.resolve("f", "images/link-inside") == disk
-    assert store.resolve("f", f"blobs/sha256/{store.get(asset_id).sha256}") == blob
+    disk_pin = _resolve(store, "images/disk.img")
+    assert _same(disk_pin, disk) and disk_pin.parent == real / "pins"
+    for ref in ("./images//disk.img", str(store.root / "images" / "disk.img")):
+        assert _resolve(store, ref) == disk_pin
+    # One pin per file, however often and by whomever it is resolved.
+    assert os.stat(disk).st_nlink == 2
+    assert sorted(os.listdir(real / "pins")) == sorted(
+        str(os.stat(p).st_ino) for p in (disk, store.get(asset_id).path)
+    )
+    assert stat.S_IMODE(os.stat(real / "pins").st_mode) == 0o700
 
 
 def test_resolve_through_a_symlinked_root(populated: tuple[LocalAssetStore, str, Path]) -> None:
+    """The root itself may be a symlink (it is the operator's setting); nothing below it."""
     store, asset_id, tmp_path = populated
     (tmp_path / "alias").symlink_to(store.root)
     aliased = LocalAssetStore(tmp_path / "alias")
     real = Path(os.path.realpath(store.root))
-    assert aliased.resolve("f", asset_id).is_relative_to(real)
-    assert aliased.resolve("f", str(tmp_path / "alias/images/disk.img")) == (
-        real / "images/disk.img"
-    )
-    assert aliased.resolve("f", str(store.root / "images/disk.img")) == real / "images/disk.img"
+    assert _resolve(aliased, asset_id).is_relative_to(real)
+    disk = real / "images/disk.img"
+    assert _same(_resolve(aliased, str(tmp_path / "alias/images/disk.img")), disk)
+    assert _same(_resolve(aliased, str(store.root / "images/disk.img")), disk)
 
 
 BAD_REFERENCES = [
@@ -267,10 +287,12 @@ BAD_REFERENCES = [
     ("images/../../x", "'..'"),
     ("/etc/../etc/passwd", "'..'"),
     ("..", "'..'"),
-    ("images/link-outside", "resolves outside"),
-    ("images/dir-outside/shadow", "resolves outside"),
-    ("images/dangling-outside", "resolves outside"),
-    ("images/loop", "cannot be read"),
+    ("images/link-inside", "symbolic link"),  # even a symlink that stays inside
+    ("linked-dir/disk.img", "symbolic link"),
+    ("images/link-outside", "symbolic link"),
+    ("images/dir-outside/shadow", "symbolic link"),
+    ("images/dangling-outside", "symbolic link"),
+    ("images/loop", "symbolic link"),
     ("images/subdir", "not a regular file"),
     ("images", "not a regular file"),
     (".", "not a regular file"),
@@ -279,7 +301,6 @@ BAD_REFERENCES = [
     ("images/disk.img/x", "no such file"),
     ("images/disk.img\x00", "NUL"),
     ("\x00", "NUL"),
-    ("sha256-0123456789abcdef", "no asset with id"),
     ("sha256-xyz", "not a valid asset id"),
     ("\ud800", "not a valid path"),
     ("/", "outside the asset store"),
@@ -293,7 +314,7 @@ def test_resolve_refuses(
 ) -> None:
     store, _, tmp_path = populated
     with pytest.raises(InvalidArgument) as err:
-        store.resolve("config.boot.kernel_path", reference)
+        _resolve(store, reference, field="config.boot.kernel_path")
     assert err.value.field == "config.boot.kernel_path"
     assert reason in err.value.message
     assert err.value.message.startswith("config.boot.kernel_path: ")
@@ -312,7 +333,7 @@ def test_resolve_refuses_sibling_prefix_and_absolute_paths_outside(
         str(tmp_path / "src"),
     ):
         with pytest.raises(InvalidArgument, match="outside the asset store"):
-            store.resolve("f", ref)
+            _resolve(store, ref)
 
 
 def test_resolve_an_asset_whose_blob_is_gone(populated: tuple[LocalAssetStore, str, Path]) -> None:
@@ -321,7 +342,7 @@ def test_resolve_an_asset_whose_blob_is_gone(populated: tuple[LocalAssetStore, s
     blob.chmod(0o644)
     blob.unlink()
     with pytest.raises(InvalidArgument, match="missing"):
-        store.resolve("f", asset_id)
+        _resolve(store, asset_id)
 
 
 def test_resolve_a_blob_replaced_by_a_symlink_out(
@@ -333,13 +354,253 @@ def test_resolve_a_blob_replaced_by_a_symlink_out(
     blob.unlink()
     blob.symlink_to(tmp_path / SECRET / "shadow")
     with pytest.raises(InvalidArgument) as err:
-        store.resolve("f", asset_id)
-    assert SECRET not in err.value.message
+        _resolve(store, asset_id)
+    assert SECRET not in err.value.message and "symbolic link" in err.value.message
 
 
 def test_resolve_when_the_root_is_gone(tmp_path: Path) -> None:
     with pytest.raises(Unavailable):
-        LocalAssetStore(tmp_path / "none").resolve("f", "x")
+        _resolve(LocalAssetStore(tmp_path / "none"), "images/x")
+
+
+# -- resolve: swaps after (and during) resolution reach nothing ------------------------------
+
+
+def test_a_swap_after_resolve_does_not_change_the_pin(
+    populated: tuple[LocalAssetStore, str, Path],
+) -> None:
+    """Resolved, then the name is rename-swapped and then symlinked elsewhere: the pin is
+    still the original file; resolving again gives the new file's own pin, or a refusal."""
+    store, _, tmp_path = populated
+    disk = store.root / "images" / "disk.img"
+    original = os.stat(disk)
+    pin = _resolve(store, "images/disk.img")
+    _file(tmp_path / "evil", b"evil")
+    os.rename(disk, store.root / "images" / "old.img")
+    os.rename(tmp_path / "evil", disk)
+    assert pin.read_bytes() == b"disk" and files.same_file(os.stat(pin), original)
+    new_pin = _resolve(store, "images/disk.img")
+    assert new_pin != pin and new_pin.read_bytes() == b"evil"
+    disk.unlink()
+    disk.symlink_to(tmp_path / SECRET / "shadow")
+    with pytest.raises(InvalidArgument, match="symbolic link"):
+        _resolve(store, "images/disk.img")
+    assert pin.read_bytes() == b"disk"
+
+
+def test_a_swap_between_open_and_pin_pins_the_opened_file(
+    populated: tuple[LocalAssetStore, str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race staged exactly: the file is open when the swap happens; the pin is made from
+    the descriptor, so it is the file that was opened and checked, not the newcomer."""
+    store, _, tmp_path = populated
+    disk = store.root / "images" / "disk.img"
+    original = os.stat(disk)
+    real_pin = LocalAssetStore._pin
+
+    def swap_then_pin(self: LocalAssetStore, field: str, fd: int, st: os.stat_result) -> Path:
+        os.rename(disk, store.root / "images" / "old.img")
+        _file(tmp_path / "evil", b"evil")
+        os.rename(tmp_path / "evil", disk)
+        return real_pin(self, field, fd, st)
+
+    monkeypatch.setattr(LocalAssetStore, "_pin", swap_then_pin)
+    pin = _resolve(store, "images/disk.img")
+    assert files.same_file(os.stat(pin), original) and pin.read_bytes() == b"disk"
+
+
+def test_a_file_deleted_between_open_and_pin_is_refused(
+    populated: tuple[LocalAssetStore, str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _, _ = populated
+    real_pin = LocalAssetStore._pin
+
+    def delete_then_pin(self: LocalAssetStore, field: str, fd: int, st: os.stat_result) -> Path:
+        (store.root / "images" / "disk.img").unlink()
+        return real_pin(self, field, fd, st)
+
+    monkeypatch.setattr(LocalAssetStore, "_pin", delete_then_pin)
+    with pytest.raises(InvalidArgument, match="changed in the asset store"):
+        _resolve(store, "images/disk.img")
+
+
+def test_a_swap_during_the_walk_is_not_followed(
+    populated: tuple[LocalAssetStore, str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """images/ is replaced by a symlink to the secret directory after the walk has looked at
+    the root and before it opens images/: refused, nothing outside reached."""
+    store, _, tmp_path = populated
+    real_walk = files.walk_beneath
+    (tmp_path / SECRET / "disk.img").write_bytes(b"secret disk")
+
+    def walk(dir_fd: int, path: str, flags: int = os.O_RDONLY, **kw: Any) -> files.Walked:
+        check = kw["check_dir"]
+
+        def swap_first(st: os.stat_result) -> None:
+            check(st)
+            if (store.root / "images").is_dir() and not (store.root / "images").is_symlink():
+                os.rename(store.root / "images", tmp_path / "images-away")
+                (store.root / "images").symlink_to(tmp_path / SECRET)
+
+        return real_walk(dir_fd, path, flags, check_dir=swap_first)
+
+    monkeypatch.setattr(files, "walk_beneath", walk)
+    with pytest.raises(InvalidArgument, match="symbolic link"):
+        _resolve(store, "images/disk.img")
+
+
+def test_concurrent_resolves_make_one_pin(populated: tuple[LocalAssetStore, str, Path]) -> None:
+    store, _, _ = populated
+    got: list[Path] = []
+
+    def one() -> None:
+        got.append(_resolve(store, "images/disk.img"))
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 8 and len(set(got)) == 1
+    assert os.stat(store.root / "images" / "disk.img").st_nlink == 2
+
+
+def test_pins_are_not_attachable_by_path(populated: tuple[LocalAssetStore, str, Path]) -> None:
+    store, asset_id, _ = populated
+    pin = _resolve(store, asset_id)
+    with pytest.raises(InvalidArgument, match="is not an asset"):
+        _resolve(store, f"pins/{pin.name}")
+
+
+# -- resolve: only trusted files -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda p: os.chown(p, 65534, -1), "not owned by root"),
+        (lambda p: p.chmod(0o664), "group- or world-writable"),
+        (lambda p: p.chmod(0o646), "group- or world-writable"),
+        (lambda p: os.chown(p.parent, 65534, -1), "directory of the asset store is not owned"),
+        (lambda p: p.parent.chmod(0o775), "directory of the asset store is group"),
+        (lambda p: p.parent.parent.chmod(0o757), "directory of the asset store is group"),
+        (lambda p: os.link(p, p.parent.parent.parent / "elsewhere"), "other hard links"),
+    ],
+)
+def test_untrusted_files_are_refused(
+    populated: tuple[LocalAssetStore, str, Path], change: Any, reason: str
+) -> None:
+    store, _, tmp_path = populated
+    disk = store.root / "images" / "disk.img"
+    change(disk)
+    with pytest.raises(FailedPrecondition) as err:
+        _resolve(store, "images/disk.img")
+    assert reason in err.value.message and str(tmp_path) not in err.value.message
+    assert not (store.root / "pins").exists() or os.listdir(store.root / "pins") == []
+
+
+def test_a_pinned_file_may_have_its_pin_but_no_other_link(
+    populated: tuple[LocalAssetStore, str, Path],
+) -> None:
+    store, _, tmp_path = populated
+    disk = store.root / "images" / "disk.img"
+    pin = _resolve(store, "images/disk.img")
+    assert _resolve(store, "images/disk.img") == pin  # nlink 2: itself and its pin
+    os.link(disk, tmp_path / "outside")
+    with pytest.raises(FailedPrecondition, match="other hard links"):
+        _resolve(store, "images/disk.img")
+
+
+def test_metald_not_root_trusts_its_own_files(
+    populated: tuple[LocalAssetStore, str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run as uid 4242, metald trusts root's files and its own, nobody else's."""
+    store, _, _ = populated
+    disk = store.root / "images" / "disk.img"
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    os.chown(disk, 4242, -1)
+    assert _same(_resolve(store, "images/disk.img"), disk)
+    os.chown(disk, 4243, -1)
+    with pytest.raises(FailedPrecondition, match="not owned by root"):
+        _resolve(store, "images/disk.img")
+
+
+# -- resolve: owners -----------------------------------------------------------------------
+
+
+def test_another_customers_asset_is_not_found_like_a_missing_one(
+    store: LocalAssetStore, tmp_path: Path
+) -> None:
+    bobs = store.add_file(_file(tmp_path / "b", b"bob's kernel"), "kernel", "b", owner="bob")
+    shared = store.add_file(_file(tmp_path / "s", b"shared"), "kernel", "s")
+    assert bobs.owner == "bob" and shared.owner == ""
+    missing = "sha256-0123456789abcdef"
+    blob_path = f"blobs/sha256/{bobs.sha256}"
+    missing_blob = "blobs/sha256/" + "0" * 64
+    _file(store.root / missing_blob, b"a blob no asset names")
+    for theirs, nobodys in ((bobs.id, missing), (blob_path, missing_blob)):
+        with pytest.raises(NotFound) as a:
+            _resolve(store, theirs, "alice")
+        with pytest.raises(NotFound) as b:
+            _resolve(store, nobodys, "alice")
+        assert a.value.message.replace(theirs, "X") == b.value.message.replace(nobodys, "X")
+    # The shared view (the default guest's) does not see it either; its owner does.
+    with pytest.raises(NotFound):
+        _resolve(store, bobs.id, "")
+    assert _resolve(store, bobs.id, "bob").read_bytes() == b"bob's kernel"
+    assert _resolve(store, blob_path, "bob") == _resolve(store, bobs.id, "bob")
+    assert _resolve(store, shared.id, "alice").read_bytes() == b"shared"
+
+
+def test_set_owner(store: LocalAssetStore, tmp_path: Path) -> None:
+    a = store.add_file(_file(tmp_path / "a", b"A"), "disk", "a")
+    assert store.set_owner(a.id, "carol").owner == "carol" == store.get(a.id).owner
+    with pytest.raises(NotFound):
+        _resolve(store, a.id, "alice")
+    assert store.set_owner(a.id, "").owner == ""
+    assert _resolve(store, a.id, "alice").read_bytes() == b"A"
+    with pytest.raises(InvalidArgument) as err:
+        store.set_owner(a.id, "no spaces")
+    assert err.value.field == "owner"
+    with pytest.raises(NotFound):
+        store.set_owner("sha256-0123456789abcdef", "carol")
+
+
+def test_adding_content_another_owner_has_is_refused(
+    store: LocalAssetStore, tmp_path: Path
+) -> None:
+    a = store.add_file(_file(tmp_path / "a", b"A"), "disk", "a", owner="bob")
+    with pytest.raises(FailedPrecondition, match="owned by customer bob"):
+        store.add_file(_file(tmp_path / "b", b"A"), "disk", "b", owner="alice")
+    assert store.get(a.id).owner == "bob"
+    assert store.add_file(_file(tmp_path / "c", b"A"), "disk", "c", owner="bob") == a
+
+
+def test_the_default_guest_stays_shared(store: LocalAssetStore, tmp_path: Path) -> None:
+    k, i = _kernel_and_initrd(store, tmp_path)
+    owned = store.add_file(_file(tmp_path / "o", b"O"), "kernel", "o", owner="bob")
+    with pytest.raises(InvalidArgument, match="must be shared") as err:
+        store.set_default(owned.id, i)
+    assert err.value.field == "kernel_id" and store.default() is None
+    store.set_default(k, i)
+    with pytest.raises(InvalidArgument, match="must be shared"):
+        store.set_owner(k, "bob")
+    assert store.get(k).owner == ""
+    kernel, _ = store.default_boot()
+    assert kernel.read_bytes() == b"K"
+
+
+def test_metadata_without_an_owner_is_shared(store: LocalAssetStore, tmp_path: Path) -> None:
+    a = store.add_file(_file(tmp_path / "a", b"A"), "disk", "a")
+    meta = store.meta_dir / f"{a.id}.json"
+    data = json.loads(meta.read_text())
+    del data["owner"]
+    meta.write_text(json.dumps(data))
+    assert store.get(a.id).owner == ""
+    data["owner"] = 7
+    meta.write_text(json.dumps(data))
+    with pytest.raises(Unavailable):
+        store.get(a.id)
 
 
 # Path components that matter in the populated store, and junk; drawn mostly from the first.
@@ -347,7 +608,7 @@ _PARTS = st.sampled_from(
     [
         "images", "disk.img", "link-inside", "link-outside", "dir-outside", "dangling-outside",
         "loop", "subdir", "shadow", "missing", SECRET, "store", "store2", "x.img", "blobs",
-        "sha256", "assets", "..", ".", "",
+        "sha256", "assets", "pins", "linked-dir", "..", ".", "",
     ]
 )  # fmt: skip
 _JUNK = st.sampled_from(
@@ -376,19 +637,20 @@ def test_resolve_never_escapes(populated: tuple[LocalAssetStore, str, Path], raw
     ref = raw.replace("ROOT/", str(store.root) + "/", 1).replace("TMP/", str(tmp_path) + "/", 1)
     real_root = os.path.realpath(store.root)
     try:
-        got = store.resolve("f", ref)
-    except InvalidArgument as err:
-        assert err.field == "f"
+        got = _resolve(store, ref)
+    except (InvalidArgument, NotFound) as err:
+        if isinstance(err, InvalidArgument):
+            assert err.field == "f"
         # Nothing the caller did not send: the secret dir only if it was in the reference.
         if SECRET not in ref:
             assert SECRET not in err.message
         if str(tmp_path) not in ref:
             assert str(tmp_path) not in err.message
         return
-    assert got.is_absolute()
-    assert str(got).startswith(real_root + "/")
+    assert got.parent == Path(real_root) / "pins"
     assert got.is_file() and not got.is_symlink()
-    assert SECRET not in os.path.realpath(got)
+    # The pin is a file of the store: the one user file, or the asset's blob.
+    assert got.read_bytes() in (b"disk", b"kernel")
 
 
 # -- guest builder: pure parts -------------------------------------------------------------
@@ -622,7 +884,36 @@ def test_cli_add(store: LocalAssetStore, tmp_path: Path) -> None:
     assert bad.exit_code == 1
 
 
-@pytest.mark.parametrize("internal", ["default.json", "assets", "tmp", "cache"])
+def test_cli_owner(store: LocalAssetStore, tmp_path: Path) -> None:
+    run = CliRunner().invoke
+    where = ["--store", str(store.root)]
+    src = _file(tmp_path / "k", b"K")
+    added = run(
+        app, ["assets", "add", str(src), "--kind", "kernel", "--owner", "bob", *where, "--json"]
+    )
+    assert added.exit_code == 0, added.output
+    asset_id = json.loads(added.stdout)["id"]
+    assert json.loads(added.stdout)["owner"] == "bob" == store.get(asset_id).owner
+
+    shown = run(app, ["assets", "owner", asset_id, *where, "--json"])
+    assert shown.exit_code == 0 and json.loads(shown.stdout) == {"id": asset_id, "owner": "bob"}
+    assert "bob" in run(app, ["assets", "list", *where]).output
+
+    moved = run(app, ["assets", "owner", asset_id, "--set", "carol", *where])
+    assert moved.exit_code == 0 and "carol" in moved.output
+    assert store.get(asset_id).owner == "carol"
+    shared = run(app, ["assets", "owner", asset_id, "--shared", *where])
+    assert shared.exit_code == 0 and "(shared)" in shared.output
+    assert store.get(asset_id).owner == ""
+
+    both = run(app, ["assets", "owner", asset_id, "--set", "x", "--shared", *where])
+    bad = run(app, ["assets", "owner", asset_id, "--set", "not ok", *where])
+    unknown = run(app, ["assets", "owner", "sha256-0123456789abcdef", *where])
+    assert (both.exit_code, bad.exit_code, unknown.exit_code) == (2, 1, 1)
+    assert store.get(asset_id).owner == ""
+
+
+@pytest.mark.parametrize("internal", ["default.json", "assets", "tmp", "cache", "pins"])
 def test_resolve_refuses_the_stores_own_bookkeeping(tmp_path: Path, internal: str) -> None:
     from metald.assets.store import LocalAssetStore
 
@@ -633,4 +924,6 @@ def test_resolve_refuses_the_stores_own_bookkeeping(tmp_path: Path, internal: st
         target = target / "file.json"
     target.write_text("{}")
     with pytest.raises(InvalidArgument, match="is not an asset"):
-        store.resolve("config.boot.kernel_path", str(target.relative_to(tmp_path)))
+        store.resolve(
+            "config.boot.kernel_path", str(target.relative_to(tmp_path)), customer="alice"
+        )

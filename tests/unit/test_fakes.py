@@ -12,7 +12,7 @@ import typing
 from typing import Any
 
 import pytest
-from fakes import FakeAssets, FakeBackend, FakeNetwork, MemoryStore
+from fakes import FakeAssets, FakeBackend, FakeNetwork, MemoryQuotas, MemoryStore
 
 from metald.core import ports
 
@@ -21,6 +21,7 @@ PAIRS = [
     (ports.Store, MemoryStore),
     (ports.Assets, FakeAssets),
     (ports.Network, FakeNetwork),
+    (ports.Quotas, MemoryQuotas),
 ]
 
 

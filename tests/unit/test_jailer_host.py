@@ -11,14 +11,9 @@ from pathlib import Path
 import pytest
 
 from metald.backends.qemu.host_paths import firmware_dirs
+from metald.host.mounts import mounts_under, parse_mountinfo
 from metald.jailer import CgroupSpec, JailSpec
-from metald.jailer.cgroups import (
-    cgroup_dir,
-    find_cgroup2_mount,
-    mounts_under,
-    parse_mountinfo,
-    relative_cgroup,
-)
+from metald.jailer.cgroups import cgroup_dir, find_cgroup2_mount, relative_cgroup
 from metald.jailer.helper import EXIT_CODES, Jail, Reporter, StepFailed
 from metald.jailer.host import parse_ldd, vmm_devices
 from metald.jailer.launch import _Reports

@@ -20,6 +20,10 @@ LIMITS = Limits(max_vcpus=4, max_memory_bytes=8192 * MIB)
 GOOD = VmConfig(vcpu_count=1, memory_bytes=256 * MIB)
 
 
+def test_the_per_vm_maxima_themselves_pass() -> None:
+    check_config(VmConfig(vcpu_count=4, memory_bytes=8192 * MIB), LIMITS)
+
+
 def test_a_plain_config_passes() -> None:
     check_config(GOOD, LIMITS)
 
@@ -33,7 +37,7 @@ def test_a_plain_config_passes() -> None:
         ({"vcpu_count": -1}, "config.cpu.vcpu_count"),
         ({"max_vcpu_count": 9}, "config.cpu.max_vcpu_count"),
         ({"memory_bytes": 127 * MIB}, "config.memory.size_bytes"),
-        ({"memory_bytes": 8192 * MIB}, "config.memory.size_bytes"),
+        ({"memory_bytes": 8193 * MIB}, "config.memory.size_bytes"),
         ({"memory_bytes": 256 * MIB + 1}, "config.memory.size_bytes"),
         ({"kernel_args": "x" * 1025}, "config.boot.kernel_args"),
         ({"kernel_args": "quiet\ninit=/bin/sh"}, "config.boot.kernel_args"),

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from fakes import FakeAssets, FakeBackend, FakeNetwork, MemoryStore
+from fakes import FakeAssets, FakeBackend, FakeNetwork, MemoryQuotas, MemoryStore
+from fakes.quotas import fake_admission
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -86,6 +87,7 @@ def world(
         assets,
         network,
         LIMITS,
+        admission=fake_admission(MemoryQuotas(store)),
         default_backend=default_backend,
         default_shutdown_timeout=30.0,
         clock=lambda: float(next(clock)),
@@ -357,7 +359,7 @@ async def test_a_bad_id_is_invalid_argument_everywhere(w: World, bad: str) -> No
     [
         (VmConfig(vcpu_count=0), "config.cpu.vcpu_count"),
         (VmConfig(vcpu_count=9), "config.cpu.vcpu_count"),  # over this host's limit
-        (VmConfig(memory_bytes=8 * 1024**3), "config.memory.size_bytes"),
+        (VmConfig(memory_bytes=8 * 1024**3 + 1024**2), "config.memory.size_bytes"),
         (VmConfig(kernel_path="kernels/missing"), "config.boot.kernel_path"),
         (VmConfig(initrd_path="nope"), "config.boot.initrd_path"),
         (
@@ -397,6 +399,26 @@ async def test_create_resolves_assets_into_the_launch_spec(w: World) -> None:
     await w.service.create_vm(ALICE, "vm-2", PLAIN)
     default = w.backend.saved["vm-2"]
     assert (default.kernel.name, default.initrd and default.initrd.name) == ("vmlinux", "initrd")
+
+
+async def test_another_customers_asset_is_not_found_and_creates_nothing() -> None:
+    """The caller is who resolves: an asset another customer owns is NotFound, exactly as
+    one nobody has, and nothing is made; the owner attaches it."""
+    assets = FakeAssets({"kernels/vmlinux", "kernels/bobs"}, owners={"kernels/bobs": BOB})
+    w = world(assets=assets)
+    await w.service.start()
+    foreign, missing = VmConfig(kernel_path="kernels/bobs"), VmConfig(kernel_path="sha256-x")
+    assets.owners["sha256-x"] = "nobody"
+    with pytest.raises(NotFound) as theirs:
+        await w.service.create_vm(ALICE, "vm-1", foreign)
+    with pytest.raises(NotFound) as nobodys:
+        await w.service.create_vm(ALICE, "vm-1", missing)
+    assert theirs.value.code == nobodys.value.code == "not_found"
+    assert_nothing_of(w, "vm-1")
+    assert "create" not in w.backend.methods()
+    assert set(assets.customers) == {ALICE}
+    await w.service.create_vm(BOB, "vm-2", foreign)
+    assert assets.customers[-1] == BOB
 
 
 # --- undo of a failing CreateVm ------------------------------------------------------------
@@ -645,7 +667,8 @@ async def test_each_vm_is_routed_to_its_rows_backend() -> None:
 
 def test_the_backends_must_include_the_default() -> None:
     with pytest.raises(ValueError, match="at least one"):
-        VmService(MemoryStore(), {}, FakeAssets(), FakeNetwork(), LIMITS)
+        admission = fake_admission(MemoryQuotas())
+        VmService(MemoryStore(), {}, FakeAssets(), FakeNetwork(), LIMITS, admission=admission)
     with pytest.raises(ValueError, match="not among"):
         world(backends={"qemu": FakeBackend("qemu")}, default_backend="firecracker")
 

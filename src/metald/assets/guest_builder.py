@@ -484,7 +484,7 @@ def existing_guest(store: LocalAssetStore, *, rootfs: bool = False) -> BuiltGues
         initrd = store.get(default.initrd)
         root = None
         if default.rootfs is not None:
-            store.resolve("rootfs", default.rootfs)
+            store.check("rootfs", default.rootfs, customer="")
             root = store.get(default.rootfs)
     except MetaldError:
         return None

@@ -3,10 +3,11 @@
 Layout under ``root``::
 
     blobs/sha256/<64 hex>      the bytes, mode 0444, never modified once written
-    assets/<asset id>.json     metadata: {id, kind, sha256, size, name, created_at}
+    assets/<asset id>.json     metadata: {id, kind, sha256, size, name, created_at, owner}
     default.json               the default guest: {kernel, initrd, rootfs, recipe, ...}
     tmp/                       files being copied in (renamed into blobs/ when complete)
     cache/                     downloads kept by the guest builder (see guest_builder.py)
+    pins/<inode number>        a second name (hard link) of every file resolve() handed out
     .lock                      flock(2) held while the store is being written to
 
 An asset id is ``sha256-`` followed by the first 16 hex digits of the content's sha256
@@ -16,7 +17,29 @@ Adding the same bytes twice gives the same asset (the first name and kind are ke
 :meth:`LocalAssetStore.resolve` is a security boundary: whatever a tenant puts in a request
 (kernel_path, initrd_path, a disk's path) it only ever returns a regular file inside the store,
 so a tenant can never attach a host file to a guest. Its error messages never name anything
-outside the store that the caller did not already send.
+outside the store that the caller did not already send. How:
+
+- Resolved once, opened once, no symlink followed: the reference is turned into a path below
+  the store's root (the root itself may be a symlink: it is the operator's setting, resolved
+  once per call), and that path is opened one component at a time with O_PATH | O_NOFOLLOW
+  (metald.host.files.walk_beneath). A symlink anywhere below the root is refused.
+- Trusted files only (FailedPrecondition: the request is fine, the store is not): every
+  directory on the way and the file must be owned by root (or by metald's own uid, when
+  metald does not run as root: whoever runs it owns what it trusts) and not group- or
+  world-writable; the file must be a regular file with no hard link the store does not
+  account for (st_nlink: 1, or 2 with its pin).
+- Pinned: the open file (not its name) is hard-linked as ``pins/<inode>`` (linkat from the
+  descriptor), and the pin's path is what resolve returns: what the VMM runtime copies (a
+  writable disk) and hands to the jail (bind-mounted from an O_NOFOLLOW descriptor), also
+  when the VM boots again weeks later. A symlink or a rename swapped into the store after
+  resolve() reaches no guest. ``pins/`` is written only here (root only, mode 0700); a pin is
+  named by its inode, which it keeps alive, so the name never denotes another file; pins are
+  shared by every VM using the file and kept when the asset's name goes (no VM is known
+  here: removing pins is an operator's job, with the VMs that use them deleted).
+- Owned: an asset is shared (owner "", as the default guest must be) or belongs to one
+  customer (``metald assets owner``). A customer's asset, by id or by its blob's path, is
+  NotFound for everyone else, word for word as an id nobody has (so nothing is revealed);
+  files an operator puts in sub-directories of the store are shared.
 """
 
 from __future__ import annotations
@@ -33,11 +56,13 @@ import stat
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from metald.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from metald.core.validation import CUSTOMER_ID
+from metald.host import files
 
 AssetKind = Literal["kernel", "initrd", "rootfs", "disk"]
 ASSET_KINDS: tuple[AssetKind, ...] = ("kernel", "initrd", "rootfs", "disk")
@@ -46,6 +71,8 @@ ID_PREFIX = "sha256-"
 ID_HEX_LEN = 16
 _ID_RE = re.compile(rf"^{ID_PREFIX}[0-9a-f]{{{ID_HEX_LEN}}}$")
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+_BLOB_REL_RE = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
+PINS = "pins"
 
 BUILD_HINT = "run `metald assets build` to make the default guest image"
 
@@ -72,6 +99,10 @@ class Asset:
     name: str
     created_at: float
     path: Path = field(compare=False)
+    owner: str = ""  # "": shared; else the only customer that may attach it
+
+    def visible_to(self, customer: str) -> bool:
+        return self.owner == "" or self.owner == customer
 
     def to_dict(self) -> dict[str, Any]:
         """The metadata as stored (and as printed by ``metald assets list --json``)."""
@@ -82,6 +113,7 @@ class Asset:
             "size": self.size,
             "name": self.name,
             "created_at": self.created_at,
+            "owner": self.owner,
         }
 
 
@@ -148,12 +180,15 @@ class LocalAssetStore:
 
     # -- writing ------------------------------------------------------------------------
 
-    def add_file(self, src: Path, kind: str, name: str) -> Asset:
-        """Copy ``src`` into the store and record it; the same content gives the same asset."""
+    def add_file(self, src: Path, kind: str, name: str, *, owner: str = "") -> Asset:
+        """Copy ``src`` into the store and record it; the same content gives the same asset.
+        ``owner``: "" (shared) or the one customer that may attach it; adding content that
+        is already there under another owner is refused (change it with set_owner)."""
         if kind not in ASSET_KINDS:
             raise InvalidArgument("kind", f"must be one of {', '.join(ASSET_KINDS)}")
         if not name or "\x00" in name or "\n" in name:
             raise InvalidArgument("name", "must be a non-empty single line")
+        _check_owner(owner)
         with self.locked():
             self._ensure_layout()
             digest, size, tmp = self._copy_in(src)
@@ -173,6 +208,11 @@ class LocalAssetStore:
             if existing is not None:
                 if existing.sha256 != digest:
                     raise Unavailable(f"asset id {asset_id} already names different content")
+                if existing.owner != owner:
+                    raise FailedPrecondition(
+                        f"asset {asset_id} is already in the store, "
+                        f"{_owner_text(existing.owner)}: change that with `metald assets owner`"
+                    )
                 return existing
             asset = Asset(
                 id=asset_id,
@@ -182,9 +222,28 @@ class LocalAssetStore:
                 name=name,
                 created_at=time.time(),
                 path=blob,
+                owner=owner,
             )
             self._write_json(self.meta_dir / f"{asset_id}.json", asset.to_dict())
             return asset
+
+    def set_owner(self, asset_id: str, owner: str) -> Asset:
+        """Make an asset shared (owner "") or one customer's. The default guest's assets
+        stay shared. VMs that already use an asset keep their pinned copy of it."""
+        _check_owner(owner)
+        with self.locked():
+            asset = self.get(asset_id)
+            if owner:
+                default = self.default()
+                if default is not None and asset_id in (
+                    default.kernel,
+                    default.initrd,
+                    default.rootfs,
+                ):
+                    raise InvalidArgument("owner", "the default guest's assets must be shared")
+            changed = replace(asset, owner=owner)
+            self._write_json(self.meta_dir / f"{asset_id}.json", changed.to_dict())
+            return changed
 
     def _copy_in(self, src: Path) -> tuple[str, int, str]:
         """Copy src to a temp file in tmp/ while hashing it: (sha256 hex, size, temp path)."""
@@ -246,6 +305,10 @@ class LocalAssetStore:
                 raise InvalidArgument(fld, f"no asset with id {ref!r}") from None
             if asset.kind != kind:
                 raise InvalidArgument(fld, f"asset {ref} is a {asset.kind}, not a {kind}")
+            if asset.owner:
+                raise InvalidArgument(
+                    fld, f"asset {ref} belongs to a customer: the default guest must be shared"
+                )
         default = DefaultImage(
             kernel=kernel_id,
             initrd=initrd_id,
@@ -281,7 +344,10 @@ class LocalAssetStore:
         try:
             sha = str(data["sha256"])
             kind = str(data["kind"])
+            owner = data.get("owner", "")  # metadata written before owners: shared
             if not _HEX64_RE.fullmatch(sha) or kind not in ASSET_KINDS:
+                raise ValueError(asset_id)
+            if not isinstance(owner, str) or (owner and not CUSTOMER_ID.fullmatch(owner)):
                 raise ValueError(asset_id)
             if asset_id_for(sha) != asset_id or data["id"] != asset_id:
                 raise ValueError(asset_id)
@@ -293,6 +359,7 @@ class LocalAssetStore:
                 name=str(data["name"]),
                 created_at=float(data["created_at"]),
                 path=self.blob_path(sha),
+                owner=owner,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise Unavailable(f"asset store: metadata of {asset_id} is malformed") from exc
@@ -341,18 +408,20 @@ class LocalAssetStore:
             raise NoDefaultImage(f"the default guest record is malformed; {BUILD_HINT}") from exc
 
     def default_boot(self) -> tuple[Path, Path | None]:
-        """The default guest's kernel and initrd, as real files in the store."""
+        """The default guest's kernel and initrd, resolved (and pinned) like a tenant's."""
         default = self.default()
         if default is None:
             raise NoDefaultImage(f"the asset store has no default guest image; {BUILD_HINT}")
         try:
-            kernel = self.resolve("default.kernel", default.kernel)
+            kernel = self.resolve("default.kernel", default.kernel, customer="")
             initrd = (
-                None if default.initrd is None else self.resolve("default.initrd", default.initrd)
+                None
+                if default.initrd is None
+                else self.resolve("default.initrd", default.initrd, customer="")
             )
-        except InvalidArgument as exc:
+        except (InvalidArgument, NotFound, FailedPrecondition) as exc:
             raise NoDefaultImage(
-                f"the default guest image is incomplete ({exc.message}); {BUILD_HINT}"
+                f"the default guest image is unusable ({exc.message}); {BUILD_HINT}"
             ) from None
         return kernel, initrd
 
@@ -369,13 +438,68 @@ class LocalAssetStore:
 
     # -- the security boundary ----------------------------------------------------------
 
-    def resolve(self, field: str, reference: str) -> Path:
-        """An asset id, or a path inside the store, to the real path of a regular file in it.
+    def resolve(self, field: str, reference: str, *, customer: str) -> Path:
+        """An asset id, or a path inside the store, to the pin of a trusted regular file in
+        it that ``customer`` may attach (see the module's docstring for every rule).
 
-        A path is absolute or relative to the root; a ``..`` component is refused outright;
-        symlinks are resolved and the result must still lie inside the store. Anything else
-        raises InvalidArgument(field, reason); the reason never names a host path.
+        Refusals: InvalidArgument(field, reason) for a reference that names no usable file
+        (outside the store, '..', a symlink, not a regular file, missing, the store's own
+        bookkeeping); NotFound for an asset id or blob nobody has or someone else owns (the
+        same words); FailedPrecondition for a file the store must not hand out (owner, mode,
+        other hard links). No reason ever names a host path.
         """
+        with self._open(field, reference, customer) as (fd, st):
+            return self._pin(field, fd, st)
+
+    def check(self, field: str, reference: str, *, customer: str) -> None:
+        """Raise what resolve() would for this reference, and pin nothing."""
+        with self._open(field, reference, customer):
+            pass
+
+    @contextlib.contextmanager
+    def _open(
+        self, field: str, reference: str, customer: str
+    ) -> Iterator[tuple[int, os.stat_result]]:
+        """The referenced file, open (O_PATH) and checked: (descriptor, its fstat)."""
+        rel = self._relative(field, reference, customer)
+        real_root = self._real_root()
+        try:
+            root_fd = os.open(real_root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            raise Unavailable("asset store: the root directory is missing") from None
+        try:
+            walked = files.walk_beneath(root_fd, rel, os.O_PATH, check_dir=_trusted_dir)
+        except _Untrusted as exc:
+            raise FailedPrecondition(f"{field}: {exc}") from None
+        except OSError as exc:
+            if is_asset_id(reference) and exc.errno == errno.ENOENT:
+                raise InvalidArgument(
+                    field, f"the content of asset {reference} is missing"
+                ) from None
+            raise InvalidArgument(field, _open_problem(exc)) from None
+        finally:
+            os.close(root_fd)
+        try:
+            st = walked.stat
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidArgument(field, "is not a regular file")
+            if "/" not in rel:  # default.json, the locks: files directly in the root
+                raise InvalidArgument(field, "is not an asset (use an asset id)")
+            why = _untrusted_file(st)
+            if why:
+                raise FailedPrecondition(f"{field}: {why}")
+            yield walked.fd, st
+        finally:
+            os.close(walked.fd)
+
+    def _real_root(self) -> str:
+        try:
+            return os.path.realpath(self.root, strict=True)
+        except OSError:
+            raise Unavailable("asset store: the root directory is missing") from None
+
+    def _relative(self, field: str, reference: str, customer: str) -> str:
+        """The reference as a path relative to the store's root, with the owner checked."""
         if not isinstance(reference, str) or reference == "":
             raise InvalidArgument(field, "must name an asset id or a file in the asset store")
         if "\x00" in reference:
@@ -386,63 +510,156 @@ class LocalAssetStore:
             raise InvalidArgument(field, "is not a valid path") from None
 
         if is_asset_id(reference):
-            return self._resolve_id(field, reference)
+            asset = self._read_meta(reference)
+            if asset is None or not asset.visible_to(customer):
+                raise NotFound(f"{field}: no asset {reference!r} in the asset store")
+            return f"blobs/sha256/{asset.sha256}"
         if reference.startswith(ID_PREFIX) and "/" not in reference:
             raise InvalidArgument(
                 field, f"is not a valid asset id (expected {ID_PREFIX}<{ID_HEX_LEN} hex digits>)"
             )
-
         if ".." in reference.split("/"):
             raise InvalidArgument(field, "must not contain a '..' component")
-
-        try:
-            real_root = os.path.realpath(self.root, strict=True)
-        except OSError:
-            raise Unavailable("asset store: the root directory is missing") from None
 
         if os.path.isabs(reference):
             candidate = os.path.normpath(reference)
             # Refuse before touching the file system, so a caller cannot learn anything about
             # files outside the store (not even whether they exist).
-            if not (_within(candidate, str(self.root)) or _within(candidate, real_root)):
+            real_root = self._real_root()
+            for root in (str(self.root), real_root):
+                if _within(candidate, root):
+                    rel = candidate[len(root.rstrip("/")) + 1 :]
+                    break
+            else:
                 raise InvalidArgument(field, "is outside the asset store")
         else:
-            candidate = os.path.join(real_root, reference)
-
-        try:
-            real = os.path.realpath(candidate, strict=False)
-        except (OSError, ValueError):
-            raise InvalidArgument(field, "cannot be resolved") from None
-        if not _within(real, real_root):
-            raise InvalidArgument(field, "resolves outside the asset store")
-        if real == real_root:
+            rel = os.path.normpath(reference)
+        rel = rel.strip("/")
+        if rel in ("", "."):
             raise InvalidArgument(field, "is not a regular file")
-        try:
-            st = os.stat(real)
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                raise InvalidArgument(field, "no such file in the asset store") from None
-            raise InvalidArgument(field, "cannot be read in the asset store") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise InvalidArgument(field, "is not a regular file")
-        # The store's own bookkeeping (metadata, locks, temp files, apt cache) is not
-        # attachable: only asset content and files an operator placed in sub-directories.
-        internal = [os.path.join(real_root, d) for d in _INTERNAL_DIRS]
-        if os.path.dirname(real) == real_root or any(_within(real, d) for d in internal):
+        # The store's own bookkeeping (metadata, locks, pins, temp files, apt cache) is not
+        # attachable: only blobs and files an operator placed in sub-directories.
+        if rel.split("/")[0] in _INTERNAL_DIRS:
             raise InvalidArgument(field, "is not an asset (use an asset id)")
-        return Path(real)
+        blob = _BLOB_REL_RE.fullmatch(rel)
+        if blob is not None:
+            asset = self._read_meta(asset_id_for(blob.group(1)))
+            if asset is None or asset.sha256 != blob.group(1) or not asset.visible_to(customer):
+                raise NotFound(f"{field}: no asset {reference!r} in the asset store")
+        return rel
 
-    def _resolve_id(self, field: str, asset_id: str) -> Path:
-        asset = self._read_meta(asset_id)
-        if asset is None:
-            raise InvalidArgument(field, f"no asset with id {asset_id}")
+    def _pin(self, field: str, fd: int, st: os.stat_result) -> Path:
+        """Hard-link the open file as pins/<inode> (or find its pin) and return the pin's
+        path; refuse a file with links the store does not account for."""
+        real_root = self._real_root()
+        pins = os.path.join(real_root, PINS)
         try:
-            return self.resolve(field, f"blobs/sha256/{asset.sha256}")
-        except InvalidArgument:
-            raise InvalidArgument(field, f"the content of asset {asset_id} is missing") from None
+            os.mkdir(pins, 0o700)
+        except FileExistsError:
+            pass
+        except OSError:
+            raise Unavailable("asset store: cannot make its pins directory") from None
+        try:
+            pins_fd = files.open_no_symlinks(pins, os.O_PATH | os.O_DIRECTORY)
+        except OSError:
+            raise Unavailable("asset store: its pins directory is unusable") from None
+        try:
+            if _untrusted_dir(os.fstat(pins_fd)) or stat.S_IMODE(os.fstat(pins_fd).st_mode) & 0o077:
+                raise Unavailable("asset store: its pins directory is not root's alone")
+            name = str(st.st_ino)
+            for _ in range(3):
+                try:
+                    have = os.stat(name, dir_fd=pins_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    have = None
+                if have is not None:
+                    if not (stat.S_ISREG(have.st_mode) and files.same_file(have, st)):
+                        raise Unavailable("asset store: a pin names another file")
+                    break
+                links = os.fstat(fd).st_nlink
+                if links == 0:  # its name went since it was opened
+                    raise InvalidArgument(field, "changed in the asset store while it was opened")
+                if links != 1:
+                    raise FailedPrecondition(f"{field}: {_OTHER_LINKS}")
+                try:
+                    files.link_fd(fd, name, dest_dir_fd=pins_fd)
+                    break
+                except FileExistsError:
+                    continue  # pinned by someone else meanwhile: check that pin
+                except OSError as exc:
+                    raise _pin_problem(field, exc) from None
+            else:
+                raise Unavailable("asset store: the file could not be pinned")
+            if os.fstat(fd).st_nlink != 2:
+                raise FailedPrecondition(f"{field}: {_OTHER_LINKS}")
+        finally:
+            os.close(pins_fd)
+        return Path(pins) / name
 
 
-_INTERNAL_DIRS = ("assets", "tmp", "cache")
+_INTERNAL_DIRS = ("assets", "tmp", "cache", PINS)
+_OTHER_LINKS = (
+    "the file in the asset store has other hard links (it is also somewhere else): "
+    "the operator must give it one name only"
+)
+
+
+class _Untrusted(Exception):
+    """A directory on the way that someone besides metald's owner could change."""
+
+
+def _trusted_owners() -> set[int]:
+    """Root, and metald's own uid when it is not root (who runs metald owns what it trusts)."""
+    return {0, os.geteuid()}
+
+
+def _untrusted_dir(st: os.stat_result) -> str:
+    if st.st_uid not in _trusted_owners():
+        return "a directory of the asset store is not owned by root"
+    if files.writable_by_others(st):
+        return "a directory of the asset store is group- or world-writable"
+    return ""
+
+
+def _trusted_dir(st: os.stat_result) -> None:
+    why = _untrusted_dir(st)
+    if why:
+        raise _Untrusted(why + ": the operator must fix it")
+
+
+def _untrusted_file(st: os.stat_result) -> str:
+    if st.st_uid not in _trusted_owners():
+        return "the file in the asset store is not owned by root: the operator must fix it"
+    if files.writable_by_others(st):
+        return "the file in the asset store is group- or world-writable: the operator must fix it"
+    return ""
+
+
+def _open_problem(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "has a symbolic link on its path (the asset store follows none)"
+    if exc.errno == errno.EXDEV:
+        return "must not contain a '..' component"
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return "no such file in the asset store"
+    return "cannot be read in the asset store"
+
+
+def _pin_problem(field: str, exc: OSError) -> Exception:
+    if exc.errno == errno.ENOENT:
+        return InvalidArgument(field, "changed in the asset store while it was opened")
+    if exc.errno == errno.EXDEV:
+        return FailedPrecondition(f"{field}: the file is not on the asset store's filesystem")
+    return FailedPrecondition(f"{field}: the asset store cannot pin the file: {exc.strerror}")
+
+
+def _check_owner(owner: str) -> None:
+    if owner and not CUSTOMER_ID.fullmatch(owner):
+        raise InvalidArgument("owner", "a customer id (1-128 of A-Z, a-z, 0-9, _ . -) or ''")
+
+
+def _owner_text(owner: str) -> str:
+    return "shared" if not owner else f"owned by customer {owner}"
 
 
 def _within(path: str, root: str) -> bool:

@@ -1,4 +1,5 @@
-"""`metald assets ...`: build the default guest and inspect the local asset store."""
+"""`metald assets ...`: build the default guest, inspect the local asset store, and say who
+may attach each asset (`owner`: shared, or one customer's; see assets/store.py)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,13 @@ StoreOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+OwnerOption = Annotated[
+    str,
+    typer.Option(
+        "--owner",
+        help="The only customer that may attach the asset (default: shared, anyone may).",
+    ),
+]
 
 _STEP_TEXT = {
     "download": "downloading Debian packages",
@@ -56,12 +64,16 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
+def _owner(owner: str) -> str:
+    return owner or "(shared)"
+
+
 def _assets_table(title: str, assets: list[tuple[str, Asset]]) -> Table:
     table = Table(title=title)
-    for col in ("role", "id", "kind", "size", "name"):
+    for col in ("role", "id", "kind", "size", "name", "owner"):
         table.add_column(col, overflow="fold")
     for role, a in assets:
-        table.add_row(role, a.id, a.kind, _human(a.size), a.name)
+        table.add_row(role, a.id, a.kind, _human(a.size), a.name, _owner(a.owner))
     return table
 
 
@@ -195,11 +207,13 @@ def list_assets(store: StoreOption = DEFAULT_STORE, as_json: JsonOption = False)
         out.print(f"the asset store {assets.root} is empty; run `metald assets build`")
         return
     table = Table(title=f"assets in {assets.root}")
-    for col in ("id", "kind", "size", "name", "created", "default"):
+    for col in ("id", "kind", "size", "name", "owner", "created", "default"):
         table.add_column(col, overflow="fold")
     for a in items:
         created = datetime.fromtimestamp(a.created_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(a.id, a.kind, _human(a.size), a.name, created, roles.get(a.id, ""))
+        table.add_row(
+            a.id, a.kind, _human(a.size), a.name, _owner(a.owner), created, roles.get(a.id, "")
+        )
     out.print(table)
 
 
@@ -208,13 +222,14 @@ def add(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
     kind: Annotated[str, typer.Option("--kind", help="kernel, initrd, rootfs or disk")],
     name: Annotated[str | None, typer.Option("--name", help="Defaults to the file name.")] = None,
+    owner: OwnerOption = "",
     store: StoreOption = DEFAULT_STORE,
     as_json: JsonOption = False,
 ) -> None:
     """Copy a file into the store; prints its asset id (the same content gives the same id)."""
     assets = LocalAssetStore(store)
     try:
-        asset = assets.add_file(file, kind, name or file.name)
+        asset = assets.add_file(file, kind, name or file.name, owner=owner)
     except (MetaldError, OSError) as exc:
         Console(stderr=True).print(f"[red]metald assets add failed:[/red] {exc}")
         raise typer.Exit(1) from None
@@ -222,3 +237,42 @@ def add(
         sys.stdout.write(json.dumps({**asset.to_dict(), "path": str(asset.path)}) + "\n")
     else:
         Console().print(_assets_table("added", [("", asset)]))
+
+
+@app.command("owner")
+def owner(
+    asset_id: Annotated[str, typer.Argument(help="The asset's id (sha256-...).")],
+    customer: Annotated[
+        str | None,
+        typer.Option("--set", help="Make the asset this customer's alone."),
+    ] = None,
+    shared: Annotated[
+        bool, typer.Option("--shared", help="Make the asset shared (anyone may attach it).")
+    ] = False,
+    store: StoreOption = DEFAULT_STORE,
+    as_json: JsonOption = False,
+) -> None:
+    """Show who may attach an asset, or change it (--set CUSTOMER or --shared).
+
+    Another customer's CreateVm naming the asset gets not_found. VMs created before a change
+    keep the file they were given.
+    """
+    err = Console(stderr=True)
+    if customer is not None and shared:
+        err.print("[red]metald assets owner:[/red] give --set CUSTOMER or --shared, not both")
+        raise typer.Exit(2)
+    assets = LocalAssetStore(store)
+    try:
+        if customer is not None:
+            asset = assets.set_owner(asset_id, customer)
+        elif shared:
+            asset = assets.set_owner(asset_id, "")
+        else:
+            asset = assets.get(asset_id)
+    except MetaldError as exc:
+        err.print(f"[red]metald assets owner failed:[/red] {exc.message}")
+        raise typer.Exit(1) from None
+    if as_json:
+        sys.stdout.write(json.dumps({"id": asset.id, "owner": asset.owner}) + "\n")
+    else:
+        Console().print(f"{asset.id}: {_owner(asset.owner)}", highlight=False)

@@ -1,12 +1,17 @@
-"""The `metald` command: `serve`, `vm ...`, `assets ...`."""
+"""The `metald` command: `serve`, `vm ...`, `assets ...`, `quota ...`."""
 
 from __future__ import annotations
 
 import typer
 
-from metald.cli import assets, serve, vm
+from metald.cli import assets, quota, serve, vm
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="metald: a microVM manager.")
 app.command("serve")(serve.serve)
 app.add_typer(vm.app, name="vm", help="Create and manage VMs through the API.")
 app.add_typer(assets.app, name="assets", help="Build and inspect the local asset store.")
+app.add_typer(
+    quota.app,
+    name="quota",
+    help="Per-customer quotas, in the daemon's database (run on its host, as its user).",
+)

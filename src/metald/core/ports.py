@@ -16,10 +16,13 @@ from metald.core.models import (
     VmRecord,
     VmUsage,
 )
+from metald.core.quotas import AdmissionView, Claim, Limit, Resource, Usage
 from metald.core.states import VmState
 
 # Called by a backend when a VMM exits without metald asking: (vm_id, reason).
 ExitCallback = Callable[[str, str], Awaitable[None]]
+# Decides an admission from what the store counted; raises (QuotaExceeded) to refuse it.
+AdmissionCheck = Callable[[AdmissionView], None]
 # Called by a backend after each launch of a VM with a NIC, vCPUs still stopped: (vm_id).
 TapCallback = Callable[[str], Awaitable[None]]
 
@@ -105,14 +108,18 @@ class Store(Protocol):
 
 
 class Assets(Protocol):
-    def resolve(self, field: str, reference: str) -> Path:
-        """A path inside the asset store, or an asset id, to a real file in the store.
+    def resolve(self, field: str, reference: str, *, customer: str) -> Path:
+        """A path inside the asset store, or an asset id, to a trusted file in the store
+        that `customer` may attach, opened once without following symlinks; the returned
+        path names that very file for good (a pin): a later swap in the store reaches no VM.
 
-        Raises InvalidArgument naming `field` for anything else.
+        Raises InvalidArgument naming `field` for a reference that names no usable file,
+        NotFound for an asset nobody has or another customer owns (the same words), and
+        FailedPrecondition for a file the store must not hand out.
         """
 
     def default_boot(self) -> tuple[Path, Path | None]:
-        """The default guest's kernel and initrd."""
+        """The default guest's kernel and initrd (shared), resolved like resolve()."""
 
     def ping(self) -> None: ...
 
@@ -194,3 +201,47 @@ class JailIds(Protocol):
 
     async def all(self) -> dict[str, int]:
         """Every VM holding an id, with its id (for reconciliation and tests)."""
+
+
+class Quotas(Protocol):
+    """Per-customer quota overrides, and the admission ledger: one claim per VM (its vCPUs,
+    memory and writable disk bytes) from which usage is counted, together with the VM's
+    state in the store (core.quotas says which states count for what).
+
+    `admit` is the atomic step: two admissions of one customer, or on one host, never
+    both see the usage before the other, also when several metald processes share the
+    database."""
+
+    async def overrides(self, customer_id: str) -> dict[Resource, Limit]:
+        """The customer's overrides (a resource without one is absent; None: unlimited)."""
+
+    async def all_overrides(self) -> dict[str, dict[Resource, Limit]]:
+        """Every customer that has an override, with its overrides."""
+
+    async def set_override(self, customer_id: str, resource: Resource, limit: Limit) -> None: ...
+
+    async def clear_override(self, customer_id: str, resource: Resource | None = None) -> int:
+        """Drop one override (or all of the customer's with None); how many went."""
+
+    async def usage(self, customer_id: str) -> Usage:
+        """What the customer holds now, on every host."""
+
+    async def admit(
+        self, customer_id: str, vm_id: str, claim: Claim, check: AdmissionCheck, *, new: bool
+    ) -> None:
+        """In one transaction that excludes every other admission of the customer and of
+        this host: count the customer's usage (every host) and this host's, without vm_id;
+        call `check`, whose raise refuses (nothing is recorded); then hold vm_id's claim,
+        counted live until `settle` (a create's VM row may not exist yet; a boot's is still
+        SHUTDOWN). `new` (a create) records `claim` and raises AlreadyExists if vm_id has
+        one; otherwise (a boot) the claim recorded at its create is held."""
+
+    async def settle(self, vm_id: str) -> None:
+        """The VM's state in the store tells again whether it is live: end the hold."""
+
+    async def release(self, vm_id: str) -> None:
+        """Forget the VM's claim (its create failed, or it was deleted). Idempotent."""
+
+    async def sweep(self) -> int:
+        """At start-up, before any admission on this host: end this host's holds and drop
+        its claims whose VM row is missing or deleted (an admission a crash cut short)."""

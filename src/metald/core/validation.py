@@ -65,10 +65,10 @@ def check_config(config: VmConfig, limits: Limits) -> None:
             "config.memory.size_bytes",
             f"must be at least {MIN_MEMORY_BYTES} (128 MiB) (got {config.memory_bytes})",
         )
-    if config.memory_bytes >= limits.max_memory_bytes:
+    if config.memory_bytes > limits.max_memory_bytes:
         raise InvalidArgument(
             "config.memory.size_bytes",
-            f"must be below {limits.max_memory_bytes} bytes (host limit)",
+            f"must be at most {limits.max_memory_bytes} bytes (this host's per-VM maximum)",
         )
     if config.memory_bytes % MIB:
         raise InvalidArgument("config.memory.size_bytes", "must be a whole number of MiB")

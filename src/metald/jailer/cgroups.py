@@ -3,52 +3,10 @@ the helper imports this)."""
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
+from metald.host.mounts import MountEntry, read_mountinfo
 from metald.jailer.spec import CgroupSpec
-
-_OCTAL = re.compile(r"\\([0-7]{3})")
-
-
-@dataclass(frozen=True)
-class MountEntry:
-    mount_point: str
-    root: str
-    fstype: str
-    options: str
-
-
-def _unescape(field: str) -> str:
-    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
-
-
-def parse_mountinfo(text: str) -> list[MountEntry]:
-    """/proc/<pid>/mountinfo, one entry per line (see proc(5))."""
-    entries = []
-    for line in text.splitlines():
-        fields = line.split()
-        try:
-            sep = fields.index("-", 6)
-        except ValueError:
-            continue
-        if len(fields) < sep + 2:
-            continue
-        entries.append(
-            MountEntry(
-                mount_point=_unescape(fields[4]),
-                root=_unescape(fields[3]),
-                fstype=fields[sep + 1],
-                options=fields[5],
-            )
-        )
-    return entries
-
-
-def read_mountinfo(pid: str | int = "self") -> list[MountEntry]:
-    with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        return parse_mountinfo(f.read())
 
 
 def find_cgroup2_mount(entries: list[MountEntry]) -> str | None:
@@ -58,16 +16,6 @@ def find_cgroup2_mount(entries: list[MountEntry]) -> str | None:
         if entry.fstype == "cgroup2" and entry.root == "/":
             return entry.mount_point
     return None
-
-
-def mounts_under(path: Path, entries: list[MountEntry] | None = None) -> list[str]:
-    """Mount points at or below `path` (in this process's mount namespace)."""
-    prefix = str(path).rstrip("/")
-    found = []
-    for entry in read_mountinfo() if entries is None else entries:
-        if entry.mount_point == prefix or entry.mount_point.startswith(prefix + "/"):
-            found.append(entry.mount_point)
-    return found
 
 
 def cgroup_mount(spec: CgroupSpec) -> str | None:

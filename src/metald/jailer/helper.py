@@ -50,6 +50,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from metald.host import files as host_files
 from metald.host import libc as sc
 from metald.host import netns as host_netns
 from metald.host import seccomp
@@ -241,37 +242,46 @@ class Jail:
             self._mkdirs_inside(current)
 
     def _place_file(self, f: PlacedFile) -> str:
+        """Open the source once, following no symlink anywhere on its path, and place THAT
+        open file (a name swapped in afterwards changes nothing):
+
+        - read-only (kernel, initrd, a shared disk): bind-mounted read-only from the
+          descriptor. Never a hard link: through one the jail user could chmod a file it
+          owns, and a new name would be a link the asset store does not account for;
+        - writable (the VM's own disk copy): handed to the jail user through the descriptor
+          and hard-linked from it; bind-mounted where it is on another filesystem.
+        """
         uid, gid = self.spec.uid, self.spec.gid
-        source = os.path.realpath(f.source)
         try:
-            st = os.stat(source)
+            fd = host_files.open_no_symlinks(f.source, os.O_PATH)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise StepFailed(f"file to place {f.source}: a symbolic link on its path") from None
             raise StepFailed(f"file to place {_os_message(e)}") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise StepFailed(f"file to place {f.source} is not a regular file")
-        if f.read_only:
-            if not _may(st, uid, gid, 0o4):
-                raise StepFailed(f"{f.source} is not readable by uid {uid} gid {gid}")
-            # Through a hard link the jail user could change a file it owns or may write.
-            link_ok = st.st_uid != uid and not _may(st, uid, gid, 0o2)
-        else:
-            os.chown(source, uid, gid)
-            os.chmod(source, stat.S_IMODE(st.st_mode) | 0o600)
-            link_ok = True
-        self._mkdirs_inside(posixpath.dirname(f.target) or "/")
-        target = self._inside(f.target)
-        if link_ok:
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise StepFailed(f"file to place {f.source} is not a regular file")
+            by_fd = host_files.fd_path(fd)
+            if f.read_only:
+                if not _may(st, uid, gid, 0o4):
+                    raise StepFailed(f"{f.source} is not readable by uid {uid} gid {gid}")
+                self._bind(by_fd, f.target, is_dir=False, flags=FILE_BIND_FLAGS | sc.MS_RDONLY)
+                return "bind-ro"
+            os.chown(by_fd, uid, gid)
+            os.chmod(by_fd, stat.S_IMODE(st.st_mode) | 0o600)
+            self._mkdirs_inside(posixpath.dirname(f.target) or "/")
             try:
-                os.link(source, target)
+                host_files.link_fd(fd, self._inside(f.target))
                 return "link"
             except OSError as e:
                 if e.errno not in (errno.EXDEV, errno.EPERM):
-                    raise StepFailed(
-                        f"cannot link {f.source} into the jail: {e.strerror}"
-                    ) from None
-        flags = FILE_BIND_FLAGS | (sc.MS_RDONLY if f.read_only else 0)
-        self._bind(source, f.target, is_dir=False, flags=flags)
-        return "bind-ro" if f.read_only else "bind-rw"
+                    message = f"cannot link {f.source} into the jail: {e.strerror}"
+                    raise StepFailed(message) from None
+            self._bind(by_fd, f.target, is_dir=False, flags=FILE_BIND_FLAGS)
+            return "bind-rw"
+        finally:
+            os.close(fd)
 
     def step_mount(self) -> dict[str, Any]:
         spec = self.spec

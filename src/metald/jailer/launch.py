@@ -20,6 +20,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import signal
@@ -31,11 +32,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from metald.core.models import ProcessIdentity
+from metald.core.undo import Undo
 from metald.host import netns as host_netns
+from metald.host.mounts import mounts_under
 from metald.host.process import ExitStatus, identity_of, inheritable_fds, reap_pidfd
-from metald.jailer.cgroups import cgroup_dir, mounts_under, relative_cgroup
+from metald.jailer.cgroups import cgroup_dir, relative_cgroup
 from metald.jailer.errors import JailerError
 from metald.jailer.spec import STEPS, JailSpec, SpecError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
 _REPORT_FD = 3
@@ -452,28 +457,33 @@ def _tail(path: Path, limit: int = 400) -> str:
 
 async def _undo(spec: JailSpec, created: list[dict[str, str]]) -> list[str]:
     """Remove what the helper announced it made, last first; what could not go."""
-    leftovers = []
-    for record in reversed(created):
-        kind = record.get("kind")
-        try:
-            if kind == "cgroup":
-                path = Path(record["path"])
-                if spec.cgroup is None or not str(path).endswith(
-                    "/" + relative_cgroup(spec.cgroup, spec.vm_id)
-                ):
-                    raise OSError(errno.EINVAL, f"not this VM's cgroup: {path}")
-                await asyncio.to_thread(_remove_cgroup, path)
-            elif kind == "dir":
-                if record["path"] not in (str(spec.jail_dir), str(spec.jail_root)):
-                    raise OSError(errno.EINVAL, f"not this VM's jail: {record['path']}")
-                await asyncio.to_thread(_remove_jail_dir, Path(record["path"]))
-            elif kind == "tap":
-                if spec.tap is None or record["name"] != spec.tap.name:
-                    raise OSError(errno.EINVAL, f"not this VM's TAP: {record['name']}")
-                await remove_tap_device(record.get("netns") or None, record["name"])
-        except (OSError, KeyError) as e:
-            leftovers.append(f"{kind} {record}: {e}")
-    return leftovers
+    undo = Undo(log, f"jail of {spec.vm_id}: a failed launch")
+    for record in created:
+        undo.add(f"{record.get('kind')} {record}", _remove_made, spec, record)
+    return await undo.run_async()
+
+
+async def _remove_made(spec: JailSpec, record: dict[str, str]) -> None:
+    """Remove one thing the helper made, once it is proven to be this VM's."""
+    kind = record.get("kind")
+    try:
+        if kind == "cgroup":
+            path = Path(record["path"])
+            if spec.cgroup is None or not str(path).endswith(
+                "/" + relative_cgroup(spec.cgroup, spec.vm_id)
+            ):
+                raise OSError(errno.EINVAL, f"not this VM's cgroup: {path}")
+            await asyncio.to_thread(_remove_cgroup, path)
+        elif kind == "dir":
+            if record["path"] not in (str(spec.jail_dir), str(spec.jail_root)):
+                raise OSError(errno.EINVAL, f"not this VM's jail: {record['path']}")
+            await asyncio.to_thread(_remove_jail_dir, Path(record["path"]))
+        elif kind == "tap":
+            if spec.tap is None or record["name"] != spec.tap.name:
+                raise OSError(errno.EINVAL, f"not this VM's TAP: {record['name']}")
+            await remove_tap_device(record.get("netns") or None, record["name"])
+    except KeyError as e:
+        raise OSError(errno.EINVAL, f"a malformed report: no {e}") from None
 
 
 def _cgroup_pids(path: Path) -> list[str]:
@@ -510,7 +520,7 @@ def _remove_jail_dir(path: Path) -> None:
 
 def _in_netns(netns_path: str, work: Callable[[], _T], missing: _T) -> _T:
     """Run `work` in the namespace (host.netns.run_in); `missing` if the namespace does not
-    exist (it is gone, and its devices with it)."""
-    if not os.path.exists(netns_path):
+    exist or its name is stale (it is gone, and its devices with it)."""
+    if not host_netns.is_namespace(netns_path):
         return missing
     return host_netns.run_in(netns_path, work)

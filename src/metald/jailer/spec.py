@@ -52,9 +52,11 @@ class SpecError(ValueError):
 class PlacedFile:
     """A host file made visible inside the jail at `target`.
 
-    A hard link when the file is on the jail's filesystem and the jail user could not change
-    it through the link; otherwise a bind mount (read-only when `read_only`). A writable file
-    (a per-VM disk copy) is handed to the jail user: chowned to the jail uid/gid.
+    `source` is opened once with no symlink on its path, and that open file is placed: a
+    read-only file is bind-mounted read-only (never hard-linked: the jail user could chmod
+    a file it owns through a link, and the asset store accounts for every link of its
+    files); a writable file (a per-VM disk copy) is handed to the jail user (chowned to the
+    jail uid/gid) and hard-linked, or bind-mounted when on another filesystem.
     """
 
     source: str

@@ -48,9 +48,19 @@ Tenant isolation, and why it holds:
   Guests of different customers share the subnet, so a guest that ARPs for another
   customer's address gets no answer, and one that sends via the gateway gets
   "administratively prohibited".
-- Not covered: a guest spoofing source IPs toward the host (replies go to the real owner via
-  the permanent neighbour entry, not to the spoofer), and anything to outside networks
-  (no NAT is set up; that is a separate decision).
+- What a guest may send is filtered on its own port (filters.py, nftables through
+  libnftables): in the VM's namespace, a ``bridge`` table drops every frame from the TAP
+  side whose source MAC is not the VM's, IPv4 not from its address, IPv6 not from its
+  address or link-local, ARP/ND claiming another address or MAC, VLAN-tagged frames and
+  other ether types, router advertisements and redirects, and DHCP/DHCPv6 server replies.
+  So a guest cannot impersonate another (the permanent neighbours already kept replies
+  from going to a spoofer; now the spoofed packet itself never leaves the VM's namespace).
+- The host's own services: an ``inet`` table in the host namespace accepts from the host
+  bridge only what the host asked for (conntrack established/related), neighbour discovery,
+  ICMP errors, and the operator's allow list (UNKEY_METALD_NETWORK_HOST_ALLOW, default
+  ``icmp``: pings to the gateway); the rest is refused (TCP reset, ICMP prohibited). The
+  bridge's ``accept_ra`` is 0. Forwarding is not filtered here.
+- Not covered: anything to outside networks (no NAT is set up; that is a separate decision).
 
 Rate limits are token-bucket filters (tc tbf) on the veth pair: toward the guest on the host
 end (vh-, in the segments namespace), from the guest on the VM end (vg-, in the VM
@@ -69,22 +79,23 @@ address is honoured if it is inside the subnet and free. The MAC is the caller's
 from the VM id (locally administered, stable across restarts). The guest learns everything
 from its kernel command line (``VmNetwork.guest_args()``).
 
-Failure: every set-up step registers its undo (a contextlib.ExitStack); a failure (or a
+Failure: every set-up step registers its undo (metald.core.undo); a failure (or a
 cancellation) at any step undoes it all and releases the new addresses. Teardown is
 idempotent, and ``remove_orphans`` removes what no known VM owns (after a crash).
 
 Restart: names under /run/netns are mounted where they outlive metald even when it runs in
-a mount namespace of its own (metald.network.netns); a name lost anyway is stale, never
+a mount namespace of its own (metald.host.named_netns); a name lost anyway is stale, never
 taken for a namespace, and at start-up each known VM's network is adopted
 (``NetworkManager.adopt_vm``): its namespace taken back from its live VMM, or made anew,
 and whatever is missing rebuilt with the same addresses and MAC.
 
 Modules: manager.py (the thin NetworkManager), hostside.py, segments.py, vms.py,
 reconcile.py (one concern each), models.py (requests, settings, VmNetwork), naming.py,
-addressing.py, links.py (netlink), netns.py (namespaces), port.py (the service's port).
+addressing.py, links.py (netlink), filters.py (what guests may send and reach) over
+nft.py (libnftables), port.py (the service's port).
 
 Every netlink request runs in a worker thread; a thread enters a namespace with setns(2) for
-the moment it opens a socket (metald.network.netns), and never forks.
+the moment it opens a socket (metald.host.named_netns), and never forks.
 """
 
 from metald.network.manager import NetworkError, NetworkManager

@@ -1,5 +1,5 @@
 """What the parts of the network manager share: the namespaces they work in, the lock over
-what VMs share, the test hook, the one error type, and the undo helper.
+what VMs share, the test hook, and the one error type.
 
 The manager is split by concern (host side, customer segments, per-VM networks,
 reconciliation); each part is small and takes this context instead of reaching into the
@@ -8,7 +8,6 @@ others' state.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -44,18 +43,3 @@ class NetContext:
     def step(self, name: str) -> None:
         if self.hook is not None:
             self.hook(name)
-
-
-def on_undo(
-    undo: contextlib.ExitStack, what: str, action: Callable[..., object], *args: object
-) -> None:
-    """Register an undo step. A step that fails is logged and the others still run: undo
-    removes as much as it can and says what stayed behind (orphan removal takes the rest)."""
-
-    def run() -> None:
-        try:
-            action(*args)
-        except Exception:
-            log.exception("network: undo of %s failed", what)
-
-    undo.callback(run)

@@ -1,6 +1,7 @@
 """The host side of every VM's network: the host bridge (br-vms) with the gateway
-addresses, the customers' uplink ports on it, and the policy-routing rules that keep the
-host from routing between guests (see the package docstring for why each holds).
+addresses, the customers' uplink ports on it, the policy-routing rules that keep the
+host from routing between guests (see the package docstring for why each holds), and the
+filter that keeps guests from the host's own services (filters.py).
 
 Made idempotently at start-up, shared by all VMs, kept across restarts; removed only on
 request (tests, uninstall).
@@ -9,7 +10,9 @@ request (tests, uninstall).
 from __future__ import annotations
 
 from metald.core.errors import Unavailable
-from metald.network import links, netns
+from metald.host import named_netns as netns
+from metald.host.netns import ensure_home
+from metald.network import filters, links
 from metald.network.context import NetContext, log
 from metald.network.links import FR_ACT_PROHIBIT, FR_ACT_TO_TBL, RT_TABLE_MAIN, Rule, rtnl
 from metald.network.models import NetworkSettings
@@ -46,7 +49,7 @@ class HostSide:
         """Create (idempotently) the host bridge with the gateway addresses, the routing
         rules and the segments namespace."""
         ctx = self._ctx
-        netns.ensure_home()
+        ensure_home()
         if ctx.host_netns is not None and not netns.exists(ctx.host_netns):
             raise Unavailable(f"network: host namespace {ctx.host_netns} does not exist")
         s = ctx.settings
@@ -78,12 +81,17 @@ class HostSide:
             links.set_up(ipr, index)
             for rule in self.rules:
                 links.ensure_rule(ipr, rule)
+        # What guests may reach of the host itself, and no router advertisements taken.
+        filters.ensure_host(ctx.host_netns, s.bridge, s.host_allow_rules)
+        if s.ipv6_enabled:
+            filters.ignore_router_advertisements(ctx.host_netns, s.bridge)
 
     def remove_sync(self) -> None:
         """Remove the host bridge, the rules and the segments namespace. VMs must have been
         torn down first."""
         ctx = self._ctx
-        netns.ensure_home()
+        ensure_home()
+        filters.remove_host(ctx.host_netns, ctx.settings.bridge)
         with rtnl(ctx.host_netns) as ipr:
             for rule in self.rules:
                 links.delete_rule(ipr, rule)

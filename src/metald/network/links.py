@@ -21,7 +21,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ndmsg import NTF_MASTER, NUD_NOARP, NUD_PERMANENT
 
-from metald.network import netns
+from metald.host import named_netns as netns
 
 IFA_F_NODAD = 0x02
 IN6_ADDR_GEN_MODE_NONE = 1

@@ -4,7 +4,8 @@ module of its own:
 
 - hostside.py   the host bridge, its gateway addresses and the routing rules
 - segments.py   one segment per customer, joined to the host bridge by an isolated uplink
-- vms.py        each VM's namespace, links, entries, limits and addresses
+- vms.py        each VM's namespace, links, port filters, entries, limits and addresses
+- filters.py    the guest port filters and the host-services filter (nftables, nft.py)
 - reconcile.py  removing what no known VM owns, and leak-check snapshots
 
 The public API is async; every netlink request runs in a worker thread (blocking.py) and
@@ -18,7 +19,7 @@ from collections.abc import Iterable
 from metald.core.models import RateLimit, TrafficCounters
 from metald.core.ports import AddressBook
 from metald.core.validation import VM_ID
-from metald.network import netns
+from metald.host import named_netns as netns
 from metald.network.blocking import blocking
 from metald.network.context import NetContext, NetworkError, StepHook
 from metald.network.hostside import HostSide

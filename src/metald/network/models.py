@@ -9,6 +9,7 @@ raises InvalidArgument naming the field for anything it cannot honour.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,56 @@ def tbf_burst(limit: RateLimit) -> int:
     return limit.burst or max(32 * 1024, limit.bandwidth // 50)
 
 
+_ALLOW_ENTRY = re.compile(r"(tcp|udp):(\d{1,5})(?:-(\d{1,5}))?|icmp")
+
+
+@dataclass(frozen=True)
+class AllowRule:
+    """One entry of UNKEY_METALD_NETWORK_HOST_ALLOW: ``tcp:<port>``, ``tcp:<low>-<high>``,
+    the same for udp, or ``icmp`` (echo requests to the host, both families)."""
+
+    proto: str
+    low: int = 0
+    high: int = 0
+
+    def render(self) -> str:
+        if self.proto == "icmp":
+            return "icmp"
+        if self.low == self.high:
+            return f"{self.proto}:{self.low}"
+        return f"{self.proto}:{self.low}-{self.high}"
+
+
+def parse_host_allow(text: str) -> tuple[AllowRule, ...]:
+    """The allow list from its setting (comma-separated; empty: nothing); ValueError naming
+    the setting and the entry."""
+    rules: list[AllowRule] = []
+    for raw in text.split(","):
+        entry = raw.strip().lower()
+        if not entry:
+            continue
+        m = _ALLOW_ENTRY.fullmatch(entry)
+        if m is None:
+            raise ValueError(
+                f"UNKEY_METALD_NETWORK_HOST_ALLOW: {raw.strip()!r} is not tcp:<port>, "
+                "tcp:<low>-<high>, udp:<port>, udp:<low>-<high> or icmp"
+            )
+        if entry == "icmp":
+            rule = AllowRule("icmp")
+        else:
+            low = int(m.group(2))
+            high = int(m.group(3)) if m.group(3) else low
+            if not 1 <= low <= high <= 65535:
+                raise ValueError(
+                    f"UNKEY_METALD_NETWORK_HOST_ALLOW: {raw.strip()!r}: ports are 1-65535, "
+                    "low before high"
+                )
+            rule = AllowRule(m.group(1), low, high)
+        if rule not in rules:
+            rules.append(rule)
+    return tuple(rules)
+
+
 @dataclass(frozen=True)
 class NetworkSettings:
     """Network configuration (DESIGN §11; defaults as the existing metald's)."""
@@ -53,6 +104,13 @@ class NetworkSettings:
     netns_prefix: str = "mvm-"
     # Policy-routing rule priority for "no routing between guests" (see the package doc).
     rule_priority: int = 1000
+    # What guests may reach of the host's own services (UNKEY_METALD_NETWORK_HOST_ALLOW):
+    # comma-separated tcp:<port>[-<port>], udp:<port>[-<port>], icmp (echo); "" for nothing.
+    host_allow: str = "icmp"
+
+    @property
+    def host_allow_rules(self) -> tuple[AllowRule, ...]:
+        return parse_host_allow(self.host_allow)
 
     @property
     def gateway4(self) -> ipaddress.IPv4Interface:
@@ -115,6 +173,7 @@ class NetworkSettings:
                     raise ValueError(f"UNKEY_METALD_NETWORK_{name}: {server} is not IPv{kind4}")
         if self.default_rate_limit_mbps < 0:
             raise ValueError("UNKEY_METALD_NETWORK_RATE_LIMIT_MBPS: must not be negative")
+        parse_host_allow(self.host_allow)
 
     def allowed_modes(self) -> set[NetworkMode]:
         modes = set()

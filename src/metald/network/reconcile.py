@@ -14,7 +14,9 @@ from collections.abc import Iterable
 
 from metald.core.ports import AddressBook
 from metald.core.validation import VM_ID
-from metald.network import links, netns
+from metald.host import named_netns as netns
+from metald.host.netns import ensure_home
+from metald.network import links
 from metald.network.blocking import blocking
 from metald.network.context import NetContext
 from metald.network.links import rtnl
@@ -63,7 +65,7 @@ class Reconciler:
         return gone
 
     def _vm_ids_on_links(self) -> set[str]:
-        netns.ensure_home()
+        ensure_home()
         found = set()
         with rtnl(self._ctx.segments_netns) as seg:
             for link in links.list_links(seg):
@@ -75,7 +77,7 @@ class Reconciler:
 
     def _sweep_sync(self, allocated: set[str]) -> list[str]:
         ctx = self._ctx
-        netns.ensure_home()
+        ensure_home()
         gone: list[str] = []
         s = ctx.settings
         with rtnl(ctx.host_netns) as host, rtnl(ctx.segments_netns) as seg, ctx.lock:
@@ -125,7 +127,7 @@ class Reconciler:
 
     def snapshot_sync(self) -> dict[str, list[str]]:
         ctx = self._ctx
-        netns.ensure_home()
+        ensure_home()
         prefix = ctx.settings.netns_prefix
         out: dict[str, list[str]] = {
             "netns": [n for n in netns.list_names() if n.startswith(prefix)]

@@ -8,12 +8,12 @@ segments are what VMs of one customer share.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from metald.core.errors import AlreadyExists, Unavailable
+from metald.core.undo import Undo
 from metald.network import links
-from metald.network.context import NetContext, NetworkError, on_undo
+from metald.network.context import NetContext, NetworkError
 from metald.network.links import rtnl
 from metald.network.naming import (
     CUSTOMER_BRIDGE,
@@ -41,7 +41,7 @@ class Segments:
         bridge_index: int,
         customer: CustomerNames,
         host_veth: str,
-        undo: contextlib.ExitStack,
+        undo: Undo,
     ) -> tuple[int, int]:
         """The customer's bridge and its isolated uplink to the host bridge (caller holds the
         lock); (customer bridge index, uplink port index on the host bridge)."""
@@ -57,7 +57,7 @@ class Segments:
         else:
             bc_index = bc.index
         if created:
-            on_undo(undo, f"segment {customer.bridge}", self._undo, customer.bridge, host_veth)
+            undo.add(f"segment {customer.bridge}", self._undo, customer.bridge, host_veth)
         ub = links.get_link(host, customer.uplink_host)
         if ub is not None and links.get_link(seg, customer.uplink_customer) is None:
             # Its peer went with a lost segments namespace (or is going: the kernel removes

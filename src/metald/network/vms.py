@@ -1,8 +1,9 @@
 """Each VM's own network: its namespace, the veth pair to its customer's segment, the VM
-bridge its TAP joins, the host bridge's FDB and neighbour entries for its MAC and
-addresses, the rate limits, and the addresses in the address book.
+bridge its TAP joins, the filters on the guest's port (filters.py), the host bridge's FDB
+and neighbour entries for its MAC and addresses, the rate limits, and the addresses in the
+address book.
 
-Set-up is a sequence of small steps, each registering its undo on an ExitStack: a failure
+Set-up is a sequence of small steps, each registering its undo (core.undo.Undo): a failure
 (or a cancellation) at any step undoes what the call made and releases the addresses it
 took; calling it again for a VM whose network exists completes it and returns the same
 network. Teardown is idempotent.
@@ -11,7 +12,6 @@ network. Teardown is idempotent.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 from typing import Any
 
@@ -24,11 +24,14 @@ from metald.core.errors import (
 )
 from metald.core.models import RateLimit, TrafficCounters
 from metald.core.ports import AddressBook
+from metald.core.undo import Undo
 from metald.core.validation import check_customer_id, check_vm_id
-from metald.network import links, netns
+from metald.host import named_netns as netns
+from metald.host.netns import ensure_home
+from metald.network import filters, links
 from metald.network.addressing import allocate
 from metald.network.blocking import blocking, uncancellable
-from metald.network.context import NetContext, NetworkError, log, on_undo
+from metald.network.context import NetContext, NetworkError, log
 from metald.network.links import rtnl
 from metald.network.models import NetworkMode, NetworkRequest, VmNetwork, tbf_burst
 from metald.network.naming import (
@@ -47,6 +50,7 @@ SETUP_STEPS = (
     "netns",
     "veth",
     "vm-links",
+    "filters",
     "segment",
     "fdb",
     "neighbours",
@@ -81,7 +85,7 @@ class VmNetworks:
         mac = request.mac or generated_mac(vm_id)
 
         held_before = {a.address for a in await self._book.for_vm(vm_id)}
-        built: list[contextlib.ExitStack] = []
+        built: list[Undo] = []
         try:
             ctx.step("allocate")
             ip4 = ip6 = None
@@ -117,7 +121,7 @@ class VmNetworks:
             # The build undoes itself when it fails; if it succeeded but the caller was
             # cancelled meanwhile, what it made is undone here.
             if built:
-                await uncancellable(asyncio.to_thread(built[0].close))
+                await uncancellable(asyncio.to_thread(built[0].run))
             await uncancellable(self._release_new(vm_id, held_before))
             raise
         return network
@@ -132,27 +136,27 @@ class VmNetworks:
         net: VmNetwork,
         names: VmNames,
         customer: CustomerNames,
-        built: list[contextlib.ExitStack],
+        built: list[Undo],
     ) -> None:
-        netns.ensure_home()
-        undo = contextlib.ExitStack()
+        ensure_home()
+        undo = Undo(log, f"network of {net.vm_id}: a failed set-up")
         built.append(undo)
         try:
             self._build_steps(net, names, customer, undo)
         except MetaldError:
-            undo.close()
+            undo.run()
             raise
         except BaseException as exc:
-            undo.close()
+            undo.run()
             raise NetworkError(f"network set-up of {net.vm_id} failed: {exc}") from exc
 
     def _build_steps(
-        self, net: VmNetwork, names: VmNames, customer: CustomerNames, undo: contextlib.ExitStack
+        self, net: VmNetwork, names: VmNames, customer: CustomerNames, undo: Undo
     ) -> None:
         ctx = self._ctx
         ctx.step("netns")
         if netns.create(names.netns):
-            on_undo(undo, f"netns {names.netns}", netns.remove, names.netns)
+            undo.add(f"netns {names.netns}", netns.remove, names.netns)
         with (
             rtnl(ctx.host_netns) as host,
             rtnl(ctx.segments_netns) as seg,
@@ -166,9 +170,7 @@ class VmNetworks:
                     # the pair only once that namespace is cleaned up): make it anew.
                     links.delete_link(vmr, names.vm_veth)
                 vh_index = links.add_veth(seg, names.host_veth, names.vm_veth, names.netns)
-                on_undo(
-                    undo, f"veth {names.host_veth}", self._segments.delete_link, names.host_veth
-                )
+                undo.add(f"veth {names.host_veth}", self._segments.delete_link, names.host_veth)
                 links.set_alias(seg, vh_index, vm_alias(net.vm_id, net.mac))
                 links.no_ipv6_addresses(seg, vh_index)
             else:
@@ -200,6 +202,12 @@ class VmNetworks:
             links.set_up(vmr, vg.index)
             links.set_up(vmr, vb_index)
 
+            # Before the VM end joins its customer's segment (and long before the TAP is
+            # attached): what the guest may send.
+            ctx.step("filters")
+            if filters.ensure_guest(names.netns, self.guest_rules(net)):
+                undo.add(f"filters of {names.netns}", self._undo_filters, names)
+
             ctx.step("segment")
             with ctx.lock:
                 bridge_index = self._segments.host_bridge_index(host)
@@ -215,19 +223,27 @@ class VmNetworks:
                 present = {(e.mac, e.port) for e in links.static_fdb(host, bridge_index)}
                 if (net.mac, ub_index) not in present:
                     links.add_static_fdb(host, ub_index, net.mac)
-                    on_undo(undo, f"fdb {net.mac}", self._undo_fdb, ub_index, net.mac)
+                    undo.add(f"fdb {net.mac}", self._undo_fdb, ub_index, net.mac)
 
                 ctx.step("neighbours")
                 for address in addresses:
                     links.set_permanent_neighbour(host, bridge_index, address, net.mac)
-                    on_undo(
-                        undo, f"neighbour {address}", self._undo_neighbour, bridge_index, address
-                    )
+                    undo.add(f"neighbour {address}", self._undo_neighbour, bridge_index, address)
 
             ctx.step("rate-limit")
             self._apply_limits(seg, vmr, names, net.rx, net.tx)
 
     # Undo steps open their own sockets: they run after the set-up's sockets are closed.
+
+    def _undo_filters(self, names: VmNames) -> None:
+        # Fail closed: while a TAP is there a guest may be sending, and filters it keeps.
+        # (A namespace this set-up made goes whole with its own undo.)
+        if not netns.exists(names.netns):
+            return
+        with rtnl(names.netns) as vmr:
+            if links.get_link(vmr, names.tap) is not None:
+                return
+        filters.remove_guest(names.netns)
 
     def _undo_fdb(self, port: int, mac: str) -> None:
         with rtnl(self._ctx.host_netns) as host, self._ctx.lock:
@@ -271,7 +287,7 @@ class VmNetworks:
     def _apply_limits_sync(
         self, names: VmNames, rx: RateLimit | None, tx: RateLimit | None
     ) -> None:
-        netns.ensure_home()
+        ensure_home()
         if not netns.exists(names.netns):
             raise NotFound(f"network of VM {names.vm_id} not found")
         with rtnl(self._ctx.segments_netns) as seg, rtnl(names.netns) as vmr:
@@ -283,7 +299,7 @@ class VmNetworks:
         return names.tap
 
     def _create_tap_sync(self, names: VmNames, uid: int, gid: int) -> None:
-        netns.ensure_home()
+        ensure_home()
         if not netns.exists(names.netns):
             raise NotFound(f"network of VM {names.vm_id} not found")
         with netns.entered(names.netns):
@@ -313,10 +329,30 @@ class VmNetworks:
             )
         network = await self.describe(vm_id, customer_id, request)
         if network is not None:
-            return network  # whole: nothing to rebuild
+            if await blocking(self._repair_filters_sync, network):
+                log.warning("network: VM %s: its port filters were missing; restored", vm_id)
+            return network  # whole now
         log.warning("network: VM %s: its network is incomplete; rebuilding it", vm_id)
         # The addresses are still in the book, and set-up completes what exists.
         return await self.setup(vm_id, customer_id, request)
+
+    def guest_rules(self, net: VmNetwork) -> str:
+        return filters.guest_rules(
+            net.vm_id,
+            net.vm_veth,
+            net.mac,
+            net.ipv4.ip if net.ipv4 else None,
+            net.ipv6.ip if net.ipv6 else None,
+        )
+
+    def _repair_filters_sync(self, net: VmNetwork) -> bool:
+        ensure_home()
+        return filters.ensure_guest(net.netns, self.guest_rules(net))
+
+    def filters_current_sync(self, net: VmNetwork) -> bool:
+        """Whether the VM's port filters are there and as this metald would make them."""
+        ensure_home()
+        return filters.guest_current(net.netns, self.guest_rules(net))
 
     # Teardown ----------------------------------------------------------------------------
 
@@ -331,7 +367,7 @@ class VmNetworks:
 
     def _teardown_sync(self, names: VmNames, addresses: list[str]) -> None:
         ctx = self._ctx
-        netns.ensure_home()
+        ensure_home()
         macs: set[str] = set()
         with rtnl(ctx.host_netns) as host, rtnl(ctx.segments_netns) as seg, ctx.lock:
             segment = ""
@@ -415,7 +451,7 @@ class VmNetworks:
 
     def owner_sync(self, names: VmNames) -> tuple[str, str] | None:
         """(vm_id, mac) from the host end's alias if the VM's network is there."""
-        netns.ensure_home()
+        ensure_home()
         if not netns.exists(names.netns):
             return None
         with rtnl(self._ctx.segments_netns) as seg:
@@ -429,7 +465,7 @@ class VmNetworks:
         return await blocking(self._stats_sync, self.names(vm_id))
 
     def _stats_sync(self, names: VmNames) -> TrafficCounters:
-        netns.ensure_home()
+        ensure_home()
         with rtnl(self._ctx.segments_netns) as seg:
             if links.get_link(seg, names.host_veth) is None:
                 raise NotFound(f"network of VM {names.vm_id} not found")

@@ -31,7 +31,9 @@ from metald.core.models import (
 )
 from metald.core.ports import Assets, Backend, Network, Store
 from metald.core.states import DELETE_NEEDS_FORCE, LIVE_STATES, Operation, VmState, next_state
+from metald.core.undo import Undo
 from metald.core.validation import Limits, check_config, check_customer_id, check_vm_id
+from metald.service.admission import Admission
 from metald.service.locks import VmLocks
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class VmService:
         network: Network,
         limits: Limits,
         *,
+        admission: Admission,
         default_backend: str = "",
         default_shutdown_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
@@ -71,6 +74,7 @@ class VmService:
         self._assets = assets
         self._network = network
         self._limits = limits
+        self._admission = admission
         self._default_shutdown_timeout = default_shutdown_timeout
         self._clock = clock
         self._locks = VmLocks()
@@ -79,6 +83,7 @@ class VmService:
 
     async def start(self) -> None:
         """Adopt VMMs left by an earlier metald, mark lost ones SHUTDOWN, remove orphans."""
+        await self._admission.start()
         for backend in self._backends.values():
             backend.set_exit_callback(self._on_vmm_exit)
             backend.set_tap_callback(self._network.attach)
@@ -147,8 +152,9 @@ class VmService:
             check_vm_id(vm_id)
         check_config(config, self._limits)
         self._network.check(config.network)
-        spec_of = self._resolve(config)
+        spec_of = self._resolve(config, caller)
         vm_id = vm_id or new_vm_id()
+        claim = self._admission.check_request(config, spec_of(vm_id).disks)
         async with self._locks.hold(vm_id):
             if await self._store.exists(vm_id):
                 raise AlreadyExists(f"a VM with id {vm_id!r} exists or existed")
@@ -162,35 +168,33 @@ class VmService:
                 created_at=now,
                 updated_at=now,
             )
-            await self._store.insert(vm)  # intent: the id is taken
-            try:
-                nic = await self._network.setup(vm_id, caller, config.network)
-                vm.process = await self._backend.create(replace(spec_of(vm_id), nic=nic))
-                # Recording the VMM is part of the create: a row without its process could
-                # never be adopted, and the next start would keep its VMM as a known VM's.
-                await self._store.update(vm)
-            except BaseException:
-                await self._undo_create(vm_id)
-                raise
+            async with self._admission.creating(caller, vm_id, claim):
+                await self._store.insert(vm)  # intent: the id is taken
+                # Every step's undo runs even if an earlier one fails: what stays is logged
+                # and the next start's orphan removal takes it (no row owns it any more).
+                undo = Undo(log, f"vm {vm_id}: undoing a failed create")
+                undo.add("its row", self._store.remove, vm_id)
+                undo.add("its network", self._network.teardown, vm_id)
+                undo.add("its VMM", self._backend.destroy, vm_id)
+                try:
+                    nic = await self._network.setup(vm_id, caller, config.network)
+                    vm.process = await self._backend.create(replace(spec_of(vm_id), nic=nic))
+                    # Recording the VMM is part of the create: a row without its process
+                    # could never be adopted, and the next start would keep its VMM as a
+                    # known VM's.
+                    await self._store.update(vm)
+                except BaseException:
+                    await undo.run_async()
+                    raise
             return vm
-
-    async def _undo_create(self, vm_id: str) -> None:
-        """Every undo step runs even when an earlier one fails: what a step could not remove
-        is logged, and the next start's orphan removal takes it (no row owns it any more)."""
-        steps = (("VMM", self._backend.destroy), ("network", self._network.teardown))
-        for what, undo in steps:
-            try:
-                await undo(vm_id)
-            except Exception:
-                log.exception("vm %s: undoing a failed create: removing its %s failed", vm_id, what)
-        await self._store.remove(vm_id)
 
     async def boot_vm(self, caller: str, vm_id: str) -> VmRecord:
         async with self._locks.hold(vm_id):
             vm = await self._owned(caller, vm_id)
             new_state = next_state(Operation.BOOT, vm.state)
-            process = await self._backend_of(vm).boot(vm_id)
-            return await self._save(vm, state=new_state, process=process, exit_reason=None)
+            async with self._admission.booting(vm):
+                process = await self._backend_of(vm).boot(vm_id)
+                return await self._save(vm, state=new_state, process=process, exit_reason=None)
 
     async def pause_vm(self, caller: str, vm_id: str) -> VmRecord:
         async with self._locks.hold(vm_id):
@@ -239,6 +243,7 @@ class VmService:
             await self._network.teardown(vm_id)
             vm.deleted_at = self._clock()
             await self._save(vm, state=VmState.SHUTDOWN, process=None)
+            await self._admission.release(vm_id)
 
     async def get_vm(
         self, caller: str, vm_id: str
@@ -287,20 +292,25 @@ class VmService:
             raise NotFound(f"VM {vm_id!r} not found")
         return vm
 
-    def _resolve(self, config: VmConfig) -> Callable[[str], LaunchSpec]:
-        """Resolve every path now, so a bad one is refused before anything is created."""
+    def _resolve(self, config: VmConfig, caller: str) -> Callable[[str], LaunchSpec]:
+        """Resolve every path now, so a bad one is refused before anything is created; only
+        assets that are shared or the caller's own resolve."""
         kernel: Path
         initrd: Path | None = None
         if config.kernel_path:
-            kernel = self._assets.resolve("config.boot.kernel_path", config.kernel_path)
+            kernel = self._assets.resolve(
+                "config.boot.kernel_path", config.kernel_path, customer=caller
+            )
         else:
             kernel, initrd = self._assets.default_boot()
         if config.initrd_path:
-            initrd = self._assets.resolve("config.boot.initrd_path", config.initrd_path)
+            initrd = self._assets.resolve(
+                "config.boot.initrd_path", config.initrd_path, customer=caller
+            )
         disks = tuple(
             ResolvedDisk(
                 id=d.id,
-                path=self._assets.resolve(f"config.storage[{i}].path", d.path),
+                path=self._assets.resolve(f"config.storage[{i}].path", d.path, customer=caller),
                 read_only=d.read_only,
                 is_root_device=d.is_root_device,
             )

@@ -1,5 +1,5 @@
 """Jail ids: the unprivileged uid (and gid: the same number) each VM's VMM runs as (table
-``jail_ids``, migration 0003).
+``jail_ids``, migration 0004).
 
 Why in the store: the id must outlive metald (a restarted metald adopts VMMs running as
 their ids, and a stopped VM's disk copies belong to its id) and must never be given to a

@@ -1,16 +1,24 @@
 """Per-VM copies of writable disks: reflinked where the filesystem can, else sparse, so a
-VM's root disk costs what the guest writes, not the image size. Read-only disks are shared."""
+VM's root disk costs what the guest writes, not the image size. Read-only disks are shared.
+
+The source is opened once, with no symlink anywhere on its path (metald.host.files), and
+that open file is what `cp` copies (it is handed the descriptor as /dev/fd/N): a name
+swapped in the store while the copy starts changes nothing. (The asset store hands out
+pins, which nobody but the store writes; this holds for any path a spec names.)"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
+import stat
 from pathlib import Path
 
 from metald.backends.vmm.layout import VmLayout
 from metald.core.errors import BackendError
 from metald.core.models import LaunchSpec
+from metald.host import files
 
 
 async def copy_writable_disks(spec: LaunchSpec, layout: VmLayout) -> None:
@@ -27,17 +35,28 @@ async def copy_writable_disks(spec: LaunchSpec, layout: VmLayout) -> None:
 
 
 async def sparse_copy(source: Path, dest: Path) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        "cp",
-        "--reflink=auto",
-        "--sparse=always",
-        "--",
-        str(source),
-        str(dest),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    try:
+        fd = files.open_no_symlinks(str(source))
+    except OSError as e:
+        why = "a symbolic link on its path" if e.errno == errno.ELOOP else e.strerror
+        raise BackendError(f"could not copy disk {source.name}: {why}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BackendError(f"could not copy disk {source.name}: not a regular file")
+        proc = await asyncio.create_subprocess_exec(
+            "cp",
+            "--reflink=auto",
+            "--sparse=always",
+            "--",
+            f"/dev/fd/{fd}",
+            str(dest),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            pass_fds=(fd,),
+        )
+    finally:
+        os.close(fd)
     try:
         _, err = await proc.communicate()
     except BaseException:

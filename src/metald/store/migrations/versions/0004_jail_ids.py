@@ -1,7 +1,7 @@
 """The jail_ids table: which VM's VMM runs as which uid/gid on which node.
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004_jail_ids
+Revises: 0003_quotas
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003"
-down_revision = "0002"
+revision = "0004_jail_ids"
+down_revision = "0003_quotas"
 branch_labels = None
 depends_on = None
 

@@ -1,8 +1,17 @@
-"""Which mount holds /run/netns, and how it propagates, read from a mountinfo text."""
+"""Which mount holds /run/netns, and how it propagates, read from a mountinfo text (the
+named network namespaces decide from this where a name outlives metald)."""
 
 from __future__ import annotations
 
-from metald.network.netns import _run_dir_propagation
+from pathlib import Path
+
+from metald.host.mounts import mount_holding, parse_mountinfo
+
+
+def _run_dir_propagation(mountinfo: str) -> tuple[set[str], set[str]]:
+    entry = mount_holding(Path("/run/netns"), parse_mountinfo(mountinfo))
+    return (set(), set()) if entry is None else (set(entry.shared), set(entry.master))
+
 
 HOST = """\
 27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw

@@ -1,0 +1,55 @@
+"""What one VMM process uses: CPU time and memory from /proc, disk counters from the driver.
+
+CPU share needs two samples: the last one is kept on the process record, so each call
+reports the share since the previous call (the first, since the process started).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from metald.backends.vmm.process import VmmProcess
+from metald.core.errors import BackendError
+from metald.core.models import VmUsage
+from metald.host.process import process_age_seconds, read_rss_bytes, read_stat
+
+log = logging.getLogger(__name__)
+
+
+async def sample_usage(vm: VmmProcess | None) -> VmUsage:
+    """CPU time and share (100 = one host CPU; since the last sample, or since the
+    process started), RSS, disk counters from the driver, seconds since boot. Zeros
+    when no VMM process runs."""
+    if vm is None or not vm.alive:
+        return VmUsage()
+    stat = read_stat(vm.identity.pid)
+    if stat is None or stat.start_time != vm.identity.start_time:
+        return VmUsage()
+    cpu_ns = stat.cpu_time_ns
+    now = time.monotonic()
+    if vm.last_cpu_sample is not None:
+        prev_cpu, prev_at = vm.last_cpu_sample
+        elapsed = now - prev_at
+        percent = 100.0 * (cpu_ns - prev_cpu) / (elapsed * 1e9) if elapsed > 0 else 0.0
+    else:
+        age = process_age_seconds(vm.identity)
+        percent = 100.0 * cpu_ns / (age * 1e9) if age > 0 else 0.0
+    vm.last_cpu_sample = (cpu_ns, now)
+    io = None
+    if vm.control is not None:
+        try:
+            io = await vm.control.io_stats()
+        except BackendError as e:
+            log.debug("VM %s: no I/O counters: %s", vm.vm_id, e.message)
+    uptime = int(time.time() - vm.booted_at) if vm.booted_at is not None else 0
+    return VmUsage(
+        cpu_time_ns=cpu_ns,
+        cpu_usage_percent=max(0.0, percent),
+        memory_bytes=read_rss_bytes(vm.identity.pid),
+        disk_read_bytes=io.disk_read_bytes if io else 0,
+        disk_write_bytes=io.disk_write_bytes if io else 0,
+        disk_read_ops=io.disk_read_ops if io else 0,
+        disk_write_ops=io.disk_write_ops if io else 0,
+        uptime_seconds=max(0, uptime),
+    )
