@@ -27,12 +27,13 @@ from metald.api.metrics import ApiMetrics
 from metald.assets.store import LocalAssetStore
 from metald.backends.firecracker.driver import FirecrackerDriver
 from metald.backends.qemu.driver import QemuDriver
+from metald.backends.vmm.context import LogCaps
 from metald.backends.vmm.driver import VmmDriver
 from metald.backends.vmm.jail import JailSettings
 from metald.backends.vmm.runtime import VmmRuntime
 from metald.config import BackendKind, ConfigError, Settings, load_settings
 from metald.core.errors import MetaldError
-from metald.core.ports import Backend, Network, Store
+from metald.core.ports import Backend, JailIds, Network, Store
 from metald.core.quotas import HostCeiling, QuotaDefaults, Resource, VmMaxima
 from metald.core.validation import Limits
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
@@ -44,6 +45,7 @@ from metald.service.admission import Admission
 from metald.service.vm_service import VmService
 from metald.store.addresses import SqlAddressBook
 from metald.store.database import Database
+from metald.store.jail_ids import SqlJailIds
 from metald.store.quotas import SqlQuotas
 from metald.store.sqlite import SqlStore
 
@@ -127,8 +129,11 @@ def _check_uid_range_unused(first: int, last: int) -> None:
         )
 
 
-def build_backend(settings: Settings, kind: BackendKind) -> VmmRuntime:
-    """The runtime of one VMM backend, not started yet."""
+def build_backend(
+    settings: Settings, kind: BackendKind, jail_ids: JailIds | None = None
+) -> VmmRuntime:
+    """The runtime of one VMM backend, not started yet. `jail_ids`: where each VM's own
+    VMM uid is claimed (needed with a uid range: start_backends passes the store's)."""
     if kind is BackendKind.FIRECRACKER:
         driver: VmmDriver = FirecrackerDriver(
             settings.firecracker_binary,
@@ -137,16 +142,28 @@ def build_backend(settings: Settings, kind: BackendKind) -> VmmRuntime:
         )
     else:
         driver = QemuDriver(settings.qemu_binary, settings.qemu_accel.value)
+    jail = jail_settings(settings)
     return VmmRuntime(
-        driver, settings.vm_dir, jail=jail_settings(settings), guest_agent=settings.guest_agent
+        driver,
+        settings.vm_dir,
+        jail=jail,
+        guest_agent=settings.guest_agent,
+        jail_ids=jail_ids if jail is not None and jail.uid_range is not None else None,
+        log_caps=LogCaps(
+            console_bytes=settings.console_log_max_bytes,
+            stderr_bytes=settings.vmm_stderr_max_bytes,
+            interval=settings.log_check_seconds,
+        ),
     )
 
 
-async def start_backends(settings: Settings, store: Store) -> dict[str, Backend]:
+async def start_backends(
+    settings: Settings, store: Store, jail_ids: JailIds | None = None
+) -> dict[str, Backend]:
     """The configured backend (UNKEY_METALD_BACKEND: it must start, or start-up stops with
     what to install or set), and every other backend that VMs in the store still run on, so
     they are adopted; one of those that cannot start is logged and its VMs left alone."""
-    default = build_backend(settings, settings.backend)
+    default = build_backend(settings, settings.backend, jail_ids)
     try:
         await default.start()
     except MetaldError as e:
@@ -155,7 +172,7 @@ async def start_backends(settings: Settings, store: Store) -> dict[str, Backend]
     wanted = {vm.backend for vm in await store.list_live()} - set(backends)
     for name in sorted(wanted):
         try:
-            other = build_backend(settings, BackendKind(name))
+            other = build_backend(settings, BackendKind(name), jail_ids)
             await other.start()
         except (ValueError, MetaldError) as e:
             detail = e.message if isinstance(e, MetaldError) else str(e)
@@ -264,7 +281,9 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
     backends: dict[str, Backend] = {}
     try:
         await database.migrate()
-        backends = await start_backends(settings, store)
+        bounds = settings.jailer_uid_bounds
+        jail_ids = None if bounds is None else SqlJailIds(database, *bounds)
+        backends = await start_backends(settings, store, jail_ids)
         backend = backends[settings.backend.value]
         await network.start()
         assets = LocalAssetStore(settings.assetmanager_cache_dir)
