@@ -777,6 +777,33 @@ def is_zombie(pid: int) -> bool:
     return False
 
 
+async def test_rlimit_fsize_bounds_every_file_and_does_not_kill_the_vmm(
+    jail_base: Path, jails: Jails
+) -> None:
+    """A write past RLIMIT_FSIZE fails (EFBIG) instead of killing the VMM: SIGXFSZ stays
+    ignored, so a console flooded while metald is away stops growing and the VM lives on."""
+    bb = BUSYBOX
+    limit = 64 * 1024
+    script = f"""
+{bb} yes flood | {bb} head -c 200000 > /run/big 2>/run/big.err
+echo alive > /run/alive
+"""
+    spec = busybox_spec(
+        jail_base,
+        (TEST_IDS[0],) * 2,
+        script=script,
+        rlimits=(Rlimit("FSIZE", limit, limit), Rlimit("CORE", 0, 0)),
+    )
+    jailed = await jails.launch(spec)
+    await wait_for_file(spec.host_path("/run/alive"), "alive", 30)
+    assert spec.host_path("/run/big").stat().st_size == limit
+    assert "error" in slurp(spec.host_path("/run/big.err"))  # the write failed (EFBIG)
+    sigign = int(status_fields(jailed.pid)["SigIgn"], 16)
+    assert sigign & (1 << (25 - 1))  # SIGXFSZ (25) ignored in the VMM
+    await jails.stop(jailed)
+    assert_no_leftovers(spec)
+
+
 # -- failures: every step, and realistic bad settings --
 
 
