@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import grp
 import logging
 import os
+import pwd
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -25,15 +27,17 @@ from metald.api.metrics import ApiMetrics
 from metald.assets.store import LocalAssetStore
 from metald.backends.firecracker.driver import FirecrackerDriver
 from metald.backends.qemu.driver import QemuDriver
+from metald.backends.vmm.context import LogCaps
 from metald.backends.vmm.driver import VmmDriver
 from metald.backends.vmm.jail import JailSettings
 from metald.backends.vmm.runtime import VmmRuntime
 from metald.config import BackendKind, ConfigError, Settings, load_settings
 from metald.core.errors import MetaldError
-from metald.core.ports import Backend, Network, Store
+from metald.core.ports import Backend, JailIds, Network, Store
 from metald.core.quotas import HostCeiling, QuotaDefaults, Resource, VmMaxima
 from metald.core.validation import Limits
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
+from metald.jailer.cgroup_check import cgroup_limit_problems
 from metald.network.manager import NetworkManager
 from metald.network.models import NetworkMode, NetworkSettings
 from metald.network.port import NetlinkNetwork, NoNetwork
@@ -41,6 +45,7 @@ from metald.service.admission import Admission
 from metald.service.vm_service import VmService
 from metald.store.addresses import SqlAddressBook
 from metald.store.database import Database
+from metald.store.jail_ids import SqlJailIds
 from metald.store.quotas import SqlQuotas
 from metald.store.sqlite import SqlStore
 
@@ -99,23 +104,68 @@ def jail_settings(settings: Settings) -> JailSettings | None:
             "the jailer needs root (it enters namespaces, chroots and drops to an "
             "unprivileged user); run metald as root or set UNKEY_METALD_JAILER_ENABLED=false"
         )
+    bounds = settings.jailer_uid_bounds
     try:
-        uid, gid = settings.jailer_uid, settings.jailer_gid
-        if uid is None or gid is None:
-            user = JailSettings.for_user("metald-vm")
-            uid, gid = uid or user.uid, gid or user.gid
-        return JailSettings(
+        if bounds is not None:
+            _check_uid_range_unused(*bounds)
+            uid = gid = bounds[0]
+        else:
+            if not settings.jailer_shared_uid_insecure:
+                raise StartupError(
+                    "UNKEY_METALD_JAILER_UID_RANGE is empty: every VMM would share one uid and "
+                    "could reach another; set a range, or UNKEY_METALD_JAILER_SHARED_UID_INSECURE"
+                    "=true (development only)"
+                )
+            log.warning("INSECURE: every VMM runs as one shared uid (no UID range set)")
+            shared_uid, shared_gid = settings.jailer_uid, settings.jailer_gid
+            if shared_uid is None or shared_gid is None:
+                user = JailSettings.for_user("metald-vm")
+                shared_uid, shared_gid = shared_uid or user.uid, shared_gid or user.gid
+            uid, gid = shared_uid, shared_gid
+        jail = JailSettings(
             uid=uid,
             gid=gid,
             chroot_base=settings.jailer_chroot_dir,
             cgroup_parent=settings.jailer_cgroup_parent,
+            pids_max=settings.jailer_pids_max,
+            required_cgroup=settings.jailer_cgroup_required,
+            uid_range=bounds,
+            nproc_max=settings.jailer_nproc_max,
+            nofile_max=settings.jailer_nofile_max,
+            file_size_max=settings.jailer_file_size_max_bytes,
         )
     except (ValueError, OSError) as exc:
         raise StartupError(f"UNKEY_METALD_JAILER_*: {exc}") from None
+    problems = cgroup_limit_problems(jail.cgroup(memory_bytes=1, vcpu_count=1))
+    if problems and settings.jailer_cgroup_required:
+        raise StartupError(
+            "UNKEY_METALD_JAILER_CGROUP_REQUIRED=true, but this host cannot apply the VM "
+            f"cgroup limits: {'; '.join(problems)}"
+        )
+    if problems:
+        log.warning(
+            "VM cgroup v2 limits will not (all) apply on this host: %s", "; ".join(problems)
+        )
+    return jail
 
 
-def build_backend(settings: Settings, kind: BackendKind) -> VmmRuntime:
-    """The runtime of one VMM backend, not started yet."""
+def _check_uid_range_unused(first: int, last: int) -> None:
+    """No host user or group may hold an id of the VMMs' range (a VMM would be that user)."""
+    users = [p.pw_name for p in pwd.getpwall() if first <= p.pw_uid <= last]
+    groups = [g.gr_name for g in grp.getgrall() if first <= g.gr_gid <= last]
+    if users or groups:
+        raise StartupError(
+            f"UNKEY_METALD_JAILER_UID_RANGE={first}-{last} holds host ids "
+            f"(users: {', '.join(users) or 'none'}; groups: {', '.join(groups) or 'none'}): "
+            "choose a range no user or group uses"
+        )
+
+
+def build_backend(
+    settings: Settings, kind: BackendKind, jail_ids: JailIds | None = None
+) -> VmmRuntime:
+    """The runtime of one VMM backend, not started yet. `jail_ids`: where each VM's own
+    VMM uid is claimed (needed with a uid range: start_backends passes the store's)."""
     if kind is BackendKind.FIRECRACKER:
         driver: VmmDriver = FirecrackerDriver(
             settings.firecracker_binary,
@@ -124,16 +174,28 @@ def build_backend(settings: Settings, kind: BackendKind) -> VmmRuntime:
         )
     else:
         driver = QemuDriver(settings.qemu_binary, settings.qemu_accel.value)
+    jail = jail_settings(settings)
     return VmmRuntime(
-        driver, settings.vm_dir, jail=jail_settings(settings), guest_agent=settings.guest_agent
+        driver,
+        settings.vm_dir,
+        jail=jail,
+        guest_agent=settings.guest_agent,
+        jail_ids=jail_ids if jail is not None and jail.uid_range is not None else None,
+        log_caps=LogCaps(
+            console_bytes=settings.console_log_max_bytes,
+            stderr_bytes=settings.vmm_stderr_max_bytes,
+            interval=settings.log_check_seconds,
+        ),
     )
 
 
-async def start_backends(settings: Settings, store: Store) -> dict[str, Backend]:
+async def start_backends(
+    settings: Settings, store: Store, jail_ids: JailIds | None = None
+) -> dict[str, Backend]:
     """The configured backend (UNKEY_METALD_BACKEND: it must start, or start-up stops with
     what to install or set), and every other backend that VMs in the store still run on, so
     they are adopted; one of those that cannot start is logged and its VMs left alone."""
-    default = build_backend(settings, settings.backend)
+    default = build_backend(settings, settings.backend, jail_ids)
     try:
         await default.start()
     except MetaldError as e:
@@ -142,7 +204,7 @@ async def start_backends(settings: Settings, store: Store) -> dict[str, Backend]
     wanted = {vm.backend for vm in await store.list_live()} - set(backends)
     for name in sorted(wanted):
         try:
-            other = build_backend(settings, BackendKind(name))
+            other = build_backend(settings, BackendKind(name), jail_ids)
             await other.start()
         except (ValueError, MetaldError) as e:
             detail = e.message if isinstance(e, MetaldError) else str(e)
@@ -252,7 +314,9 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
     backends: dict[str, Backend] = {}
     try:
         await database.migrate()
-        backends = await start_backends(settings, store)
+        bounds = settings.jailer_uid_bounds
+        jail_ids = None if bounds is None else SqlJailIds(database, *bounds)
+        backends = await start_backends(settings, store, jail_ids)
         backend = backends[settings.backend.value]
         await network.start()
         assets = LocalAssetStore(settings.assetmanager_cache_dir)

@@ -151,6 +151,40 @@ class Settings(BaseSettings):
     # (a warning at every start).
     expose_host_details: bool = False
 
+    # VMM isolation (issue 7: one VMM cannot reach another). Each VMM runs as its own uid and
+    # gid (one number), claimed from this range and recorded in the store; no host user or
+    # group may have an id in it. Empty: every VMM shares UNKEY_METALD_JAILER_UID (or the
+    # metald-vm user) and one VMM could reach another (refused unless insecure is allowed).
+    jailer_uid_range: str = "200000-265535"
+    jailer_shared_uid_insecure: bool = False
+    # Start-up refuses when the VMs' cgroup v2 limits (memory.max, cpu.max, pids.max) cannot
+    # be applied on this host; false: they are applied where the host offers them (logged).
+    jailer_cgroup_required: bool = False
+    jailer_pids_max: int = Field(512, ge=16)  # the VM cgroup's pids.max
+    # Limits that hold without cgroups (setrlimit on the VMM; NPROC counts the threads of the
+    # VMM's uid, i.e. of that VM alone).
+    jailer_nproc_max: int = Field(512, ge=16)
+    jailer_nofile_max: int = Field(4096, ge=64)
+    # RLIMIT_FSIZE: no file the VMM writes grows past this, or past its largest writable
+    # disk when that is bigger (a disk must stay writable to its end).
+    jailer_file_size_max_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
+    # The console log and the VMM's stderr are cut back to their newest half by metald
+    # once they pass these sizes (checked every UNKEY_METALD_LOG_CHECK_SECONDS).
+    console_log_max_bytes: int = Field(1024 * 1024, ge=4096)
+    vmm_stderr_max_bytes: int = Field(256 * 1024, ge=4096)
+    log_check_seconds: float = Field(1.0, gt=0, le=60)
+
+    @field_validator("jailer_uid_range")
+    @classmethod
+    def _uid_range(cls, value: str) -> str:
+        if value.strip():
+            parse_uid_range(value)
+        return value
+
+    @property
+    def jailer_uid_bounds(self) -> tuple[int, int] | None:
+        return parse_uid_range(self.jailer_uid_range) if self.jailer_uid_range.strip() else None
+
     @field_validator("address")
     @classmethod
     def _address_not_empty(cls, value: str) -> str:
@@ -200,6 +234,18 @@ class Settings(BaseSettings):
     def memory_limit(self) -> int:
         """The per-VM memory maximum."""
         return self.max_memory_bytes or self.host_memory_ceiling
+
+
+def parse_uid_range(value: str) -> tuple[int, int]:
+    """`first-last` (inclusive) of unprivileged ids."""
+    first, sep, last = value.strip().partition("-")
+    try:
+        bounds = (int(first), int(last))
+    except ValueError:
+        raise ValueError(f"{value!r} is not a range like 200000-265535") from None
+    if not sep or not 0 < bounds[0] <= bounds[1] < 2**32 - 1:
+        raise ValueError(f"{value!r}: first-last with 1 <= first <= last < 4294967295")
+    return bounds
 
 
 class ConfigError(Exception):

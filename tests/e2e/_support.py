@@ -220,6 +220,12 @@ def http_get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
 # -- the daemon ------------------------------------------------------------------------------
 
 
+def _uid_range(tag: str) -> str:
+    """100 VMM ids of a daemon's own, above any host user's (from its random tag)."""
+    first = 1_000_000 + int(tag, 16) % 100_000 * 100
+    return f"{first}-{first + 99}"
+
+
 class Daemon:
     """`metald serve` as a separate process in its own session, on a free port and its own
     data directory. stop()/kill9()/start_again() keep the port and the data directory."""
@@ -269,6 +275,8 @@ class Daemon:
             # The suite's daemons outlive many tests' VMs; the host's committed-vCPU ceiling
             # (cores x 4 by default: 8 here) is tested by test_quotas.py with its own daemon.
             "UNKEY_METALD_HOST_VCPUS": "256",
+            # ...and their own VMM uid ranges (each daemon has its own store).
+            "UNKEY_METALD_JAILER_UID_RANGE": _uid_range(tag),
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None

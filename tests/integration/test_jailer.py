@@ -26,11 +26,12 @@ from pathlib import Path
 import pytest
 
 from metald.assets.store import LocalAssetStore
+from metald.backends.qemu.command import SANDBOX
 from metald.backends.qemu.host_paths import qemu_host_paths
 from metald.core.errors import BackendError
 from metald.host.cpu import host_tsc_khz
 from metald.host.mounts import mounts_under
-from metald.host.process import ProcessWatch
+from metald.host.process import ProcessWatch, identity_of
 from metald.jailer import (
     STEPS,
     CgroupSpec,
@@ -212,6 +213,7 @@ def qemu_spec(
         "-m", "256",
         "-smp", "1",
         "-nodefaults", "-no-user-config", "-nographic", "-display", "none",
+        "-sandbox", SANDBOX,
         "-S",
         "-chardev", "socket,id=qmp,path=/run/qmp.sock,server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
@@ -337,6 +339,10 @@ def check_qemu_confinement(
     for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(status[caps], 16) == 0, caps
     assert status["NoNewPrivs"] == "1"
+    # seccomp: the jailer's filter and QEMU's own -sandbox filter on top of it.
+    assert status["Seccomp"] == "2"
+    assert int(status["Seccomp_filters"]) >= 2
+    assert status["NSpid"].split()[-1] == "1"  # pid 1 of its own PID namespace
 
     # Its root is the jail (the same directory), its network namespace the VM's.
     root = os.stat(f"/proc/{pid}/root")
@@ -557,7 +563,8 @@ async def test_a_file_the_jail_user_owns_is_bound_read_only_not_linked(
 
 
 async def test_a_dynamically_linked_vmm_without_netns(jail_base: Path, jails: Jails) -> None:
-    """No netns, no TAP, no cgroup: the other steps alone, with libraries found by ldd."""
+    """No netns, no TAP, no cgroup: the VMM still gets an empty network namespace of its
+    own (only loopback), a PID namespace and the seccomp filter; libraries found by ldd."""
     uid, gid = ensure_jail_user()
     spec = JailSpec(
         vm_id="plain",
@@ -571,16 +578,228 @@ async def test_a_dynamically_linked_vmm_without_netns(jail_base: Path, jails: Ja
     )
     jailed = await jails.launch(spec)
     assert [(s.step, s.status) for s in jailed.steps] == [
-        ("netns", "skipped"),
+        ("netns", "ok"),
         ("tap", "skipped"),
         ("mount", "ok"),
         ("cgroup", "skipped"),
         ("rlimits", "ok"),
         ("privileges", "ok"),
+        ("seccomp", "ok"),
     ]
-    assert os.stat(f"/proc/{jailed.pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
-    assert re.search(r"^Max open files\s+64\s+128", slurp(f"/proc/{jailed.pid}/limits"), re.M)
+    pid = jailed.pid
+    assert jailed.step("netns").detail == {"netns": "private", "devices": ["lo"]}  # type: ignore[union-attr]
+    assert os.stat(f"/proc/{pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
+    assert os.stat(f"/proc/{pid}/ns/pid").st_ino != os.stat("/proc/self/ns/pid").st_ino
+    assert status_fields(pid)["NSpid"].split()[-1] == "1"  # pid 1 of its namespace
+    assert status_fields(pid)["Seccomp"] == "2"
+    assert int(status_fields(pid)["PPid"]) == os.getpid()  # our child: we reap it
+    assert re.search(r"^Max open files\s+64\s+128", slurp(f"/proc/{pid}/limits"), re.M)
     assert jailed.cgroup_path is None
+    await jails.stop(jailed)
+    assert_no_leftovers(spec)
+
+
+async def test_the_namespaces_and_filter_can_be_turned_off(jail_base: Path, jails: Jails) -> None:
+    """The helper then becomes the VMM itself, in metald's network and PID namespaces."""
+    uid, gid = ensure_jail_user()
+    spec = JailSpec(
+        vm_id="plain",
+        uid=uid,
+        gid=gid,
+        backend="probe",
+        jail_base=str(jail_base),
+        host_paths=tuple(dynamic_binary_paths("sleep")),
+        argv=("/usr/bin/sleep", "600"),
+        pid_namespace=False,
+        private_network=False,
+        deny_user_namespaces=False,
+    )
+    jailed = await jails.launch(spec)
+    assert [(s.step, s.status) for s in jailed.steps if s.status == "ok"] == [
+        ("mount", "ok"),
+        ("rlimits", "ok"),
+        ("privileges", "ok"),
+    ]
+    pid = jailed.pid
+    for ns in ("net", "pid"):
+        assert os.stat(f"/proc/{pid}/ns/{ns}").st_ino == os.stat(f"/proc/self/ns/{ns}").st_ino
+    assert status_fields(pid)["Seccomp"] == "0"
+    await jails.stop(jailed)
+    assert_no_leftovers(spec)
+
+
+# -- one VMM cannot reach another --
+
+# Ids of no host user (jail ids come from a range no user or group holds).
+TEST_IDS = (299_901, 299_902)
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+ATTACKER = r"""
+import ctypes, json, os, signal, sys
+victim, fd = int(sys.argv[1]), int(sys.argv[2])
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+def attempt(action):
+    try:
+        action()
+        return "ok"
+    except OSError as e:
+        return os.strerror(e.errno)
+def ptrace():
+    if libc.ptrace(16, victim, None, None) != 0:  # PTRACE_ATTACH
+        raise OSError(ctypes.get_errno(), "ptrace")
+    os.waitpid(victim, getattr(os, "__WALL", 0x40000000))
+    libc.ptrace(17, victim, None, None)  # PTRACE_DETACH
+def read_file():
+    with open(f"/proc/self/fd/{fd}", "rb") as f:
+        f.read()
+def read_environ():
+    with open(f"/proc/{victim}/environ", "rb") as f:
+        f.read()
+print(json.dumps({
+    "uid": os.getuid(),
+    "signal": attempt(lambda: os.kill(victim, 0)),
+    "ptrace": attempt(ptrace),
+    "file": attempt(read_file),
+    "environ": attempt(read_environ),
+    "root": attempt(lambda: os.listdir(f"/proc/{victim}/root/run")),
+}))
+"""
+
+
+def attack(as_ids: tuple[int, int], victim_pid: int, victim_file: Path) -> dict[str, object]:
+    """What a process running as `as_ids` (outside any jail: a VMM that escaped its mount and
+    PID namespaces but kept its ids) can do to the victim VMM and a file of its jail."""
+    fd = os.open(victim_file, os.O_PATH | os.O_CLOEXEC)  # reaches the inode past the jail dir
+    try:
+        out = subprocess.run(
+            # The system's interpreter: the suite's may be under /root, closed to other ids.
+            [SYSTEM_PYTHON, "-I", "-c", ATTACKER, str(victim_pid), str(fd)],
+            cwd="/",
+            user=as_ids[0],
+            group=as_ids[1],
+            extra_groups=[],
+            pass_fds=(fd,),
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+    finally:
+        os.close(fd)
+    result: dict[str, object] = json.loads(out)
+    return result
+
+
+def pid_namespace_members(pid: int) -> list[int]:
+    """Host pids of every process in the PID namespace `pid` is in."""
+    want = os.stat(f"/proc/{pid}/ns/pid").st_ino
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(entry / "ns/pid").st_ino == want:
+                    found.append(int(entry.name))
+    return sorted(found)
+
+
+async def test_two_vmms_with_their_own_ids_and_pid_namespaces_cannot_reach_each_other(
+    jail_base: Path, jails: Jails
+) -> None:
+    bb = BUSYBOX
+    script = f"""
+echo secret > /run/secret
+{bb} unshare -U {bb} true 2>/run/userns || true
+{bb} ls /proc > /run/proc 2>&1 || true
+echo done > /run/done
+"""
+    a, b = (busybox_spec(jail_base, (i, i), script=script, host_paths=(bb,)) for i in TEST_IDS)
+    ja, jb = await jails.launch(a), await jails.launch(b)
+    for spec in (a, b):
+        await wait_for_file(spec.host_path("/run/done"), "done", 10)
+    for jailed, ids in ((ja, TEST_IDS[0]), (jb, TEST_IDS[1])):
+        status = status_fields(jailed.pid)
+        assert status["Uid"].split() == [str(ids)] * 4 and status["Gid"].split() == [str(ids)] * 4
+        assert status["NSpid"].split()[-1] == "1"
+        assert status["Seccomp"] == "2"
+    ns = [os.stat(f"/proc/{j.pid}/ns/pid").st_ino for j in (ja, jb)]
+    assert len({*ns, os.stat("/proc/self/ns/pid").st_ino}) == 3
+    net = [os.stat(f"/proc/{j.pid}/ns/net").st_ino for j in (ja, jb)]
+    assert len({*net, os.stat("/proc/self/ns/net").st_ino}) == 3
+    # Inside: no user namespace can be made; no other process is visible (no /proc at all).
+    assert "Operation not permitted" in slurp(a.host_path("/run/userns"))
+    assert "No such file" in slurp(a.host_path("/run/proc"))
+    # The files a VMM makes are its own, 0600 (umask 077) in its 0700 run directory.
+    secret = b.host_path("/run/secret")
+    assert (secret.stat().st_uid, stat.S_IMODE(secret.stat().st_mode)) == (TEST_IDS[1], 0o600)
+    # Running as A's ids, B can be neither signalled, traced nor read...
+    got = await asyncio.to_thread(attack, (TEST_IDS[0],) * 2, jb.pid, secret)
+    denied = "Operation not permitted"
+    assert got == {
+        "uid": TEST_IDS[0],
+        "signal": denied,
+        "ptrace": denied,
+        "file": "Permission denied",
+        "environ": "Permission denied",
+        "root": "Permission denied",
+    }, got
+    # ...while B's own ids can (the same attempts are not refused for some other reason).
+    own = await asyncio.to_thread(attack, (TEST_IDS[1],) * 2, jb.pid, secret)
+    assert own == {**{k: "ok" for k in got}, "uid": TEST_IDS[1]}, own
+    await jails.stop(ja)
+    await jails.stop(jb)
+    assert_no_leftovers(a)
+    assert_no_leftovers(b)
+
+
+async def test_ending_pid_1_ends_every_process_of_the_vmm(jail_base: Path, jails: Jails) -> None:
+    bb = BUSYBOX
+    script = f"""
+{bb} sleep 600 &
+{bb} sh -c '{bb} sleep 600 & {bb} sleep 600' &
+echo started > /run/started
+"""
+    spec = busybox_spec(jail_base, (TEST_IDS[0],) * 2, script=script)
+    jailed = await jails.launch(spec)
+    await wait_for_file(spec.host_path("/run/started"), "started", 10)
+    await wait_until(lambda: len(pid_namespace_members(jailed.pid)) >= 4, 10)
+    members = pid_namespace_members(jailed.pid)
+    assert jailed.pid in members and os.getpid() not in members
+    await jails.stop(jailed)  # SIGKILL to the VMM alone
+    # Every other process of its namespace was killed by the kernel with it.
+    await wait_until(lambda: all(identity_of(p) is None or is_zombie(p) for p in members), 10)
+    assert_no_leftovers(spec)
+
+
+def is_zombie(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    return False
+
+
+async def test_rlimit_fsize_bounds_every_file_and_does_not_kill_the_vmm(
+    jail_base: Path, jails: Jails
+) -> None:
+    """A write past RLIMIT_FSIZE fails (EFBIG) instead of killing the VMM: SIGXFSZ stays
+    ignored, so a console flooded while metald is away stops growing and the VM lives on."""
+    bb = BUSYBOX
+    limit = 64 * 1024
+    script = f"""
+{bb} yes flood | {bb} head -c 200000 > /run/big 2>/run/big.err
+echo alive > /run/alive
+"""
+    spec = busybox_spec(
+        jail_base,
+        (TEST_IDS[0],) * 2,
+        script=script,
+        rlimits=(Rlimit("FSIZE", limit, limit), Rlimit("CORE", 0, 0)),
+    )
+    jailed = await jails.launch(spec)
+    await wait_for_file(spec.host_path("/run/alive"), "alive", 30)
+    assert spec.host_path("/run/big").stat().st_size == limit
+    assert "error" in slurp(spec.host_path("/run/big.err"))  # the write failed (EFBIG)
+    sigign = int(status_fields(jailed.pid)["SigIgn"], 16)
+    assert sigign & (1 << (25 - 1))  # SIGXFSZ (25) ignored in the VMM
     await jails.stop(jailed)
     assert_no_leftovers(spec)
 

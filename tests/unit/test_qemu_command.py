@@ -103,6 +103,10 @@ def test_the_machine_and_its_stopped_vcpus() -> None:
     for flag in ("-S", "-nodefaults", "-no-user-config", "-nographic"):
         assert flag in argv
     assert option(argv, "-display") == ["none"]
+    # QEMU's seccomp sandbox, with every optional class of system calls denied.
+    assert option(argv, "-sandbox") == [
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    ]
     assert "-no-reboot" not in argv  # system_reset must reboot in place
     assert option(argv, "-kernel") == ["/assets/vmlinux"]
     assert option(argv, "-initrd") == ["/assets/initrd.gz"]

@@ -219,7 +219,7 @@ async def test_the_migration_gives_existing_vms_a_claim(tmp_path: Path) -> None:
     await store.insert(down)
     await database.close()
     with sqlite3.connect(path) as conn:  # back to 0002, as a database made before quotas
-        for table in ("quota_overrides", "vm_claims", "admission_locks"):
+        for table in ("quota_overrides", "vm_claims", "admission_locks", "jail_ids"):
             conn.execute(f"DROP TABLE {table}")
         conn.execute("UPDATE alembic_version SET version_num = '0002'")
     database = Database(f"sqlite+aiosqlite:///{path}")

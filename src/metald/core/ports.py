@@ -191,6 +191,25 @@ class AddressBook(Protocol):
         """Every allocation, ordered by address (for reconciliation and tests)."""
 
 
+class JailIds(Protocol):
+    """Which VM's VMM runs as which unprivileged id (its uid and its gid: one number), taken
+    from a configured range. A claim is atomic: two VMs never hold one id, also between two
+    metald processes or after a restart. A VM keeps its id until it is released (on delete:
+    its disk copies belong to that id)."""
+
+    async def claim(self, vm_id: str) -> int:
+        """The id vm_id holds, else the lowest free one, now recorded for it. Raises
+        ResourceExhausted when every id of the range is held."""
+
+    async def for_vm(self, vm_id: str) -> int | None: ...
+
+    async def release(self, vm_id: str) -> None:
+        """Give the VM's id back. Idempotent."""
+
+    async def all(self) -> dict[str, int]:
+        """Every VM holding an id, with its id (for reconciliation and tests)."""
+
+
 class Quotas(Protocol):
     """Per-customer quota overrides, and the admission ledger: one claim per VM (its vCPUs,
     memory and writable disk bytes) from which usage is counted, together with the VM's

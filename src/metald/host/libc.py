@@ -9,10 +9,13 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import signal
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWNET = 0x40000000
+CLONE_NEWPID = 0x20000000
+CLONE_PARENT = 0x00008000
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -37,8 +40,8 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 # System call numbers for what glibc has no wrapper for (pivot_root; capset for clarity).
 _SYSCALLS = {
-    "x86_64": {"pivot_root": 155, "capset": 126},
-    "aarch64": {"pivot_root": 41, "capset": 91},
+    "x86_64": {"pivot_root": 155, "capset": 126, "clone": 56},
+    "aarch64": {"pivot_root": 41, "capset": 91, "clone": 220},
 }
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -107,6 +110,26 @@ def pivot_root(new_root: str, put_old: str) -> None:
         _libc.syscall(ctypes.c_long(nr), _b(new_root), _b(put_old)),
         "pivot_root",
     )
+
+
+def fork_as_sibling() -> int:
+    """fork(2), but the child's parent is our parent (clone with CLONE_PARENT): the jailer
+    helper's VMM is metald's own child, so metald reaps it and learns its exit status, while
+    the helper itself exits. Returns 0 in the child, the child's pid in the parent.
+
+    A raw clone system call with no new stack behaves like fork. Only for a single-threaded
+    process that execs or exits soon after (no at-fork handlers run): the jailer helper.
+    The call holds the GIL throughout (PyDLL), so the child resumes exactly as the parent.
+    """
+    nr = _nr("clone")
+    if nr is None:
+        raise OSError(38, "clone: unknown system call number on this architecture")
+    syscall = ctypes.PyDLL(None, use_errno=True).syscall
+    syscall.restype = ctypes.c_long
+    zero = ctypes.c_ulong(0)
+    # clone(flags, stack, parent_tid, child_tid | tls, tls | child_tid): all but flags unused.
+    flags = ctypes.c_ulong(CLONE_PARENT | int(signal.SIGCHLD))
+    return _check(syscall(ctypes.c_long(nr), flags, zero, zero, zero, zero), "clone")
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:

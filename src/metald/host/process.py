@@ -316,7 +316,14 @@ def spawn(
     file_actions: list[tuple[Any, ...]] = [
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-        (os.POSIX_SPAWN_OPEN, 2, str(stderr_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+        # O_APPEND: metald may cut the file back under the writer (backends/vmm/logcaps.py).
+        (
+            os.POSIX_SPAWN_OPEN,
+            2,
+            str(stderr_path),
+            os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
+            0o600,
+        ),
     ]
     file_actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in inheritable_fds() if fd > 2]
     pid = os.posix_spawnp(

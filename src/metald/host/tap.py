@@ -82,3 +82,11 @@ def create_tap(name: str, uid: int, gid: int, *, up: bool = True) -> None:
             raise TapError(
                 "up", e.errno or 0, f"cannot bring TAP {name} up: {e.strerror}"
             ) from None
+
+
+def bring_up(name: str) -> None:
+    """Set a network device up in the calling thread's namespace (loopback of a new one)."""
+    ifname = name.encode()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        flags = struct.unpack_from("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, _ifreq(ifname, 0)))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, _ifreq(ifname, flags | IFF_UP))

@@ -2,23 +2,33 @@
 becomes the VMM (`python -I -m metald.jailer --spec - --error-fd 3`).
 
 Steps, in order (each named in reports and errors):
-  netns       setns into the VM's network namespace
+  netns       setns into the VM's network namespace; without one, a new empty network
+              namespace (only loopback, up) unless the spec says otherwise
   tap         create the VM's TAP device there, owned by the jail user, and bring it up
-  mount       new mount (and IPC) namespace, / made rprivate, the jail root built from only
-              what the spec lists, pivot_root into it (chroot where pivot_root is impossible)
+  mount       new mount, IPC (and PID: the next child is pid 1 there) namespaces, / made
+              rprivate, the jail root built from only what the spec lists, pivot_root into it
+              (chroot where pivot_root is impossible)
   cgroup      move into the VM's cgroup v2 with its limits (skipped, with the reason, where
               the host has no usable cgroup v2, unless the spec requires it)
   rlimits     resource limits
   privileges  no capabilities (bounding, ambient, inheritable, permitted, effective), no
               supplementary groups, the jail gid and uid, no_new_privs
-  exec        execve the VMM with the spec's environment only
+  seccomp     the filter that refuses new user namespaces (metald.host.seccomp)
+  exec        execve the VMM with the spec's environment only. With a PID namespace the
+              helper first forks the VMM as its *sibling* (clone CLONE_PARENT: metald's own
+              child, pid 1 of the new namespace), reports the VMM's pid and exits; the VMM
+              then executes. metald watches and reaps the VMM like any child of its own.
 
 Reporting: JSON lines on the error fd (close-on-exec). Each finished step sends
 {"step", "status": "ok"|"skipped", "ms", "detail"}; anything made on the host that must be
 undone if a later step fails is announced first as {"created": {...}}; a failure sends
-{"step", "status": "error", "error"} and the helper exits with EXIT_CODES[step]. Right before
-execve it sends {"step": "exec", "status": "starting"}: EOF after that line means the VMM
-runs (the fd closed at exec).
+{"step", "status": "error", "error"} and the helper exits with EXIT_CODES[step]. With a PID
+namespace the helper sends {"vmm_pid": <host pid>} once it has forked the VMM. Right before
+execve the VMM sends {"step": "exec", "status": "starting"}: EOF after that line means the
+VMM runs (the fd closed at exec, and the helper has exited).
+
+SIGXFSZ stays ignored in the VMM: a write past RLIMIT_FSIZE fails (EFBIG) instead of
+killing the VMM (a console flooded while metald is away loses output; the VM lives on).
 
 Everything the steps use after pivot_root is imported and opened before it.
 """
@@ -33,6 +43,7 @@ import os
 import posixpath
 import resource
 import signal
+import socket
 import stat
 import sys
 import time
@@ -42,7 +53,8 @@ from typing import Any, NoReturn
 from metald.host import files as host_files
 from metald.host import libc as sc
 from metald.host import netns as host_netns
-from metald.host.tap import TapError, create_tap, device_exists
+from metald.host import seccomp
+from metald.host.tap import TapError, bring_up, create_tap, device_exists
 from metald.jailer.cgroups import cgroup_mount, relative_cgroup
 from metald.jailer.spec import ALL_STEPS, RLIM_INFINITY, JailSpec, PlacedFile
 
@@ -123,7 +135,16 @@ class Jail:
     def step_netns(self) -> dict[str, Any] | None:
         path = self.spec.netns_path
         if path is None:
-            return None
+            if not self.spec.private_network:
+                return None
+            try:
+                # Gone with its last process: nothing to remove afterwards.
+                sc.unshare(sc.CLONE_NEWNET)
+                bring_up("lo")
+            except OSError as e:
+                raise StepFailed(f"cannot make a private network namespace: {e.strerror}") from None
+            devices = sorted(name for _, name in socket.if_nameindex())
+            return {"netns": "private", "devices": devices}
         try:
             host_netns.enter(path)
         except OSError as e:
@@ -267,7 +288,10 @@ class Jail:
         root = self.root
         try:
             # A private IPC namespace too: VMMs sharing the jail uid share no SysV IPC.
-            sc.unshare(sc.CLONE_NEWNS | sc.CLONE_NEWIPC)
+            flags = sc.CLONE_NEWNS | sc.CLONE_NEWIPC
+            if spec.pid_namespace:
+                flags |= sc.CLONE_NEWPID
+            sc.unshare(flags)
             sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE, None)
         except OSError as e:
             raise StepFailed(f"cannot make a private mount namespace: {e.strerror}") from None
@@ -491,6 +515,17 @@ class Jail:
             raise StepFailed("the capability bounding set is not empty")
         return {"uid": uid, "gid": gid}
 
+    # -- seccomp --
+
+    def step_seccomp(self) -> dict[str, Any] | None:
+        if not self.spec.deny_user_namespaces:
+            return None
+        try:
+            seccomp.install_deny_user_namespaces()
+        except OSError as e:
+            raise StepFailed(f"cannot install the seccomp filter: {e.strerror or e}") from None
+        return {"filter": "deny-user-namespaces", "mode": seccomp.seccomp_mode()}
+
 
 def _show(level: str) -> str:
     return "/" if level == "." else f"/{level}"
@@ -552,6 +587,7 @@ def run(spec: JailSpec, reporter: Reporter) -> NoReturn:
         ("cgroup", jail.step_cgroup),
         ("rlimits", jail.step_rlimits),
         ("privileges", jail.step_privileges),
+        ("seccomp", jail.step_seccomp),
     ]
     started = time.monotonic()
     for name, action in steps:
@@ -576,10 +612,19 @@ def run(spec: JailSpec, reporter: Reporter) -> NoReturn:
         )
     if hooks and spec.fail_at == "exec":
         _fail(reporter, "exec", "made to fail by the test hook")
-    # Python ignores SIGPIPE and SIGXFSZ; an ignored signal stays ignored across execve.
-    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
-        signal.signal(sig, signal.SIG_DFL)
+    # Python ignores SIGPIPE (and SIGXFSZ); an ignored signal stays ignored across execve.
+    # SIGXFSZ stays ignored on purpose (see the module docstring).
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     os.umask(0o077)
+    if spec.pid_namespace:
+        try:
+            child = sc.fork_as_sibling()
+        except OSError as e:
+            _fail(reporter, "exec", f"cannot start the VMM's process: {_os_message(e)}")
+        if child != 0:
+            reporter.send({"vmm_pid": child})
+            os._exit(0)
     reporter.send(
         {"step": "exec", "status": "starting", "ms": round((time.monotonic() - started) * 1000, 3)}
     )

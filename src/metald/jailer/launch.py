@@ -7,8 +7,10 @@ everything the helper made when it does not.
 
 The helper is started with posix_spawn in its own session (it outlives metald) with nothing of
 metald's but stdin (the spec, from a memfd), stdout (/dev/null), stderr (`stderr_path`, which
-then is the VMM's) and the report pipe as fd 3. Reaping is left to the caller's pidfd watch:
-no asyncio child watcher ever waits for this pid.
+then is the VMM's) and the report pipe as fd 3. With a PID namespace (the default) the helper
+forks the VMM as metald's own child and exits: launch_jailed reaps the helper and returns the
+VMM's identity (its host pid). Reaping the VMM is left to the caller's pidfd watch: no asyncio
+child watcher ever waits for these pids.
 """
 
 from __future__ import annotations
@@ -111,11 +113,19 @@ async def launch_jailed(
             os.close(report_fd)
         elapsed = time.monotonic() - started
         if reader.error is None and reader.exec_started:
-            found = identity_of(pid)
+            if spec.pid_namespace:
+                # The helper has exited; the VMM (pid 1 of its namespace) is our own child:
+                # its pid cannot be reused before we reap it.
+                await _reap(pidfd)
+                vmm_pid = reader.vmm_pid
+            else:
+                vmm_pid = pid
+                os.close(pidfd)
+            found = None if vmm_pid is None else identity_of(vmm_pid)
             if found is None:  # pragma: no cover - the VMM died at once and was reaped
                 raise JailerError("exec", "the VMM vanished right after starting")
-            os.close(pidfd)
             return _result(spec, ProcessIdentity(*found), reader, elapsed)
+        await _end_vmm_child(reader.vmm_pid)
         status = await _reap(pidfd)
         if reader.error is not None:
             step, message = reader.error
@@ -127,10 +137,13 @@ async def launch_jailed(
                 message += f": {tail}"
     except TimeoutError:
         await _kill_and_reap(pidfd)
+        await _end_vmm_child(reader.vmm_pid)
         step, message = reader.next_step(), f"no answer from the jailer within {timeout:g} s"
     except BaseException:
         # Cancelled (or a bug here): the helper must not live on, nor what it made.
-        await _kill_and_reap(pidfd)
+        with contextlib.suppress(OSError):
+            await _kill_and_reap(pidfd)
+        await _end_vmm_child(reader.vmm_pid)
         await _undo(spec, reader.created)
         raise
     leftovers = await _undo(spec, reader.created)
@@ -266,6 +279,7 @@ class _Reports:
         self.error: tuple[str, str] | None = None
         self.exec_started = False
         self.helper_ms = 0.0
+        self.vmm_pid: int | None = None  # the VMM forked into its PID namespace
 
     def feed(self, data: bytes) -> None:
         self.buffer += data
@@ -281,6 +295,10 @@ class _Reports:
             self.error = self.error or (self.next_step(), f"unreadable report {line[:200]!r}")
             return
         if not isinstance(message, dict):
+            return
+        pid = message.get("vmm_pid")
+        if isinstance(pid, int) and not isinstance(pid, bool) and pid > 1:
+            self.vmm_pid = pid
             return
         if isinstance(message.get("created"), dict):
             self.created.append({str(k): str(v) for k, v in message["created"].items()})
@@ -391,6 +409,32 @@ async def _kill_and_reap(pidfd: int) -> None:
     with contextlib.suppress(ProcessLookupError, OSError):
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     await _reap(pidfd)
+
+
+async def _end_vmm_child(pid: int | None) -> None:
+    """Kill and reap the VMM process the helper forked (our child: CLONE_PARENT) when the
+    launch failed after the fork. Never another process: an unreaped child's pid is ours."""
+    if pid is None:
+        return
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return
+    if _parent_of(pid) != os.getpid():  # not ours after all: not ours to kill
+        os.close(fd)
+        return
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+    await _reap(fd)
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        return int(text[text.rindex(")") + 2 :].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _describe(status: ExitStatus | None) -> str:

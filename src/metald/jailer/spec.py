@@ -23,7 +23,7 @@ from metald.core.ids import VM_ID_RULE, is_vm_id
 
 # The helper's steps, in the order it runs them. "spec" names a spec the helper (or
 # launch_jailed, before starting it) refused; "start" a helper that died without a word.
-STEPS = ("netns", "tap", "mount", "cgroup", "rlimits", "privileges", "exec")
+STEPS = ("netns", "tap", "mount", "cgroup", "rlimits", "privileges", "seccomp", "exec")
 ALL_STEPS = ("spec", "start", *STEPS)
 
 MIB = 1024 * 1024
@@ -162,6 +162,13 @@ class JailSpec:
     # Tests only: fail at the end of this step. Honoured only when the helper runs with
     # METALD_JAILER_TEST_HOOKS=1 in its environment.
     fail_at: str | None = None
+    # The VMM is pid 1 of a new PID namespace (it sees no other process; when it ends, every
+    # process it started ends with it). Its parent is metald, which watches and reaps it.
+    pid_namespace: bool = True
+    # With no `netns`: a new, empty network namespace (only loopback) instead of metald's.
+    private_network: bool = True
+    # A seccomp filter refusing new user namespaces (metald.host.seccomp), before execve.
+    deny_user_namespaces: bool = True
 
     # -- derived paths (host side) --
 
@@ -299,6 +306,9 @@ class JailSpec:
             "rlimits": [{"name": r.name, "soft": r.soft, "hard": r.hard} for r in self.rlimits],
             "env": dict(self.env),
             "fail_at": self.fail_at,
+            "pid_namespace": self.pid_namespace,
+            "private_network": self.private_network,
+            "deny_user_namespaces": self.deny_user_namespaces,
         }
 
     def to_json(self) -> str:
@@ -358,6 +368,9 @@ class JailSpec:
             else DEFAULT_RLIMITS,
             env=dict(env),
             fail_at=d.str_or_none("fail_at"),
+            pid_namespace=d.flag("pid_namespace", True),
+            private_network=d.flag("private_network", True),
+            deny_user_namespaces=d.flag("deny_user_namespaces", True),
         )
         return spec
 

@@ -117,6 +117,13 @@ class Adopter:
             for name in await remove_orphan_jails(ctx.jail, ctx.name, keep):
                 if name not in removed:
                     removed.append(name)
+            if ctx.jail_ids is not None:
+                # Ids held for VMs that are gone (metald stopped between a claim and its
+                # record): nothing runs as them any more, their jails went above.
+                for name in sorted(set(await ctx.jail_ids.all()) - keep):
+                    await ctx.jail_ids.release(name)
+                    if name not in removed:
+                        removed.append(name)
         return removed
 
     def _vm_dir_names(self) -> list[str]:

@@ -97,7 +97,9 @@ async def remove_saved_jail(ctx: VmmContext, vm_id: str, layout: VmLayout) -> No
 async def remove_vm_files(ctx: VmmContext, vm_id: str, layout: VmLayout) -> None:
     """Kill the recorded VMM (when provably ours), remove the VM's jail (TAP, cgroup,
     jail directory), then its directory. A jail that cannot be removed entirely keeps
-    the directory (and with it jail.json, for the next try) and raises BackendError."""
+    the directory (and with it jail.json, for the next try) and raises BackendError. Then
+    the VM's jail id goes back to the range (nothing of the VM runs as it any more)."""
     await kill_recorded_vmm(ctx, layout)
     await remove_saved_jail(ctx, vm_id, layout)
     await asyncio.to_thread(shutil.rmtree, layout.dir, ignore_errors=True)
+    await ctx.release_ids(vm_id)

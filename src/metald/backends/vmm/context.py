@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from metald.backends.vmm.driver import VmmDriver, VmmHost
@@ -28,12 +29,23 @@ from metald.backends.vmm.layout import (
 )
 from metald.backends.vmm.process import VmmProcess
 from metald.core.errors import BackendError
+from metald.core.ports import JailIds
 from metald.jailer.spec import JailSpec
 
 log = logging.getLogger(__name__)
 
 # start() refuses a socket directory too long for ids of this length (generated ids are 19).
 _ID_BUDGET = 24
+
+
+@dataclass(frozen=True)
+class LogCaps:
+    """The most metald keeps of a VMM's console log and of its stderr file, and how often it
+    looks (backends/vmm/logcaps.py)."""
+
+    console_bytes: int = 1024 * 1024
+    stderr_bytes: int = 256 * 1024
+    interval: float = 1.0
 
 
 class VmmContext:
@@ -48,7 +60,13 @@ class VmmContext:
         guest_agent: bool,
         start_timeout: float,
         control_timeout: float,
+        jail_ids: JailIds | None = None,
+        log_caps: LogCaps | None = None,
     ) -> None:
+        if jail is not None and jail.uid_range is not None and jail_ids is None:
+            raise ValueError("per-VM jail ids (a uid range) need the JailIds store")
+        self.jail_ids = jail_ids
+        self.log_caps = log_caps or LogCaps()
         self.driver = driver
         self.vm_root = Path(vm_root)
         self.jail = jail
@@ -121,6 +139,24 @@ class VmmContext:
     def vm_dir(self, vm_id: str) -> Path:
         check_vm_id(vm_id)
         return self.vm_root / vm_id
+
+    async def vmm_ids(self, vm_id: str) -> tuple[int, int]:
+        """(uid, gid) the VM's VMM runs as: its own id from the store's range (claimed now if
+        it holds none), else the shared jail user, else (run directly) metald's own."""
+        jail = self.jail
+        if jail is None:
+            return os.geteuid(), os.getegid()
+        if jail.uid_range is None or self.jail_ids is None:
+            return jail.uid, jail.gid
+        uid = await self.jail_ids.claim(vm_id)
+        first, last = jail.uid_range
+        if not first <= uid <= last:  # a store shared with a differently set metald
+            raise BackendError(f"VM {vm_id} holds jail id {uid}, outside {first}-{last}")
+        return uid, uid
+
+    async def release_ids(self, vm_id: str) -> None:
+        if self.jail_ids is not None:
+            await self.jail_ids.release(vm_id)
 
     def jail_place(self, vm_id: str) -> JailSpec:
         """Where a VM's jail is (paths only)."""

@@ -33,6 +33,7 @@ from metald.jailer.spec import (
     UID_LIMIT,
     CgroupSpec,
     JailSpec,
+    Rlimit,
     SpecError,
 )
 
@@ -54,6 +55,11 @@ class JailSettings:
     pids_max: the cgroup's pids.max (None: no limit).
     required_cgroup: fail a launch when the host cannot apply the cgroup limits (by default
         they are skipped where cgroup v2 or its controllers are missing, and logged).
+    uid_range: (first, last): every VM's VMM runs as its own id from this range (uid and
+        gid alike), claimed through the JailIds port; None: every VMM runs as uid/gid
+        (one VMM could then signal, trace or read another: development only).
+    nproc_max, nofile_max: RLIMIT_NPROC (threads of the VMM's uid) and RLIMIT_NOFILE.
+    file_size_max: RLIMIT_FSIZE, raised to the VM's largest writable disk when bigger.
     """
 
     uid: int
@@ -63,6 +69,10 @@ class JailSettings:
     vmm_memory_allowance: int = DEFAULT_VMM_MEMORY_ALLOWANCE
     pids_max: int | None = 512
     required_cgroup: bool = False
+    uid_range: tuple[int, int] | None = None
+    nproc_max: int = 512
+    nofile_max: int = 4096
+    file_size_max: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         for name, value in (("uid", self.uid), ("gid", self.gid)):
@@ -80,6 +90,33 @@ class JailSettings:
             raise ValueError("jail vmm_memory_allowance must not be negative")
         if self.pids_max is not None and self.pids_max <= 0:
             raise ValueError("jail pids_max must be positive")
+        if self.uid_range is not None:
+            first, last = self.uid_range
+            if not 0 < first <= last < UID_LIMIT:
+                raise ValueError(
+                    f"jail uid_range {first}-{last} is not a range of unprivileged ids"
+                )
+        for name, value in (
+            ("nproc_max", self.nproc_max),
+            ("nofile_max", self.nofile_max),
+            ("file_size_max", self.file_size_max),
+        ):
+            if value <= 0:
+                raise ValueError(f"jail {name} must be positive")
+
+    def rlimits(self, largest_writable_disk: int = 0) -> tuple[Rlimit, ...]:
+        """The VMM's resource limits. RLIMIT_FSIZE counts a write's offset, not growth, so
+        it is at least the largest disk the VMM writes; SIGXFSZ is ignored in the VMM (the
+        jailer), so a write past it fails instead of killing the VMM."""
+        fsize = max(self.file_size_max, largest_writable_disk)
+        return (
+            Rlimit("NOFILE", self.nofile_max, self.nofile_max),
+            Rlimit("NPROC", self.nproc_max, self.nproc_max),
+            Rlimit("FSIZE", fsize, fsize),
+            # A VMM's core dump would hold its guest's memory.
+            Rlimit("CORE", 0, 0),
+            Rlimit("MSGQUEUE", 0, 0),
+        )
 
     @classmethod
     def for_user(cls, name: str = "metald-vm", **settings: object) -> JailSettings:

@@ -97,12 +97,14 @@ class Launcher:
                 f"cannot start VM {spec.vm_id}: its network interface needs the jailer"
             )
         jail: JailSpec | None = None
+        ids = await ctx.vmm_ids(spec.vm_id)
         try:
-            launch = self._launch_context(spec, layout)
+            launch = self._launch_context(spec, layout, ids)
             argv = ctx.driver.argv(host, launch)
             control_socket = launch.host_run_dir / ctx.driver.control_socket_name
             if ctx.jail is not None:
-                jail = self._jail_for(spec, argv, plan_drives(spec, layout), launch.files)
+                drives = plan_drives(spec, layout)
+                jail = self._jail_for(spec, argv, drives, launch.files, ids)
             check_socket_path(control_socket)
         except ValueError as e:
             raise BackendError(f"cannot start VM {spec.vm_id}: {e}") from e
@@ -170,7 +172,9 @@ class Launcher:
         if state is not VmState.CREATED:
             raise StartFailed(f"{ctx.name} started in state {state}, not ready to boot")
 
-    def _launch_context(self, spec: LaunchSpec, layout: VmLayout) -> LaunchContext:
+    def _launch_context(
+        self, spec: LaunchSpec, layout: VmLayout, ids: tuple[int, int]
+    ) -> LaunchContext:
         ctx = self._ctx
         host = ctx.host
         files, host_run_dir = self._files(spec, layout)
@@ -189,7 +193,7 @@ class Launcher:
                 len(dropped),
                 MAX_KERNEL_CMDLINE,
             )
-        uid, gid = self._vmm_user()
+        uid, gid = ids
         return LaunchContext(
             spec=spec,
             files=files,
@@ -198,11 +202,6 @@ class Launcher:
             gid=gid,
             kernel_cmdline=cmdline,
         )
-
-    def _vmm_user(self) -> tuple[int, int]:
-        """(uid, gid) the VMM runs as: the jail user, else metald's own."""
-        jail = self._ctx.jail
-        return (jail.uid, jail.gid) if jail is not None else (os.geteuid(), os.getegid())
 
     def _files(self, spec: LaunchSpec, layout: VmLayout) -> tuple[VmmFiles, Path]:
         """The VMM's files as it names them, and its run directory's host path."""
@@ -216,9 +215,16 @@ class Launcher:
         return files, layout.run_dir
 
     def _jail_for(
-        self, spec: LaunchSpec, argv: list[str], drives: list[Drive], files: VmmFiles
+        self,
+        spec: LaunchSpec,
+        argv: list[str],
+        drives: list[Drive],
+        files: VmmFiles,
+        ids: tuple[int, int],
     ) -> JailSpec:
-        """The jail one VMM process of this VM runs in."""
+        """The jail one VMM process of this VM runs in: as the VM's own ids, in its own PID
+        namespace and (NIC-less) an empty network namespace (the jailer's defaults), with
+        rlimits that let it write its largest disk to the end and no file beyond."""
         ctx = self._ctx
         settings = ctx.jail
         assert settings is not None
@@ -231,8 +237,12 @@ class Launcher:
             )
         nic = spec.nic
         host = ctx.host
+        largest = max((os.stat(d.source).st_size for d in drives if not d.read_only), default=0)
         return replace(
             ctx.jail_place(spec.vm_id),
+            uid=ids[0],
+            gid=ids[1],
+            rlimits=settings.rlimits(largest),
             argv=tuple(argv),
             netns=None if nic is None else nic.netns,
             tap=None if nic is None else TapSpec(nic.tap),

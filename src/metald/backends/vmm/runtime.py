@@ -38,26 +38,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 
 from metald.backends.vmm.adoption import Adopter
 from metald.backends.vmm.cleanup import remove_vm_files
 from metald.backends.vmm.console import UnsafeConsole, read_console
-from metald.backends.vmm.context import VmmContext
+from metald.backends.vmm.context import LogCaps, VmmContext
 from metald.backends.vmm.disks import copy_writable_disks
 from metald.backends.vmm.driver import VmmDriver, VmmHost
 from metald.backends.vmm.jail import JailSettings
 from metald.backends.vmm.launch import Launcher
 from metald.backends.vmm.layout import AGENT_SOCKET, VmLayout
+from metald.backends.vmm.logcaps import CappedFile, LogCapper
 from metald.backends.vmm.messages import clean_message
 from metald.backends.vmm.process import VmmProcess, VmmTable
 from metald.backends.vmm.records import save_spec
 from metald.backends.vmm.supervision import Supervisor
 from metald.backends.vmm.usage import sample_usage
-from metald.core.errors import BackendError, InvalidArgument
+from metald.core.errors import BackendError, InvalidArgument, ResourceExhausted
 from metald.core.models import ConsoleChunk, LaunchSpec, ProcessIdentity, VmUsage
-from metald.core.ports import ExitCallback, TapCallback
+from metald.core.ports import ExitCallback, JailIds, TapCallback
 from metald.core.states import VmState
 from metald.jailer.spec import JailSpec
 
@@ -79,11 +81,15 @@ class VmmRuntime:
         guest_agent: bool = False,
         start_timeout: float = 30.0,
         control_timeout: float = 10.0,
+        jail_ids: JailIds | None = None,
+        log_caps: LogCaps | None = None,
     ) -> None:
         """`jail`: launch every VMM through the jailer with these settings (needs root); None
         runs VMMs directly as metald's own user, without networking (for hosts and tests that
         cannot jail). `guest_agent`: a second serial port wired to agent.sock beside the
-        control socket, and the guest told to run a shell on it (tests; QEMU only)."""
+        control socket, and the guest told to run a shell on it (tests; QEMU only).
+        `jail_ids`: where each VM's own VMM uid is claimed (needed when `jail` has a uid
+        range). `log_caps`: the console log's and stderr's caps (logcaps.py)."""
         self._ctx = VmmContext(
             driver,
             vm_root,
@@ -91,7 +97,10 @@ class VmmRuntime:
             guest_agent=guest_agent,
             start_timeout=start_timeout,
             control_timeout=control_timeout,
+            jail_ids=jail_ids,
+            log_caps=log_caps,
         )
+        self._log_capper = LogCapper(self._capped_files, self._ctx.log_caps.interval)
         self._vms: VmmTable = {}
         self._supervisor = Supervisor(self._ctx, self._vms)
         self._launcher = Launcher(self._ctx, self._vms, self._supervisor)
@@ -117,8 +126,22 @@ class VmmRuntime:
 
     async def start(self) -> None:
         """Check the host through the driver, the jail base and the socket budget; make
-        vm_root."""
+        vm_root. Starts trimming the VMMs' console logs and stderr files."""
         await self._ctx.start()
+        self._log_capper.start()
+
+    def _capped_files(self) -> list[CappedFile]:
+        """The files of every live VMM that metald keeps bounded: the console log (the VMM's
+        own file) and its stderr (metald made it for the VMM)."""
+        caps = self._ctx.log_caps
+        files = []
+        for vm in list(self._vms.values()):
+            if not vm.alive:
+                continue
+            console, _ = self._ctx.host_files(vm, vm.layout)
+            files.append(CappedFile(console, caps.console_bytes, vm.owner_uid))
+            files.append(CappedFile(vm.layout.stderr_log, caps.stderr_bytes, os.geteuid()))
+        return files
 
     def set_exit_callback(self, callback: ExitCallback) -> None:
         self._supervisor.exit_callback = callback
@@ -178,6 +201,8 @@ class VmmRuntime:
                 log.warning("VM %s: %s", spec.vm_id, cleanup_error.message)
             if isinstance(e, BackendError):
                 raise BackendError(clean_message(ctx, e.message, spec, layout)) from None
+            if isinstance(e, ResourceExhausted):
+                raise  # no jail id left: the caller's answer as it is
             if isinstance(e, Exception):
                 message = f"could not create VM {spec.vm_id}: {e}"
                 raise BackendError(clean_message(ctx, message, spec, layout)) from None
@@ -348,6 +373,7 @@ class VmmRuntime:
 
     async def close(self) -> None:
         """Disconnect from every VMM and stop watching; the processes keep running."""
+        await self._log_capper.stop()
         await self._supervisor.close()
 
     def _live(self, vm_id: str) -> VmmProcess:
