@@ -257,6 +257,63 @@ def test_an_answer_that_did_not_wait_for_its_body_leaves_the_connection_working(
     assert health.status == 405 and health.closed_by_server, health
 
 
+def test_an_answer_before_the_body_ends_resets_the_stream_without_error(
+    metald_factory: Callable[..., Daemon],
+) -> None:
+    """Seen failing in e2e/test_protocols.py: grpcio, still sending a message over the size
+    limit, reported its refused call as "RST_STREAM with error code 5" instead of the
+    trailers' resource_exhausted. hypercorn ends a gRPC stream twice, and h2 then answers
+    the client's next DATA frame with RST_STREAM(STREAM_CLOSED). Once an answer is complete
+    while the request is not, the stream must be reset with NO_ERROR (RFC 9113 §8.1), before
+    any other reset, and the connection must go on serving."""
+    daemon = metald_factory()
+    over = 2 * MIB
+    cases = {
+        # (protocol, token, body): refused by the envelope's length prefix / the body's size
+        # / the missing token, while the client still has most of the body to send
+        "grpc over the limit": ("grpc", TOKEN, envelope_prefix(over) + bytes(over)),
+        "grpc unauthenticated": ("grpc", None, envelope_prefix(over) + bytes(over)),
+        "connect over the limit": ("connect", TOKEN, bytes(over)),
+        "connect unauthenticated": ("connect", None, bytes(over)),
+    }
+    request = pb.ListVmsRequest(page_size=5).SerializeToString()
+
+    async def run() -> tuple[dict[str, Answer], Answer, bool]:
+        client = H2Client(daemon.port)
+        await client.connect()
+        answers = {}
+        try:
+            for name, (protocol, token, body) in cases.items():
+                stream = SlowStream(protocol, "CreateVm", token, body, finish=True)
+                await client.open(stream)
+                await client.wait(
+                    lambda s=stream: client.closed or s.answer.reset is not None,  # type: ignore[misc]
+                    f"the reset of {name}",
+                    60,
+                )
+                answers[name] = stream.answer
+            after = SlowStream("grpc", "ListVms", TOKEN, envelope(request), finish=True)
+            await client.open(after)
+            await client.wait(client.answered, "the answer to ListVms", 60)
+        finally:
+            await client.close()
+        return answers, after.answer, client.terminated is not None
+
+    answers, after, terminated = asyncio.run(run())
+    expected = {
+        "grpc over the limit": "8",
+        "grpc unauthenticated": "16",
+        "connect over the limit": "resource_exhausted",
+        "connect unauthenticated": "unauthenticated",
+    }
+    codes = {name: a.code() for name, a in answers.items()}
+    assert codes == expected, answers
+    resets = {name: a.reset for name, a in answers.items()}
+    assert resets == dict.fromkeys(cases, h2.errors.ErrorCodes.NO_ERROR), answers
+    assert all(a.ended for a in answers.values()), "a reset came before the answer's end"
+    assert not terminated and after.code() == "0", after
+
+
 def test_streams_per_connection_are_bounded(metald_factory: Callable[..., Daemon]) -> None:
     daemon = metald_factory(
         UNKEY_METALD_HTTP2_MAX_CONCURRENT_STREAMS="4",
