@@ -16,7 +16,7 @@ export UNKEY_METALD_DATA_DIR ?= $(VAR)/data
 export UNKEY_METALD_ASSETMANAGER_CACHE_DIR ?= $(ASSETS)
 export UNKEY_METALD_AUTH_DEV_TOKENS ?= true
 
-.PHONY: run test deps system-deps venv guest buf proto lint unit clean
+.PHONY: run test bench deps system-deps venv guest buf proto lint unit clean
 
 run: deps guest
 	$(BIN)/metald serve
@@ -25,6 +25,10 @@ test: deps guest buf
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest -q -ra tests
+
+# Benchmarks (bench/): prints tables, writes bench/results/*.json; see docs/performance.md.
+bench: deps guest
+	$(BIN)/python -m bench
 
 deps: system-deps venv
 
