@@ -319,7 +319,9 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
         backends = await start_backends(settings, store, jail_ids)
         backend = backends[settings.backend.value]
         await network.start()
-        assets = LocalAssetStore(settings.assetmanager_cache_dir)
+        assets = LocalAssetStore(
+            settings.assetmanager_cache_dir, legacy_link_dirs=[settings.jailer_chroot_dir]
+        )
         service = VmService(
             store,
             backends,

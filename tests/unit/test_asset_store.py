@@ -511,6 +511,40 @@ def test_a_pinned_file_may_have_its_pin_but_no_other_link(
         _resolve(store, "images/disk.img")
 
 
+def test_links_in_jails_of_metald_before_issue_7_are_counted_as_the_stores(
+    populated: tuple[LocalAssetStore, str, Path],
+) -> None:
+    """Upgrade path: metald before issue 7 hard-linked store files into jails; VMs still
+    running in those after an upgrade must not make the file (the default guest) unusable.
+    Links there count only for the jail base named by the daemon, in trusted directories."""
+    store, _, tmp_path = populated
+    disk = store.root / "images" / "disk.img"
+    jails = tmp_path / "srv-jailer"
+    old_jail = jails / "qemu" / "vm-old" / "root"
+    old_jail.mkdir(parents=True)
+    os.link(disk, old_jail / "rootfs.ext4")
+    with pytest.raises(FailedPrecondition, match="other hard links"):
+        _resolve(store, "images/disk.img")  # a store that was not told of the jail base
+    upgraded = LocalAssetStore(store.root, legacy_link_dirs=[jails])
+    pin = _resolve(upgraded, "images/disk.img")
+    assert _same(pin, disk) and os.stat(disk).st_nlink == 3
+    assert _resolve(upgraded, "images/disk.img") == pin  # pinned: its pin + the old jail's
+    # a link elsewhere is still refused, and so is one in a jail dir others may write
+    os.link(disk, tmp_path / "outside")
+    with pytest.raises(FailedPrecondition, match="other hard links"):
+        _resolve(upgraded, "images/disk.img")
+    os.unlink(tmp_path / "outside")
+    open_dir = jails / "qemu" / "vm-open"
+    open_dir.mkdir(mode=0o777)
+    open_dir.chmod(0o777)
+    os.link(disk, open_dir / "rootfs.ext4")
+    with pytest.raises(FailedPrecondition, match="other hard links"):
+        _resolve(upgraded, "images/disk.img")
+    os.unlink(open_dir / "rootfs.ext4")
+    (old_jail / "rootfs.ext4").unlink()  # the old VM deleted: back to the pin only
+    assert _resolve(upgraded, "images/disk.img") == pin
+
+
 def test_metald_not_root_trusts_its_own_files(
     populated: tuple[LocalAssetStore, str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -27,7 +27,9 @@ outside the store that the caller did not already send. How:
   directory on the way and the file must be owned by root (or by metald's own uid, when
   metald does not run as root: whoever runs it owns what it trusts) and not group- or
   world-writable; the file must be a regular file with no hard link the store does not
-  account for (st_nlink: 1, or 2 with its pin).
+  account for (st_nlink: 1, or 2 with its pin; plus the links that metald before issue 7
+  made into jails, found under the jail base the daemon names as ``legacy_link_dirs``, so an
+  upgrade with VMs still running in old jails keeps the default guest usable).
 - Pinned: the open file (not its name) is hard-linked as ``pins/<inode>`` (linkat from the
   descriptor), and the pin's path is what resolve returns: what the VMM runtime copies (a
   writable disk) and hands to the jail (bind-mounted from an O_NOFOLLOW descriptor), also
@@ -55,7 +57,7 @@ import re
 import stat
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -132,10 +134,14 @@ class DefaultImage:
 class LocalAssetStore:
     """A content-addressed directory of guest assets; implements the ``Assets`` port."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, legacy_link_dirs: Sequence[Path] = ()) -> None:
         # Absolute but not resolved: the real path is looked up whenever it is needed, so a
         # store whose root is a symlink keeps working if the link is moved.
         self.root = Path(os.path.abspath(root))
+        # Directories only metald writes (its jail base) where metald before issue 7
+        # hard-linked store files into jails: those links are counted as the store's, so
+        # VMs still running in such jails after an upgrade do not stop every CreateVm.
+        self.legacy_link_dirs = tuple(Path(os.path.abspath(d)) for d in legacy_link_dirs)
 
     # -- layout -------------------------------------------------------------------------
 
@@ -579,7 +585,7 @@ class LocalAssetStore:
                 links = os.fstat(fd).st_nlink
                 if links == 0:  # its name went since it was opened
                     raise InvalidArgument(field, "changed in the asset store while it was opened")
-                if links != 1:
+                if links != 1 and links != 1 + self._legacy_links(st):
                     if _pinned(name, pins_fd):
                         continue  # pinned by someone else since the look above: check it
                     raise FailedPrecondition(f"{field}: {_OTHER_LINKS}")
@@ -592,11 +598,28 @@ class LocalAssetStore:
                     raise _pin_problem(field, exc) from None
             else:
                 raise Unavailable("asset store: the file could not be pinned")
-            if os.fstat(fd).st_nlink != 2:
+            links = os.fstat(fd).st_nlink
+            if links != 2 and links != 2 + self._legacy_links(st):
                 raise FailedPrecondition(f"{field}: {_OTHER_LINKS}")
         finally:
             os.close(pins_fd)
         return Path(pins) / name
+
+    def _legacy_links(self, st: os.stat_result) -> int:
+        """How many names of the file `st` the legacy link directories hold (0 without
+        any). Walked only when a file has more links than the store accounts for; a
+        directory someone besides root (or metald's uid) could write is not counted, nor
+        is anything behind a symlink or on another filesystem."""
+        found = 0
+        for top in self.legacy_link_dirs:
+            try:
+                top_st = os.stat(top, follow_symlinks=False)
+            except OSError:
+                continue
+            if not stat.S_ISDIR(top_st.st_mode) or top_st.st_dev != st.st_dev:
+                continue
+            found += _names_of(top, st)
+        return found
 
 
 _INTERNAL_DIRS = ("assets", "tmp", "cache", PINS)
@@ -645,6 +668,30 @@ def _open_problem(exc: OSError) -> str:
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         return "no such file in the asset store"
     return "cannot be read in the asset store"
+
+
+def _names_of(top: Path, st: os.stat_result) -> int:
+    """Names of the inode `st` under `top`, walking trusted directories of its filesystem."""
+    found = 0
+    pending = [str(top)]
+    while pending:
+        path = pending.pop()
+        try:
+            here = os.stat(path, follow_symlinks=False)
+            if _untrusted_dir(here) or here.st_dev != st.st_dev:
+                continue
+            entries = list(os.scandir(path))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                elif entry.inode() == st.st_ino and entry.is_file(follow_symlinks=False):
+                    found += entry.stat(follow_symlinks=False).st_dev == st.st_dev
+            except OSError:
+                continue
+    return found
 
 
 def _pinned(name: str, pins_fd: int) -> bool:
