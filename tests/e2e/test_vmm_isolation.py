@@ -22,39 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cross_vmm import attack, pid_namespace_members
 
 from metald.assets.guest_agent import GuestAgent
 
 from ._support import Caller, Console, Daemon, wait_until
 
 BOOT_TIMEOUT = 180.0
-SYSTEM_PYTHON = "/usr/bin/python3"  # the suite's interpreter may be closed to other uids
-
-ATTACKER = r"""
-import ctypes, json, os, sys
-victim, fd = int(sys.argv[1]), int(sys.argv[2])
-libc = ctypes.CDLL(None, use_errno=True)
-libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-def attempt(action):
-    try:
-        action()
-        return "ok"
-    except OSError as e:
-        return os.strerror(e.errno)
-def ptrace():
-    if libc.ptrace(16, victim, None, None) != 0:
-        raise OSError(ctypes.get_errno(), "ptrace")
-    os.waitpid(victim, 0x40000000)
-    libc.ptrace(17, victim, None, None)
-def read_file():
-    with open(f"/proc/self/fd/{fd}", "rb") as f:
-        f.read(1)
-print(json.dumps({
-    "signal": attempt(lambda: os.kill(victim, 0)),
-    "ptrace": attempt(ptrace),
-    "file": attempt(read_file),
-}))
-"""
 
 
 def status(pid: int) -> dict[str, str]:
@@ -87,40 +61,6 @@ def links_in(pid: int) -> list[str]:
     return sorted(link["ifname"] for link in json.loads(out))
 
 
-def attack(uid: int, victim: int, victim_file: Path) -> dict[str, str]:
-    fd = os.open(victim_file, os.O_PATH | os.O_CLOEXEC)
-    try:
-        out = subprocess.run(
-            [SYSTEM_PYTHON, "-I", "-c", ATTACKER, str(victim), str(fd)],
-            user=uid,
-            group=uid,
-            extra_groups=[],
-            pass_fds=(fd,),
-            cwd="/",
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        ).stdout
-    finally:
-        os.close(fd)
-    result: dict[str, str] = json.loads(out)
-    return result
-
-
-def namespace_members(pid: int) -> list[int]:
-    want = os.stat(f"/proc/{pid}/ns/pid").st_ino
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.stat(entry / "ns/pid").st_ino == want:
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return sorted(found)
-
-
 def test_two_vmms_cannot_reach_each_other(daemon: Daemon, callers: Callable[..., Caller]) -> None:
     alice = callers("curl-connect-json", daemon.url, "dev_customer_alice")
     bob = callers("curl-connect-json", daemon.url, "dev_customer_bob")
@@ -145,13 +85,16 @@ def test_two_vmms_cannot_reach_each_other(daemon: Daemon, callers: Callable[...,
     # A's uid cannot signal, trace or read B; B's own uid can (the attempts are real).
     console_b = Path(bob.info(b).body["backend_info"]["console_log"])
     assert console_b.stat().st_uid == ids[b]
-    got = attack(ids[a], pb, console_b)
-    assert got == {
+    keys = ("signal", "ptrace", "file", "environ")
+    got = attack((ids[a], ids[a]), pb, console_b)
+    assert {k: got[k] for k in keys} == {
         "signal": "Operation not permitted",
         "ptrace": "Operation not permitted",
         "file": "Permission denied",
+        "environ": "Permission denied",
     }, got
-    assert attack(ids[b], pb, console_b) == {"signal": "ok", "ptrace": "ok", "file": "ok"}
+    own = attack((ids[b], ids[b]), pb, console_b)
+    assert {k: own[k] for k in keys} == dict.fromkeys(keys, "ok"), own
 
     # Delete releases the id.
     alice.must("DeleteVm", {"vm_id": a})
@@ -173,8 +116,8 @@ def test_delete_ends_every_process_in_the_vms_pid_namespace(
         start_new_session=True,
     )
     try:
-        wait_until(lambda: len(namespace_members(pid)) >= 2, 10, "a process joins the VM")
-        members = namespace_members(pid)
+        wait_until(lambda: len(pid_namespace_members(pid)) >= 2, 10, "a process joins the VM")
+        members = pid_namespace_members(pid)
         assert pid in members and os.getpid() not in members
         call.must("DeleteVm", {"vm_id": vm})
         squatter.wait(timeout=30)  # nsenter ends with its child, killed by the kernel
