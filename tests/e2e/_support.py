@@ -291,6 +291,14 @@ class Daemon:
     def db_path(self) -> Path:
         return self.data_dir / "metald.db"
 
+    def jail_ids(self) -> dict[str, int]:
+        """The uid (and gid: the same number) each VM's VMM runs as, from the store."""
+        con = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)
+        try:
+            return {vm: int(uid) for vm, uid in con.execute("SELECT vm_id, uid FROM jail_ids")}
+        finally:
+            con.close()
+
     @property
     def pid(self) -> int:
         assert self.proc is not None, "the daemon is not running"

@@ -5,7 +5,6 @@ network is a namespace this test's daemon owns; the machine's own is never touch
 from __future__ import annotations
 
 import os
-import pwd
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -50,10 +49,11 @@ def test_a_vmm_runs_jailed(daemon: Daemon, callers: Callable[..., Caller]) -> No
     try:
         info = call.info(vm_id).body
         pid = int(info["backend_info"]["pid"])
-        jail_user = pwd.getpwnam("metald-vm")
+        # Its own ids, claimed in the store from the daemon's range (not a shared jail user).
+        uid = daemon.jail_ids()[vm_id]
         status = _status(pid)
-        assert status["Uid"].split() == [str(jail_user.pw_uid)] * 4
-        assert status["Gid"].split() == [str(jail_user.pw_gid)] * 4
+        assert status["Uid"].split() == [str(uid)] * 4
+        assert status["Gid"].split() == [str(uid)] * 4
         assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0
         assert status["NoNewPrivs"] == "1"
         # After pivot_root, /proc/<pid>/root reads as "/": compare the inode instead.

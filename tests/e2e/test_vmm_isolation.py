@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
@@ -43,14 +42,6 @@ def vmm_pid(call: Caller, vm_id: str) -> int:
     return int(call.info(vm_id).body["backend_info"]["pid"])
 
 
-def jail_ids(daemon: Daemon) -> dict[str, int]:
-    con = sqlite3.connect(f"file:{daemon.db_path}?mode=ro", uri=True, timeout=10)
-    try:
-        return {vm: int(uid) for vm, uid in con.execute("SELECT vm_id, uid FROM jail_ids")}
-    finally:
-        con.close()
-
-
 def links_in(pid: int) -> list[str]:
     out = subprocess.run(
         ["nsenter", "-t", str(pid), "-n", "ip", "-j", "link", "show"],
@@ -69,7 +60,7 @@ def test_two_vmms_cannot_reach_each_other(daemon: Daemon, callers: Callable[...,
     pa, pb = vmm_pid(alice, a), vmm_pid(bob, b)
 
     # Own ids, recorded in the store; own PID and network namespaces.
-    ids = jail_ids(daemon)
+    ids = daemon.jail_ids()
     assert set(ids) == {a, b} and ids[a] != ids[b], ids
     for pid, vm in ((pa, a), (pb, b)):
         st = status(pid)
@@ -98,9 +89,9 @@ def test_two_vmms_cannot_reach_each_other(daemon: Daemon, callers: Callable[...,
 
     # Delete releases the id.
     alice.must("DeleteVm", {"vm_id": a})
-    assert set(jail_ids(daemon)) == {b}
+    assert set(daemon.jail_ids()) == {b}
     bob.must("DeleteVm", {"vm_id": b})
-    assert jail_ids(daemon) == {}
+    assert daemon.jail_ids() == {}
 
 
 def test_delete_ends_every_process_in_the_vms_pid_namespace(
