@@ -14,10 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from hypercorn.asyncio import serve as hypercorn_serve
-from hypercorn.config import Config as HypercornConfig
-
-from metald.api import h2_fixes
+from metald.api import server
 from metald.api.auth import TokenAuthenticator, is_loopback_only
 from metald.api.handlers import VmHandlers
 from metald.api.health import Health
@@ -375,20 +372,13 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    h2_fixes.apply()
     async with running_daemon(settings) as daemon:
-        config = HypercornConfig()
-        host = f"[{settings.address}]" if ":" in settings.address else settings.address
-        config.bind = [f"{host}:{settings.port}"]
-        config.accesslog = None
-        # hypercorn closes a connection after 1000 requests by default; gRPC clients keep
-        # one connection for everything (notes/connect-stack.md).
-        config.keep_alive_max_requests = 2**31
-        # Bounded work per connection: calls in flight on one HTTP/2 connection, and how long
-        # a connection may sit without one (this also bounds slow request headers).
-        config.h2_max_concurrent_streams = settings.http2_max_concurrent_streams
-        config.keep_alive_timeout = settings.http_idle_timeout_seconds
-        config.graceful_timeout = 5.0
+        options = server.ServerOptions(
+            address=settings.address,
+            port=settings.port,
+            h2_max_concurrent_streams=settings.http2_max_concurrent_streams,
+            idle_timeout=settings.http_idle_timeout_seconds,
+        )
         log.info(
             "metald serving on %s:%s (backend %s, dev tokens %s); state in %s, assets in %s",
             settings.address,
@@ -398,7 +388,7 @@ async def serve(settings: Settings) -> None:
             settings.data_dir,
             settings.assetmanager_cache_dir,
         )
-        await hypercorn_serve(daemon.asgi, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        await server.serve(daemon.asgi, options, stop.wait)
     log.info("metald stopped; VMs keep running and are adopted at the next start")
 
 
