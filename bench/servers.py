@@ -15,6 +15,7 @@ UNKEY_METALD_HTTP_SERVER set; see docs/performance.md, "The server"): SUITE_VERD
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.util
 import os
@@ -76,6 +77,7 @@ class Server:
 
 SERVERS = (
     Server("hypercorn", ("hypercorn",), grpc=True),
+    Server("hypercorn-untuned", ("hypercorn",), grpc=True),
     Server("hypercorn-bare", ("hypercorn",), grpc=True, env={"BENCH_CHAIN": "bare"}),
     Server("hypercorn-uvloop", ("hypercorn", "uvloop"), grpc=True),
     Server("uvicorn-zttp", ("uvicorn", "zttp"), grpc=True),
@@ -89,6 +91,7 @@ TINY = ("hypercorn", "hypercorn-uvloop")
 # tests/e2e/test_api_abuse.py (docs/performance.md, "The server", says how and why).
 SUITE_VERDICT: dict[str, bool] = {
     "hypercorn": True,
+    "hypercorn-untuned": True,
     "hypercorn-bare": True,
     "hypercorn-uvloop": True,
 }
@@ -154,6 +157,15 @@ class Running:
                         total += int(line.split()[1])
         return total / 1024
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user and system) of the server's process tree so far."""
+        ticks = 0
+        for pid in _tree(self.proc.pid):
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -213,6 +225,7 @@ def wrk(url: str, seconds: float) -> dict[str, float]:
     failed += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "requests": int(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
         "p50_ms": latency["50"],
         "p99_ms": latency["99"],
         "failed": failed,
@@ -241,6 +254,7 @@ def h2load(url: str, seconds: float, workdir: Path) -> dict[str, float]:
     ]
     return {
         "rps": rps,
+        "requests": int(counts.group(1)),
         "p50_ms": percentile(times, 0.5) if times else 0.0,
         "p99_ms": percentile(times, 0.99) if times else 0.0,
         "failed": int(counts.group(2)) + int(counts.group(3)),
@@ -248,12 +262,17 @@ def h2load(url: str, seconds: float, workdir: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    args = arguments(__doc__ or "")
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", default="", help="comma-separated servers (default: all)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = arguments(__doc__ or "", parser)
     for tool in ("wrk", "h2load", "nghttp"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is missing (make system-deps)")
-    seconds, warmup, rounds = (1.0, 0.0, 1) if args.tiny else (5.0, 1.0, 3)
-    chosen = [s for s in SERVERS if not args.tiny or s.name in TINY]
+    seconds, warmup, rounds = (1.0, 0.0, 1) if args.tiny else (args.seconds, 1.0, args.rounds)
+    wanted = args.only.split(",") if args.only else TINY if args.tiny else None
+    chosen = [s for s in SERVERS if wanted is None or s.name in wanted]
     report = Report(
         "servers",
         args.tiny,
@@ -293,7 +312,13 @@ def main() -> None:
                     )
                     if warmup:
                         measure(warmup)
+                    cpu = r.cpu_seconds()
                     result = measure(seconds)
+                    # CPU per answer: what the server costs, much less disturbed by the
+                    # machine's other load than req/s (a busy machine slows it down, but
+                    # does not make it spend more CPU per call).
+                    cpu = r.cpu_seconds() - cpu
+                    result["cpu_us"] = cpu / max(1, result["requests"]) * 1e6
                     result["round"] = round_
                     runs.setdefault((name, protocol), []).append(result)
                     print(f"  round {round_} {name} {protocol}: {result}", file=sys.stderr)
@@ -306,7 +331,7 @@ def main() -> None:
         WRK_SCRIPT.unlink(missing_ok=True)
     columns = [
         ("server", "server"), ("protocol", "protocol"), ("suite", "passes suite"),
-        ("rps", "req/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
+        ("rps", "req/s"), ("cpu_us", "CPU µs/call"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
         ("vs_fastest", "vs fastest"), ("vs_passing", "vs fastest passing"),
         ("failed", "failed"), ("rss_mib", "RSS MiB"), ("note", "note"),
     ]  # fmt: skip
@@ -349,6 +374,7 @@ def _summarise(
             row["rps"] = Spread.of([x["rps"] for x in rs])
             row["p50_ms"] = Spread.of([x["p50_ms"] for x in rs])
             row["p99_ms"] = Spread.of([x["p99_ms"] for x in rs])
+            row["cpu_us"] = Spread.of([x["cpu_us"] for x in rs])
             row["failed"] = sum(int(x["failed"]) for x in rs)
             row["vs_fastest"] = Ratio.of(
                 [x["rps"] / fastest[int(x["round"])] for x in rs if fastest[int(x["round"])]]

@@ -93,12 +93,18 @@ def build(chain: str = "metald") -> Any:
 app = build(os.environ.get("BENCH_CHAIN", "metald"))
 
 
-async def _serve_metald(port: int) -> None:
+async def _serve_metald(port: int, tuned: bool = True) -> None:
     """metald's own server start-up (api/server.py), as `metald serve` runs it."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    await server.serve(app, server.ServerOptions(address="127.0.0.1", port=port), stop.wait)
+    options = server.ServerOptions(address="127.0.0.1", port=port, tuned=tuned)
+    await server.serve(app, options, stop.wait)
+
+
+async def _serve_stock(port: int) -> None:
+    """The same without api/hypercorn_tuning.py (its "before")."""
+    await _serve_metald(port, tuned=False)
 
 
 async def _serve_uvicorn(port: int) -> None:
@@ -120,6 +126,7 @@ def _run_uvloop(main: Coroutine[Any, Any, None]) -> None:
 # In-process servers: name -> (runner of a coroutine, the coroutine's factory)
 RUNNERS: dict[str, tuple[Callable[[Coroutine[Any, Any, None]], None], Any]] = {
     "hypercorn": (asyncio.run, _serve_metald),
+    "hypercorn-untuned": (asyncio.run, _serve_stock),
     "hypercorn-uvloop": (_run_uvloop, _serve_metald),
     "uvicorn-zttp": (asyncio.run, _serve_uvicorn),
     "uvicorn-zttp-uvloop": (_run_uvloop, _serve_uvicorn),

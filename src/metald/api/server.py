@@ -17,7 +17,7 @@ from typing import Any
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 
-from metald.api import h2_fixes
+from metald.api import h2_fixes, hypercorn_tuning
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
@@ -32,6 +32,8 @@ class ServerOptions:
     idle_timeout: float = 5.0
     # Seconds calls in flight get to finish at shutdown.
     graceful_timeout: float = 5.0
+    # api/hypercorn_tuning.py (off only to measure what it saves: bench/servers.py).
+    tuned: bool = True
 
 
 def hypercorn_config(options: ServerOptions) -> HypercornConfig:
@@ -55,4 +57,6 @@ async def serve(
 ) -> None:
     """Serve `app` until `shutdown()` returns, then let calls in flight finish."""
     h2_fixes.apply()
+    if options.tuned:
+        hypercorn_tuning.apply()
     await hypercorn_serve(app, hypercorn_config(options), shutdown_trigger=shutdown)  # type: ignore[arg-type]
