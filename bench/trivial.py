@@ -93,28 +93,22 @@ def build(chain: str = "metald") -> Any:
 app = build(os.environ.get("BENCH_CHAIN", "metald"))
 
 
-async def _serve_metald(port: int, tuned: bool = True) -> None:
+async def _serve_metald(port: int, name: str = "hypercorn", tuned: bool = True) -> None:
     """metald's own server start-up (api/server.py), as `metald serve` runs it."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    options = server.ServerOptions(address="127.0.0.1", port=port, tuned=tuned)
+    options = server.ServerOptions(address="127.0.0.1", port=port, tuned=tuned, server=name)
     await server.serve(app, options, stop.wait)
 
 
-async def _serve_stock(port: int) -> None:
-    """The same without api/hypercorn_tuning.py (its "before")."""
+async def _serve_untuned(port: int) -> None:
+    """hypercorn without api/hypercorn_tuning.py (its "before")."""
     await _serve_metald(port, tuned=False)
 
 
 async def _serve_uvicorn(port: int) -> None:
-    import uvicorn
-
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, http="zttp", http2=True, loop="none",
-        lifespan="off", access_log=False, log_level="warning",
-    )  # fmt: skip
-    await uvicorn.Server(config).serve()  # handles SIGTERM itself
+    await _serve_metald(port, "uvicorn")
 
 
 def _run_uvloop(main: Coroutine[Any, Any, None]) -> None:
@@ -126,7 +120,7 @@ def _run_uvloop(main: Coroutine[Any, Any, None]) -> None:
 # In-process servers: name -> (runner of a coroutine, the coroutine's factory)
 RUNNERS: dict[str, tuple[Callable[[Coroutine[Any, Any, None]], None], Any]] = {
     "hypercorn": (asyncio.run, _serve_metald),
-    "hypercorn-untuned": (asyncio.run, _serve_stock),
+    "hypercorn-untuned": (asyncio.run, _serve_untuned),
     "hypercorn-uvloop": (_run_uvloop, _serve_metald),
     "uvicorn-zttp": (asyncio.run, _serve_uvicorn),
     "uvicorn-zttp-uvloop": (_run_uvloop, _serve_uvicorn),

@@ -28,7 +28,7 @@ from metald.backends.vmm.context import LogCaps
 from metald.backends.vmm.driver import VmmDriver
 from metald.backends.vmm.jail import JailSettings
 from metald.backends.vmm.runtime import VmmRuntime
-from metald.config import BackendKind, ConfigError, Settings, load_settings
+from metald.config import BackendKind, ConfigError, HttpServer, Settings, load_settings
 from metald.core.errors import MetaldError
 from metald.core.ports import Backend, JailIds, Network, Store
 from metald.core.quotas import HostCeiling, QuotaDefaults, Resource, VmMaxima
@@ -367,18 +367,41 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
         await database.close()
 
 
+def server_options(settings: Settings) -> server.ServerOptions:
+    return server.ServerOptions(
+        address=settings.address,
+        port=settings.port,
+        h2_max_concurrent_streams=settings.http2_max_concurrent_streams,
+        idle_timeout=settings.http_idle_timeout_seconds,
+        server=settings.http_server.value,
+    )
+
+
 async def serve(settings: Settings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with running_daemon(settings) as daemon:
-        options = server.ServerOptions(
-            address=settings.address,
-            port=settings.port,
-            h2_max_concurrent_streams=settings.http2_max_concurrent_streams,
-            idle_timeout=settings.http_idle_timeout_seconds,
+    if settings.http_server is not HttpServer.HYPERCORN:
+        log.warning(
+            "UNKEY_METALD_HTTP_SERVER=%s does not pass metald's protocol e2e suite "
+            "(docs/performance.md, 'The server'): for measurements only",
+            settings.http_server.value,
         )
+    if settings.http_server is HttpServer.PYVOY:
+        logging.disable(logging.WARNING)  # only its refusals here: the daemon logs the rest
+        try:
+            check_exposure(settings)
+        finally:
+            logging.disable(logging.NOTSET)
+        os.environ["METALD_PYTHON"] = sys.executable
+        options = server_options(settings)
+        code = await server.serve_in_envoy("metald.embedded:app", options, stop.wait)
+        if code:
+            raise SystemExit(code)
+        return
+    async with running_daemon(settings) as daemon:
+        options = server_options(settings)
         log.info(
             "metald serving on %s:%s (backend %s, dev tokens %s); state in %s, assets in %s",
             settings.address,

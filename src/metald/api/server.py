@@ -10,6 +10,7 @@ and h2c, with early answers and hostile clients) with the fixes of api/h2_fixes.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,8 @@ class ServerOptions:
     graceful_timeout: float = 5.0
     # api/hypercorn_tuning.py (off only to measure what it saves: bench/servers.py).
     tuned: bool = True
+    # hypercorn, or one of the servers measured against it (SERVERS).
+    server: str = "hypercorn"
 
 
 def hypercorn_config(options: ServerOptions) -> HypercornConfig:
@@ -52,11 +55,110 @@ def hypercorn_config(options: ServerOptions) -> HypercornConfig:
     return config
 
 
-async def serve(
-    app: ASGIApp, options: ServerOptions, shutdown: Callable[[], Awaitable[Any]]
-) -> None:
+Shutdown = Callable[[], Awaitable[Any]]
+
+
+async def serve(app: ASGIApp, options: ServerOptions, shutdown: Shutdown) -> None:
     """Serve `app` until `shutdown()` returns, then let calls in flight finish."""
+    await SERVERS[options.server](app, options, shutdown)
+
+
+async def _hypercorn(app: ASGIApp, options: ServerOptions, shutdown: Shutdown) -> None:
     h2_fixes.apply()
     if options.tuned:
         hypercorn_tuning.apply()
     await hypercorn_serve(app, hypercorn_config(options), shutdown_trigger=shutdown)  # type: ignore[arg-type]
+
+
+async def _uvicorn(app: ASGIApp, options: ServerOptions, shutdown: Shutdown) -> None:
+    """uvicorn with zttp, its parser for HTTP/1.1 and h2c (the only one with trailers)."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app, host=options.address, port=options.port, http="zttp", http2=True, loop="none",
+        lifespan="off", access_log=False, log_level="warning",
+        timeout_keep_alive=max(1, round(options.idle_timeout)),
+        timeout_graceful_shutdown=max(1, round(options.graceful_timeout)),
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    serving = asyncio.ensure_future(server.serve())
+    stopping = asyncio.ensure_future(shutdown())
+    try:
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        server.should_exit = True
+        await serving
+    finally:
+        stopping.cancel()
+
+
+async def _granian(app: ASGIApp, options: ServerOptions, shutdown: Shutdown) -> None:
+    """granian's embedded server (its Rust HTTP/1.1 and h2c; it has no ASGI trailers)."""
+    from granian.constants import HTTPModes, Interfaces
+    from granian.http import HTTP2Settings
+    from granian.server.embed import Server
+
+    server = Server(
+        app, address=options.address, port=options.port, interface=Interfaces.ASGINL,
+        http=HTTPModes.auto, websockets=False, log_access=False,
+        http2_settings=HTTP2Settings(max_concurrent_streams=options.h2_max_concurrent_streams),
+    )  # fmt: skip
+    serving = asyncio.ensure_future(server.serve())
+    stopping = asyncio.ensure_future(shutdown())
+    try:
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        server.stop()  # type: ignore[no-untyped-call]
+        await serving
+    finally:
+        stopping.cancel()
+
+
+async def serve_in_envoy(app_path: str, options: ServerOptions, shutdown: Shutdown) -> int:
+    """pyvoy: Envoy serves, with the Python app (`module:attr`, an app that starts the daemon
+    in its lifespan) inside Envoy's own process. Returns Envoy's exit status."""
+    from pyvoy import PyvoyServer
+
+    class Server(PyvoyServer):
+        def get_envoy_config(self) -> dict[str, Any]:
+            config: dict[str, Any] = super().get_envoy_config()
+            for manager in _http_managers(config):
+                manager.setdefault("http2_protocol_options", {})["max_concurrent_streams"] = (
+                    options.h2_max_concurrent_streams
+                )
+                manager.setdefault("common_http_protocol_options", {})["idle_timeout"] = (
+                    f"{options.idle_timeout}s"
+                )
+            return config
+
+    server = Server(
+        app_path, address=options.address, port=options.port, lifespan=True,
+        log_level="warning", worker_threads=1, stdout=None, stderr=None,
+    )  # fmt: skip
+    await server.start()
+    exited = asyncio.ensure_future(server.wait())
+    stopping = asyncio.ensure_future(shutdown())
+    try:
+        await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        await server.stop()
+        return int(await exited or 0)
+    finally:
+        stopping.cancel()
+
+
+def _http_managers(node: Any) -> list[dict[str, Any]]:
+    found = []
+    if isinstance(node, dict):
+        if str(node.get("@type", "")).endswith("HttpConnectionManager"):
+            found.append(node)
+        for value in node.values():
+            found += _http_managers(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += _http_managers(value)
+    return found
+
+
+SERVERS: dict[str, Callable[[ASGIApp, ServerOptions, Shutdown], Awaitable[None]]] = {
+    "hypercorn": _hypercorn,
+    "uvicorn": _uvicorn,
+    "granian": _granian,
+}
