@@ -86,14 +86,23 @@ SERVERS = (
     Server("pyvoy", ("pyvoy",), grpc=True),
 )
 TINY = ("hypercorn", "hypercorn-uvloop")
+NOTES = {
+    "hypercorn-untuned": "main before api/hypercorn_tuning.py",
+    "hypercorn-bare": "connectrpc app alone: no interceptors, no MetaldASGI",
+    "hypercorn-uvloop": "metald's hypercorn on uvloop (metald has no such setting)",
+    "pyvoy": "Envoy; RSS includes it",
+}
 
 # Whether metald served by the server passes tests/e2e/test_protocols.py and
-# tests/e2e/test_api_abuse.py (docs/performance.md, "The server", says how and why).
+# tests/e2e/test_api_abuse.py, run with UNKEY_METALD_HTTP_SERVER=<server> (docs/performance.md,
+# "The server", says why each fails). Absent: not run (metald has no uvloop setting).
 SUITE_VERDICT: dict[str, bool] = {
     "hypercorn": True,
     "hypercorn-untuned": True,
-    "hypercorn-bare": True,
-    "hypercorn-uvloop": True,
+    "uvicorn-zttp": False,  # early answers end the h2 connection; no stream limit
+    "uvicorn-zttp-uvloop": False,
+    "granian": False,  # no ASGI trailers: no gRPC at all
+    "pyvoy": False,  # early answers end the h2 connection; a stream over the limit hangs
 }
 
 
@@ -364,8 +373,9 @@ def _summarise(
             row: dict[str, Any] = {
                 "server": name,
                 "protocol": protocol,
-                "suite": "yes" if SUITE_VERDICT.get(name) else "no",
+                "suite": {True: "yes", False: "no", None: "not run"}[SUITE_VERDICT.get(name)],
                 "rss_mib": r.rss_mib(),
+                "note": NOTES.get(name, ""),
             }
             if not rs:
                 row["note"] = "no gRPC (no trailers)" if not grpc[name] else "not measured"
