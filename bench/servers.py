@@ -28,6 +28,7 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,7 @@ SERVERS = (
     Server("granian", ("granian", "uvloop"), grpc=False),
     Server("pyvoy", ("pyvoy",), grpc=True),
 )
-TINY = ("hypercorn", "hypercorn-uvloop")
+TINY = ("hypercorn", "hypercorn-untuned")  # always installed (the others are the bench extra)
 NOTES = {
     "hypercorn-untuned": "main before api/hypercorn_tuning.py",
     "hypercorn-bare": "connectrpc app alone: no interceptors, no MetaldASGI",
@@ -289,6 +290,7 @@ def main() -> None:
             "connections": CONNECTIONS, "seconds": seconds, "warmup": warmup, "rounds": rounds,
             "connect": "wrk -t2 -c16, POST Connect JSON GetVmInfo over HTTP/1.1",
             "grpc": "h2load -t2 -c16 -m1, gRPC GetVmInfo over h2c",
+            "versions": _versions(),
         },
     )  # fmt: skip
     _write_inputs()
@@ -332,6 +334,7 @@ def main() -> None:
                     runs.setdefault((name, protocol), []).append(result)
                     print(f"  round {round_} {name} {protocol}: {result}", file=sys.stderr)
         _summarise(report, running, runs, grpc, rounds)
+        _compare(report, runs)
     finally:
         for r in running.values():
             r.stop()
@@ -345,7 +348,55 @@ def main() -> None:
         ("failed", "failed"), ("rss_mib", "RSS MiB"), ("note", "note"),
     ]  # fmt: skip
     report.table("servers", columns, title="trivial GetVmInfo, 16 connections")
+    report.table(
+        "changes",
+        [
+            ("change", "change"), ("protocol", "protocol"), ("rps", "req/s after/before"),
+            ("cpu", "CPU per call after/before"), ("p99", "p99 after/before"),
+        ],
+        title="each change against its before, same rounds",
+    )  # fmt: skip
     report.save(args.out)
+
+
+# (after, before, what changed): compared round by round.
+CHANGES = (
+    ("hypercorn", "hypercorn-untuned", "api/hypercorn_tuning.py"),
+    ("hypercorn-uvloop", "hypercorn", "uvloop under metald's hypercorn"),
+    ("hypercorn-bare", "hypercorn", "without metald's interceptors and MetaldASGI"),
+)
+
+
+def _compare(report: Report, runs: dict[tuple[str, str], list[dict[str, float]]]) -> None:
+    for after, before, what in CHANGES:
+        for protocol in ("connect", "grpc"):
+            a, b = runs.get((after, protocol), []), runs.get((before, protocol), [])
+            pairs = list(zip(a, b, strict=False))
+            if not pairs:
+                continue
+            report.add(
+                "changes",
+                {
+                    "change": what,
+                    "protocol": protocol,
+                    **{
+                        column: _ratio([x[key] / y[key] for x, y in pairs if y[key]])
+                        for column, key in (("rps", "rps"), ("cpu", "cpu_us"), ("p99", "p99_ms"))
+                    },
+                },
+            )
+
+
+def _ratio(values: list[float]) -> Ratio | None:
+    return Ratio.of(values) if values else None
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for name in ("hypercorn", "h2", "h11", "uvicorn", "zttp", "granian", "pyvoy", "uvloop"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[name] = metadata.version(name)
+    return found
 
 
 def _summarise(
