@@ -13,6 +13,11 @@ from typing import Any
 from metald.api import server
 
 BIG = 1024 * 1024  # well over the transport's high-water mark: the back-pressure path
+CHUNKS = 64
+
+
+def _chunk(i: int) -> bytes:
+    return bytes([i]) * 16384
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -21,6 +26,12 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     while (await receive()).get("more_body"):
         pass
     path = scope["path"]
+    if path == "/chunks":  # many pieces in one event-loop turn, more than the high-water mark
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for i in range(CHUNKS):
+            await send({"type": "http.response.body", "body": _chunk(i), "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
     if path == "/slow":
         await asyncio.sleep(1.5)  # longer than the idle timeout below
     body = b"x" * BIG if path == "/big" else path.encode()
@@ -81,6 +92,24 @@ async def test_answers_on_one_connection_arrive_whole_and_in_order() -> None:
         for path in ("/a", "/big", "/b", "/big", "/c"):
             body = await _get(reader, writer, path)
             assert body == (b"x" * BIG if path == "/big" else path.encode())
+        writer.close()
+
+
+async def test_a_chunked_answer_sent_in_one_turn_arrives_whole() -> None:
+    async with serving(idle_timeout=30) as (port, _, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /chunks HTTP/1.1\r\nhost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        assert b"transfer-encoding: chunked" in head.lower(), head
+        body = b""
+        while True:
+            size = int((await asyncio.wait_for(reader.readuntil(b"\r\n"), 30)).strip(), 16)
+            body += await asyncio.wait_for(reader.readexactly(size + 2), 30)
+            body = body[:-2]
+            if size == 0:
+                break
+        assert body == b"".join(_chunk(i) for i in range(CHUNKS))
+        assert await _get(reader, writer, "/after") == b"/after"
         writer.close()
 
 

@@ -7,8 +7,9 @@ on the wire or when a connection is closed.
    HTTP/1.1 the status line and headers, then the body (two send() syscalls per answer);
    on HTTP/2 each batch of frames. Here the bytes a connection produces during one turn of
    the event loop are gathered and written once, at the end of that turn (call_soon), in
-   order. Back-pressure is kept: once the transport holds more than its high-water mark
-   the sender waits for it to drain, as before. A close first writes what is gathered.
+   order. Back-pressure is kept: once what is gathered and what the transport holds pass
+   its high-water mark, it is written and the sender waits for the socket, as before. A
+   close first writes what is gathered.
 
 2. The idle timeout. hypercorn restarts a task per connection at the end of every request
    (and cancels it, waiting for the cancellation, at the start of the next): two task
@@ -38,9 +39,8 @@ def apply() -> None:
 
     async def protocol_send(self: Any, event: Event) -> None:
         if isinstance(event, RawData):
-            _gather(self, event.data)
-            transport = self.writer.transport
-            if transport.get_write_buffer_size() > _HIGH_WATER:
+            pending = _gather(self, event.data)
+            if len(pending) + self.writer.transport.get_write_buffer_size() > _HIGH_WATER:
                 _flush(self)
                 try:
                     await self.writer.drain()
@@ -75,13 +75,14 @@ def apply() -> None:
 _HIGH_WATER = 64 * 1024
 
 
-def _gather(server: Any, data: bytes) -> None:
+def _gather(server: Any, data: bytes) -> bytearray:
     pending: bytearray | None = getattr(server, "_metald_pending", None)
     if pending is None:
         pending = server._metald_pending = bytearray()
     if not pending:
         server.loop.call_soon(_flush, server)
     pending += data
+    return pending
 
 
 def _flush(server: Any) -> None:
