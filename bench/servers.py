@@ -1,4 +1,4 @@
-"""Benchmark: which ASGI server, measured. metald's trivial VmService (bench/trivial.py: the
+"""Benchmark: which ASGI server, measured. metald's trivial VmService (bench/servers_app.py: the
 whole request path but the handler's work) on every ASGI server worth trying, over Connect
 JSON (wrk, HTTP/1.1) and gRPC (h2load, h2c) where the server speaks it.
 
@@ -62,15 +62,15 @@ class Server:
             return [
                 str(BIN / "granian"), "--interface", "asgi", "--host", "127.0.0.1",
                 "--port", str(port), "--http", "auto", "--workers", "1", "--no-ws",
-                "--log-level", "warning", "--loop", "uvloop", "bench.trivial:app",
+                "--log-level", "warning", "--loop", "uvloop", "bench.servers_app:app",
             ]  # fmt: skip
         if self.name.startswith("pyvoy"):
             return [
                 str(BIN / "pyvoy"), "--address", "127.0.0.1", "--port", str(port),
-                "--log-level", "off", "bench.trivial:app",
+                "--log-level", "off", "bench.servers_app:app",
             ]  # fmt: skip
         runner = self.name.removesuffix("-bare")
-        return [sys.executable, "-m", "bench.trivial", runner, str(port)]
+        return [sys.executable, "-m", "bench.servers_app", runner, str(port)]
 
     def missing(self) -> list[str]:
         return [m for m in self.needs if importlib.util.find_spec(m) is None]

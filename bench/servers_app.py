@@ -10,8 +10,8 @@ GetVmInfoResponse shaped like a running VM's (config, state, metrics, backend in
 network). `BENCH_CHAIN=bare` serves the connectrpc app alone (no interceptors, no
 MetaldASGI), to show what metald's wrappers cost.
 
-`python -m bench.trivial SERVER PORT` serves it on SERVER (see SERVERS) until SIGTERM; the
-servers that take an app by its import path (granian, pyvoy) import `bench.trivial:app`.
+`python -m bench.servers_app SERVER PORT` serves it on SERVER (see SERVERS) until SIGTERM; the
+servers that take an app by its import path (granian, pyvoy) import `bench.servers_app:app`.
 """
 
 from __future__ import annotations
