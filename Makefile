@@ -16,7 +16,7 @@ export UNKEY_METALD_DATA_DIR ?= $(VAR)/data
 export UNKEY_METALD_ASSETMANAGER_CACHE_DIR ?= $(ASSETS)
 export UNKEY_METALD_AUTH_DEV_TOKENS ?= true
 
-.PHONY: run test bench deps system-deps venv guest buf proto lint unit clean
+.PHONY: run test bench bench-deps deps system-deps venv guest buf proto lint unit clean
 
 run: deps guest
 	$(BIN)/metald serve
@@ -27,8 +27,13 @@ test: deps guest buf
 	$(BIN)/pytest -q -ra tests
 
 # Benchmarks (bench/): prints tables, writes bench/results/*.json; see docs/performance.md.
-bench: deps guest
+bench: deps guest bench-deps
 	$(BIN)/python -m bench
+
+# The other ASGI servers bench/servers.py compares (pyproject's `bench` extra).
+bench-deps: venv
+	$(BIN)/pip install -q -e '.[dev,bench]'
+
 
 deps: system-deps venv
 

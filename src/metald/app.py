@@ -14,10 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from hypercorn.asyncio import serve as hypercorn_serve
-from hypercorn.config import Config as HypercornConfig
-
-from metald.api import h2_fixes
+from metald.api import server
 from metald.api.auth import TokenAuthenticator, is_loopback_only
 from metald.api.handlers import VmHandlers
 from metald.api.health import Health
@@ -31,7 +28,7 @@ from metald.backends.vmm.context import LogCaps
 from metald.backends.vmm.driver import VmmDriver
 from metald.backends.vmm.jail import JailSettings
 from metald.backends.vmm.runtime import VmmRuntime
-from metald.config import BackendKind, ConfigError, Settings, load_settings
+from metald.config import BackendKind, ConfigError, HttpServer, Settings, load_settings
 from metald.core.errors import MetaldError
 from metald.core.ports import Backend, JailIds, Network, Store
 from metald.core.quotas import HostCeiling, QuotaDefaults, Resource, VmMaxima
@@ -372,25 +369,41 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
         await database.close()
 
 
+def server_options(settings: Settings) -> server.ServerOptions:
+    return server.ServerOptions(
+        address=settings.address,
+        port=settings.port,
+        h2_max_concurrent_streams=settings.http2_max_concurrent_streams,
+        idle_timeout=settings.http_idle_timeout_seconds,
+        server=settings.http_server.value,
+    )
+
+
 async def serve(settings: Settings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    h2_fixes.apply()
+    if settings.http_server is not HttpServer.HYPERCORN:
+        log.warning(
+            "UNKEY_METALD_HTTP_SERVER=%s does not pass metald's protocol e2e suite "
+            "(docs/performance.md, 'The server'): for measurements only",
+            settings.http_server.value,
+        )
+    if settings.http_server is HttpServer.PYVOY:
+        logging.disable(logging.WARNING)  # only its refusals here: the daemon logs the rest
+        try:
+            check_exposure(settings)
+        finally:
+            logging.disable(logging.NOTSET)
+        os.environ["METALD_PYTHON"] = sys.executable
+        options = server_options(settings)
+        code = await server.serve_in_envoy("metald.embedded:app", options, stop.wait)
+        if code:
+            raise SystemExit(code)
+        return
     async with running_daemon(settings) as daemon:
-        config = HypercornConfig()
-        host = f"[{settings.address}]" if ":" in settings.address else settings.address
-        config.bind = [f"{host}:{settings.port}"]
-        config.accesslog = None
-        # hypercorn closes a connection after 1000 requests by default; gRPC clients keep
-        # one connection for everything (notes/connect-stack.md).
-        config.keep_alive_max_requests = 2**31
-        # Bounded work per connection: calls in flight on one HTTP/2 connection, and how long
-        # a connection may sit without one (this also bounds slow request headers).
-        config.h2_max_concurrent_streams = settings.http2_max_concurrent_streams
-        config.keep_alive_timeout = settings.http_idle_timeout_seconds
-        config.graceful_timeout = 5.0
+        options = server_options(settings)
         log.info(
             "metald serving on %s:%s (backend %s, dev tokens %s); state in %s, assets in %s",
             settings.address,
@@ -400,7 +413,7 @@ async def serve(settings: Settings) -> None:
             settings.data_dir,
             settings.assetmanager_cache_dir,
         )
-        await hypercorn_serve(daemon.asgi, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        await server.serve(daemon.asgi, options, stop.wait)
     log.info("metald stopped; VMs keep running and are adopted at the next start")
 
 
