@@ -106,7 +106,7 @@ async def _granian(app: ASGIApp, options: ServerOptions, shutdown: Shutdown) -> 
     stopping = asyncio.ensure_future(shutdown())
     try:
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        server.stop()  # type: ignore[no-untyped-call]
+        server.stop()
         await serving
     finally:
         stopping.cancel()
@@ -117,7 +117,7 @@ async def serve_in_envoy(app_path: str, options: ServerOptions, shutdown: Shutdo
     in its lifespan) inside Envoy's own process. Returns Envoy's exit status."""
     from pyvoy import PyvoyServer
 
-    class Server(PyvoyServer):
+    class Server(PyvoyServer):  # type: ignore[misc]
         def get_envoy_config(self) -> dict[str, Any]:
             config: dict[str, Any] = super().get_envoy_config()
             for manager in _http_managers(config):
