@@ -21,7 +21,7 @@ from metald.api import h2_fixes
 from metald.api.auth import TokenAuthenticator, is_loopback_only
 from metald.api.handlers import VmHandlers
 from metald.api.health import Health
-from metald.api.http import MetaldASGI
+from metald.api.http import ASGIApp, MetaldASGI
 from metald.api.interceptors import api_interceptors
 from metald.api.metrics import ApiMetrics
 from metald.assets.store import LocalAssetStore
@@ -375,20 +375,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    h2_fixes.apply()
     async with running_daemon(settings) as daemon:
-        config = HypercornConfig()
-        host = f"[{settings.address}]" if ":" in settings.address else settings.address
-        config.bind = [f"{host}:{settings.port}"]
-        config.accesslog = None
-        # hypercorn closes a connection after 1000 requests by default; gRPC clients keep
-        # one connection for everything (notes/connect-stack.md).
-        config.keep_alive_max_requests = 2**31
-        # Bounded work per connection: calls in flight on one HTTP/2 connection, and how long
-        # a connection may sit without one (this also bounds slow request headers).
-        config.h2_max_concurrent_streams = settings.http2_max_concurrent_streams
-        config.keep_alive_timeout = settings.http_idle_timeout_seconds
-        config.graceful_timeout = 5.0
         log.info(
             "metald serving on %s:%s (backend %s, dev tokens %s); state in %s, assets in %s",
             settings.address,
@@ -398,8 +385,28 @@ async def serve(settings: Settings) -> None:
             settings.data_dir,
             settings.assetmanager_cache_dir,
         )
-        await hypercorn_serve(daemon.asgi, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        await serve_asgi(daemon.asgi, settings, stop)
     log.info("metald stopped; VMs keep running and are adopted at the next start")
+
+
+async def serve_asgi(asgi: ASGIApp, settings: Settings, stop: asyncio.Event) -> None:
+    """Serve `asgi` on the configured address until `stop` is set: the server metald runs,
+    with its settings and fixes. (bench/api.py serves its trivial ceiling through this
+    too, so the ceiling is the same server as the daemon's.)"""
+    h2_fixes.apply()
+    config = HypercornConfig()
+    host = f"[{settings.address}]" if ":" in settings.address else settings.address
+    config.bind = [f"{host}:{settings.port}"]
+    config.accesslog = None
+    # hypercorn closes a connection after 1000 requests by default; gRPC clients keep
+    # one connection for everything (notes/connect-stack.md).
+    config.keep_alive_max_requests = 2**31
+    # Bounded work per connection: calls in flight on one HTTP/2 connection, and how long
+    # a connection may sit without one (this also bounds slow request headers).
+    config.h2_max_concurrent_streams = settings.http2_max_concurrent_streams
+    config.keep_alive_timeout = settings.http_idle_timeout_seconds
+    config.graceful_timeout = 5.0
+    await hypercorn_serve(asgi, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 
 
 def run() -> None:
