@@ -40,6 +40,7 @@ from .load import (
     h2load,
     insert_rows,
     parse,
+    remove_vms,
     wait_healthy,
     wrk,
 )
@@ -123,33 +124,10 @@ def main() -> None:
         daemon.stop()
         insert_rows(daemon.db_path, args.rows, OTHERS)
         daemon.start()
-        vm_id = asyncio.run(running_vm(daemon.url, nic=not args.no_nic))
-        cases = [
-            Case("GetVmInfo (running VM)", "GetVmInfo", CUSTOMER, {"vmId": vm_id}),
-            Case("ListVms (1 VM)", "ListVms", CUSTOMER, {}),
-            Case(f"ListVms (50 of {args.rows // len(OTHERS):,})", "ListVms", OTHERS[0], {}),
-        ]
-        if args.only:
-            wanted = set(args.only.split(","))
-            cases = [c for c in cases if c.method in wanted or c.name in wanted]
-        answers: dict[str, dict[str, Any]] = {"GetVmInfo": {}, "ListVms": {}}
-        for case in cases:
-            answer = connect_call(daemon.url, case.method, case.body, token_of(case.customer))
-            answers[case.method][case.customer] = answer
-        path = Path(tmp) / "answers.json"
-        path.write_text(json.dumps(answers))
-        trivial, trivial_url = start_trivial(daemon, path)
         try:
-            sides = {"real": daemon.url, "trivial": trivial_url}
-            for side_url in sides.values():  # both answer, over both protocols
-                for case in cases:
-                    message = parse(case.method, case.body)
-                    grpc_check(side_url, case.method, message, token_of(case.customer))
-                    wrk(side_url, case.method, case.body, token_of(case.customer), seconds=1)
-            measure(report, cases, sides, args.rounds, args.seconds)
+            measure_daemon(report, daemon, args, Path(tmp))
         finally:
-            stop(trivial)
-        report.parameters["daemon_rss_mib"] = round(daemon.rss() / 2**20, 1)
+            remove_vms(daemon, [TOKEN])
     columns = [
         ("case", "case"), ("protocol", "protocol"), ("ratio_shown", "real/trivial req/s"),
         ("real_rps", "real req/s"), ("trivial_rps", "trivial req/s"),
@@ -158,6 +136,38 @@ def main() -> None:
     ]  # fmt: skip
     report.table("calls", columns)
     report.save(args.out)
+
+
+def measure_daemon(
+    report: Report, daemon: BenchDaemon, args: argparse.Namespace, tmp: Path
+) -> None:
+    vm_id = asyncio.run(running_vm(daemon.url, nic=not args.no_nic))
+    cases = [
+        Case("GetVmInfo (running VM)", "GetVmInfo", CUSTOMER, {"vmId": vm_id}),
+        Case("ListVms (1 VM)", "ListVms", CUSTOMER, {}),
+        Case(f"ListVms (50 of {args.rows // len(OTHERS):,})", "ListVms", OTHERS[0], {}),
+    ]
+    if args.only:
+        wanted = set(args.only.split(","))
+        cases = [c for c in cases if c.method in wanted or c.name in wanted]
+    answers: dict[str, dict[str, Any]] = {"GetVmInfo": {}, "ListVms": {}}
+    for case in cases:
+        answer = connect_call(daemon.url, case.method, case.body, token_of(case.customer))
+        answers[case.method][case.customer] = answer
+    path = tmp / "answers.json"
+    path.write_text(json.dumps(answers))
+    trivial, trivial_url = start_trivial(daemon, path)
+    try:
+        sides = {"real": daemon.url, "trivial": trivial_url}
+        for side_url in sides.values():  # both answer, over both protocols
+            for case in cases:
+                message = parse(case.method, case.body)
+                grpc_check(side_url, case.method, message, token_of(case.customer))
+                wrk(side_url, case.method, case.body, token_of(case.customer), seconds=1)
+        measure(report, cases, sides, args.rounds, args.seconds)
+    finally:
+        stop(trivial)
+    report.parameters["daemon_rss_mib"] = round(daemon.rss() / 2**20, 1)
 
 
 def measure(

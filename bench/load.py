@@ -13,12 +13,16 @@ nothing and ListVms pages through them like any other.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 import socket
 import sqlite3
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -32,6 +36,7 @@ from google.protobuf.message import Message
 
 from metald.core.models import VmConfig
 
+from .daemon import BenchDaemon
 from .harness import percentile
 
 SERVICE = "vmprovisioner.v1.VmService"
@@ -215,3 +220,34 @@ def _ms(value: float, unit: str) -> float:
 
 def _lua_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def remove_vms(daemon: BenchDaemon, tokens: list[str]) -> None:
+    """Delete (force) every VM of `tokens`' customers through the API, then end any VMM
+    still in the daemon's cgroup parent by its pid and remove the emptied cgroups: VMMs
+    outlive their daemon by design, so a benchmark that did not do this would leave its
+    guests running on the shared machine."""
+    if daemon.proc is not None and daemon.proc.poll() is None:
+        for token in tokens:
+            try:
+                listed = connect_call(daemon.url, "ListVms", {"pageSize": 1000}, token)
+                for vm in listed.get("vms", []):
+                    body = {"vmId": vm["vmId"], "force": True}
+                    connect_call(daemon.url, "DeleteVm", body, token)
+            except OSError as e:
+                print(f"could not delete the VMs of {token}: {e}", file=sys.stderr)
+    parent = Path("/sys/fs/cgroup") / daemon.env["UNKEY_METALD_JAILER_CGROUP_PARENT"]
+    if not parent.is_dir():
+        return
+    for group in [p for p in parent.iterdir() if p.is_dir()]:
+        for pid in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        for _ in range(100):
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.05)
+    with contextlib.suppress(OSError):
+        parent.rmdir()

@@ -53,6 +53,7 @@ class VmmProcess:
     exit_task: asyncio.Task[None] | None = None
     last_cpu_sample: tuple[int, float] | None = None
     usage: Reading[VmUsage] | None = None  # its latest usage (usage.py), made on first use
+    info: dict[str, str] | None = None  # backend_info while it runs (fixed for its life)
 
     @property
     def alive(self) -> bool:

@@ -347,11 +347,15 @@ class VmmRuntime:
         return await fresh_usage(self._vms.get(vm_id), self._usage_max_age, self._clock)
 
     def info(self, vm_id: str) -> dict[str, str]:
+        """What a running VMM's info holds does not change while it runs (its paths, pid,
+        accelerator, version): made once per process, as GetVmInfo asks for it each call."""
+        vm = self._vms.get(vm_id)
+        if vm is not None and vm.info is not None and vm.alive:
+            return dict(vm.info)
         try:
             layout = VmLayout(self.vm_dir(vm_id))
         except ValueError:
             return {}
-        vm = self._vms.get(vm_id)
         console_log, control_socket = self._ctx.host_files(vm, layout)
         host = self._ctx.found_host
         result = {
@@ -367,6 +371,8 @@ class VmmRuntime:
             result["pid"] = str(vm.identity.pid)
         if vm is not None and vm.exit_reason is not None:
             result["exit_reason"] = vm.exit_reason
+        if vm is not None and vm.alive and vm.exit_reason is None:
+            vm.info = dict(result)
         return result
 
     async def console(self, vm_id: str, offset: int, max_bytes: int) -> ConsoleChunk:
