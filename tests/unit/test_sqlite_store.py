@@ -19,7 +19,7 @@ from metald.core.models import (
 from metald.core.states import VmState
 from metald.store.addresses import SqlAddressBook
 from metald.store.database import Database
-from metald.store.sqlite import SqlStore
+from metald.store.sqlite import SqlStore, page_queries
 
 
 @pytest.fixture
@@ -166,35 +166,27 @@ def test_a_config_row_in_the_old_protobuf_json_shape_is_read() -> None:
 
 
 async def test_list_queries_use_the_page_index_with_no_scan_or_sort(store: SqlStore) -> None:
-    """ListVms's page and count, as the store sends them, against the plan SQLite makes:
-    the count from the index alone (covering), the page in index order (no temporary
-    b-tree), with and without a state filter and a cursor. A missing or mismatched index
-    shows as a SCAN, a table read per row, or a sort."""
+    """ListVms's page and count, as the store sends them (page_queries), against the plan
+    SQLite makes: the count from the index alone (covering), the page in index order (no
+    temporary b-tree), with and without a state filter and a cursor. A missing or
+    mismatched index shows as a SCAN, a table read per row, or a sort."""
     for i in range(20):
         await store.insert(vm(f"vm-{i}", "acme" if i % 2 else "other", created=float(i)))
-    sent: list[tuple[str, object]] = []
-
-    def record(conn: object, cursor: object, statement: str, params: object, *_: object) -> None:
-        if statement.lstrip().upper().startswith("SELECT") and "vms" in statement:
-            sent.append((statement, params))
-
-    engine = store._engine.sync_engine
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        await store.list_for_customer("acme", [], 5, None)
-        await store.list_for_customer("acme", [VmState.RUNNING, VmState.CREATED], 5, (3.0, "vm-3"))
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
-    assert len(sent) == 4, sent
+    sent = [
+        *page_queries("acme", [], 5, None),
+        *page_queries("acme", [VmState.RUNNING, VmState.CREATED], 5, (3.0, "vm-3")),
+    ]
     async with store._engine.connect() as conn:
-        for statement, params in sent:
-            raw = await conn.get_raw_connection()
-            cursor = await raw.driver_connection.execute(  # type: ignore[union-attr]
-                f"EXPLAIN QUERY PLAN {statement}", params
-            )
-            plan = " / ".join(row[3] for row in await cursor.fetchall())
+        raw = await conn.get_raw_connection()
+        driver = raw.driver_connection
+        assert driver is not None
+        for statement, args in sent:
+            rows = await driver.execute_fetchall(f"EXPLAIN QUERY PLAN {statement}", args)
+            plan = " / ".join(row[3] for row in rows)
             if "count(" in statement.lower():
                 assert "USING COVERING INDEX ix_vms_customer_page" in plan, plan
             else:
                 assert "USING INDEX ix_vms_customer_page" in plan, plan
             assert "SCAN" not in plan and "TEMP B-TREE" not in plan, plan
+    rows, total = await store.list_for_customer("acme", [VmState.CREATED], 3, (3.0, "vm-3"))
+    assert [r.id for r in rows] == ["vm-5", "vm-7", "vm-9"] and total == 10

@@ -1,12 +1,21 @@
 """The Store port on SQLAlchemy Core (async), on a Database (store/database.py) it shares with
-the address book. SQLite by default; the SQL is portable."""
+the address book. SQLite by default; the SQL is portable.
+
+ListVms's queries (`page_queries`) are sent straight to the pooled connection's driver
+when it is aiosqlite: through SQLAlchemy's async layer each query cost about 1 ms of
+round trips to the driver's thread (cursor, execute, fetch, close: one hop each), against
+0.1 ms for the driver's own execute_fetchall, and ListVms sends two. The connection still
+comes from the one engine's pool; the SQL is plain (row values, `?` placeholders) and any
+other driver takes the SQLAlchemy path with the same conditions."""
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Sequence
 from typing import Any
 
+import aiosqlite
 from sqlalchemy import delete, func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -65,19 +74,25 @@ class SqlStore:
         limit: int,
         after: tuple[float, str] | None,
     ) -> tuple[list[VmRecord], int]:
-        where = [vms.c.customer_id == customer_id, vms.c.deleted_at.is_(None)]
-        if states:
-            where.append(vms.c.state.in_([s.value for s in states]))
-        page = select(vms).where(*where)
-        if after is not None:
-            page = page.where(tuple_(vms.c.created_at, vms.c.id) > tuple_(*after))
-        page = page.order_by(vms.c.created_at, vms.c.id).limit(limit)
         async with self._engine.connect() as conn:
-            rows = [self._record(r._mapping) for r in await conn.execute(page)]
-            total = (
-                await conn.execute(select(func.count()).select_from(vms).where(*where))
-            ).scalar_one()
-        return rows, int(total)
+            driver = (await conn.get_raw_connection()).driver_connection
+            if isinstance(driver, aiosqlite.Connection):
+                (page_sql, page_args), (count_sql, count_args) = page_queries(
+                    customer_id, states, limit, after
+                )
+                rows = await driver.execute_fetchall(page_sql, page_args)
+                total = next(iter(await driver.execute_fetchall(count_sql, count_args)))[0]
+                return [self._record(_decoded(row)) for row in rows], int(total)
+            where = [vms.c.customer_id == customer_id, vms.c.deleted_at.is_(None)]
+            if states:
+                where.append(vms.c.state.in_([s.value for s in states]))
+            page = select(vms).where(*where)
+            if after is not None:
+                page = page.where(tuple_(vms.c.created_at, vms.c.id) > tuple_(*after))
+            page = page.order_by(vms.c.created_at, vms.c.id).limit(limit)
+            records = [self._record(r._mapping) for r in await conn.execute(page)]
+            counted = await conn.execute(select(func.count()).select_from(vms).where(*where))
+            return records, int(counted.scalar_one())
 
     async def count_by_state(self) -> dict[VmState, int]:
         query = (
@@ -129,3 +144,38 @@ class SqlStore:
             backend_info=dict(row["backend_info"]),
             deleted_at=row["deleted_at"],
         )
+
+
+_COLUMNS = [c.name for c in vms.columns]
+_JSON_COLUMNS = ("config", "backend_info")
+
+
+def page_queries(
+    customer_id: str, states: Sequence[VmState], limit: int, after: tuple[float, str] | None
+) -> tuple[tuple[str, tuple[Any, ...]], tuple[str, tuple[Any, ...]]]:
+    """ListVms's page (in (created_at, id) order after the cursor) and count, as SQL with
+    `?` placeholders and their arguments: both match ix_vms_customer_page (schema.py)."""
+    where = "customer_id = ? AND deleted_at IS NULL"
+    args: tuple[Any, ...] = (customer_id,)
+    if states:
+        where += f" AND state IN ({', '.join('?' for _ in states)})"
+        args += tuple(s.value for s in states)
+    count = (f"SELECT count(*) FROM vms WHERE {where}", args)
+    page_where, page_args = where, args
+    if after is not None:
+        page_where += " AND (created_at, id) > (?, ?)"
+        page_args += after
+    page = (
+        f"SELECT {', '.join(_COLUMNS)} FROM vms WHERE {page_where} ORDER BY created_at, id LIMIT ?",
+        (*page_args, limit),
+    )
+    return page, count
+
+
+def _decoded(row: Sequence[Any]) -> dict[str, Any]:
+    """A row of the driver's (columns in _COLUMNS order) as SQLAlchemy would hand it over."""
+    values = dict(zip(_COLUMNS, row, strict=True))
+    for name in _JSON_COLUMNS:
+        if isinstance(values[name], str | bytes):
+            values[name] = json.loads(values[name])
+    return values
