@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
-from metald.core.models import VmRecord
+from metald.core.models import VmRecord, VmSummary
 from metald.core.states import VmState
 
 from .faults import Faults
@@ -64,7 +64,7 @@ class MemoryStore:
         states: Sequence[VmState],
         limit: int,
         after: tuple[float, str] | None,
-    ) -> tuple[list[VmRecord], int]:
+    ) -> tuple[list[VmSummary], int]:
         await self.faults.enter("list_for_customer")
         matching = sorted(
             (
@@ -77,7 +77,7 @@ class MemoryStore:
             key=lambda r: (r.created_at, r.id),
         )
         page = [r for r in matching if after is None or (r.created_at, r.id) > after][:limit]
-        return [copy.deepcopy(r) for r in page], len(matching)
+        return [VmSummary.of(r) for r in page], len(matching)
 
     async def count_by_state(self) -> dict[VmState, int]:
         await self.faults.enter("count_by_state")

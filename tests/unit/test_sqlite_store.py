@@ -15,6 +15,7 @@ from metald.core.models import (
     RateLimit,
     VmConfig,
     VmRecord,
+    VmSummary,
 )
 from metald.core.states import VmState
 from metald.store.addresses import SqlAddressBook
@@ -190,3 +191,17 @@ async def test_list_queries_use_the_page_index_with_no_scan_or_sort(store: SqlSt
             assert "SCAN" not in plan and "TEMP B-TREE" not in plan, plan
     rows, total = await store.list_for_customer("acme", [VmState.CREATED], 3, (3.0, "vm-3"))
     assert [r.id for r in rows] == ["vm-5", "vm-7", "vm-9"] and total == 10
+
+
+async def test_a_page_shows_what_the_records_hold(store: SqlStore) -> None:
+    """A page's summaries are the records' own fields; a config row without them (written
+    before they were stored) shows VmConfig's defaults, as reading the record would."""
+    await store.insert(vm("vm-1", created=1.0))
+    await store.insert(vm("vm-2", created=2.0))
+    async with store._engine.begin() as conn:
+        await conn.exec_driver_sql("UPDATE vms SET config = '{}' WHERE id = 'vm-2'")
+    rows, total = await store.list_for_customer("acme", [], 10, None)
+    records = [await store.get("vm-1"), await store.get("vm-2")]
+    assert rows == [VmSummary.of(r) for r in records if r is not None] and total == 2
+    assert (rows[0].vcpu_count, rows[0].metadata) == (2, {"team": "a"})
+    assert (rows[1].vcpu_count, rows[1].memory_bytes, rows[1].metadata) == (1, 256 * 2**20, {})

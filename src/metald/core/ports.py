@@ -15,6 +15,7 @@ from metald.core.models import (
     NicSpec,
     ProcessIdentity,
     VmRecord,
+    VmSummary,
     VmUsage,
 )
 from metald.core.quotas import AdmissionView, Claim, Limit, Resource, Usage
@@ -106,7 +107,7 @@ class Store(Protocol):
         states: Sequence[VmState],
         limit: int,
         after: tuple[float, str] | None,
-    ) -> tuple[list[VmRecord], int]:
+    ) -> tuple[list[VmSummary], int]:
         """One page ordered by (created_at, id) after the cursor, and the total matching."""
 
     async def count_by_state(self) -> dict[VmState, int]: ...
