@@ -58,6 +58,10 @@ class MemoryStore:
         await self.faults.enter("list_live")
         return [copy.deepcopy(r) for r in self.rows.values() if r.deleted_at is None]
 
+    async def live_backends(self) -> set[str]:
+        await self.faults.enter("live_backends")
+        return {r.backend for r in self.rows.values() if r.deleted_at is None}
+
     async def list_for_customer(
         self,
         customer_id: str,

@@ -70,7 +70,19 @@ async def test_soft_delete_hides_the_vm_but_keeps_the_id_taken(store: SqlStore) 
     assert await store.get("vm-1") is None
     assert await store.exists("vm-1")
     assert await store.list_live() == []
+    assert await store.live_backends() == set()
     assert (await store.count_by_state())[VmState.CREATED] == 0
+
+
+async def test_live_backends_are_those_of_rows_not_deleted(store: SqlStore) -> None:
+    await store.insert(vm("vm-q"))
+    fc = vm("vm-f")
+    fc.backend = "firecracker"
+    await store.insert(fc)
+    assert await store.live_backends() == {"qemu", "firecracker"}
+    fc.deleted_at = 2.0
+    await store.update(fc)
+    assert await store.live_backends() == {"qemu"}
 
 
 async def test_remove_forgets_a_row(store: SqlStore) -> None:

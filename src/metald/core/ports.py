@@ -101,6 +101,10 @@ class Store(Protocol):
         """Forget a row outright: only for a create whose VMM never started."""
 
     async def list_live(self) -> list[VmRecord]: ...
+    async def live_backends(self) -> set[str]:
+        """The backends of this host's VMs that are not deleted (list_live's, without
+        reading every row: start-up asks before it adopts)."""
+
     async def list_for_customer(
         self,
         customer_id: str,

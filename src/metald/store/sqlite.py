@@ -68,6 +68,15 @@ class SqlStore:
             )
             return [self._record(r._mapping) for r in rows]
 
+    async def live_backends(self) -> set[str]:
+        query = (
+            select(vms.c.backend)
+            .where(vms.c.deleted_at.is_(None), vms.c.node == self._node)
+            .distinct()
+        )
+        async with self._engine.connect() as conn:
+            return {str(backend) for (backend,) in await conn.execute(query)}
+
     async def list_for_customer(
         self,
         customer_id: str,
