@@ -11,7 +11,7 @@ import copy
 from collections.abc import Sequence
 
 from metald.core.models import VmRecord, VmSummary
-from metald.core.states import VmState
+from metald.core.states import LIVE_STATES, VmState
 
 from .faults import Faults
 
@@ -57,6 +57,12 @@ class MemoryStore:
     async def list_live(self) -> list[VmRecord]:
         await self.faults.enter("list_live")
         return [copy.deepcopy(r) for r in self.rows.values() if r.deleted_at is None]
+
+    async def list_for_start(self) -> tuple[list[VmRecord], set[str]]:
+        await self.faults.enter("list_for_start")
+        mine = [r for r in self.rows.values() if r.deleted_at is None]
+        wanted = [r for r in mine if r.state in LIVE_STATES or r.config.network]
+        return [copy.deepcopy(r) for r in wanted], {r.id for r in mine}
 
     async def live_backends(self) -> set[str]:
         await self.faults.enter("live_backends")

@@ -85,6 +85,21 @@ async def test_live_backends_are_those_of_rows_not_deleted(store: SqlStore) -> N
     assert await store.live_backends() == {"qemu"}
 
 
+async def test_start_up_reads_whole_only_rows_with_a_vmm_or_a_network(store: SqlStore) -> None:
+    running = replace(
+        vm("vm-running", process=ProcessIdentity(pid=7, start_time=1)), state=VmState.RUNNING
+    )
+    await store.insert(running)
+    await store.insert(replace(vm("vm-stopped"), state=VmState.SHUTDOWN))
+    networked = replace(vm("vm-networked"), state=VmState.SHUTDOWN)
+    networked = replace(networked, config=replace(networked.config, network=(FULL_NIC,)))
+    await store.insert(networked)
+    await store.insert(replace(vm("vm-gone"), state=VmState.SHUTDOWN, deleted_at=3.0))
+    records, ids = await store.list_for_start()
+    assert sorted(records, key=lambda r: r.id) == [networked, running]
+    assert ids == {"vm-running", "vm-stopped", "vm-networked"}
+
+
 async def test_remove_forgets_a_row(store: SqlStore) -> None:
     await store.insert(vm("vm-1"))
     await store.remove("vm-1")

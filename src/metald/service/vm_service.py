@@ -121,13 +121,14 @@ class VmService:
         for backend in self._backends.values():
             backend.set_exit_callback(self._on_vmm_exit)
             backend.set_tap_callback(self._network.attach)
-        records = await self._store.list_live()
+        # Only rows with a VMM to adopt or a network to restore are read whole; of the
+        # others (SHUTDOWN, no network) only the ids, which own their leftovers.
+        records, known = await self._store.list_for_start()
         for vm in records:
             async with self._locks.hold(vm.id):
                 await self._reconcile(vm)
                 await self._adopt_network(vm)
                 self.registry.put(vm)  # as the store now holds it
-        known = {vm.id for vm in records}
         removed: list[str] = []
         for backend in self._backends.values():
             removed += await backend.remove_orphans(known)
