@@ -4,11 +4,11 @@ CPU share needs two samples: the last one is kept on the process record, so each
 reports the share since the previous one (the first, since the process started).
 
 Samples are taken at a bounded rate (`latest_usage`): a VMM round trip (QEMU's
-query-blockstats, Firecracker's metrics) and two /proc reads per GetVmInfo made the call
-cost ~100 times a trivial answer under load. Each process record keeps a core.readings
-Reading: a caller gets a sample at most `max_age` old, and a burst of callers costs one
-sample. `fresh_usage` takes one now: issue 9's metering collector hooks in there, and
-GetVmInfo then shows its samples.
+query-blockstats, Firecracker's metrics) and two /proc reads on every GetVmInfo were part
+of what held it to 0.15 of a trivial answer's throughput (docs/performance.md). Each
+process record keeps a core.readings Reading: a caller gets a sample at most `max_age`
+old, and a burst of callers costs one sample. `fresh_usage` takes one now: issue 9's
+metering collector hooks in there, and GetVmInfo then shows its samples.
 """
 
 from __future__ import annotations
