@@ -220,6 +220,29 @@ async def test_list_queries_use_the_page_index_with_no_scan_or_sort(store: SqlSt
     assert [r.id for r in rows] == ["vm-5", "vm-7", "vm-9"] and total == 10
 
 
+async def test_counting_by_state_reads_the_index_alone(store: SqlStore) -> None:
+    """/metrics's count, as the store sends it, from a covering index (no table reads)."""
+    sent: list[tuple[str, object]] = []
+
+    def record(conn: object, cursor: object, statement: str, params: object, *_: object) -> None:
+        if "GROUP BY" in statement:
+            sent.append((statement, params))
+
+    engine = store._engine.sync_engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        await store.count_by_state()
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    ((statement, params),) = sent
+    async with store._engine.connect() as conn:
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        rows = await driver.execute_fetchall(f"EXPLAIN QUERY PLAN {statement}", params)
+    plan = " / ".join(row[3] for row in rows)
+    assert "USING COVERING INDEX ix_vms_state_deleted" in plan, plan
+
+
 async def test_a_page_shows_what_the_records_hold(store: SqlStore) -> None:
     """A page's summaries are the records' own fields; a config row without them (written
     before they were stored) shows VmConfig's defaults, as reading the record would."""
