@@ -198,7 +198,7 @@ async def start_backends(
     except MetaldError as e:
         raise StartupError(f"UNKEY_METALD_BACKEND={settings.backend.value}: {e.message}") from None
     backends: dict[str, Backend] = {default.name: default}
-    wanted = {vm.backend for vm in await store.list_live()} - set(backends)
+    wanted = await store.live_backends() - set(backends)
     for name in sorted(wanted):
         try:
             other = build_backend(settings, BackendKind(name), jail_ids)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
-from metald.core.models import VmRecord
-from metald.core.states import VmState
+from metald.core.models import VmRecord, VmSummary
+from metald.core.states import LIVE_STATES, VmState
 
 from .faults import Faults
 
@@ -58,13 +58,23 @@ class MemoryStore:
         await self.faults.enter("list_live")
         return [copy.deepcopy(r) for r in self.rows.values() if r.deleted_at is None]
 
+    async def list_for_start(self) -> tuple[list[VmRecord], set[str]]:
+        await self.faults.enter("list_for_start")
+        mine = [r for r in self.rows.values() if r.deleted_at is None]
+        wanted = [r for r in mine if r.state in LIVE_STATES or r.config.network]
+        return [copy.deepcopy(r) for r in wanted], {r.id for r in mine}
+
+    async def live_backends(self) -> set[str]:
+        await self.faults.enter("live_backends")
+        return {r.backend for r in self.rows.values() if r.deleted_at is None}
+
     async def list_for_customer(
         self,
         customer_id: str,
         states: Sequence[VmState],
         limit: int,
         after: tuple[float, str] | None,
-    ) -> tuple[list[VmRecord], int]:
+    ) -> tuple[list[VmSummary], int]:
         await self.faults.enter("list_for_customer")
         matching = sorted(
             (
@@ -77,7 +87,7 @@ class MemoryStore:
             key=lambda r: (r.created_at, r.id),
         )
         page = [r for r in matching if after is None or (r.created_at, r.id) > after][:limit]
-        return [copy.deepcopy(r) for r in page], len(matching)
+        return [VmSummary.of(r) for r in page], len(matching)
 
     async def count_by_state(self) -> dict[VmState, int]:
         await self.faults.enter("count_by_state")

@@ -15,11 +15,12 @@ from metald.core.models import (
     RateLimit,
     VmConfig,
     VmRecord,
+    VmSummary,
 )
 from metald.core.states import VmState
 from metald.store.addresses import SqlAddressBook
 from metald.store.database import Database
-from metald.store.sqlite import SqlStore
+from metald.store.sqlite import SqlStore, page_queries
 
 
 @pytest.fixture
@@ -69,7 +70,34 @@ async def test_soft_delete_hides_the_vm_but_keeps_the_id_taken(store: SqlStore) 
     assert await store.get("vm-1") is None
     assert await store.exists("vm-1")
     assert await store.list_live() == []
+    assert await store.live_backends() == set()
     assert (await store.count_by_state())[VmState.CREATED] == 0
+
+
+async def test_live_backends_are_those_of_rows_not_deleted(store: SqlStore) -> None:
+    await store.insert(vm("vm-q"))
+    fc = vm("vm-f")
+    fc.backend = "firecracker"
+    await store.insert(fc)
+    assert await store.live_backends() == {"qemu", "firecracker"}
+    fc.deleted_at = 2.0
+    await store.update(fc)
+    assert await store.live_backends() == {"qemu"}
+
+
+async def test_start_up_reads_whole_only_rows_with_a_vmm_or_a_network(store: SqlStore) -> None:
+    running = replace(
+        vm("vm-running", process=ProcessIdentity(pid=7, start_time=1)), state=VmState.RUNNING
+    )
+    await store.insert(running)
+    await store.insert(replace(vm("vm-stopped"), state=VmState.SHUTDOWN))
+    networked = replace(vm("vm-networked"), state=VmState.SHUTDOWN)
+    networked = replace(networked, config=replace(networked.config, network=(FULL_NIC,)))
+    await store.insert(networked)
+    await store.insert(replace(vm("vm-gone"), state=VmState.SHUTDOWN, deleted_at=3.0))
+    records, ids = await store.list_for_start()
+    assert sorted(records, key=lambda r: r.id) == [networked, running]
+    assert ids == {"vm-running", "vm-stopped", "vm-networked"}
 
 
 async def test_remove_forgets_a_row(store: SqlStore) -> None:
@@ -163,3 +191,67 @@ def test_a_config_row_in_the_old_protobuf_json_shape_is_read() -> None:
         ]
     }
     assert VmConfig.from_dict(old).network == (FULL_NIC,)
+
+
+async def test_list_queries_use_the_page_index_with_no_scan_or_sort(store: SqlStore) -> None:
+    """ListVms's page and count, as the store sends them (page_queries), against the plan
+    SQLite makes: the count from the index alone (covering), the page in index order (no
+    temporary b-tree), with and without a state filter and a cursor. A missing or
+    mismatched index shows as a SCAN, a table read per row, or a sort."""
+    for i in range(20):
+        await store.insert(vm(f"vm-{i}", "acme" if i % 2 else "other", created=float(i)))
+    sent = [
+        *page_queries("acme", [], 5, None),
+        *page_queries("acme", [VmState.RUNNING, VmState.CREATED], 5, (3.0, "vm-3")),
+    ]
+    async with store._engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        driver = raw.driver_connection
+        assert driver is not None
+        for statement, args in sent:
+            rows = await driver.execute_fetchall(f"EXPLAIN QUERY PLAN {statement}", args)
+            plan = " / ".join(row[3] for row in rows)
+            if "count(" in statement.lower():
+                assert "USING COVERING INDEX ix_vms_customer_page" in plan, plan
+            else:
+                assert "USING INDEX ix_vms_customer_page" in plan, plan
+            assert "SCAN" not in plan and "TEMP B-TREE" not in plan, plan
+    rows, total = await store.list_for_customer("acme", [VmState.CREATED], 3, (3.0, "vm-3"))
+    assert [r.id for r in rows] == ["vm-5", "vm-7", "vm-9"] and total == 10
+
+
+async def test_counting_by_state_reads_the_index_alone(store: SqlStore) -> None:
+    """/metrics's count, as the store sends it, from a covering index (no table reads)."""
+    sent: list[tuple[str, object]] = []
+
+    def record(conn: object, cursor: object, statement: str, params: object, *_: object) -> None:
+        if "GROUP BY" in statement:
+            sent.append((statement, params))
+
+    engine = store._engine.sync_engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        await store.count_by_state()
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    ((statement, params),) = sent
+    async with store._engine.connect() as conn:
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        rows = await driver.execute_fetchall(f"EXPLAIN QUERY PLAN {statement}", params)
+    plan = " / ".join(row[3] for row in rows)
+    assert "USING COVERING INDEX ix_vms_state_deleted" in plan, plan
+
+
+async def test_a_page_shows_what_the_records_hold(store: SqlStore) -> None:
+    """A page's summaries are the records' own fields; a config row without them (written
+    before they were stored) shows VmConfig's defaults, as reading the record would."""
+    await store.insert(vm("vm-1", created=1.0))
+    await store.insert(vm("vm-2", created=2.0))
+    async with store._engine.begin() as conn:
+        await conn.exec_driver_sql("UPDATE vms SET config = '{}' WHERE id = 'vm-2'")
+    rows, total = await store.list_for_customer("acme", [], 10, None)
+    records = [await store.get("vm-1"), await store.get("vm-2")]
+    assert rows == [VmSummary.of(r) for r in records if r is not None] and total == 2
+    assert (rows[0].vcpu_count, rows[0].metadata) == (2, {"team": "a"})
+    assert (rows[1].vcpu_count, rows[1].memory_bytes, rows[1].metadata) == (1, 256 * 2**20, {})

@@ -118,8 +118,12 @@ async def vm_in(
 
 
 def assert_agree(w: World) -> None:
-    """The store's rows and the fakes' processes, directories and networks match exactly."""
+    """The store's rows and the fakes' processes, directories and networks match exactly,
+    and the service's registry holds exactly the store's live rows, as the store has them."""
     live = w.store.live()
+    assert w.service.registry.snapshot() == {
+        k: r for k, r in live.items() if r.state in LIVE_STATES
+    }, "the registry and the store disagree"
     for vm_id, row in live.items():
         backend = w.backends.get(row.backend)
         if backend is None:
@@ -142,6 +146,7 @@ def assert_agree(w: World) -> None:
 
 def assert_nothing_of(w: World, vm_id: str) -> None:
     assert vm_id not in w.store.rows
+    assert w.service.registry.get(vm_id) is None
     assert vm_id not in w.network.networks
     for backend in w.backends.values():
         assert vm_id not in backend.vmms
@@ -256,6 +261,41 @@ async def test_get_vm_reports_usage_backend_info_and_network(w: World) -> None:
     _, usage, info, _ = await w.service.get_vm(ALICE, "vm-1")
     assert usage.memory_bytes == 0  # no VMM, no usage
     assert info["exit_reason"] == "shutdown requested (graceful)"
+
+
+async def test_a_live_vm_is_read_from_the_registry_and_a_stopped_one_from_the_store(
+    w: World,
+) -> None:
+    await vm_in(w, S.RUNNING, "vm-1")
+    await vm_in(w, S.SHUTDOWN, "vm-2")
+    w.store.faults.fail("get", RuntimeError("database is locked"), times=None)
+    vm, _, _, _ = await w.service.get_vm(ALICE, "vm-1")  # no store read
+    assert vm.state is S.RUNNING
+    with pytest.raises(NotFound):
+        await w.service.get_vm(BOB, "vm-1")  # the registry checks ownership too
+    with pytest.raises(RuntimeError, match="locked"):
+        await w.service.get_vm(ALICE, "vm-2")  # not live: the store's row
+    w.store.faults.clear("get")
+    assert (await w.service.get_vm(ALICE, "vm-2"))[0].state is S.SHUTDOWN
+
+
+async def test_a_failing_store_write_leaves_the_registry_as_the_store_is(w: World) -> None:
+    await vm_in(w, S.RUNNING)
+    w.store.faults.fail("update", RuntimeError("disk I/O error"))
+    with pytest.raises(RuntimeError, match="disk I/O"):
+        await w.service.pause_vm(ALICE, "vm-1")
+    # The VMM did pause, but the store does not say so: nor does the registry (GetVmInfo).
+    assert (await w.service.get_vm(ALICE, "vm-1"))[0].state is S.RUNNING
+    assert w.service.registry.snapshot() == {"vm-1": w.store.rows["vm-1"]}
+
+
+async def test_changing_a_returned_record_changes_nothing_stored(w: World) -> None:
+    vm = await vm_in(w, S.RUNNING)
+    vm.state = S.SHUTDOWN
+    got, _, _, _ = await w.service.get_vm(ALICE, "vm-1")
+    got.state = S.PAUSED
+    assert (await w.service.get_vm(ALICE, "vm-1"))[0].state is S.RUNNING
+    assert_agree(w)
 
 
 async def test_get_vm_while_the_vmm_is_exiting_still_answers(w: World) -> None:

@@ -13,7 +13,7 @@ from metald.core.models import (
     RateLimit,
     TrafficCounters,
     VmConfig,
-    VmRecord,
+    VmSummary,
     VmUsage,
 )
 from metald.core.states import VmState
@@ -208,15 +208,15 @@ def interface_to_pb(iface: NetworkInterface) -> pb.NetworkInterface:
     return msg
 
 
-def vm_info_to_pb(vm: VmRecord) -> pb.VmInfo:
+def vm_info_to_pb(vm: VmSummary) -> pb.VmInfo:
     return pb.VmInfo(
         vm_id=vm.id,
         state=state_to_pb(vm.state),
-        vcpu_count=vm.config.vcpu_count,
-        memory_size_bytes=vm.config.memory_bytes,
+        vcpu_count=vm.vcpu_count,
+        memory_size_bytes=vm.memory_bytes,
         created_timestamp=int(vm.created_at),
         modified_timestamp=int(vm.updated_at),
-        metadata=vm.config.metadata,
+        metadata=vm.metadata,
         customer_id=vm.customer_id,
     )
 

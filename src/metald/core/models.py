@@ -294,8 +294,36 @@ class ConsoleChunk:
     size: int
 
 
+@dataclass(frozen=True, slots=True)
+class VmSummary:
+    """One VM of a ListVms page: what VmInfo shows, not the VM's whole record (a page is
+    read and built per row, so it reads no more than it shows)."""
+
+    id: str
+    customer_id: str
+    state: VmState
+    vcpu_count: int
+    memory_bytes: int
+    metadata: dict[str, str]
+    created_at: float
+    updated_at: float
+
+    @classmethod
+    def of(cls, vm: VmRecord) -> VmSummary:
+        return cls(
+            id=vm.id,
+            customer_id=vm.customer_id,
+            state=vm.state,
+            vcpu_count=vm.config.vcpu_count,
+            memory_bytes=vm.config.memory_bytes,
+            metadata=dict(vm.config.metadata),
+            created_at=vm.created_at,
+            updated_at=vm.updated_at,
+        )
+
+
 @dataclass(frozen=True)
 class Page:
-    vms: list[VmRecord]
+    vms: list[VmSummary]
     next_token: str
     total_count: int

@@ -15,6 +15,7 @@ from metald.core.models import (
     NicSpec,
     ProcessIdentity,
     VmRecord,
+    VmSummary,
     VmUsage,
 )
 from metald.core.quotas import AdmissionView, Claim, Limit, Resource, Usage
@@ -100,13 +101,22 @@ class Store(Protocol):
         """Forget a row outright: only for a create whose VMM never started."""
 
     async def list_live(self) -> list[VmRecord]: ...
+    async def list_for_start(self) -> tuple[list[VmRecord], set[str]]:
+        """What start-up needs of this host's rows that are not deleted: the records of
+        those it must look at (a live state, or a network to restore) and every id (the
+        rest, SHUTDOWN without a network, are only owners of their leftovers)."""
+
+    async def live_backends(self) -> set[str]:
+        """The backends of this host's VMs that are not deleted (list_live's, without
+        reading every row: start-up asks before it adopts)."""
+
     async def list_for_customer(
         self,
         customer_id: str,
         states: Sequence[VmState],
         limit: int,
         after: tuple[float, str] | None,
-    ) -> tuple[list[VmRecord], int]:
+    ) -> tuple[list[VmSummary], int]:
         """One page ordered by (created_at, id) after the cursor, and the total matching."""
 
     async def count_by_state(self) -> dict[VmState, int]: ...

@@ -1,22 +1,41 @@
 """The service's Network port on top of NetworkManager, and the stand-in when networking is
-switched off."""
+switched off.
+
+GetVmInfo describes a VM's network on every call. What was set up is kept (`_known`), and
+the traffic counters, a netlink request in a worker thread (which took most of the CPU of
+a GetVmInfo), are read at most once per `counters_max_age` seconds per VM
+(core.readings): a poller gets counters at most that old."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from metald.core.errors import NotFound, Unimplemented
-from metald.core.models import NetworkInfo, NetworkInterface, NicSpec
+from metald.core.models import NetworkInfo, NetworkInterface, NicSpec, TrafficCounters
+from metald.core.readings import Reading
 from metald.network.manager import NetworkManager
 from metald.network.models import NetworkRequest, VmNetwork
 
+COUNTERS_MAX_AGE_SECONDS = 1.0
+
 
 class NetlinkNetwork:
-    def __init__(self, manager: NetworkManager) -> None:
+    def __init__(
+        self,
+        manager: NetworkManager,
+        *,
+        counters_max_age: float = COUNTERS_MAX_AGE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._manager = manager
         # Described networks, so GetVmInfo does not ask netlink and the address book each time.
         self._known: dict[str, VmNetwork] = {}
+        # Each VM's traffic counters, read at a bounded rate (dropped with its network).
+        self._counters: dict[str, Reading[TrafficCounters | None]] = {}
+        self._counters_max_age = counters_max_age
+        self._clock = clock
 
     async def start(self) -> None:
         await self._manager.start()
@@ -35,6 +54,7 @@ class NetlinkNetwork:
             return None
         net = await self._manager.setup_vm(vm_id, customer_id, request)
         self._known[vm_id] = net
+        self._counters.pop(vm_id, None)
         return NicSpec(
             netns=net.netns,
             tap=net.tap,
@@ -59,9 +79,11 @@ class NetlinkNetwork:
             return
         net = await self._manager.adopt_vm(vm_id, customer_id, request, vmm_pid)
         self._known[vm_id] = net
+        self._counters.pop(vm_id, None)
 
     async def teardown(self, vm_id: str) -> None:
         self._known.pop(vm_id, None)
+        self._counters.pop(vm_id, None)
         await self._manager.teardown_vm(vm_id)
 
     async def describe(
@@ -76,11 +98,19 @@ class NetlinkNetwork:
             if net is None:
                 return None
             self._known[vm_id] = net
+        reading = self._counters.get(vm_id)
+        if reading is None:
+            reading = Reading(
+                lambda: self._read_counters(vm_id), self._counters_max_age, self._clock
+            )
+            self._counters[vm_id] = reading
+        return replace(net.network_info(), counters=await reading.get())
+
+    async def _read_counters(self, vm_id: str) -> TrafficCounters | None:
         try:
-            counters = await self._manager.stats(vm_id)
+            return await self._manager.stats(vm_id)
         except NotFound:
-            counters = None
-        return replace(net.network_info(), counters=counters)
+            return None  # its host end is gone (a restart rebuilds it)
 
     async def remove_orphans(self, known_vm_ids: set[str]) -> list[str]:
         return await self._manager.remove_orphans(known_vm_ids)

@@ -60,6 +60,7 @@ from metald.core.validation import (
 )
 from metald.service.admission import Admission
 from metald.service.locks import VmLocks
+from metald.service.registry import VmRegistry
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ class VmService:
         self._clock = clock
         self._locks = VmLocks()
         self._host_details = host_details
+        # The live VMs, read by GetVmInfo and ownership checks (service/registry.py).
+        self.registry = VmRegistry()
 
     # -- life of the service -------------------------------------------------------------
 
@@ -118,12 +121,14 @@ class VmService:
         for backend in self._backends.values():
             backend.set_exit_callback(self._on_vmm_exit)
             backend.set_tap_callback(self._network.attach)
-        records = await self._store.list_live()
+        # Only rows with a VMM to adopt or a network to restore are read whole; of the
+        # others (SHUTDOWN, no network) only the ids, which own their leftovers.
+        records, known = await self._store.list_for_start()
         for vm in records:
             async with self._locks.hold(vm.id):
                 await self._reconcile(vm)
                 await self._adopt_network(vm)
-        known = {vm.id for vm in records}
+                self.registry.put(vm)  # as the store now holds it
         removed: list[str] = []
         for backend in self._backends.values():
             removed += await backend.remove_orphans(known)
@@ -165,7 +170,7 @@ class VmService:
 
     async def _on_vmm_exit(self, vm_id: str, reason: str) -> None:
         async with self._locks.hold(vm_id):
-            vm = await self._store.get(vm_id)
+            vm = await self._read(vm_id)
             if vm is None or vm.state not in LIVE_STATES:
                 return
             await self._save(vm, state=VmState.SHUTDOWN, process=None, exit_reason=reason)
@@ -204,10 +209,11 @@ class VmService:
             )
             async with self._admission.creating(caller, vm_id, claim):
                 await self._store.insert(vm)  # intent: the id is taken
+                self.registry.put(vm)
                 # Every step's undo runs even if an earlier one fails: what stays is logged
                 # and the next start's orphan removal takes it (no row owns it any more).
                 undo = Undo(log, f"vm {vm_id}: undoing a failed create")
-                undo.add("its row", self._store.remove, vm_id)
+                undo.add("its row", self._forget, vm_id)
                 undo.add("its network", self._network.teardown, vm_id)
                 undo.add("its VMM", self._backend.destroy, vm_id)
                 try:
@@ -217,6 +223,7 @@ class VmService:
                     # could never be adopted, and the next start would keep its VMM as a
                     # known VM's.
                     await self._store.update(vm)
+                    self.registry.put(vm)
                 except BaseException:
                     await undo.run_async()
                     raise
@@ -350,11 +357,21 @@ class VmService:
 
     async def _owned(self, caller: str, vm_id: str) -> VmRecord:
         check_vm_id(vm_id)
-        vm = await self._store.get(vm_id)
+        vm = await self._read(vm_id)
         # Someone else's VM looks exactly like a missing one: ids leak nothing.
         if vm is None or vm.customer_id != caller:
             raise NotFound(f"VM {vm_id!r} not found")
         return vm
+
+    async def _read(self, vm_id: str) -> VmRecord | None:
+        """The VM not deleted: from the registry when it is live, else from the store."""
+        vm = self.registry.get(vm_id)
+        return vm if vm is not None else await self._store.get(vm_id)
+
+    async def _forget(self, vm_id: str) -> None:
+        """Remove a row whose VMM never started (an undone create), here and in the store."""
+        await self._store.remove(vm_id)
+        self.registry.drop(vm_id)
 
     def _resolve(self, config: VmConfig, caller: str) -> Callable[[str], LaunchSpec]:
         """Resolve every path now, so a bad one is refused before anything is created; only
@@ -413,4 +430,5 @@ class VmService:
                 info["exit_reason"] = vmm_text(exit_reason)  # a VMM's words: bounded
             vm.backend_info = info
         await self._store.update(vm)
+        self.registry.put(vm)  # after the store took it: never ahead of the truth
         return replace(vm)

@@ -21,6 +21,9 @@ vms = Table(
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("deleted_at", Float, nullable=True),
-    Index("ix_vms_customer_created", "customer_id", "created_at", "id"),
-    Index("ix_vms_state", "state"),
+    # ListVms: its count is answered from this index alone, its page read in order
+    # (migrations/versions/0005_vm_pages.py; tests/unit/test_sqlite_store.py checks the plans).
+    Index("ix_vms_customer_page", "customer_id", "deleted_at", "created_at", "id", "state"),
+    # /metrics's VMs by state, counted from this index alone (0005_vm_pages.py).
+    Index("ix_vms_state_deleted", "state", "deleted_at"),
 )

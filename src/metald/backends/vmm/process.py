@@ -20,7 +20,8 @@ from metald.backends.vmm.driver import VmmControl
 from metald.backends.vmm.layout import VmLayout
 from metald.backends.vmm.records import ProcessRecord, save_process
 from metald.core.errors import BackendError
-from metald.core.models import ProcessIdentity
+from metald.core.models import ProcessIdentity, VmUsage
+from metald.core.readings import Reading
 from metald.host.process import ProcessWatch
 from metald.jailer.spec import JailSpec
 
@@ -51,6 +52,8 @@ class VmmProcess:
     exit_by_guest: bool = False
     exit_task: asyncio.Task[None] | None = None
     last_cpu_sample: tuple[int, float] | None = None
+    usage: Reading[VmUsage] | None = None  # its latest usage (usage.py), made on first use
+    info: dict[str, str] | None = None  # backend_info while it runs (fixed for its life)
 
     @property
     def alive(self) -> bool:
@@ -77,6 +80,8 @@ class VmmProcess:
         """Its vCPUs have just been started."""
         self.booted_at = time.time()
         self.last_cpu_sample = None
+        if self.usage is not None:
+            self.usage.forget()  # its uptime starts now
         self.save_record()
 
     async def disconnect(self) -> None:

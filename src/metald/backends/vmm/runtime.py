@@ -40,6 +40,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from metald.backends.vmm.adoption import Adopter
@@ -56,7 +57,7 @@ from metald.backends.vmm.messages import clean_message
 from metald.backends.vmm.process import VmmProcess, VmmTable
 from metald.backends.vmm.records import save_spec
 from metald.backends.vmm.supervision import Supervisor
-from metald.backends.vmm.usage import sample_usage
+from metald.backends.vmm.usage import USAGE_MAX_AGE_SECONDS, fresh_usage, latest_usage
 from metald.core.errors import BackendError, InvalidArgument, ResourceExhausted
 from metald.core.models import ConsoleChunk, LaunchSpec, ProcessIdentity, VmUsage
 from metald.core.ports import ExitCallback, JailIds, TapCallback
@@ -83,13 +84,19 @@ class VmmRuntime:
         control_timeout: float = 10.0,
         jail_ids: JailIds | None = None,
         log_caps: LogCaps | None = None,
+        usage_max_age: float = USAGE_MAX_AGE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`jail`: launch every VMM through the jailer with these settings (needs root); None
         runs VMMs directly as metald's own user, without networking (for hosts and tests that
         cannot jail). `guest_agent`: a second serial port wired to agent.sock beside the
         control socket, and the guest told to run a shell on it (tests; QEMU only).
         `jail_ids`: where each VM's own VMM uid is claimed (needed when `jail` has a uid
-        range). `log_caps`: the console log's and stderr's caps (logcaps.py)."""
+        range). `log_caps`: the console log's and stderr's caps (logcaps.py).
+        `usage_max_age`: how old a usage sample usage() hands out may be (usage.py);
+        `clock` measures that age (monotonic seconds)."""
+        self._usage_max_age = usage_max_age
+        self._clock = clock
         self._ctx = VmmContext(
             driver,
             vm_root,
@@ -330,16 +337,25 @@ class VmmRuntime:
     # ---------------------------------------------------------------- observation
 
     async def usage(self, vm_id: str) -> VmUsage:
-        """CPU time and share, RSS, disk counters, seconds since boot (usage.py); zeros
-        when no VMM process runs."""
-        return await sample_usage(self._vms.get(vm_id))
+        """CPU time and share, RSS, disk counters, seconds since boot (usage.py), sampled
+        at most `usage_max_age` seconds ago; zeros when no VMM process runs."""
+        return await latest_usage(self._vms.get(vm_id), self._usage_max_age, self._clock)
+
+    async def sample_usage(self, vm_id: str) -> VmUsage:
+        """A usage sample taken now, which usage() then hands out: the hook for a
+        periodic collector (metering)."""
+        return await fresh_usage(self._vms.get(vm_id), self._usage_max_age, self._clock)
 
     def info(self, vm_id: str) -> dict[str, str]:
+        """What a running VMM's info holds does not change while it runs (its paths, pid,
+        accelerator, version): made once per process, as GetVmInfo asks for it each call."""
+        vm = self._vms.get(vm_id)
+        if vm is not None and vm.info is not None and vm.alive:
+            return dict(vm.info)
         try:
             layout = VmLayout(self.vm_dir(vm_id))
         except ValueError:
             return {}
-        vm = self._vms.get(vm_id)
         console_log, control_socket = self._ctx.host_files(vm, layout)
         host = self._ctx.found_host
         result = {
@@ -355,6 +371,8 @@ class VmmRuntime:
             result["pid"] = str(vm.identity.pid)
         if vm is not None and vm.exit_reason is not None:
             result["exit_reason"] = vm.exit_reason
+        if vm is not None and vm.alive and vm.exit_reason is None:
+            vm.info = dict(result)
         return result
 
     async def console(self, vm_id: str, offset: int, max_bytes: int) -> ConsoleChunk:

@@ -1,20 +1,61 @@
 """What one VMM process uses: CPU time and memory from /proc, disk counters from the driver.
 
-CPU share needs two samples: the last one is kept on the process record, so each call
-reports the share since the previous call (the first, since the process started).
+CPU share needs two samples: the last one is kept on the process record, so each sample
+reports the share since the previous one (the first, since the process started).
+
+Samples are taken at a bounded rate (`latest_usage`): a VMM round trip (QEMU's
+query-blockstats, Firecracker's metrics) and two /proc reads on every GetVmInfo were part
+of what held it to 0.15 of a trivial answer's throughput (docs/performance.md). Each
+process record keeps a core.readings Reading: a caller gets a sample at most `max_age`
+old, and a burst of callers costs one sample. `fresh_usage` takes one now: issue 9's
+metering collector hooks in there, and GetVmInfo then shows its samples.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from metald.backends.vmm.process import VmmProcess
 from metald.core.errors import BackendError
 from metald.core.models import VmUsage
+from metald.core.readings import Reading
 from metald.host.process import process_age_seconds, read_rss_bytes, read_stat
 
 log = logging.getLogger(__name__)
+
+# How old the usage GetVmInfo shows may be: its figures are per second (CPU share since the
+# last sample, uptime) and a poller every few milliseconds then costs one sample a second.
+USAGE_MAX_AGE_SECONDS = 1.0
+
+
+async def latest_usage(
+    vm: VmmProcess | None,
+    max_age: float = USAGE_MAX_AGE_SECONDS,
+    clock: Callable[[], float] = time.monotonic,
+) -> VmUsage:
+    """The process's usage, sampled at most `max_age` seconds ago (zeros without one)."""
+    if vm is None or not vm.alive:
+        return VmUsage()
+    return await _reading(vm, max_age, clock).get()
+
+
+async def fresh_usage(
+    vm: VmmProcess | None,
+    max_age: float = USAGE_MAX_AGE_SECONDS,
+    clock: Callable[[], float] = time.monotonic,
+) -> VmUsage:
+    """A sample taken now (or the one under way), kept as the latest."""
+    if vm is None or not vm.alive:
+        return VmUsage()
+    return await _reading(vm, max_age, clock).refresh()
+
+
+def _reading(vm: VmmProcess, max_age: float, clock: Callable[[], float]) -> Reading[VmUsage]:
+    if vm.usage is None:
+        vm.usage = Reading(lambda: sample_usage(vm), max_age, clock)
+    return vm.usage
 
 
 async def sample_usage(vm: VmmProcess | None) -> VmUsage:
