@@ -24,6 +24,7 @@ run: deps guest
 test: deps guest buf
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
+	$(BIN)/mypy bench
 	$(BIN)/pytest -q -ra tests
 
 # Benchmarks (bench/): prints tables, writes bench/results/*.json; see docs/performance.md.
@@ -77,6 +78,7 @@ lint: venv
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
+	$(BIN)/mypy bench
 
 unit: venv
 	$(BIN)/pytest -q tests/unit

@@ -161,7 +161,9 @@ def grpc_check(url: str, method: str, message: Message, token: str) -> None:
     from metald.gen.vmprovisioner.v1 import vm_pb2
 
     host = url.removeprefix("http://")
-    response = {"GetVmInfo": vm_pb2.GetVmInfoResponse, "ListVms": vm_pb2.ListVmsResponse}[method]
+    response: Any = {"GetVmInfo": vm_pb2.GetVmInfoResponse, "ListVms": vm_pb2.ListVmsResponse}[
+        method
+    ]
     with grpc.insecure_channel(host, options=[("grpc.enable_http_proxy", 0)]) as channel:
         call = channel.unary_unary(
             f"/{SERVICE}/{method}",
@@ -175,8 +177,9 @@ def parse(method: str, body: dict[str, Any]) -> Message:
     """A request message of `method` from its JSON body."""
     from metald.gen.vmprovisioner.v1 import vm_pb2
 
-    request = {"GetVmInfo": vm_pb2.GetVmInfoRequest, "ListVms": vm_pb2.ListVmsRequest}[method]
-    return json_format.ParseDict(body, request())
+    request: Any = {"GetVmInfo": vm_pb2.GetVmInfoRequest, "ListVms": vm_pb2.ListVmsRequest}[method]
+    message: Message = json_format.ParseDict(body, request())
+    return message
 
 
 def insert_rows(db: Path, count: int, customers: list[str], *, start: float = 1.7e9) -> None:

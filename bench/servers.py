@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import os
 import re
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -242,6 +244,10 @@ def wrk(url: str, seconds: float) -> dict[str, float]:
     }
 
 
+def _h2load_seconds(url: str, workdir: Path, seconds: float) -> dict[str, float]:
+    return h2load(url, seconds, workdir)
+
+
 def h2load(url: str, seconds: float, workdir: Path) -> dict[str, float]:
     """gRPC over h2c, one stream per connection: req/s, p50 and p99 in ms, failed calls."""
     log = workdir / "h2load.log"
@@ -316,10 +322,10 @@ def main() -> None:
                 for protocol in ("connect", "grpc"):
                     if protocol == "grpc" and not grpc[name]:
                         continue
-                    measure = (
-                        (lambda s, r=r: wrk(r.url, s))
+                    measure: Callable[[float], dict[str, float]] = (
+                        functools.partial(wrk, r.url)
                         if protocol == "connect"
-                        else (lambda s, r=r: h2load(r.url, s, workdir))
+                        else functools.partial(_h2load_seconds, r.url, workdir)
                     )
                     if warmup:
                         measure(warmup)

@@ -58,7 +58,7 @@ ANSWER = pb.GetVmInfoResponse(
 )
 
 
-class TrivialHandlers(VmService):
+class TrivialHandlers(VmService):  # type: ignore[misc]
     """GetVmInfo answers the constant; every other method is the generated `unimplemented`."""
 
     async def get_vm_info(

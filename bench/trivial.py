@@ -35,7 +35,7 @@ from metald.gen.vmprovisioner.v1 import vm_pb2 as pb
 from metald.gen.vmprovisioner.v1.vm_connect import VmService, VmServiceASGIApplication
 
 
-class ConstantHandlers(VmService):
+class ConstantHandlers(VmService):  # type: ignore[misc]
     """GetVmInfo and ListVms answer the constant of (method, caller), a dict lookup; the
     other RPCs are the generated `unimplemented`."""
 
