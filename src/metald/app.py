@@ -320,6 +320,7 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
         backend = backends[settings.backend.value]
         await network.start()
         assets = LocalAssetStore(settings.assetmanager_cache_dir)
+        metrics = ApiMetrics()
         service = VmService(
             store,
             backends,
@@ -330,6 +331,7 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
             default_backend=backend.name,
             default_shutdown_timeout=float(settings.shutdown_timeout_seconds),
             host_details=settings.expose_host_details,
+            on_create_steps=metrics.observe_create_steps,
         )
         if settings.expose_host_details:
             log.warning(
@@ -337,7 +339,6 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
                 "versions in backend_info (development and tests only)"
             )
         await service.start()
-        metrics = ApiMetrics()
         authenticator = TokenAuthenticator(
             dev_tokens=settings.auth_dev_tokens, tokens_file=settings.auth_tokens_file
         )

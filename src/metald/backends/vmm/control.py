@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 
 from metald.backends.vmm.context import VmmContext
 from metald.backends.vmm.driver import LaunchContext
 from metald.backends.vmm.process import StartFailed, VmmProcess
+from metald.core import timing
 from metald.host.sockets import UnsafeSocket, fd_path, open_socket_path
 
 
@@ -26,6 +28,7 @@ async def connect_control(
     one, the VMM exits, or it is not ready by `deadline` (event-loop time); the driver's
     BackendError if the VMM does not answer. `launch` is None when adopting."""
     loop = asyncio.get_running_loop()
+    waiting = time.perf_counter()
     while True:
         try:
             fd: int | None = open_socket_path(vm.control_socket, vm.owner_uid)
@@ -44,16 +47,18 @@ async def connect_control(
         if loop.time() > deadline:
             raise StartFailed(f"its control socket was not ready after {ctx.start_timeout:g} s")
         await asyncio.sleep(0.01)
+    timing.record("vmm_start", time.perf_counter() - waiting)
     vm.socket_fd = fd
     try:
-        vm.control = await ctx.driver.connect(
-            vm.vm_id,
-            fd_path(fd),
-            host_run_dir=vm.host_run_dir,
-            uid=vm.owner_uid,
-            launch=launch,
-            timeout=max(0.1, deadline - loop.time()),
-        )
+        with timing.step("control"):
+            vm.control = await ctx.driver.connect(
+                vm.vm_id,
+                fd_path(fd),
+                host_run_dir=vm.host_run_dir,
+                uid=vm.owner_uid,
+                launch=launch,
+                timeout=max(0.1, deadline - loop.time()),
+            )
     except BaseException:
         # A VMM that died meanwhile had its exit handled during the await: that closed the
         # fd already (and set socket_fd None). Closing it again could close whatever fd

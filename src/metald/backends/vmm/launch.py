@@ -41,6 +41,7 @@ from metald.backends.vmm.messages import clean_message, first_stderr_line
 from metald.backends.vmm.process import StartFailed, VmmProcess, VmmTable
 from metald.backends.vmm.records import load_spec
 from metald.backends.vmm.supervision import Supervisor
+from metald.core import timing
 from metald.core.errors import BackendError, MetaldError
 from metald.core.models import LaunchSpec, ProcessIdentity
 from metald.core.ports import TapCallback
@@ -97,7 +98,8 @@ class Launcher:
                 f"cannot start VM {spec.vm_id}: its network interface needs the jailer"
             )
         jail: JailSpec | None = None
-        ids = await ctx.vmm_ids(spec.vm_id)
+        with timing.step("ids"):
+            ids = await ctx.vmm_ids(spec.vm_id)
         try:
             launch = self._launch_context(spec, layout, ids)
             argv = ctx.driver.argv(host, launch)
@@ -162,13 +164,15 @@ class Launcher:
         await connect_control(ctx, vm, deadline, launch)
         if launch.spec.nic is not None and self.tap_callback is not None:
             try:
-                await self.tap_callback(vm.vm_id)
+                with timing.step("tap"):
+                    await self.tap_callback(vm.vm_id)
             except Exception as e:
                 message = e.message if isinstance(e, MetaldError) else str(e)
                 raise StartFailed(f"its TAP could not be connected: {message}") from e
         control = vm.connected_control()
-        await control.prepare(launch)
-        state = await control.runstate()
+        with timing.step("configure"):
+            await control.prepare(launch)
+            state = await control.runstate()
         if state is not VmState.CREATED:
             raise StartFailed(f"{ctx.name} started in state {state}, not ready to boot")
 
@@ -272,9 +276,10 @@ class Launcher:
         with contextlib.suppress(FileNotFoundError):
             layout.stderr_log.unlink()  # the jailer appends: one VMM's messages only
         try:
-            jailed = await launch_jailed(
-                jail, stderr_path=layout.stderr_log, timeout=ctx.start_timeout
-            )
+            with timing.step("jailer"):
+                jailed = await launch_jailed(
+                    jail, stderr_path=layout.stderr_log, timeout=ctx.start_timeout
+                )
         except JailerError as e:
             # Full text (host paths) for the operator; the caller gets a cleaned one.
             log.warning("VM %s: %s", jail.vm_id, e.message)
@@ -282,6 +287,9 @@ class Launcher:
                 with contextlib.suppress(FileNotFoundError):
                     layout.jail_spec_file.unlink()
             raise BackendError(f"could not jail the VMM of VM {jail.vm_id}: {e.message}") from None
+        # The helper's own steps, as it measured them (inside the "jailer" step above).
+        for s in jailed.steps:
+            timing.record(f"jailer.{s.step}", s.ms / 1000)
         if jailed.cgroup_note and not self._cgroup_noted:
             self._cgroup_noted = True
             log.warning("VM cgroup limits not (all) applied on this host: %s", jailed.cgroup_note)

@@ -57,6 +57,7 @@ from metald.backends.vmm.process import VmmProcess, VmmTable
 from metald.backends.vmm.records import save_spec
 from metald.backends.vmm.supervision import Supervisor
 from metald.backends.vmm.usage import sample_usage
+from metald.core import timing
 from metald.core.errors import BackendError, InvalidArgument, ResourceExhausted
 from metald.core.models import ConsoleChunk, LaunchSpec, ProcessIdentity, VmUsage
 from metald.core.ports import ExitCallback, JailIds, TapCallback
@@ -191,8 +192,9 @@ class VmmRuntime:
         except OSError as e:
             raise BackendError(f"cannot make the VM directory: {e.strerror}") from e
         try:
-            await copy_writable_disks(spec, layout)
-            save_spec(layout, spec)
+            with timing.step("disks"):
+                await copy_writable_disks(spec, layout)
+                save_spec(layout, spec)
             vm = await self._launcher.launch(spec, layout)
         except BaseException as e:
             try:
