@@ -133,6 +133,7 @@ def jail_settings(settings: Settings) -> JailSettings | None:
             nproc_max=settings.jailer_nproc_max,
             nofile_max=settings.jailer_nofile_max,
             file_size_max=settings.jailer_file_size_max_bytes,
+            spare_helpers=settings.jailer_spare_helpers,
         )
     except (ValueError, OSError) as exc:
         raise StartupError(f"UNKEY_METALD_JAILER_*: {exc}") from None

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -50,6 +51,7 @@ from metald.jailer import (
 from metald.jailer.cgroups import cgroup_dir, cgroup_mount
 from metald.jailer.helper import EXIT_CODES, TEST_HOOKS_ENV
 from metald.jailer.host import dynamic_binary_paths
+from metald.jailer.spares import Spares
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the jailer needs root")
 
@@ -1148,3 +1150,155 @@ def test_devices_are_only_under_dev() -> None:
     spec = JailSpec(vm_id="d", uid=1000, gid=1000, argv=("/x",), devices=(DeviceNode("/etc/x"),))
     with pytest.raises(ValueError, match="not under /dev"):
         spec.validate()
+
+
+# -- spare helpers (jailer/spares.py): started ahead of need, the same jail --
+
+
+def sched_policy(pid: int) -> int:
+    return os.sched_getscheduler(pid)
+
+
+async def test_a_spare_becomes_the_vmm_with_the_same_jail_and_is_replaced(
+    jail_ids: tuple[int, int], netns: str, jail_base: Path, cgroup_parent: str
+) -> None:
+    spares = Spares(1)
+    try:
+        spares.fill()
+        (spare,) = spares.pids
+        assert sched_policy(spare) == os.SCHED_IDLE  # its start-up takes no one's CPU
+        spec = busybox_spec(
+            jail_base, jail_ids, script="true", netns=netns, tap="tap-s",
+            cgroup_parent=cgroup_parent, pid_namespace=False,
+        )  # fmt: skip
+        jailed = await launch_jailed(spec, stderr_path=jail_base / "err", spares=spares)
+        watch = ProcessWatch.open(jailed.identity)
+        assert watch is not None
+        try:
+            # Without a PID namespace the helper becomes the VMM: the very spare.
+            assert jailed.pid == spare
+            assert [s.step for s in jailed.steps] == list(STEPS[:-1])
+            status = status_fields(jailed.pid)
+            assert status["Uid"].split() == [str(jail_ids[0])] * 4
+            assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+            assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0
+            assert sched_policy(jailed.pid) == os.SCHED_OTHER  # raised when taken
+            assert os.stat(f"/proc/{spare}/ns/net").st_ino == os.stat(f"/run/netns/{netns}").st_ino
+            assert jailed.cgroup_path is not None
+            assert (jailed.cgroup_path / "cgroup.procs").read_text().split() == [str(spare)]
+            assert tap_owner(netns, "tap-s") in ("metald-vm", str(jail_ids[0]))
+            # A new spare waits for the next VM.
+            assert len(spares.pids) == 1 and spares.pids != [spare]
+        finally:
+            await watch.kill_and_wait()
+            watch.close()
+        await remove_jail(spec)
+        spares.close()
+        assert_no_leftovers(spec)
+    finally:
+        spares.close()
+
+
+def tap_owner(netns: str, name: str) -> object:
+    return links(netns)[name]["linkinfo"]["info_data"]["user"]  # type: ignore[index]
+
+
+async def test_a_spare_forks_the_vmm_as_our_child_in_its_pid_namespace(
+    jail_ids: tuple[int, int], jail_base: Path
+) -> None:
+    spares = Spares(2)
+    try:
+        spares.fill()
+        waiting = set(spares.pids)
+        spec = busybox_spec(jail_base, jail_ids, script="true")
+        jailed = await launch_jailed(spec, stderr_path=jail_base / "err", spares=spares)
+        watch = ProcessWatch.open(jailed.identity)
+        assert watch is not None
+        try:
+            status = status_fields(jailed.pid)
+            assert int(status["PPid"]) == os.getpid()  # our child: we reap it
+            assert status["NSpid"].split()[-1] == "1"
+            assert jailed.pid not in waiting  # the helper forked it and exited (reaped)
+            assert len(waiting - set(spares.pids)) == 1  # one spare was used...
+            assert len(spares.pids) == 2  # ...and replaced
+        finally:
+            await watch.kill_and_wait()
+            watch.close()
+        await remove_jail(spec)
+        spares.close()
+        assert_no_leftovers(spec)
+    finally:
+        spares.close()
+
+
+@pytest.mark.parametrize("step", ["netns", "mount", "cgroup", "exec"])
+async def test_a_spare_failing_at_a_step_leaves_nothing(
+    step: str,
+    hooks: None,
+    jail_ids: tuple[int, int],
+    netns: str,
+    jail_base: Path,
+    cgroup_parent: str,
+) -> None:
+    spares = Spares(1)  # made with the hooks in its environment
+    try:
+        spares.fill()
+        spec = busybox_spec(
+            jail_base, jail_ids, script="true", netns=netns, tap="tap-f",
+            cgroup_parent=cgroup_parent, fail_at=step,
+        )  # fmt: skip
+        with pytest.raises(JailerError) as caught:
+            await launch_jailed(spec, stderr_path=jail_base / "err", spares=spares)
+        assert caught.value.step == step and "test hook" in caught.value.reason
+        assert caught.value.leftovers == ()
+        spares.close()
+        assert_no_leftovers(spec)
+    finally:
+        spares.close()
+
+
+async def test_a_dead_spare_is_passed_over_and_closing_ends_every_spare(
+    jail_ids: tuple[int, int], jail_base: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spares = Spares(1)
+    try:
+        spares.fill()
+        (dead,) = spares.pids
+        os.kill(dead, signal.SIGKILL)
+        await wait_until(lambda: is_zombie(dead), 10)
+        spec = busybox_spec(jail_base, jail_ids, script="true")
+        jailed = await launch_jailed(spec, stderr_path=jail_base / "err", spares=spares)
+        watch = ProcessWatch.open(jailed.identity)
+        assert watch is not None
+        await watch.kill_and_wait()
+        watch.close()
+        await remove_jail(spec)
+        assert "ended while waiting" in caplog.text
+        assert identity_of(dead) is None  # reaped
+        assert len(spares.pids) == 1
+        spares.close()
+        assert spares.pids == [] and our_children() == []
+        spares.fill()  # a closed pool starts nothing
+        assert spares.pids == []
+    finally:
+        spares.close()
+
+
+async def test_a_cancelled_launch_with_a_spare_leaves_nothing(
+    jail_ids: tuple[int, int], jail_base: Path
+) -> None:
+    spares = Spares(1)
+    try:
+        spares.fill()
+        spec = busybox_spec(jail_base, jail_ids, script="true", argv=(BUSYBOX, "sleep", "600"))
+        task = asyncio.create_task(
+            launch_jailed(spec, stderr_path=jail_base / "err", spares=spares)
+        )
+        await asyncio.sleep(0)  # the job is handed over; the helper is at work
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        spares.close()
+        assert_no_leftovers(spec)
+    finally:
+        spares.close()

@@ -69,3 +69,15 @@ async def test_tasks_and_threads_report_to_their_own_collection() -> None:
 async def _child() -> None:
     with timing.step("child"):
         await asyncio.sleep(0)
+
+
+def test_laps_split_a_step_into_its_stages() -> None:
+    timing.lap("nowhere")  # outside a collection: nothing
+    with timing.collecting() as times:
+        with timing.step("network"):
+            timing.lap("network.netns")
+            timing.lap("network.veth")
+        with timing.step("store"):
+            pass  # the network's last stage ended with its step
+    assert list(times.steps) == ["network.netns", "network.veth", "network", "store"]
+    assert times.steps["network.netns"] + times.steps["network.veth"] <= times.steps["network"]

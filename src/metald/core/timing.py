@@ -7,7 +7,8 @@ VMM's start to its control socket, the control connection. The steps are in diff
 passed down every port: the use case opens a `StepTimes` with `collecting()`, and any code it
 awaits (tasks and threads it starts inherit the context) marks its work with `step(name)`.
 Outside a collection `step` does nothing but run the block. Times of a step that runs more
-than once (the store) add up.
+than once (the store) add up. Code that names its stages as it goes marks sub-steps with
+`lap(name)` (each lasts until the next, or the end of its step).
 
 Standard library only, no I/O: the use case hands the result to whoever publishes it (the
 API's /metrics histogram, a debug log line).
@@ -30,8 +31,17 @@ class StepTimes:
     steps: dict[str, float] = field(default_factory=dict)
     total: float | None = None  # set when the collection ends
 
+    _lap: tuple[str, float] | None = None  # the sub-step `lap` opened last, and when
+
     def add(self, name: str, seconds: float) -> None:
         self.steps[name] = self.steps.get(name, 0.0) + max(0.0, seconds)
+
+    def lap(self, name: str | None) -> None:
+        """End the open sub-step (if any) and start `name` (None: start none)."""
+        now = time.perf_counter()
+        if self._lap is not None:
+            self.add(self._lap[0], now - self._lap[1])
+        self._lap = None if name is None else (name, now)
 
     def describe(self) -> str:
         """`total 12.3 ms: store 1.0, network 2.1, ...` (ms)."""
@@ -66,7 +76,16 @@ def step(name: str) -> Iterator[None]:
     try:
         yield
     finally:
+        times.lap(None)  # a sub-step ends with its step at the latest
         times.add(name, time.perf_counter() - started)
+
+
+def lap(name: str) -> None:
+    """Start sub-step `name` of the step being timed, ending the one started before (for
+    code that names its stages as it goes: the network build's steps)."""
+    times = _current.get()
+    if times is not None:
+        times.lap(name)
 
 
 def record(name: str, seconds: float) -> None:

@@ -278,7 +278,10 @@ class Launcher:
         try:
             with timing.step("jailer"):
                 jailed = await launch_jailed(
-                    jail, stderr_path=layout.stderr_log, timeout=ctx.start_timeout
+                    jail,
+                    stderr_path=layout.stderr_log,
+                    timeout=ctx.start_timeout,
+                    spares=ctx.spares,
                 )
         except JailerError as e:
             # Full text (host paths) for the operator; the caller gets a cleaned one.

@@ -377,6 +377,8 @@ class VmmRuntime:
         """Disconnect from every VMM and stop watching; the processes keep running."""
         await self._log_capper.stop()
         await self._supervisor.close()
+        if self._ctx.spares is not None:
+            self._ctx.spares.close()
 
     def _live(self, vm_id: str) -> VmmProcess:
         vm = self._vms.get(vm_id)
