@@ -206,7 +206,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="pairs of runs per figure")
     parser.add_argument("--parallel", type=int, default=20, help="VMs at once (0: skip)")
     parser.add_argument("--memory-mib", type=int, default=256)
+    parser.add_argument("--parts", default="create,ready,parallel", help="which figures")
     args = arguments(__doc__ or "", parser)
+    parts = set(args.parts.split(","))
     repeats = 1 if args.tiny else args.repeats
     parallel = 0 if args.tiny else args.parallel
     report = Report(
@@ -218,17 +220,17 @@ def main() -> None:
     try:
         with BenchDaemon() as daemon, MetaldClient(daemon.url, TOKEN) as client:
             life = Life(daemon, client, netns, args.memory_mib)
-            measure(life, report, repeats, parallel)
+            measure(life, report, repeats, parallel if "parallel" in parts else 0, parts)
     finally:
         netns.close()
     show(report)
     report.save(args.out)
 
 
-def measure(life: Life, report: Report, repeats: int, parallel: int) -> None:
+def measure(life: Life, report: Report, repeats: int, parallel: int, parts: set[str]) -> None:
     templates = {nic: life.template(nic) for nic in (False, True)}  # also warms metald up
     steps: dict[bool, list[dict[str, float]]] = {}
-    for nic in (False, True):
+    for nic in (False, True) if "create" in parts else ():
         runs, floor = alternate(
             repeats,
             lambda: life.metald_create(nic),  # noqa: B023 - called within the iteration
@@ -255,7 +257,7 @@ def measure(life: Life, report: Report, repeats: int, parallel: int) -> None:
             values = [run.get(name, 0.0) for run in steps[nic]]
             row["nic" if nic else "no_nic"] = ms(values)
         report.add("steps", row)
-    for nic in (False,) if report.tiny else (False, True):
+    for nic in () if "ready" not in parts else (False,) if report.tiny else (False, True):
         ours, floor = alternate(
             repeats,
             lambda: life.metald_ready(nic),  # noqa: B023 - called within the iteration

@@ -23,6 +23,7 @@ is reaped and logged; closing the pool closes the spares' sockets, and they exit
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import logging
@@ -180,10 +181,18 @@ class Spares:
             except OSError:  # it has just exited
                 helper.discard()
                 continue
-            self.fill()
+            self._fill_soon()
             return helper
-        self.fill()
+        self._fill_soon()
         return None
+
+    def _fill_soon(self) -> None:
+        """Replace what was taken once the launch has moved on (from the event loop's next
+        turn, when it waits for the VMM), or now outside an event loop."""
+        try:
+            asyncio.get_running_loop().call_soon(self.fill)
+        except RuntimeError:
+            self.fill()
 
     def close(self) -> None:
         """End every spare (each exits on its socket's end; killed if it has not started

@@ -39,7 +39,7 @@ from metald.backends.vmm.jail import save_jail_spec
 from metald.backends.vmm.layout import VmLayout, check_socket_path, plan_drives, vmm_files
 from metald.backends.vmm.messages import clean_message, first_stderr_line
 from metald.backends.vmm.process import StartFailed, VmmProcess, VmmTable
-from metald.backends.vmm.records import load_spec
+from metald.backends.vmm.records import load_spec, sync_in_background
 from metald.backends.vmm.supervision import Supervisor
 from metald.core import timing
 from metald.core.errors import BackendError, MetaldError
@@ -159,7 +159,8 @@ class Launcher:
         ctx = self._ctx
         if vm.watch is None:
             raise StartFailed(f"{ctx.name} exited at once")
-        vm.save_record()
+        vm.save_record(sync=False)
+        record_saved = sync_in_background(vm.layout.process_file)  # while the VMM starts
         deadline = asyncio.get_running_loop().time() + ctx.start_timeout
         await connect_control(ctx, vm, deadline, launch)
         if launch.spec.nic is not None and self.tap_callback is not None:
@@ -173,6 +174,8 @@ class Launcher:
         with timing.step("configure"):
             await control.prepare(launch)
             state = await control.runstate()
+        with timing.step("sync"):
+            await record_saved
         if state is not VmState.CREATED:
             raise StartFailed(f"{ctx.name} started in state {state}, not ready to boot")
 

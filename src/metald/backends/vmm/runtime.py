@@ -54,7 +54,7 @@ from metald.backends.vmm.layout import AGENT_SOCKET, VmLayout
 from metald.backends.vmm.logcaps import CappedFile, LogCapper
 from metald.backends.vmm.messages import clean_message
 from metald.backends.vmm.process import VmmProcess, VmmTable
-from metald.backends.vmm.records import save_spec
+from metald.backends.vmm.records import save_spec, sync_in_background
 from metald.backends.vmm.supervision import Supervisor
 from metald.backends.vmm.usage import sample_usage
 from metald.core import timing
@@ -194,8 +194,12 @@ class VmmRuntime:
         try:
             with timing.step("disks"):
                 await copy_writable_disks(spec, layout)
-                save_spec(layout, spec)
+                save_spec(layout, spec, sync=False)
+            # Flushed to disk while the VMM starts; durable before the create answers.
+            spec_saved = sync_in_background(layout.spec_file)
             vm = await self._launcher.launch(spec, layout)
+            with timing.step("sync"):
+                await spec_saved
         except BaseException as e:
             try:
                 await remove_vm_files(ctx, spec.vm_id, layout)
