@@ -1183,6 +1183,12 @@ async def test_a_spare_becomes_the_vmm_with_the_same_jail_and_is_replaced(
             assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
             assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0
             assert sched_policy(jailed.pid) == os.SCHED_OTHER  # raised when taken
+            # Nothing of the job's socket: stdin and stdout are /dev/null, stderr the file.
+            fds = {
+                int(fd): os.readlink(f"/proc/{spare}/fd/{fd}")
+                for fd in os.listdir(f"/proc/{spare}/fd")
+            }
+            assert fds == {0: "/dev/null", 1: "/dev/null", 2: str(jail_base / "err")}, fds
             assert os.stat(f"/proc/{spare}/ns/net").st_ino == os.stat(f"/run/netns/{netns}").st_ino
             assert jailed.cgroup_path is not None
             assert (jailed.cgroup_path / "cgroup.procs").read_text().split() == [str(spare)]
@@ -1197,6 +1203,10 @@ async def test_a_spare_becomes_the_vmm_with_the_same_jail_and_is_replaced(
         assert_no_leftovers(spec)
     finally:
         spares.close()
+
+
+def fd_names(pid: int) -> list[str]:
+    return os.listdir(f"/proc/{pid}/fd")
 
 
 def tap_owner(netns: str, name: str) -> object:

@@ -648,8 +648,7 @@ def _wait_for_job(sock_fd: int = 0) -> tuple[int, Reporter]:
     except OSError:
         os._exit(0)
     finally:
-        sock.detach()
-        os.close(sock_fd)
+        sock.detach()  # stays open as fd 0 until /dev/null replaces it below
     if not message:
         os._exit(0)  # no job: metald let this spare go
     if message != b"job" or len(fds) != 3:
@@ -660,8 +659,8 @@ def _wait_for_job(sock_fd: int = 0) -> tuple[int, Reporter]:
     spec_fd, stderr_fd, report_fd = (_above(fd, 10) for fd in fds)
     os.dup2(stderr_fd, 2)
     os.dup2(report_fd, 3)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
+    null = os.open(os.devnull, os.O_RDONLY)  # not 0: the socket still holds it
+    os.dup2(null, sock_fd)  # the socket goes; the VMM's stdin is /dev/null
     for fd in (null, stderr_fd, report_fd):
         os.close(fd)
     reporter = Reporter(3)
