@@ -75,8 +75,10 @@ class BareVmm:
             start_new_session=True,
         )  # fmt: skip
 
-    def wait_for_greeting(self, timeout: float = 60.0) -> None:
-        """Until QMP's greeting line has been read from its socket."""
+    def wait_for_control(self, t0: float, timeout: float = 60.0) -> tuple[float, float]:
+        """Seconds from `t0` to QMP's greeting, and to the answer of its first command
+        (qmp_capabilities, then query-status: QEMU greets before its machine is set up and
+        answers once it is, which is what CreateVm waits for to check the VM is ready)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_alive()
@@ -87,14 +89,16 @@ class BareVmm:
                     time.sleep(0.001)
                     continue
                 s.settimeout(max(0.1, deadline - time.monotonic()))
-                data = b""
-                while b"\n" not in data:
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-                if b'"QMP"' in data:
-                    return
+                f = s.makefile("rwb")
+                if b'"QMP"' not in f.readline():
+                    raise RuntimeError("the bare QEMU's QMP did not greet")
+                greeted = time.perf_counter() - t0
+                for command in (b"qmp_capabilities", b"query-status"):
+                    f.write(b'{"execute": "%s"}\n' % command)
+                    f.flush()
+                    if b'"return"' not in f.readline():
+                        raise RuntimeError(f"the bare QEMU refused {command.decode()}")
+                return greeted, time.perf_counter() - t0
         raise TimeoutError(f"no QMP greeting from the bare QEMU within {timeout} s")
 
     def console_has(self, needle: bytes) -> bool:
