@@ -210,6 +210,10 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=20, help="VMs at once (0: skip)")
     parser.add_argument("--memory-mib", type=int, default=256)
     parser.add_argument("--parts", default="create,ready,parallel", help="which figures")
+    parser.add_argument(
+        "--daemon-env", action="append", default=[], metavar="NAME=VALUE",
+        help="a setting for the daemon (e.g. UNKEY_METALD_JAILER_SPARE_HELPERS=0)",
+    )  # fmt: skip
     args = arguments(__doc__ or "", parser)
     parts = set(args.parts.split(","))
     repeats = 1 if args.tiny else args.repeats
@@ -217,11 +221,17 @@ def main() -> None:
     report = Report(
         "life",
         args.tiny,
-        parameters={"repeats": repeats, "parallel": parallel, "memory_mib": args.memory_mib},
+        parameters={
+            "repeats": repeats,
+            "parallel": parallel,
+            "memory_mib": args.memory_mib,
+            "daemon_env": args.daemon_env,
+        },
     )
+    env = dict(item.split("=", 1) for item in args.daemon_env)
     netns = BareNetns(f"mbb{secrets.token_hex(3)}")
     try:
-        with BenchDaemon() as daemon, MetaldClient(daemon.url, TOKEN) as client:
+        with BenchDaemon(**env) as daemon, MetaldClient(daemon.url, TOKEN) as client:
             life = Life(daemon, client, netns, args.memory_mib)
             measure(life, report, repeats, parallel if "parallel" in parts else 0, parts)
     finally:
