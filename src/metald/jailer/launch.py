@@ -223,8 +223,9 @@ def _start(
     """A helper with its job handed over: (pid, pidfd, the read end of the report pipe).
 
     A spare that cannot take the job (it died just now) is discarded and a helper started
-    for the job instead. One started for the job that cannot take it has died: its report
-    pipe then reads as empty at once, and its exit status and stderr tell why."""
+    for the job instead. One started for the job whose socket is closed has died: its
+    report pipe then reads as empty at once, and its exit status and stderr tell why. Any
+    other failure (no descriptor left, say) ends the helper and is raised (step "start")."""
     helper = spares.take() if spares is not None else None
     if helper is not None:
         try:
@@ -235,11 +236,16 @@ def _start(
     helper = spawn_helper(python=python, env=env, stderr_path=stderr_path)
     try:
         report_fd = _hand_job(helper, spec, stderr_path)
-    except OSError:
+    except (BrokenPipeError, ConnectionError):
+        # It died before taking its job (its interpreter cannot start, say): its exit
+        # status and its stderr (the VM's file from the spawn on) say why.
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         os.close(write_end)
         helper.sock.close()
         return helper.pid, helper.pidfd, read_end
+    except BaseException:
+        helper.discard()
+        raise
     return helper.pid, helper.pidfd, report_fd
 
 
