@@ -1169,6 +1169,7 @@ async def test_a_spare_becomes_the_vmm_with_the_same_jail_and_is_replaced(
     jails: Jails,
     spares: Spares,
 ) -> None:
+    spares.count = 1
     spares.fill()
     (spare,) = spares.pids
     assert sched_policy(spare) == os.SCHED_IDLE  # its start-up takes no one's CPU
