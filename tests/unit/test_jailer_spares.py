@@ -52,16 +52,19 @@ def test_spares_wait_at_idle_priority_and_are_raised_when_taken(pool: Spares) ->
     helper = pool.take()
     assert helper is not None and helper.pid == first and helper.spare
     assert os.sched_getscheduler(first) == os.SCHED_OTHER
-    assert len(pool.pids) == 2 and first not in pool.pids  # replaced (outside a loop: now)
+    assert len(pool.pids) == 1  # replaced only when asked (once the VMM has started)
+    pool.fill()
+    assert len(pool.pids) == 2 and first not in pool.pids
     helper.discard()
     assert not alive(first)
 
 
-async def test_in_an_event_loop_the_replacement_waits_for_the_next_turn(pool: Spares) -> None:
+async def test_fill_soon_starts_the_replacement_on_the_next_turn(pool: Spares) -> None:
     pool.fill()
     helper = pool.take()
     assert helper is not None
-    assert len(pool.pids) == 1  # not inside the launch...
+    pool.fill_soon()
+    assert len(pool.pids) == 1  # not inside the caller...
     await asyncio.sleep(0)
     assert len(pool.pids) == 2  # ...but right after
     helper.discard()
@@ -80,6 +83,7 @@ def test_a_dead_spare_is_reaped_and_passed_over(
     helper = pool.take()
     assert helper is not None and helper.pid == living
     assert "ended while waiting" in caplog.text
+    assert pool.pids == []
     assert not Path(f"/proc/{dead}").exists()  # reaped, not a zombie
     helper.discard()
 

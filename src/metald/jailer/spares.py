@@ -17,8 +17,9 @@ posix_spawned by metald, in its own session, exactly as a helper started for a j
 launch in progress), and raised to normal (SCHED_OTHER) when it is taken, before its job is
 sent; the helper sets it again itself, and the VMM inherits it. Taking a spare never waits:
 with none ready, the launch starts a helper for itself (`spawn_helper`, the cost of before).
-A taken spare is replaced at once (at idle priority again). A spare that died while waiting
-is reaped and logged; closing the pool closes the spares' sockets, and they exit.
+A taken spare is replaced (at idle priority again) once the VMM it became has started. A
+spare that died while waiting is reaped and logged; closing the pool closes the spares'
+sockets, and they exit.
 """
 
 from __future__ import annotations
@@ -162,8 +163,8 @@ class Spares:
                 return
 
     def take(self) -> Helper | None:
-        """A live spare, raised to normal priority; None if there is none. Starts its
-        replacement."""
+        """A live spare, raised to normal priority; None if there is none. Its replacement is
+        the caller's to start (`fill`, `fill_soon`) once the launch is over."""
         while self._spares:
             helper = self._spares.pop(0)
             if helper.exited():
@@ -181,18 +182,14 @@ class Spares:
             except OSError:  # it has just exited
                 helper.discard()
                 continue
-            self._fill_soon()
             return helper
-        self._fill_soon()
         return None
 
-    def _fill_soon(self) -> None:
-        """Replace what was taken once the launch has moved on (from the event loop's next
-        turn, when it waits for the VMM), or now outside an event loop."""
-        try:
-            asyncio.get_running_loop().call_soon(self.fill)
-        except RuntimeError:
-            self.fill()
+    def fill_soon(self) -> None:
+        """`fill` on the event loop's next turn. The runtime calls this once the VMM a spare
+        became has started: a replacement's start-up, even at idle priority, slowed the
+        VMM's own start by a third when both ran at once (2 vCPUs that share a core)."""
+        asyncio.get_running_loop().call_soon(self.fill)
 
     def close(self) -> None:
         """End every spare (each exits on its socket's end; killed if it has not started

@@ -114,6 +114,8 @@ class Launcher:
             try:
                 identity = await self._start_jailed(jail, layout)
             except BackendError as e:
+                if ctx.spares is not None:
+                    ctx.spares.fill_soon()
                 raise BackendError(clean_message(ctx, e.message, spec, layout)) from None
         else:
             identity = await self._start_directly(argv, layout)
@@ -132,6 +134,8 @@ class Launcher:
         try:
             await self._make_ready(vm, launch)
         except BaseException as e:
+            if ctx.spares is not None:
+                ctx.spares.fill_soon()
             await self._supervisor.abandon(vm)
             # Whether it ended by itself comes from its exit status, not from whether the
             # loop had seen the exit yet: a VMM that dies on a bad kernel breaks the control
@@ -151,6 +155,8 @@ class Launcher:
             message = f"{ctx.name} failed to start VM {spec.vm_id}: {detail}"
             raise BackendError(clean_message(ctx, message, spec, layout)) from None
         vm.starting = False
+        if ctx.spares is not None:
+            ctx.spares.fill_soon()  # now that the VMM has started (jailer/spares.py)
         return vm
 
     async def _make_ready(self, vm: VmmProcess, launch: LaunchContext) -> None:
