@@ -8,6 +8,7 @@ real settings; only what would collide with another daemon on the host is made u
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -22,6 +23,9 @@ from pathlib import Path
 from types import TracebackType
 
 from pyroute2 import netns
+
+from metald.jailer.cgroups import cgroup_mount
+from metald.jailer.spec import CgroupSpec
 
 from .harness import ROOT
 
@@ -53,6 +57,7 @@ class BenchDaemon:
         self.workdir = Path(tempfile.mkdtemp(prefix="metald-bench-"))
         self.jails = Path(tempfile.mkdtemp(prefix="mb", dir="/tmp"))
         self.host_netns = f"mbh{tag}"
+        self.cgroup_parent = f"metald-bench-{tag}"
         self._prefixes = (f"mbs{tag}", f"mbv{tag}-")
         first = 2_000_000 + int(tag, 16) % 100_000 * 1000
         self.env = {
@@ -65,7 +70,7 @@ class BenchDaemon:
             "UNKEY_METALD_ASSETMANAGER_CACHE_DIR": str(ASSETS),
             "UNKEY_METALD_AUTH_DEV_TOKENS": "true",
             "UNKEY_METALD_JAILER_CHROOT_DIR": str(self.jails),
-            "UNKEY_METALD_JAILER_CGROUP_PARENT": f"metald-bench-{tag}",
+            "UNKEY_METALD_JAILER_CGROUP_PARENT": self.cgroup_parent,
             "UNKEY_METALD_JAILER_UID_RANGE": f"{first}-{first + 999}",
             "UNKEY_METALD_NETWORK_HOST_NETNS": self.host_netns,
             "UNKEY_METALD_NETWORK_SEGMENTS_NETNS": self._prefixes[0],
@@ -149,3 +154,19 @@ class BenchDaemon:
                 netns.remove(name)
         shutil.rmtree(self.workdir, ignore_errors=True)
         shutil.rmtree(self.jails, ignore_errors=True)
+        self._remove_cgroups()
+
+    def _remove_cgroups(self) -> None:
+        """The VM cgroups' parent the daemon made (empty once its VMs are gone)."""
+        mount = cgroup_mount(CgroupSpec())
+        if mount is None:
+            return
+        parent = Path(mount) / self.cgroup_parent
+        if not parent.is_dir():
+            return
+        for child in parent.iterdir():
+            if child.is_dir():
+                with contextlib.suppress(OSError):
+                    child.rmdir()
+        with contextlib.suppress(OSError):
+            parent.rmdir()

@@ -130,6 +130,7 @@ def jail_settings(settings: Settings) -> JailSettings | None:
             nproc_max=settings.jailer_nproc_max,
             nofile_max=settings.jailer_nofile_max,
             file_size_max=settings.jailer_file_size_max_bytes,
+            spare_helpers=settings.jailer_spare_helpers,
         )
     except (ValueError, OSError) as exc:
         raise StartupError(f"UNKEY_METALD_JAILER_*: {exc}") from None
@@ -319,6 +320,7 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
         assets = LocalAssetStore(
             settings.assetmanager_cache_dir, legacy_link_dirs=[settings.jailer_chroot_dir]
         )
+        metrics = ApiMetrics()
         service = VmService(
             store,
             backends,
@@ -329,6 +331,7 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
             default_backend=backend.name,
             default_shutdown_timeout=float(settings.shutdown_timeout_seconds),
             host_details=settings.expose_host_details,
+            on_create_steps=metrics.observe_create_steps,
         )
         if settings.expose_host_details:
             log.warning(
@@ -336,7 +339,6 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
                 "versions in backend_info (development and tests only)"
             )
         await service.start()
-        metrics = ApiMetrics()
         authenticator = TokenAuthenticator(
             dev_tokens=settings.auth_dev_tokens, tokens_file=settings.auth_tokens_file
         )

@@ -180,6 +180,10 @@ class Settings(BaseSettings):
     # RLIMIT_FSIZE: no file the VMM writes grows past this, or past its largest writable
     # disk when that is bigger (a disk must stay writable to its end).
     jailer_file_size_max_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
+    # Jailer helpers started ahead of need (jailer/spares.py): a CreateVm then does not wait
+    # for a Python interpreter to start. Each waits at idle CPU priority (about 20 MB); 0:
+    # every launch starts its own helper.
+    jailer_spare_helpers: int = Field(2, ge=0, le=64)
     # The console log and the VMM's stderr are cut back to their newest half by metald
     # once they pass these sizes (checked every UNKEY_METALD_LOG_CHECK_SECONDS).
     console_log_max_bytes: int = Field(1024 * 1024, ge=4096)

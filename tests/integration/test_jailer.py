@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -51,6 +52,7 @@ from metald.jailer import (
 from metald.jailer.cgroups import cgroup_dir, cgroup_mount
 from metald.jailer.helper import EXIT_CODES, TEST_HOOKS_ENV
 from metald.jailer.host import dynamic_binary_paths
+from metald.jailer.spares import Spares
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the jailer needs root")
 
@@ -124,8 +126,10 @@ class Jails:
     def __init__(self) -> None:
         self.running: list[tuple[JailedProcess, ProcessWatch]] = []
 
-    async def launch(self, spec: JailSpec) -> JailedProcess:
-        jailed = await launch_jailed(spec, stderr_path=Path(spec.jail_base, f"{spec.vm_id}.err"))
+    async def launch(self, spec: JailSpec, spares: Spares | None = None) -> JailedProcess:
+        jailed = await launch_jailed(
+            spec, stderr_path=Path(spec.jail_base, f"{spec.vm_id}.err"), spares=spares
+        )
         watch = ProcessWatch.open(jailed.identity)
         assert watch is not None, "the VMM exited at once"
         self.running.append((jailed, watch))
@@ -1080,3 +1084,149 @@ def test_devices_are_only_under_dev() -> None:
     spec = JailSpec(vm_id="d", uid=1000, gid=1000, argv=("/x",), devices=(DeviceNode("/etc/x"),))
     with pytest.raises(ValueError, match="not under /dev"):
         spec.validate()
+
+
+# -- spare helpers (jailer/spares.py): started ahead of need, the same jail --
+
+
+def sched_policy(pid: int) -> int:
+    return os.sched_getscheduler(pid)
+
+
+async def test_a_spare_becomes_the_vmm_with_the_same_jail_and_is_replaced(
+    jail_ids: tuple[int, int],
+    netns: str,
+    jail_base: Path,
+    cgroup_parent: str,
+    jails: Jails,
+    spares: Spares,
+) -> None:
+    spares.count = 1
+    spares.fill()
+    (spare,) = spares.pids
+    assert sched_policy(spare) == os.SCHED_IDLE  # its start-up takes no one's CPU
+    spec = busybox_spec(
+        jail_base, jail_ids, script="true", netns=netns, tap="tap-s",
+        cgroup_parent=cgroup_parent, pid_namespace=False,
+    )  # fmt: skip
+    jailed = await jails.launch(spec, spares)
+    # Without a PID namespace the helper becomes the VMM: the very spare.
+    assert jailed.pid == spare
+    assert [s.step for s in jailed.steps] == list(STEPS[:-1])
+    status = status_fields(jailed.pid)
+    assert status["Uid"].split() == [str(jail_ids[0])] * 4
+    assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+    assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0
+    assert sched_policy(jailed.pid) == os.SCHED_OTHER  # raised when taken
+    # Nothing of the job's socket: stdin and stdout are /dev/null, stderr the file.
+    fds = {int(n): os.readlink(f"/proc/{spare}/fd/{n}") for n in fd_names(spare)}
+    assert fds == {0: "/dev/null", 1: "/dev/null", 2: f"{jail_base}/{spec.vm_id}.err"}, fds
+    assert os.stat(f"/proc/{spare}/ns/net").st_ino == os.stat(f"/run/netns/{netns}").st_ino
+    assert jailed.cgroup_path is not None
+    assert (jailed.cgroup_path / "cgroup.procs").read_text().split() == [str(spare)]
+    assert tap_owner(netns, "tap-s") in ("metald-vm", str(jail_ids[0]))
+    # A new spare for the next VM once asked for (the runtime asks once the VMM started).
+    assert spares.pids == []
+    spares.fill()
+    assert len(spares.pids) == 1 and spares.pids != [spare]
+    await jails.stop(jailed)
+    spares.close()
+    assert_no_leftovers(spec)
+
+
+def fd_names(pid: int) -> list[str]:
+    return os.listdir(f"/proc/{pid}/fd")
+
+
+def tap_owner(netns: str, name: str) -> object:
+    return links(netns)[name]["linkinfo"]["info_data"]["user"]  # type: ignore[index]
+
+
+@pytest.fixture
+def spares() -> Iterator[Spares]:
+    """Spare helpers made with this test's environment (after `hooks`, if it is asked
+    for first); every one ended at teardown."""
+    made = Spares(2)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+async def test_a_spare_forks_the_vmm_as_our_child_in_its_pid_namespace(
+    jail_ids: tuple[int, int], jail_base: Path, jails: Jails, spares: Spares
+) -> None:
+    spares.fill()
+    waiting = set(spares.pids)
+    spec = busybox_spec(jail_base, jail_ids, script="true")
+    jailed = await jails.launch(spec, spares)
+    status = status_fields(jailed.pid)
+    assert int(status["PPid"]) == os.getpid()  # our child: we reap it
+    assert status["NSpid"].split()[-1] == "1"
+    assert jailed.pid not in waiting  # the helper forked it and exited (reaped)
+    assert len(waiting - set(spares.pids)) == 1  # one spare was used
+    assert len(spares.pids) == 1
+    await jails.stop(jailed)
+    spares.close()
+    assert_no_leftovers(spec)
+
+
+@pytest.mark.parametrize("step", ["netns", "mount", "cgroup", "exec"])
+async def test_a_spare_failing_at_a_step_leaves_nothing(
+    step: str,
+    hooks: None,
+    spares: Spares,
+    jail_ids: tuple[int, int],
+    netns: str,
+    jail_base: Path,
+    cgroup_parent: str,
+) -> None:
+    spares.fill()  # made with the hooks in its environment
+    spec = busybox_spec(
+        jail_base, jail_ids, script="true", netns=netns, tap="tap-f",
+        cgroup_parent=cgroup_parent, fail_at=step,
+    )  # fmt: skip
+    with pytest.raises(JailerError) as caught:
+        await launch_jailed(spec, stderr_path=jail_base / "err", spares=spares)
+    assert caught.value.step == step and "test hook" in caught.value.reason
+    assert caught.value.leftovers == ()
+    spares.close()
+    assert_no_leftovers(spec)
+
+
+async def test_a_dead_spare_is_passed_over_and_closing_ends_every_spare(
+    jail_ids: tuple[int, int],
+    jail_base: Path,
+    jails: Jails,
+    spares: Spares,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    spares.count = 1
+    spares.fill()
+    (dead,) = spares.pids
+    os.kill(dead, signal.SIGKILL)
+    await wait_until(lambda: is_zombie(dead), 10)
+    spec = busybox_spec(jail_base, jail_ids, script="true")
+    jailed = await jails.launch(spec, spares)
+    await jails.stop(jailed)
+    assert "ended while waiting" in caplog.text
+    assert identity_of(dead) is None  # reaped
+    spares.close()
+    assert spares.pids == [] and our_children() == []
+    spares.fill()  # a closed pool starts nothing
+    assert spares.pids == []
+    assert_no_leftovers(spec)
+
+
+async def test_a_cancelled_launch_with_a_spare_leaves_nothing(
+    jail_ids: tuple[int, int], jail_base: Path, spares: Spares
+) -> None:
+    spares.fill()
+    spec = busybox_spec(jail_base, jail_ids, script="true", argv=(BUSYBOX, "sleep", "600"))
+    task = asyncio.create_task(launch_jailed(spec, stderr_path=jail_base / "err", spares=spares))
+    await asyncio.sleep(0)  # the job is handed over; the helper is at work
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    spares.close()
+    assert_no_leftovers(spec)

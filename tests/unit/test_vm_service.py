@@ -75,6 +75,7 @@ def world(
     assets: FakeAssets | None = None,
     network: FakeNetwork | None = None,
     default_backend: str = "",
+    **options: Any,
 ) -> World:
     store = store or MemoryStore()
     backends = backends or {"fake": FakeBackend("fake")}
@@ -91,6 +92,7 @@ def world(
         default_backend=default_backend,
         default_shutdown_timeout=30.0,
         clock=lambda: float(next(clock)),
+        **options,
     )
     return World(store, backends, assets, network, service)
 
@@ -787,3 +789,23 @@ def test_no_sequence_of_operations_makes_backend_and_store_disagree(
     steps: list[tuple[Any, ...]],
 ) -> None:
     asyncio.run(_run(steps))
+
+
+async def test_a_create_reports_its_steps_and_a_failed_one_does_not() -> None:
+    """metald's own share of CreateVm, step by step (core/timing.py): what /metrics shows."""
+    seen: list[tuple[str, list[str], float | None]] = []
+    w = world(
+        on_create_steps=lambda backend, times: seen.append(
+            (backend, list(times.steps), times.total)
+        )
+    )
+    await w.service.start()
+    await w.service.create_vm(ALICE, "vm-1", NETWORKED)
+    assert [(b, steps) for b, steps, _ in seen] == [
+        ("fake", ["check", "store", "admission", "network"])
+    ]
+    assert seen[0][2] is not None
+    w.backend.faults.fail("create", BackendError("no"))
+    with pytest.raises(BackendError):
+        await w.service.create_vm(ALICE, "vm-2", PLAIN)
+    assert len(seen) == 1

@@ -244,18 +244,31 @@ def writable_by_others(st: os.stat_result) -> bool:
     return bool(st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
 
 
-def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
+def write_atomic(path: Path, text: str, mode: int = 0o600, *, sync: bool = True) -> None:
     """Write `text` to a temporary file beside `path`, flush it to disk, and rename it over
-    `path`."""
+    `path`. `sync=False` skips the flush: the rename is as atomic for a reader or a crashed
+    metald (the page cache outlives a process), and `sync_file` makes it durable later, off
+    the event loop, while other work goes on (an fsync takes milliseconds, more on a busy
+    disk)."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def sync_file(path: Path) -> None:
+    """Flush a file written with `write_atomic(..., sync=False)` to disk (blocking)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,5 +1,7 @@
 """The jailer helper: a separate, single-threaded process that prepares a VMM's jail and then
-becomes the VMM (`python -I -m metald.jailer --spec - --error-fd 3`).
+becomes the VMM (`python -I -m metald.jailer --spec - --error-fd 3`; or, as a spare started
+ahead of need, `--wait`: the same with the spec, stderr and report fd sent over a socket on
+stdin once a VM needs it, jailer/spares.py).
 
 Steps, in order (each named in reports and errors):
   netns       setns into the VM's network namespace; without one, a new empty network
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import posixpath
@@ -634,15 +637,72 @@ def run(spec: JailSpec, reporter: Reporter) -> NoReturn:
         _fail(reporter, "exec", f"cannot execute {_os_message(e)}")
 
 
+def _wait_for_job(sock_fd: int = 0) -> tuple[int, Reporter]:
+    """--wait (a spare, jailer/spares.py): block until metald sends the job over the socket
+    on `sock_fd`: the spec (a memfd), stderr and the report pipe. Then those are fds 2 and 3
+    as for a helper started for the job, stdin is /dev/null and the CPU priority normal.
+    Returns the spec's fd. The socket's end (metald closed the pool) ends the helper."""
+    sock = socket.socket(fileno=sock_fd)
+    try:
+        message, fds, _, _ = socket.recv_fds(sock, 16, 3)
+    except OSError:
+        os._exit(0)
+    finally:
+        sock.detach()  # stays open as fd 0 until /dev/null replaces it below
+    if not message:
+        os._exit(0)  # no job: metald let this spare go
+    if message != b"job" or len(fds) != 3:
+        for fd in fds:
+            os.close(fd)
+        os._exit(EXIT_CODES["start"])
+    # Above 3 first: a received fd may be 3 itself, which the report pipe is about to be.
+    spec_fd, stderr_fd, report_fd = (_above(fd, 10) for fd in fds)
+    os.dup2(stderr_fd, 2)
+    os.dup2(report_fd, 3)
+    null = os.open(os.devnull, os.O_RDONLY)  # not 0: the socket still holds it
+    os.dup2(null, sock_fd)  # the socket goes; the VMM's stdin is /dev/null
+    for fd in (null, stderr_fd, report_fd):
+        os.close(fd)
+    reporter = Reporter(3)
+    try:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # metald did; the VMM's
+    except OSError as e:
+        _fail(reporter, "start", f"cannot restore the normal CPU priority: {e.strerror}")
+    return spec_fd, reporter
+
+
+def _above(fd: int, lowest: int) -> int:
+    """The same file as a close-on-exec descriptor >= `lowest` (the old one closed)."""
+    high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, lowest)
+    os.close(fd)
+    return high
+
+
+def _read_fd(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     parser = argparse.ArgumentParser(prog="python -m metald.jailer")
-    parser.add_argument("--spec", required=True, help="the JSON jail spec: a file, or - for stdin")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--spec", help="the JSON jail spec: a file, or - for stdin")
+    source.add_argument(
+        "--wait", action="store_true", help="a spare: wait for the job on the socket on stdin"
+    )
     parser.add_argument("--error-fd", type=int, default=None, help="where to report (JSON lines)")
     args = parser.parse_args(argv)
-    reporter = Reporter(args.error_fd)
     os.umask(0o022)
+    if args.wait:
+        spec_fd, reporter = _wait_for_job()
+    else:
+        reporter = Reporter(args.error_fd)
     try:
-        spec = JailSpec.from_json(_load_spec(args.spec))
+        text = _read_fd(spec_fd) if args.wait else _load_spec(args.spec)
+        spec = JailSpec.from_json(text)
         spec.validate()
     except (ValueError, TypeError, OSError) as e:
         _fail(reporter, "spec", str(e))

@@ -1,13 +1,15 @@
 """metald's side of the jailer: start the helper, learn whether the VMM runs, and undo
 everything the helper made when it does not.
 
-    jailed = await launch_jailed(spec, stderr_path=...)   # the VMM runs (QEMU with -S)
+    jailed = await launch_jailed(spec, stderr_path=..., spares=...)  # the VMM runs (-S)
     ... ProcessWatch.open(jailed.identity) ...            # watch it like any VMM
     await remove_jail(spec)                               # after the VMM has exited
 
-The helper is started with posix_spawn in its own session (it outlives metald) with nothing of
-metald's but stdin (the spec, from a memfd), stdout (/dev/null), stderr (`stderr_path`, which
-then is the VMM's) and the report pipe as fd 3. With a PID namespace (the default) the helper
+The helper is metald's child in its own session (it outlives metald), with nothing of
+metald's but its job socket (stdin), stdout (/dev/null) and stderr: a spare started ahead of
+need (jailer/spares.py), else one posix_spawned for this launch. Its job, sent over the socket
+with the descriptors: the spec (a memfd), its stderr (`stderr_path`, which then is the VMM's)
+and the report pipe (fd 3 in the helper). With a PID namespace (the default) the helper
 forks the VMM as metald's own child and exits: launch_jailed reaps the helper and returns the
 VMM's identity (its host pid). Reaping the VMM is left to the caller's pidfd watch: no asyncio
 child watcher ever waits for these pids.
@@ -18,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -35,15 +36,15 @@ from metald.core.models import ProcessIdentity
 from metald.core.undo import Undo
 from metald.host import netns as host_netns
 from metald.host.mounts import mounts_under
-from metald.host.process import ExitStatus, identity_of, inheritable_fds, reap_pidfd
+from metald.host.process import ExitStatus, identity_of, reap_pidfd
 from metald.jailer.cgroups import cgroup_dir, relative_cgroup
 from metald.jailer.errors import JailerError
+from metald.jailer.spares import Helper, Spares, spawn_helper
 from metald.jailer.spec import STEPS, JailSpec, SpecError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
-_REPORT_FD = 3
 _T = TypeVar("_T")
 
 
@@ -86,6 +87,7 @@ async def launch_jailed(
     timeout: float = DEFAULT_TIMEOUT,
     python: str = sys.executable,
     env: Mapping[str, str] | None = None,
+    spares: Spares | None = None,
 ) -> JailedProcess:
     """Run the jailer helper for `spec` and return once it has become the VMM.
 
@@ -93,7 +95,9 @@ async def launch_jailed(
     "spec"), after removing what the earlier steps made: the TAP, the jail directory (only
     its root when the directory existed before: metald may keep `stderr_path` in it), the
     cgroup. The helper's mounts were only ever in its own mount namespace and went with it.
-    `env` is the helper's environment (default: metald's); the VMM gets `spec.env` only.
+    `spares`: the helper is one of these when one is ready (jailer/spares.py: started with
+    their own interpreter and environment); otherwise one is started for this launch with
+    `python` and `env` (default: metald's). The VMM gets `spec.env` only.
     """
     try:
         spec.validate()
@@ -102,7 +106,7 @@ async def launch_jailed(
     stderr_path = Path(stderr_path)
     started = time.monotonic()
     try:
-        pid, pidfd, report_fd = _spawn(spec, stderr_path, python, env)
+        pid, pidfd, report_fd = _start(spec, stderr_path, python, env, spares)
     except OSError as e:
         raise JailerError("start", f"cannot start the jailer: {e}") from None
     reader = _Reports()
@@ -209,63 +213,63 @@ async def remove_tap_device(netns_path: str | None, name: str) -> bool:
 # -- spawning --
 
 
-def _spawn(
-    spec: JailSpec, stderr_path: Path, python: str, env: Mapping[str, str] | None
+def _start(
+    spec: JailSpec,
+    stderr_path: Path,
+    python: str,
+    env: Mapping[str, str] | None,
+    spares: Spares | None,
 ) -> tuple[int, int, int]:
-    """Start the helper; (pid, pidfd, the read end of the report pipe)."""
-    spec_fd = _high_fd(os.memfd_create("metald-jail-spec", os.MFD_CLOEXEC))
+    """A helper with its job handed over: (pid, pidfd, the read end of the report pipe).
+
+    A spare that cannot take the job (it died just now) is discarded and a helper started
+    for the job instead. One started for the job whose socket is closed has died: its
+    report pipe then reads as empty at once, and its exit status and stderr tell why. Any
+    other failure (no descriptor left, say) ends the helper and is raised (step "start")."""
+    helper = spares.take() if spares is not None else None
+    if helper is not None:
+        try:
+            return helper.pid, helper.pidfd, _hand_job(helper, spec, stderr_path)
+        except OSError as e:
+            log.warning("a spare jailer helper could not take its job: %s", e)
+            helper.discard()
+    helper = spawn_helper(python=python, env=env, stderr_path=stderr_path)
+    try:
+        report_fd = _hand_job(helper, spec, stderr_path)
+    except (BrokenPipeError, ConnectionError):
+        # It died before taking its job (its interpreter cannot start, say): its exit
+        # status and its stderr (the VM's file from the spawn on) say why.
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        os.close(write_end)
+        helper.sock.close()
+        return helper.pid, helper.pidfd, read_end
+    except BaseException:
+        helper.discard()
+        raise
+    return helper.pid, helper.pidfd, report_fd
+
+
+def _hand_job(helper: Helper, spec: JailSpec, stderr_path: Path) -> int:
+    """Send the helper its spec (a memfd), its stderr (`stderr_path`, which then is the
+    VMM's) and the write end of a new report pipe; returns the pipe's read end."""
+    spec_fd = os.memfd_create("metald-jail-spec", os.MFD_CLOEXEC)
+    stderr_fd = -1
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
-    read_end, write_end = _high_fd(read_end), _high_fd(write_end)
     try:
         os.write(spec_fd, spec.to_json().encode())
         os.lseek(spec_fd, 0, os.SEEK_SET)
-        file_actions: list[tuple[Any, ...]] = [
-            (os.POSIX_SPAWN_CLOSE, fd) for fd in inheritable_fds() if fd > 2
-        ]
-        file_actions += [
-            (os.POSIX_SPAWN_DUP2, spec_fd, 0),
-            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-            (
-                os.POSIX_SPAWN_OPEN,
-                2,
-                str(stderr_path),
-                os.O_WRONLY | os.O_CREAT | os.O_APPEND,
-                0o600,
-            ),
-            (os.POSIX_SPAWN_DUP2, write_end, _REPORT_FD),
-        ]
-        argv = [python, "-I", "-m", "metald.jailer", "--spec", "-", "--error-fd", str(_REPORT_FD)]
-        pid = os.posix_spawn(
-            python,
-            argv,
-            dict(os.environ if env is None else env),
-            file_actions=file_actions,
-            setsid=True,
-            setsigmask=set(),
-            setsigdef=_resettable_signals(),
+        stderr_fd = os.open(
+            stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
         )
+        helper.hand_job(spec_fd, stderr_fd, write_end)
     except BaseException:
         os.close(read_end)
         raise
     finally:
-        os.close(spec_fd)
-        os.close(write_end)
-    # Our child: its pid cannot be reused before we reap it, so this pidfd is exact.
-    return pid, os.pidfd_open(pid), read_end
-
-
-def _high_fd(fd: int) -> int:
-    """The same file as a close-on-exec descriptor >= 10 (so a dup2 onto 0-3 is never a
-    dup2 onto itself, which would keep close-on-exec)."""
-    if fd >= 10:
-        return fd
-    high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
-    os.close(fd)
-    return high
-
-
-def _resettable_signals() -> set[int]:
-    return {int(s) for s in signal.valid_signals()} - {signal.SIGKILL, signal.SIGSTOP}
+        for fd in (spec_fd, stderr_fd, write_end):
+            if fd >= 0:
+                os.close(fd)
+    return read_end
 
 
 # -- reports --

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from metald.core import timing
 from metald.core.errors import MetaldError
 from metald.network.models import NetworkSettings
 
@@ -41,5 +42,6 @@ class NetContext:
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     def step(self, name: str) -> None:
+        timing.lap(f"network.{name}")  # metald's timers of a create (core/timing.py)
         if self.hook is not None:
             self.hook(name)

@@ -164,6 +164,7 @@ class VmNetworks:
         ):
             ctx.step("veth")
             vh = links.get_link(seg, names.host_veth)
+            fresh = vh is None  # a new pair: no qdisc of ours on it yet
             if vh is None:
                 if links.get_link(vmr, names.vm_veth) is not None:
                     # Its host end went with a lost segments namespace (the kernel removes
@@ -231,7 +232,9 @@ class VmNetworks:
                     undo.add(f"neighbour {address}", self._undo_neighbour, bridge_index, address)
 
             ctx.step("rate-limit")
-            self._apply_limits(seg, vmr, names, net.rx, net.tx)
+            self._apply_limits(
+                seg, vmr, names, net.rx, net.tx, fresh=fresh, vh=vh_index, vg=vg.index
+            )
 
     # Undo steps open their own sockets: they run after the set-up's sockets are closed.
 
@@ -266,16 +269,30 @@ class VmNetworks:
     # Limits and the TAP ------------------------------------------------------------------
 
     def _apply_limits(
-        self, seg: Any, vmr: Any, names: VmNames, rx: RateLimit | None, tx: RateLimit | None
+        self,
+        seg: Any,
+        vmr: Any,
+        names: VmNames,
+        rx: RateLimit | None,
+        tx: RateLimit | None,
+        *,
+        fresh: bool = False,
+        vh: int | None = None,
+        vg: int | None = None,
     ) -> None:
         # Toward the guest: what the host end sends into the VM's veth. From the guest: what
         # the VM's veth end sends out of the VM namespace. Both are shaped (tbf) rather than
-        # policed, so TCP backs off instead of losing packets.
-        vh = int(seg.link_lookup(ifname=names.host_veth)[0])
-        vg = int(vmr.link_lookup(ifname=names.vm_veth)[0])
+        # policed, so TCP backs off instead of losing packets. `fresh`: the pair was made
+        # just now, so there is no limit to clear (a refused delete costs a netlink round
+        # trip and an exception: ~20 ms of a create, measured with py-spy).
+        if vh is None:
+            vh = int(seg.link_lookup(ifname=names.host_veth)[0])
+        if vg is None:
+            vg = int(vmr.link_lookup(ifname=names.vm_veth)[0])
         for ipr, index, limit in ((seg, vh, rx), (vmr, vg, tx)):
             if limit is None:
-                links.clear_root_qdisc(ipr, index)
+                if not fresh:
+                    links.clear_root_qdisc(ipr, index)
             else:
                 links.set_tbf(ipr, index, limit.bandwidth, tbf_burst(limit))
 

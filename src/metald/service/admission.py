@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from metald.core import timing
 from metald.core.errors import InvalidArgument
 from metald.core.models import ResolvedDisk, VmConfig, VmRecord
 from metald.core.ports import Quotas
@@ -107,13 +108,15 @@ class Admission:
     async def creating(self, customer_id: str, vm_id: str, claim: Claim) -> AsyncIterator[None]:
         """Admit a new VM (QuotaExceeded if it does not fit) for the body, which creates it.
         If the body fails, the claim goes; if it succeeds, the VM's row counts from now on."""
-        await self._admit(customer_id, vm_id, claim, CREATE_CHECKS, new=True)
+        with timing.step("admission"):
+            await self._admit(customer_id, vm_id, claim, CREATE_CHECKS, new=True)
         try:
             yield
         except BaseException:
             await self._quiet(self._quotas.release, vm_id, "release")
             raise
-        await self._quiet(self._quotas.settle, vm_id, "settle")
+        with timing.step("admission"):
+            await self._quiet(self._quotas.settle, vm_id, "settle")
 
     @asynccontextmanager
     async def booting(self, vm: VmRecord) -> AsyncIterator[None]:

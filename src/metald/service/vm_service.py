@@ -25,7 +25,7 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from metald.core import paging
+from metald.core import paging, timing
 from metald.core.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -89,11 +89,14 @@ class VmService:
         default_shutdown_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
         host_details: bool = False,
+        on_create_steps: Callable[[str, timing.StepTimes], None] | None = None,
     ) -> None:
         """`backends`: every VMM backend this host can run, by name (a VM row records its
         backend, so VMs of each are adopted after a restart); new VMs use `default_backend`
         (the only one when there is one). `host_details`: GetVmInfo shows the backend's
-        host details (pid, paths, versions) to tenants too: development and tests only."""
+        host details (pid, paths, versions) to tenants too: development and tests only.
+        `on_create_steps`: called with the backend's name and the steps of every CreateVm
+        that succeeded (core/timing.py; the API publishes them on /metrics)."""
         if not backends:
             raise ValueError("at least one backend")
         default_backend = default_backend or next(iter(backends))
@@ -112,6 +115,7 @@ class VmService:
         self._host_details = host_details
         # The live VMs, read by GetVmInfo and ownership checks (service/registry.py).
         self.registry = VmRegistry()
+        self._on_create_steps = on_create_steps
 
     # -- life of the service -------------------------------------------------------------
 
@@ -181,22 +185,35 @@ class VmService:
     async def create_vm(
         self, caller: str, vm_id: str, config: VmConfig, customer_id: str = ""
     ) -> VmRecord:
-        if customer_id and customer_id != caller:
-            raise PermissionDenied("customer_id must be the caller's own customer id")
-        check_customer_id(caller)
-        if vm_id:
-            check_vm_id(vm_id)
-        check_config(config, self._limits)
-        self._network.check(config.network)
-        spec_of = self._resolve(config, caller)
-        vm_id = vm_id or new_vm_id()
-        claim = self._admission.check_request(config, spec_of(vm_id).disks)
+        with timing.collecting() as times:
+            vm = await self._create_vm(caller, vm_id, config, customer_id)
+        # Only a create that succeeded: a failed one's steps stop anywhere.
+        log.debug("vm %s: created in %s", vm.id, times.describe())
+        if self._on_create_steps is not None:
+            self._on_create_steps(vm.backend, times)
+        return vm
+
+    async def _create_vm(
+        self, caller: str, vm_id: str, config: VmConfig, customer_id: str
+    ) -> VmRecord:
+        with timing.step("check"):
+            if customer_id and customer_id != caller:
+                raise PermissionDenied("customer_id must be the caller's own customer id")
+            check_customer_id(caller)
+            if vm_id:
+                check_vm_id(vm_id)
+            check_config(config, self._limits)
+            self._network.check(config.network)
+            spec_of = self._resolve(config, caller)
+            vm_id = vm_id or new_vm_id()
+            claim = self._admission.check_request(config, spec_of(vm_id).disks)
         taken = AlreadyExists(f"vm_id {vm_id!r} is taken (VM ids are never reused)")
         if self._locks.busy(vm_id):
             raise taken  # someone's VM, or someone's create of it: not waited for
         async with self._locks.hold(vm_id):  # free: taken at once, with no wait
-            if await self._store.exists(vm_id):
-                raise taken
+            with timing.step("store"):
+                if await self._store.exists(vm_id):
+                    raise taken
             now = self._clock()
             vm = VmRecord(
                 id=vm_id,
@@ -208,7 +225,8 @@ class VmService:
                 updated_at=now,
             )
             async with self._admission.creating(caller, vm_id, claim):
-                await self._store.insert(vm)  # intent: the id is taken
+                with timing.step("store"):
+                    await self._store.insert(vm)  # intent: the id is taken
                 self.registry.put(vm)
                 # Every step's undo runs even if an earlier one fails: what stays is logged
                 # and the next start's orphan removal takes it (no row owns it any more).
@@ -217,12 +235,15 @@ class VmService:
                 undo.add("its network", self._network.teardown, vm_id)
                 undo.add("its VMM", self._backend.destroy, vm_id)
                 try:
-                    nic = await self._network.setup(vm_id, caller, config.network)
-                    vm.process = await self._backend.create(replace(spec_of(vm_id), nic=nic))
+                    with timing.step("network"):
+                        nic = await self._network.setup(vm_id, caller, config.network)
+                    spec = replace(spec_of(vm_id), nic=nic)
+                    vm.process = await self._backend.create(spec)
                     # Recording the VMM is part of the create: a row without its process
                     # could never be adopted, and the next start would keep its VMM as a
                     # known VM's.
-                    await self._store.update(vm)
+                    with timing.step("store"):
+                        await self._store.update(vm)
                     self.registry.put(vm)
                 except BaseException:
                     await undo.run_async()

@@ -30,6 +30,7 @@ from metald.backends.vmm.layout import (
 from metald.backends.vmm.process import VmmProcess
 from metald.core.errors import BackendError
 from metald.core.ports import JailIds
+from metald.jailer.spares import Spares
 from metald.jailer.spec import JailSpec
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ class VmmContext:
         self.start_timeout = start_timeout
         self.control_timeout = control_timeout
         self.found_host: VmmHost | None = None  # set by start()
+        # Jailer helpers started ahead of need (started by start(), ended by close()).
+        self.spares: Spares | None = None if jail is None else Spares(jail.spare_helpers)
 
     @property
     def name(self) -> str:
@@ -112,6 +115,8 @@ class VmmContext:
                 sockets_under,
             )
         await asyncio.to_thread(self.vm_root.mkdir, parents=True, exist_ok=True)
+        if self.spares is not None:
+            self.spares.fill()
         self.found_host = host
         log.info(
             "%s %s: accelerator %s (%s)",

@@ -60,6 +60,7 @@ class JailSettings:
         (one VMM could then signal, trace or read another: development only).
     nproc_max, nofile_max: RLIMIT_NPROC (threads of the VMM's uid) and RLIMIT_NOFILE.
     file_size_max: RLIMIT_FSIZE, raised to the VM's largest writable disk when bigger.
+    spare_helpers: jailer helpers kept started ahead of need (jailer/spares.py).
     """
 
     uid: int
@@ -73,6 +74,7 @@ class JailSettings:
     nproc_max: int = 512
     nofile_max: int = 4096
     file_size_max: int = 64 * 1024 * 1024
+    spare_helpers: int = 2
 
     def __post_init__(self) -> None:
         for name, value in (("uid", self.uid), ("gid", self.gid)):
@@ -103,6 +105,8 @@ class JailSettings:
         ):
             if value <= 0:
                 raise ValueError(f"jail {name} must be positive")
+        if self.spare_helpers < 0:
+            raise ValueError("jail spare_helpers must not be negative")
 
     def rlimits(self, largest_writable_disk: int = 0) -> tuple[Rlimit, ...]:
         """The VMM's resource limits. RLIMIT_FSIZE counts a write's offset, not growth, so

@@ -39,8 +39,9 @@ from metald.backends.vmm.jail import save_jail_spec
 from metald.backends.vmm.layout import VmLayout, check_socket_path, plan_drives, vmm_files
 from metald.backends.vmm.messages import clean_message, first_stderr_line
 from metald.backends.vmm.process import StartFailed, VmmProcess, VmmTable
-from metald.backends.vmm.records import load_spec
+from metald.backends.vmm.records import load_spec, sync_in_background
 from metald.backends.vmm.supervision import Supervisor
+from metald.core import timing
 from metald.core.errors import BackendError, MetaldError
 from metald.core.models import LaunchSpec, ProcessIdentity
 from metald.core.ports import TapCallback
@@ -97,7 +98,8 @@ class Launcher:
                 f"cannot start VM {spec.vm_id}: its network interface needs the jailer"
             )
         jail: JailSpec | None = None
-        ids = await ctx.vmm_ids(spec.vm_id)
+        with timing.step("ids"):
+            ids = await ctx.vmm_ids(spec.vm_id)
         try:
             launch = self._launch_context(spec, layout, ids)
             argv = ctx.driver.argv(host, launch)
@@ -112,6 +114,8 @@ class Launcher:
             try:
                 identity = await self._start_jailed(jail, layout)
             except BackendError as e:
+                if ctx.spares is not None:
+                    ctx.spares.fill_soon()
                 raise BackendError(clean_message(ctx, e.message, spec, layout)) from None
         else:
             identity = await self._start_directly(argv, layout)
@@ -130,6 +134,8 @@ class Launcher:
         try:
             await self._make_ready(vm, launch)
         except BaseException as e:
+            if ctx.spares is not None:
+                ctx.spares.fill_soon()
             await self._supervisor.abandon(vm)
             # Whether it ended by itself comes from its exit status, not from whether the
             # loop had seen the exit yet: a VMM that dies on a bad kernel breaks the control
@@ -149,6 +155,8 @@ class Launcher:
             message = f"{ctx.name} failed to start VM {spec.vm_id}: {detail}"
             raise BackendError(clean_message(ctx, message, spec, layout)) from None
         vm.starting = False
+        if ctx.spares is not None:
+            ctx.spares.fill_soon()  # now that the VMM has started (jailer/spares.py)
         return vm
 
     async def _make_ready(self, vm: VmmProcess, launch: LaunchContext) -> None:
@@ -157,18 +165,23 @@ class Launcher:
         ctx = self._ctx
         if vm.watch is None:
             raise StartFailed(f"{ctx.name} exited at once")
-        vm.save_record()
+        vm.save_record(sync=False)
+        record_saved = sync_in_background(vm.layout.process_file)  # while the VMM starts
         deadline = asyncio.get_running_loop().time() + ctx.start_timeout
         await connect_control(ctx, vm, deadline, launch)
         if launch.spec.nic is not None and self.tap_callback is not None:
             try:
-                await self.tap_callback(vm.vm_id)
+                with timing.step("tap"):
+                    await self.tap_callback(vm.vm_id)
             except Exception as e:
                 message = e.message if isinstance(e, MetaldError) else str(e)
                 raise StartFailed(f"its TAP could not be connected: {message}") from e
         control = vm.connected_control()
-        await control.prepare(launch)
-        state = await control.runstate()
+        with timing.step("configure"):
+            await control.prepare(launch)
+            state = await control.runstate()
+        with timing.step("sync"):
+            await record_saved
         if state is not VmState.CREATED:
             raise StartFailed(f"{ctx.name} started in state {state}, not ready to boot")
 
@@ -272,9 +285,13 @@ class Launcher:
         with contextlib.suppress(FileNotFoundError):
             layout.stderr_log.unlink()  # the jailer appends: one VMM's messages only
         try:
-            jailed = await launch_jailed(
-                jail, stderr_path=layout.stderr_log, timeout=ctx.start_timeout
-            )
+            with timing.step("jailer"):
+                jailed = await launch_jailed(
+                    jail,
+                    stderr_path=layout.stderr_log,
+                    timeout=ctx.start_timeout,
+                    spares=ctx.spares,
+                )
         except JailerError as e:
             # Full text (host paths) for the operator; the caller gets a cleaned one.
             log.warning("VM %s: %s", jail.vm_id, e.message)
@@ -282,6 +299,9 @@ class Launcher:
                 with contextlib.suppress(FileNotFoundError):
                     layout.jail_spec_file.unlink()
             raise BackendError(f"could not jail the VMM of VM {jail.vm_id}: {e.message}") from None
+        # The helper's own steps, as it measured them (inside the "jailer" step above).
+        for s in jailed.steps:
+            timing.record(f"jailer.{s.step}", s.ms / 1000)
         if jailed.cgroup_note and not self._cgroup_noted:
             self._cgroup_noted = True
             log.warning("VM cgroup limits not (all) applied on this host: %s", jailed.cgroup_note)

@@ -64,8 +64,9 @@ class VmmProcess:
             raise BackendError(f"VM {self.vm_id} has no control connection")
         return self.control
 
-    def save_record(self) -> None:
-        """process.json: found again after a metald restart."""
+    def save_record(self, *, sync: bool = True) -> None:
+        """process.json: found again after a metald restart (`sync=False`: not flushed to
+        disk yet)."""
         save_process(
             self.layout,
             ProcessRecord(
@@ -74,6 +75,7 @@ class VmmProcess:
                 accelerator=self.accelerator,
                 booted_at=self.booted_at,
             ),
+            sync=sync,
         )
 
     def mark_booted(self) -> None:

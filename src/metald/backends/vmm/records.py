@@ -7,6 +7,8 @@ format the jailer helper reads, and the helper is standard-library only.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,9 @@ from pydantic import TypeAdapter, ValidationError
 from metald.backends.vmm.layout import VmLayout
 from metald.core.errors import BackendError
 from metald.core.models import LaunchSpec, ProcessIdentity
-from metald.host.files import write_atomic
+from metald.host.files import sync_file, write_atomic
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,8 +40,23 @@ _SPEC = TypeAdapter(LaunchSpec)
 _PROCESS = TypeAdapter(ProcessRecord)
 
 
-def save_spec(layout: VmLayout, spec: LaunchSpec) -> None:
-    write_atomic(layout.spec_file, _SPEC.dump_json(spec, indent=2).decode())
+def save_spec(layout: VmLayout, spec: LaunchSpec, *, sync: bool = True) -> None:
+    """`sync=False`: not flushed to disk yet (host.files.sync_file does, later)."""
+    write_atomic(layout.spec_file, _SPEC.dump_json(spec, indent=2).decode(), sync=sync)
+
+
+def sync_in_background(path: Path) -> asyncio.Future[None]:
+    """Flush a record written with sync=False to disk in a worker thread, while the launch
+    goes on (the VMM's start takes far longer than an fsync); await the future before the
+    create answers. A failure nobody awaited (the create failed, the file went) is logged."""
+    future = asyncio.ensure_future(asyncio.to_thread(sync_file, path))
+
+    def done(f: asyncio.Future[None]) -> None:
+        if not f.cancelled() and f.exception() is not None:
+            log.debug("%s not flushed: %s", path, f.exception())
+
+    future.add_done_callback(done)
+    return future
 
 
 def load_spec(layout: VmLayout) -> LaunchSpec:
@@ -57,8 +76,8 @@ def load_spec(layout: VmLayout) -> LaunchSpec:
         ) from None
 
 
-def save_process(layout: VmLayout, record: ProcessRecord) -> None:
-    write_atomic(layout.process_file, _PROCESS.dump_json(record).decode())
+def save_process(layout: VmLayout, record: ProcessRecord, *, sync: bool = True) -> None:
+    write_atomic(layout.process_file, _PROCESS.dump_json(record).decode(), sync=sync)
 
 
 def load_process(layout: VmLayout) -> ProcessRecord | None:

@@ -55,9 +55,10 @@ from metald.backends.vmm.layout import AGENT_SOCKET, VmLayout
 from metald.backends.vmm.logcaps import CappedFile, LogCapper
 from metald.backends.vmm.messages import clean_message
 from metald.backends.vmm.process import VmmProcess, VmmTable
-from metald.backends.vmm.records import save_spec
+from metald.backends.vmm.records import save_spec, sync_in_background
 from metald.backends.vmm.supervision import Supervisor
 from metald.backends.vmm.usage import USAGE_MAX_AGE_SECONDS, fresh_usage, latest_usage
+from metald.core import timing
 from metald.core.errors import BackendError, InvalidArgument, ResourceExhausted
 from metald.core.models import ConsoleChunk, LaunchSpec, ProcessIdentity, VmUsage
 from metald.core.ports import ExitCallback, JailIds, TapCallback
@@ -198,9 +199,14 @@ class VmmRuntime:
         except OSError as e:
             raise BackendError(f"cannot make the VM directory: {e.strerror}") from e
         try:
-            await copy_writable_disks(spec, layout)
-            save_spec(layout, spec)
+            with timing.step("disks"):
+                await copy_writable_disks(spec, layout)
+                save_spec(layout, spec, sync=False)
+            # Flushed to disk while the VMM starts; durable before the create answers.
+            spec_saved = sync_in_background(layout.spec_file)
             vm = await self._launcher.launch(spec, layout)
+            with timing.step("sync"):
+                await spec_saved
         except BaseException as e:
             try:
                 await remove_vm_files(ctx, spec.vm_id, layout)
@@ -393,6 +399,8 @@ class VmmRuntime:
         """Disconnect from every VMM and stop watching; the processes keep running."""
         await self._log_capper.stop()
         await self._supervisor.close()
+        if self._ctx.spares is not None:
+            self._ctx.spares.close()
 
     def _live(self, vm_id: str) -> VmmProcess:
         vm = self._vms.get(vm_id)
