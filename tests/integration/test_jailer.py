@@ -282,8 +282,25 @@ def links(netns: str) -> dict[str, dict[str, object]]:
     return {link["ifname"]: link for link in json.loads(out)}
 
 
+# Children this process had before the test (see _children_before): when the whole suite runs,
+# e2e tests kill daemons with SIGKILL and this process, a subreaper, inherits what those
+# daemons left (their VMMs, their spare jailer helpers); those are not this file's leftovers.
+_before: set[str] = set()  # their pids
+
+
+@pytest.fixture(autouse=True)
+def _children_before() -> None:
+    _before.clear()
+    _before.update(child.split()[0] for child in _all_children())
+
+
 def our_children() -> list[str]:
-    """Processes whose parent is this test process (zombies included)."""
+    """Processes whose parent is this test process (zombies included) and that the test
+    made (not there when it began)."""
+    return [child for child in _all_children() if child.split()[0] not in _before]
+
+
+def _all_children() -> list[str]:
     found = []
     me = os.getpid()
     for entry in Path("/proc").iterdir():
