@@ -57,3 +57,13 @@ class BackendError(MetaldError):
     """The VMM misbehaved (failed to start, control socket broke). Reported as internal."""
 
     code = "internal"
+
+
+class BillingUnavailable(Unavailable):
+    """The billing service could not be reached, or answered so that the records may not
+    have arrived: keep them and try again later."""
+
+
+class BillingRejected(MetaldError):
+    """The billing service answered and refused (success=false, or a Connect error other
+    than unavailable): retrying the same call will not help."""

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from metald.core.metering import UsageRecord
 from metald.core.models import (
     Allocation,
     ConsoleChunk,
@@ -262,3 +263,24 @@ class Quotas(Protocol):
     async def sweep(self) -> int:
         """At start-up, before any admission on this host: end this host's holds and drop
         its claims whose VM row is missing or deleted (an admission a crash cut short)."""
+
+
+class Billing(Protocol):
+    """The billing service (billing.v1.BillingService: the existing billaged, or `metald
+    billing-sink`). Every call names the VM's customer, which the wire carries as the
+    `X-Tenant-ID` header. A call that may not have arrived raises BillingUnavailable (the
+    caller keeps the records and retries); one the service refused raises BillingRejected.
+    Times are Unix nanoseconds."""
+
+    async def send_batch(
+        self, vm_id: str, customer_id: str, records: Sequence[UsageRecord]
+    ) -> None:
+        """Records of one VM, oldest first."""
+
+    async def heartbeat(self, instance_id: str, active_vm_ids: Sequence[str]) -> None: ...
+    async def vm_started(self, vm_id: str, customer_id: str, at_ns: int) -> None: ...
+    async def vm_stopped(self, vm_id: str, customer_id: str, at_ns: int) -> None: ...
+    async def possible_gap(
+        self, vm_id: str, customer_id: str, last_sent_ns: int, resume_ns: int
+    ) -> None: ...
+    async def close(self) -> None: ...
