@@ -28,3 +28,24 @@ class UsageRecord:
     disk_write_bytes: int = 0
     network_rx_bytes: int = 0  # received by the guest
     network_tx_bytes: int = 0  # sent by the guest
+
+
+@dataclass
+class MeteringStats:
+    """Running totals of metering and delivery, for /metrics (no VM or customer in them).
+
+    The metering service owns one and updates it; the metrics adapter reads it at scrape
+    time, so neither imports the other."""
+
+    samples_total: int = 0  # samples taken (one per running VM per tick)
+    sample_errors_total: int = 0  # samples that failed (the VM's tick is skipped)
+    tick_lag_seconds: float = 0.0  # how late the last tick started against its schedule
+    backlog_records: int = 0  # records stored and not yet delivered
+    backlog_limit: int = 0  # the configured bound
+    backlog_full_total: int = 0  # samples that found the backlog full
+    batches_sent_total: int = 0
+    records_sent_total: int = 0
+    send_retries_total: int = 0  # calls repeated after a failure
+    send_failures_total: int = 0  # calls that failed (unreachable or refused)
+    notices_sent_total: int = 0  # started, stopped, gap and heartbeat calls delivered
+    last_delivery_unix: float = 0.0
