@@ -9,7 +9,8 @@ import os
 import pwd
 import signal
 import sys
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,9 @@ from metald.backends.vmm.jail import JailSettings
 from metald.backends.vmm.runtime import VmmRuntime
 from metald.config import BackendKind, ConfigError, HttpServer, Settings, load_settings
 from metald.core.errors import MetaldError
-from metald.core.ports import Backend, JailIds, Network, Store
+from metald.core.metering import MeteringStats
+from metald.core.models import VmRecord
+from metald.core.ports import Backend, Billing, JailIds, Network, Store
 from metald.core.quotas import HostCeiling, QuotaDefaults, Resource, VmMaxima
 from metald.core.validation import Limits
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
@@ -39,12 +42,16 @@ from metald.network.manager import NetworkManager
 from metald.network.models import NetworkMode, NetworkSettings
 from metald.network.port import NetlinkNetwork, NoNetwork
 from metald.service.admission import Admission
+from metald.service.delivery import Delivery, DeliverySettings
+from metald.service.metering import METERED_STATES, Collector, CollectorSettings
+from metald.service.metering_loops import MeteringLoops
 from metald.service.vm_service import VmService
 from metald.store.addresses import SqlAddressBook
 from metald.store.database import Database
 from metald.store.jail_ids import SqlJailIds
 from metald.store.quotas import SqlQuotas
 from metald.store.sqlite import SqlStore
+from metald.store.usage_log import SqlUsageLog
 
 log = logging.getLogger("metald")
 
@@ -58,6 +65,7 @@ class Daemon:
     settings: Settings
     asgi: MetaldASGI
     service: VmService
+    metering: MeteringStats | None = None  # None: billing is off, nothing is metered
 
 
 def check_exposure(settings: Settings) -> None:
@@ -291,6 +299,76 @@ def build_admission(settings: Settings, database: Database) -> Admission:
     return Admission(SqlQuotas(database), defaults, host, maxima, _file_size)
 
 
+def build_billing(settings: Settings) -> Billing | None:
+    """The billing client (None: UNKEY_METALD_BILLING_ENABLED=false). The billing-sink
+    branch supplies the client; until it is merged, enabling billing refuses to start."""
+    if not settings.billing_enabled:
+        return None
+    raise StartupError(
+        "UNKEY_METALD_BILLING_ENABLED=true, but this build has no billing client yet "
+        "(the billing.v1 client is not built): set UNKEY_METALD_BILLING_ENABLED=false"
+    )
+
+
+def instance_id(data_dir: Path) -> str:
+    """This host's billing instance id: made once, kept in the data directory."""
+    path = data_dir / "instance_id"
+    try:
+        found = path.read_text().strip()
+        if found:
+            return found
+    except FileNotFoundError:
+        pass
+    made = f"metald-{uuid.uuid4().hex}"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(made + "\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return made
+
+
+def build_metering(
+    settings: Settings,
+    billing: Billing,
+    database: Database,
+    backends: dict[str, Backend],
+    network: Network,
+    live_vms: Callable[[], list[VmRecord]],
+) -> MeteringLoops:
+    """The collector and the delivery of usage to `billing` (service/metering.py, delivery.py)."""
+    stats = MeteringStats()
+    usage_log = SqlUsageLog(database)
+    delivery = Delivery(
+        usage_log,
+        billing,
+        stats,
+        instance_id(settings.data_dir),
+        lambda: [vm.id for vm in live_vms() if vm.state in METERED_STATES],
+        DeliverySettings(
+            batch_size=settings.billing_batch_size,
+            flush_interval=settings.billing_flush_interval_ms / 1000,
+            retry_initial=settings.billing_retry_initial_ms / 1000,
+            retry_max=max(settings.billing_retry_max_ms, settings.billing_retry_initial_ms) / 1000,
+            heartbeat_interval=settings.billing_heartbeat_interval_seconds,
+            retention=settings.billing_retention_hours * 3600,
+        ),
+    )
+    collector = Collector(
+        usage_log,
+        backends,
+        network,
+        live_vms,
+        stats,
+        CollectorSettings(
+            interval=settings.metering_interval_ms / 1000,
+            sample_timeout=settings.metering_sample_timeout_ms / 1000,
+            backlog_max=settings.billing_backlog_max,
+        ),
+        on_stored=delivery.wake,
+    )
+    return MeteringLoops(collector, delivery, billing, settings.billing_shutdown_flush_seconds)
+
+
 def _file_size(path: Path) -> int:
     return path.stat().st_size
 
@@ -310,6 +388,7 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
     network = build_network(settings, database)
     admission = build_admission(settings, database)
     backends: dict[str, Backend] = {}
+    metering: MeteringLoops | None = None
     try:
         await database.migrate()
         bounds = settings.jailer_uid_bounds
@@ -321,6 +400,16 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
             settings.assetmanager_cache_dir, legacy_link_dirs=[settings.jailer_chroot_dir]
         )
         metrics = ApiMetrics()
+        billing = build_billing(settings)
+        if billing is not None:
+            metering = build_metering(
+                settings,
+                billing,
+                database,
+                backends,
+                network,
+                lambda: list(service.registry.snapshot().values()),
+            )
         service = VmService(
             store,
             backends,
@@ -332,6 +421,7 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
             default_shutdown_timeout=float(settings.shutdown_timeout_seconds),
             host_details=settings.expose_host_details,
             on_create_steps=metrics.observe_create_steps,
+            metering=metering.collector if metering is not None else None,
         )
         if settings.expose_host_details:
             log.warning(
@@ -339,6 +429,8 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
                 "versions in backend_info (development and tests only)"
             )
         await service.start()
+        if metering is not None:
+            await metering.start()
         authenticator = TokenAuthenticator(
             dev_tokens=settings.auth_dev_tokens, tokens_file=settings.auth_tokens_file
         )
@@ -363,8 +455,10 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
             store,
             body_timeout=settings.request_body_timeout_seconds,
         )
-        yield Daemon(settings, asgi, service)
+        yield Daemon(settings, asgi, service, metering.collector.stats if metering else None)
     finally:
+        if metering is not None:
+            await metering.stop()
         for each in backends.values():
             await each.close()
         await network.stop()

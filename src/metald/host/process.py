@@ -342,3 +342,31 @@ def spawn(
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
     raise OSError(errno.ESRCH, f"process {pid} vanished right after starting")
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """Every thread of the process by id, with its name (/proc/<pid>/task/*/comm; at most
+    15 bytes); empty if there is no such process."""
+    names: dict[int, str] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return names
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm", encoding="utf-8", errors="replace") as f:
+                names[int(tid)] = f.read().rstrip("\n")
+        except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError):
+            continue
+    return names
+
+
+def thread_cpu_ns(pid: int, tid: int) -> int | None:
+    """The thread's CPU time in nanoseconds (the first field of its schedstat: the
+    scheduler's own sum, exact, where stat's utime+stime are clock ticks of 10 ms), or
+    None if the thread is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+            return int(f.read().split(maxsplit=1)[0])
+    except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+        return None

@@ -60,6 +60,7 @@ from metald.core.validation import (
 )
 from metald.service.admission import Admission
 from metald.service.locks import VmLocks
+from metald.service.metering import Collector
 from metald.service.registry import VmRegistry
 
 log = logging.getLogger(__name__)
@@ -90,13 +91,15 @@ class VmService:
         clock: Callable[[], float] = time.time,
         host_details: bool = False,
         on_create_steps: Callable[[str, timing.StepTimes], None] | None = None,
+        metering: Collector | None = None,
     ) -> None:
         """`backends`: every VMM backend this host can run, by name (a VM row records its
         backend, so VMs of each are adopted after a restart); new VMs use `default_backend`
         (the only one when there is one). `host_details`: GetVmInfo shows the backend's
         host details (pid, paths, versions) to tenants too: development and tests only.
         `on_create_steps`: called with the backend's name and the steps of every CreateVm
-        that succeeded (core/timing.py; the API publishes them on /metrics)."""
+        that succeeded (core/timing.py; the API publishes them on /metrics). `metering`:
+        told of boots, shutdowns and deletes (service/metering.py), when billing is on."""
         if not backends:
             raise ValueError("at least one backend")
         default_backend = default_backend or next(iter(backends))
@@ -116,6 +119,7 @@ class VmService:
         # The live VMs, read by GetVmInfo and ownership checks (service/registry.py).
         self.registry = VmRegistry()
         self._on_create_steps = on_create_steps
+        self._metering = metering
 
     # -- life of the service -------------------------------------------------------------
 
@@ -179,6 +183,7 @@ class VmService:
                 return
             await self._save(vm, state=VmState.SHUTDOWN, process=None, exit_reason=reason)
             log.info("vm %s stopped on its own: %s", vm_id, reason)
+            await self._meter("stopped", vm)
 
     # -- use cases -------------------------------------------------------------------------
 
@@ -256,6 +261,7 @@ class VmService:
             new_state = next_state(Operation.BOOT, vm.state)
             async with self._admission.booting(vm):
                 process = await self._backend_of(vm).boot(vm_id)
+                await self._meter("started", vm)  # before a tick can see it running
                 saved = await self._save(vm, state=new_state, process=process, exit_reason=None)
             self._log_host_details(vm)
             return saved
@@ -285,10 +291,13 @@ class VmService:
         timeout = float(timeout_seconds) or self._default_shutdown_timeout
         async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.SHUTDOWN, vm.state)
+            await self._meter("final_sample", vm)  # ticks go on while it stops
             how = await self._backend_of(vm).shutdown(vm_id, timeout=timeout, force=force)
-            return await self._save(
+            saved = await self._save(
                 vm, state=new_state, process=None, exit_reason=f"shutdown requested ({how})"
             )
+            await self._meter("stopped", vm)
+            return saved
 
     async def delete_vm(self, caller: str, vm_id: str, *, force: bool = False) -> None:
         async with self._owned_and_locked(caller, vm_id) as vm:
@@ -297,11 +306,18 @@ class VmService:
                 raise FailedPrecondition(
                     f"VM is {vm.state.value}: shut it down first or delete with force"
                 )
+            metered = vm.state in (VmState.RUNNING, VmState.PAUSED)
+            if metered:
+                await self._meter("final_sample", vm)
             await self._backend_of(vm).destroy(vm_id)
             await self._network.teardown(vm_id)
             vm.deleted_at = self._clock()
             await self._save(vm, state=VmState.SHUTDOWN, process=None)
             await self._admission.release(vm_id)
+            if metered:
+                await self._meter("stopped", vm)
+            if self._metering is not None:
+                await self._metering.deleted(vm_id)
 
     async def get_vm(
         self, caller: str, vm_id: str
@@ -375,6 +391,16 @@ class VmService:
             return
         shown = " ".join(f"{k}={v}" for k, v in sorted(details.items()) if k != "exit_reason")
         log.info("vm %s of %s: %s", vm.id, vm.customer_id, shown)
+
+    async def _meter(self, hook: str, vm: VmRecord) -> None:
+        """Tell metering (started, final_sample, stopped); its failure never fails the call:
+        the records it has stored stand, and the log says what was missed."""
+        if self._metering is None:
+            return
+        try:
+            await getattr(self._metering, hook)(vm)
+        except Exception:
+            log.exception("vm %s: metering could not record %s", vm.id, hook)
 
     async def _owned(self, caller: str, vm_id: str) -> VmRecord:
         check_vm_id(vm_id)

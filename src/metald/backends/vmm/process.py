@@ -52,6 +52,7 @@ class VmmProcess:
     exit_by_guest: bool = False
     exit_task: asyncio.Task[None] | None = None
     last_cpu_sample: tuple[int, float] | None = None
+    vcpu_tids: tuple[int, ...] | None = None  # its vCPU threads (usage.py), found on first use
     usage: Reading[VmUsage] | None = None  # its latest usage (usage.py), made on first use
     info: dict[str, str] | None = None  # backend_info while it runs (fixed for its life)
 

@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -98,6 +99,8 @@ class VmmRuntime:
         `clock` measures that age (monotonic seconds)."""
         self._usage_max_age = usage_max_age
         self._clock = clock
+        pattern = getattr(driver, "vcpu_thread", "")
+        self._vcpu_thread = re.compile(pattern) if pattern else None
         self._ctx = VmmContext(
             driver,
             vm_root,
@@ -345,12 +348,16 @@ class VmmRuntime:
     async def usage(self, vm_id: str) -> VmUsage:
         """CPU time and share, RSS, disk counters, seconds since boot (usage.py), sampled
         at most `usage_max_age` seconds ago; zeros when no VMM process runs."""
-        return await latest_usage(self._vms.get(vm_id), self._usage_max_age, self._clock)
+        return await latest_usage(
+            self._vms.get(vm_id), self._usage_max_age, self._clock, self._vcpu_thread
+        )
 
     async def sample_usage(self, vm_id: str) -> VmUsage:
         """A usage sample taken now, which usage() then hands out: the hook for a
         periodic collector (metering)."""
-        return await fresh_usage(self._vms.get(vm_id), self._usage_max_age, self._clock)
+        return await fresh_usage(
+            self._vms.get(vm_id), self._usage_max_age, self._clock, self._vcpu_thread
+        )
 
     def info(self, vm_id: str) -> dict[str, str]:
         """What a running VMM's info holds does not change while it runs (its paths, pid,

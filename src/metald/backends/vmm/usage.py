@@ -7,13 +7,20 @@ Samples are taken at a bounded rate (`latest_usage`): a VMM round trip (QEMU's
 query-blockstats, Firecracker's metrics) and two /proc reads on every GetVmInfo were part
 of what held it to 0.15 of a trivial answer's throughput (docs/performance.md). Each
 process record keeps a core.readings Reading: a caller gets a sample at most `max_age`
-old, and a burst of callers costs one sample. `fresh_usage` takes one now: issue 9's
-metering collector hooks in there, and GetVmInfo then shows its samples.
+old, and a burst of callers costs one sample. `fresh_usage` takes one now: the metering
+collector (service/metering.py) hooks in there, and GetVmInfo then shows its samples.
+
+What a guest's CPUs cost is the CPU time of the VMM's vCPU threads alone (not its I/O or
+main-loop threads, which work for the host as much as for the guest): each driver names
+them (`vcpu_thread`: QEMU's "CPU n/KVM", "CPU n/TCG" with debug-threads=on, Firecracker's
+"fc_vcpu n"). Their ids are found once per process and kept: a sample then reads one
+schedstat per vCPU (nanoseconds, exact), not every thread's name.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 
@@ -21,7 +28,13 @@ from metald.backends.vmm.process import VmmProcess
 from metald.core.errors import BackendError
 from metald.core.models import VmUsage
 from metald.core.readings import Reading
-from metald.host.process import process_age_seconds, read_rss_bytes, read_stat
+from metald.host.process import (
+    process_age_seconds,
+    read_rss_bytes,
+    read_stat,
+    thread_cpu_ns,
+    thread_names,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,31 +47,62 @@ async def latest_usage(
     vm: VmmProcess | None,
     max_age: float = USAGE_MAX_AGE_SECONDS,
     clock: Callable[[], float] = time.monotonic,
+    vcpu_thread: re.Pattern[str] | None = None,
 ) -> VmUsage:
     """The process's usage, sampled at most `max_age` seconds ago (zeros without one)."""
     if vm is None or not vm.alive:
         return VmUsage()
-    return await _reading(vm, max_age, clock).get()
+    return await _reading(vm, max_age, clock, vcpu_thread).get()
 
 
 async def fresh_usage(
     vm: VmmProcess | None,
     max_age: float = USAGE_MAX_AGE_SECONDS,
     clock: Callable[[], float] = time.monotonic,
+    vcpu_thread: re.Pattern[str] | None = None,
 ) -> VmUsage:
     """A sample taken now (or the one under way), kept as the latest."""
     if vm is None or not vm.alive:
         return VmUsage()
-    return await _reading(vm, max_age, clock).refresh()
+    return await _reading(vm, max_age, clock, vcpu_thread).refresh()
 
 
-def _reading(vm: VmmProcess, max_age: float, clock: Callable[[], float]) -> Reading[VmUsage]:
+def _reading(
+    vm: VmmProcess,
+    max_age: float,
+    clock: Callable[[], float],
+    vcpu_thread: re.Pattern[str] | None,
+) -> Reading[VmUsage]:
     if vm.usage is None:
-        vm.usage = Reading(lambda: sample_usage(vm), max_age, clock)
+        vm.usage = Reading(lambda: sample_usage(vm, vcpu_thread), max_age, clock)
     return vm.usage
 
 
-async def sample_usage(vm: VmmProcess | None) -> VmUsage:
+def vcpu_time_ns(vm: VmmProcess, vcpu_thread: re.Pattern[str] | None) -> int:
+    """The CPU time of the process's vCPU threads (0 when the driver names none). The
+    thread ids are looked up again when one of them is gone."""
+    if vcpu_thread is None:
+        return 0
+    pid = vm.identity.pid
+    for _ in range(2):
+        if vm.vcpu_tids is None:
+            names = thread_names(pid)
+            vm.vcpu_tids = tuple(sorted(t for t, n in names.items() if vcpu_thread.match(n)))
+        total = 0
+        for tid in vm.vcpu_tids:
+            ns = thread_cpu_ns(pid, tid)
+            if ns is None:
+                break
+            total += ns
+        else:
+            return total
+        vm.vcpu_tids = None
+    return 0
+
+
+async def sample_usage(
+    vm: VmmProcess | None, vcpu_thread: re.Pattern[str] | None = None
+) -> VmUsage:
     """CPU time and share (100 = one host CPU; since the last sample, or since the
     process started), RSS, disk counters from the driver, seconds since boot. Zeros
     when no VMM process runs."""
@@ -93,4 +137,6 @@ async def sample_usage(vm: VmmProcess | None) -> VmUsage:
         disk_read_ops=io.disk_read_ops if io else 0,
         disk_write_ops=io.disk_write_ops if io else 0,
         uptime_seconds=max(0, uptime),
+        vcpu_time_ns=vcpu_time_ns(vm, vcpu_thread),
+        process=vm.identity,
     )
