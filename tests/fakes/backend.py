@@ -162,7 +162,7 @@ class FakeBackend:
             cpu_time_ns=1_000_000, memory_bytes=64 * 1024 * 1024, uptime_seconds=vmm.identity.pid
         )
 
-    async def sample_usage(self, vm_id: str) -> VmUsage:
+    async def sample_usage(self, vm_id: str, *, exact: bool = False) -> VmUsage:
         """`readings[vm_id]` of its live VMM (not recorded in `calls`: a collector asks
         ten times a second)."""
         await self.faults.enter("sample_usage")

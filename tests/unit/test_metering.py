@@ -189,10 +189,10 @@ async def test_a_failed_sample_skips_that_vms_tick_only(w: World) -> None:
 
 async def test_a_sample_that_hangs_does_not_hold_up_the_others(database: Database) -> None:
     class Stuck(FakeBackend):
-        async def sample_usage(self, vm_id: str) -> VmUsage:
+        async def sample_usage(self, vm_id: str, *, exact: bool = False) -> VmUsage:
             if vm_id == "slow":
                 await asyncio.Event().wait()  # never answers
-            return await super().sample_usage(vm_id)
+            return await super().sample_usage(vm_id, exact=exact)
 
     w = await make_world(database, backend=Stuck("fake"), sample_timeout=0.05)
     await running(w, "slow")

@@ -3,7 +3,7 @@ tick, order by seq, the backlog bound, delivery marks, pruning, state kept acros
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -22,12 +22,28 @@ async def database(tmp_path: Path) -> AsyncIterator[Database]:
     await db.close()
 
 
+@pytest.fixture(params=["sqlite-writer", "engine"])
+def make_log(request: pytest.FixtureRequest) -> Callable[..., SqlUsageLog]:
+    """Both paths: SQLite's one-hop writer (store/tick_writer.py) and the engine's (what
+    another database uses)."""
+
+    def make(database: Database, node: str = "n") -> SqlUsageLog:
+        log = SqlUsageLog(database, node=node)
+        if request.param == "engine":
+            log._writer = None
+        return log
+
+    return make
+
+
 def meter(vm: str, at: int, cpu: int, before: Meter | None = None) -> Meter:
     return advance(before, RawUsage(vmm="1:1", cpu_time_ns=cpu), vm, "acme", at)
 
 
-async def test_a_tick_stores_every_vm_and_pending_is_in_order_per_vm(database: Database) -> None:
-    log = SqlUsageLog(database, node="n")
+async def test_a_tick_stores_every_vm_and_pending_is_in_order_per_vm(
+    database: Database, make_log: Callable[..., SqlUsageLog]
+) -> None:
+    log = make_log(database)
     a1, b1 = meter("a", 1, 10), meter("b", 1, 5)
     await log.record_tick([a1, b1], [], 1000)
     await log.add_notices([Notice(EntryKind.STOPPED, "a", "acme", 2)])
@@ -45,8 +61,10 @@ async def test_a_tick_stores_every_vm_and_pending_is_in_order_per_vm(database: D
     assert [e.at_ns for e in (await log.pending(per_vm=1))["a"]] == [1]
 
 
-async def test_delivered_entries_leave_the_backlog_and_are_pruned_later(database: Database) -> None:
-    log = SqlUsageLog(database, node="n")
+async def test_delivered_entries_leave_the_backlog_and_are_pruned_later(
+    database: Database, make_log: Callable[..., SqlUsageLog]
+) -> None:
+    log = make_log(database)
     await log.record_tick([meter("a", 1, 10), meter("b", 1, 5)], [], 1000)
     pending = await log.pending(per_vm=10)
     await log.delivered(pending["a"], at=100.0)
@@ -57,24 +75,26 @@ async def test_delivered_entries_leave_the_backlog_and_are_pruned_later(database
     assert await log.backlog() == 1
 
 
-async def test_state_continues_after_a_restart(database: Database) -> None:
-    log = SqlUsageLog(database, node="n")
+async def test_state_continues_after_a_restart(
+    database: Database, make_log: Callable[..., SqlUsageLog]
+) -> None:
+    log = make_log(database)
     m = meter("a", 1, 10)
     await log.record_tick([m], [], 1000)
     m2 = meter("a", 2, 30, m)
     await log.record_tick([m2], [], 1000)
-    again = SqlUsageLog(database, node="n")  # a restarted metald
+    again = make_log(database)  # a restarted metald
     assert await again.meters() == {"a": m2}
     assert await again.backlog() == 2
     await again.forget("a")
     assert await again.meters() == {}
-    assert await SqlUsageLog(database, node="other").meters() == {}
+    assert await make_log(database, "other").meters() == {}
 
 
 async def test_a_full_backlog_replaces_each_vms_newest_sample_and_keeps_notices(
-    database: Database,
+    database: Database, make_log: Callable[..., SqlUsageLog]
 ) -> None:
-    log = SqlUsageLog(database, node="n")
+    log = make_log(database)
     m = meter("a", 1, 10)
     await log.record_tick([m], [], 2)
     m = meter("a", 2, 20, m)

@@ -78,8 +78,9 @@ class Backend(Protocol):
     async def usage(self, vm_id: str) -> VmUsage:
         """The latest usage sample (taken at most a short while ago)."""
 
-    async def sample_usage(self, vm_id: str) -> VmUsage:
-        """A usage sample taken now, which usage() then hands out (metering's hook)."""
+    async def sample_usage(self, vm_id: str, *, exact: bool = False) -> VmUsage:
+        """A usage sample taken now, which usage() then hands out (metering's hook); the
+        slower counters (disk) may be a little older unless `exact` (a final sample)."""
 
     def info(self, vm_id: str) -> dict[str, str]:
         """backend_info for GetVmInfo: pid, accelerator, console log path, ... (host details

@@ -115,24 +115,36 @@ class Delivery:
         return ok
 
     async def flush(self, max_rounds: int = 1000) -> bool:
-        """Send what is pending, in order, until nothing is or a call fails."""
+        """Send what is pending, in order, until a call fails or what is left was stored
+        after the round began (a backlog is read `per_vm` entries at a time; records that
+        arrive meanwhile wait for the next flush, so a steady stream goes in batches)."""
+        per_vm = self.settings.batch_size * 4
         for _ in range(max_rounds):
-            pending = await self._log.pending(per_vm=self.settings.batch_size * 4)
-            if not pending:
-                break
+            pending = await self._log.pending(per_vm=per_vm)
             results = await asyncio.gather(*(self._send_vm(es) for es in pending.values()))
+            # One mark for the round: an entry sent but not marked (a crash now) is sent
+            # again at the next start, which billing's (vm, timestamp) rule absorbs.
+            sent = [e for ok_entries, _ in results for e in ok_entries]
+            if sent:
+                await self._log.delivered(sent, self._clock())
+                self.stats.last_delivery_unix = self._clock()
             self.stats.backlog_records = await self._log.backlog()
-            if not all(results):
+            if not all(ok for _, ok in results):
                 return False
+            if all(len(es) < per_vm for es in pending.values()):
+                break  # every VM's backlog was read whole
         return True
 
-    async def _send_vm(self, entries: list[Entry]) -> bool:
+    async def _send_vm(self, entries: list[Entry]) -> tuple[list[Entry], bool]:
+        """Send the VM's entries in order; those delivered (or refused for good), and
+        whether all went."""
+        done: list[Entry] = []
         for unit in send_units(entries, self.settings.batch_size):
             try:
                 await self._send(unit)
             except BillingUnavailable as exc:
                 self._failed(unit, exc)
-                return False
+                return done, False
             except BillingRejected as exc:
                 self.stats.send_failures_total += 1
                 log.error(
@@ -144,9 +156,8 @@ class Delivery:
                     unit[-1].seq,
                     exc,
                 )
-            await self._log.delivered(unit, self._clock())
-            self.stats.last_delivery_unix = self._clock()
-        return True
+            done += unit
+        return done, True
 
     def _failed(self, unit: list[Entry], exc: Exception) -> None:
         self.stats.send_failures_total += 1

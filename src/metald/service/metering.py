@@ -128,9 +128,10 @@ class Collector:
             ]
             await self._store(meters)
 
-    async def _read(self, vm: VmRecord) -> tuple[RawUsage | None, int]:
+    async def _read(self, vm: VmRecord, exact: bool = False) -> tuple[RawUsage | None, int]:
         try:
-            raw = await asyncio.wait_for(self._raw(vm), self.settings.sample_timeout)
+            async with asyncio.timeout(self.settings.sample_timeout):
+                raw = await self._raw(vm, exact)
         except Exception as exc:  # one VM's failure is that VM's tick only
             raw = None
             log.debug("vm %s: usage sample failed: %r", vm.id, exc)
@@ -140,11 +141,11 @@ class Collector:
             self.stats.sample_errors_total += 1
         return raw, at
 
-    async def _raw(self, vm: VmRecord) -> RawUsage | None:
+    async def _raw(self, vm: VmRecord, exact: bool) -> RawUsage | None:
         backend = self._backends.get(vm.backend)
         if backend is None:
             return None
-        usage = await backend.sample_usage(vm.id)
+        usage = await backend.sample_usage(vm.id, exact=exact)
         if usage.process is None:
             return None  # no VMM (it is exiting): nothing to read
         before = self._meters.get(vm.id)
@@ -205,7 +206,7 @@ class Collector:
         """One record now, before the VMM is stopped (ShutdownVm, DeleteVm). A failure is
         logged: the last tick's record stands."""
         async with self._lock:
-            raw, at = await self._read(vm)
+            raw, at = await self._read(vm, exact=True)
             if raw is not None:
                 await self._store(
                     [advance(self._meters.get(vm.id), raw, vm.id, vm.customer_id, at)]

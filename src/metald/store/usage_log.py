@@ -38,6 +38,7 @@ from metald.core.outbox import Entry, EntryKind, Notice
 from metald.core.ports import UsageLog as UsageLog
 from metald.store.database import Database
 from metald.store.schema import metadata
+from metald.store.tick_writer import TickWriter
 
 COUNTERS = (
     "cpu_time_ns",
@@ -75,6 +76,45 @@ vm_meters = Table(
     *(Column(f"raw_{c}", BigInteger, nullable=False) for c in COUNTERS),
     *(Column(c, BigInteger, nullable=False) for c in COUNTERS),
 )
+
+
+_ENTRY_COLUMNS = ("node", "vm_id", "customer_id", "kind", "timestamp_ns", *COUNTERS, "gap_from_ns")
+_METER_COLUMNS = (
+    "node",
+    "vm_id",
+    "customer_id",
+    "vmm",
+    "timestamp_ns",
+    *(f"raw_{c}" for c in COUNTERS),
+    *COUNTERS,
+)
+_INSERT_ENTRY = (
+    f"INSERT INTO vm_metrics ({', '.join(_ENTRY_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _ENTRY_COLUMNS)})"
+)
+_UPSERT_METER = (
+    f"INSERT INTO vm_meters ({', '.join(_METER_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _METER_COLUMNS)}) ON CONFLICT (node, vm_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _METER_COLUMNS[2:])
+)
+_DROP_NEWEST_SAMPLE = (
+    "DELETE FROM vm_metrics WHERE kind = 'sample' AND seq = (SELECT seq FROM vm_metrics "
+    "WHERE node = ? AND vm_id = ? AND delivered_at IS NULL ORDER BY seq DESC LIMIT 1)"
+)
+
+
+_PENDING = (
+    "SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY vm_id ORDER BY seq) AS rank "
+    "FROM vm_metrics WHERE node = ? AND delivered_at IS NULL) WHERE rank <= ? ORDER BY seq"
+)
+_DELIVERED = "UPDATE vm_metrics SET delivered_at = ? WHERE seq = ? AND delivered_at IS NULL"
+
+
+def _sqlite_path(database: Database) -> str | None:
+    url = database.engine.url
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    return url.database
 
 
 def _record_row(node: str, record: UsageRecord) -> dict[str, Any]:
@@ -115,23 +155,24 @@ def _meter_row(node: str, meter: Meter) -> dict[str, Any]:
 
 
 def _entry(row: Any) -> Entry:
-    kind = EntryKind(row.kind)
+    """An entry from a row (a mapping: sqlite3.Row or a SQLAlchemy row's _mapping)."""
+    kind = EntryKind(row["kind"])
     record = None
     if kind is EntryKind.SAMPLE:
         record = UsageRecord(
-            vm_id=row.vm_id,
-            customer_id=row.customer_id,
-            timestamp_ns=int(row.timestamp_ns),
-            **{c: int(getattr(row, c)) for c in COUNTERS},
+            vm_id=row["vm_id"],
+            customer_id=row["customer_id"],
+            timestamp_ns=int(row["timestamp_ns"]),
+            **{c: int(row[c]) for c in COUNTERS},
         )
     return Entry(
-        seq=int(row.seq),
+        seq=int(row["seq"]),
         kind=kind,
-        vm_id=row.vm_id,
-        customer_id=row.customer_id,
-        at_ns=int(row.timestamp_ns),
+        vm_id=row["vm_id"],
+        customer_id=row["customer_id"],
+        at_ns=int(row["timestamp_ns"]),
         record=record,
-        gap_from_ns=int(row.gap_from_ns),
+        gap_from_ns=int(row["gap_from_ns"]),
     )
 
 
@@ -143,6 +184,9 @@ class SqlUsageLog:
         self._node = node or socket.gethostname()
         self._metered: set[str] | None = None  # VMs with a vm_meters row
         self._backlog: int | None = None
+        path = _sqlite_path(database)
+        # SQLite: each tick in one thread hop (store/tick_writer.py); else the engine.
+        self._writer = TickWriter(path) if path is not None else None
 
     async def meters(self) -> dict[str, Meter]:
         async with self._engine.connect() as conn:
@@ -168,6 +212,8 @@ class SqlUsageLog:
         if not meters and not notices:
             return 0
         backlog = await self.backlog()
+        if self._writer is not None:
+            return await self._record_fast(self._writer, meters, notices, backlog >= backlog_max)
         if self._metered is None:
             await self.meters()
         metered = self._metered if self._metered is not None else set()
@@ -202,6 +248,52 @@ class SqlUsageLog:
         self._backlog = backlog + len(meters) - replaced + len(notices)
         return replaced
 
+    async def _record_fast(
+        self, writer: TickWriter, meters: Sequence[Meter], notices: Sequence[Notice], full: bool
+    ) -> int:
+        node = self._node
+        drops = [(node, m.record.vm_id) for m in meters] if full else []
+        rows: list[tuple[Any, ...]] = []
+        meter_rows: list[tuple[Any, ...]] = []
+        for m in meters:
+            r, w = m.record, m.raw
+            counters = (
+                r.cpu_time_ns,
+                r.memory_bytes,
+                r.disk_read_bytes,
+                r.disk_write_bytes,
+                r.network_rx_bytes,
+                r.network_tx_bytes,
+            )
+            head = (node, r.vm_id, r.customer_id)
+            rows.append((*head, "sample", r.timestamp_ns, *counters, 0))
+            meter_rows.append(
+                (
+                    *head,
+                    w.vmm,
+                    r.timestamp_ns,
+                    w.cpu_time_ns,
+                    w.memory_bytes,
+                    w.disk_read_bytes,
+                    w.disk_write_bytes,
+                    w.network_rx_bytes,
+                    w.network_tx_bytes,
+                    *counters,
+                )
+            )
+        for n in notices:
+            zeros = (0,) * len(COUNTERS)
+            rows.append(
+                (node, n.vm_id, n.customer_id, n.kind.value, n.at_ns, *zeros, n.gap_from_ns)
+            )
+        replaced, _, _ = await writer.run(
+            [(_DROP_NEWEST_SAMPLE, drops), (_INSERT_ENTRY, rows), (_UPSERT_METER, meter_rows)]
+        )
+        if self._metered is not None:
+            self._metered.update(m.record.vm_id for m in meters)
+        self._backlog = (self._backlog or 0) + len(rows) - replaced
+        return replaced
+
     async def _drop_newest_sample(self, conn: AsyncConnection, vm_id: str) -> int:
         newest = (
             await conn.execute(
@@ -224,6 +316,16 @@ class SqlUsageLog:
         await self.record_tick((), notices, 0)
 
     async def pending(self, per_vm: int) -> dict[str, list[Entry]]:
+        if self._writer is not None:
+            rows: Sequence[Any] = await self._writer.query(_PENDING, (self._node, per_vm))
+        else:
+            rows = await self._pending_rows(per_vm)
+        found: dict[str, list[Entry]] = {}
+        for row in rows:
+            found.setdefault(row["vm_id"], []).append(_entry(row))
+        return found
+
+    async def _pending_rows(self, per_vm: int) -> Sequence[Any]:
         ranked = (
             select(
                 vm_metrics,
@@ -236,14 +338,15 @@ class SqlUsageLog:
         )
         query = select(ranked).where(ranked.c.rank <= per_vm).order_by(ranked.c.seq)
         async with self._engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        found: dict[str, list[Entry]] = {}
-        for row in rows:
-            found.setdefault(row.vm_id, []).append(_entry(row))
-        return found
+            return [row._mapping for row in (await conn.execute(query)).all()]
 
     async def delivered(self, entries: Sequence[Entry], at: float) -> None:
         if not entries:
+            return
+        if self._writer is not None:
+            (count,) = await self._writer.run([(_DELIVERED, [(at, e.seq) for e in entries])])
+            if self._backlog is not None:
+                self._backlog = max(0, self._backlog - count)
             return
         async with self._engine.begin() as conn:
             result = await conn.execute(
@@ -278,6 +381,11 @@ class SqlUsageLog:
                 )
             )
         return int(result.rowcount)
+
+    def close(self) -> None:
+        """Close the tick writer's connection (the engine is its owner's to close)."""
+        if self._writer is not None:
+            self._writer.close()
 
     async def forget(self, vm_id: str) -> None:
         async with self._engine.begin() as conn:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from metald.backends.vmm.driver import VmmControl
+from metald.backends.vmm.driver import IoStats, VmmControl
 from metald.backends.vmm.layout import VmLayout
 from metald.backends.vmm.records import ProcessRecord, save_process
 from metald.core.errors import BackendError
@@ -53,6 +53,7 @@ class VmmProcess:
     exit_task: asyncio.Task[None] | None = None
     last_cpu_sample: tuple[int, float] | None = None
     vcpu_tids: tuple[int, ...] | None = None  # its vCPU threads (usage.py), found on first use
+    last_io: tuple[IoStats, float] | None = None  # its last disk counters, when (monotonic)
     usage: Reading[VmUsage] | None = None  # its latest usage (usage.py), made on first use
     info: dict[str, str] | None = None  # backend_info while it runs (fixed for its life)
 
