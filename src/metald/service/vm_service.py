@@ -238,7 +238,10 @@ class VmService:
                     with timing.step("network"):
                         nic = await self._network.setup(vm_id, caller, config.network)
                     spec = replace(spec_of(vm_id), nic=nic)
+                    # The network's build goes on while the VMM starts (Network.setup).
                     vm.process = await self._backend.create(spec)
+                    with timing.step("network_ready"):
+                        await self._network.ready(vm_id)
                     # Recording the VMM is part of the create: a row without its process
                     # could never be adopted, and the next start would keep its VMM as a
                     # known VM's.
