@@ -16,6 +16,7 @@ from pathlib import Path
 
 from metald.api import server
 from metald.api.auth import TokenAuthenticator, is_loopback_only
+from metald.api.codecs import api_codecs
 from metald.api.handlers import VmHandlers
 from metald.api.health import Health
 from metald.api.http import MetaldASGI
@@ -33,6 +34,7 @@ from metald.core.errors import MetaldError
 from metald.core.ports import Backend, JailIds, Network, Store
 from metald.core.quotas import HostCeiling, QuotaDefaults, Resource, VmMaxima
 from metald.core.validation import Limits
+from metald.gen.vmprovisioner.v1 import vm_connect
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
 from metald.jailer.cgroup_check import cgroup_limit_problems
 from metald.network.manager import NetworkManager
@@ -342,10 +344,8 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
         authenticator = TokenAuthenticator(
             dev_tokens=settings.auth_dev_tokens, tokens_file=settings.auth_tokens_file
         )
-        connect_app = VmServiceASGIApplication(
-            VmHandlers(service),
-            interceptors=api_interceptors(authenticator, metrics),
-            read_max_bytes=settings.max_request_bytes,
+        connect_app = connect_application(
+            VmHandlers(service), authenticator, metrics, settings.max_request_bytes
         )
 
         async def check_assets() -> None:
@@ -369,6 +369,22 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
             await each.close()
         await network.stop()
         await database.close()
+
+
+def connect_application(
+    handlers: vm_connect.VmService,
+    authenticator: TokenAuthenticator,
+    metrics: ApiMetrics,
+    max_bytes: int,
+) -> VmServiceASGIApplication:
+    """The Connect/gRPC/gRPC-Web application around `handlers`, as metald serves it (the
+    benchmarks' trivial ceilings are built with this too, so they measure the same stack)."""
+    return VmServiceASGIApplication(
+        handlers,
+        interceptors=api_interceptors(authenticator, metrics),
+        read_max_bytes=max_bytes,
+        codecs=api_codecs(),
+    )
 
 
 def server_options(settings: Settings) -> server.ServerOptions:
