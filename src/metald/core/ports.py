@@ -90,12 +90,12 @@ class Backend(Protocol):
 
 class Store(Protocol):
     async def migrate(self) -> None: ...
-    async def insert(self, vm: VmRecord) -> None: ...
+    async def insert(self, vm: VmRecord) -> None:
+        """Raises AlreadyExists when a row has the id (a deleted VM's too: ids are never
+        reused)."""
+
     async def get(self, vm_id: str) -> VmRecord | None:
         """A VM that is not deleted."""
-
-    async def exists(self, vm_id: str) -> bool:
-        """Whether the id was ever used (deleted rows included): ids are never reused."""
 
     async def update(self, vm: VmRecord) -> None: ...
     async def remove(self, vm_id: str) -> None:
