@@ -7,6 +7,8 @@ VAR := $(CURDIR)/var
 ASSETS := $(VAR)/assets
 APT_PACKAGES := qemu-system-x86 busybox-static cpio lz4 e2fsprogs iproute2 iputils-ping curl ca-certificates nftables wrk nghttp2-client
 GEN := src/metald/gen
+# Every .proto `make proto` generates (tests/unit/test_generated.py checks the same list).
+PROTOS := vmprovisioner/v1/vm.proto billing/v1/billing.proto
 
 # Quick-start settings; anything already in the environment wins.
 export UNKEY_METALD_ADDRESS ?= 127.0.0.1
@@ -71,8 +73,8 @@ proto: venv
 	rm -rf $(GEN) && mkdir -p $(GEN)
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$(GEN) --pyi_out=$(GEN) \
 	  --plugin=protoc-gen-connectrpc=$(BIN)/protoc-gen-connectrpc \
-	  --connectrpc_out=$(GEN) --connectrpc_opt=protobuf=google vmprovisioner/v1/vm.proto
-	touch $(GEN)/__init__.py $(GEN)/vmprovisioner/__init__.py $(GEN)/vmprovisioner/v1/__init__.py
+	  --connectrpc_out=$(GEN) --connectrpc_opt=protobuf=google $(PROTOS)
+	touch $(GEN)/__init__.py $(foreach p,$(PROTOS),$(GEN)/$(firstword $(subst /, ,$(p)))/__init__.py $(GEN)/$(dir $(p))__init__.py)
 
 lint: venv
 	$(BIN)/ruff check src tests bench
