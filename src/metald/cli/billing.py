@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -93,14 +93,20 @@ def usage(
             usages = usage_by_vm(store.samples(customer), store.stops_by_vm())
         finally:
             store.close()
+    except FileNotFoundError as exc:
+        _fail(str(exc))
     except (OSError, sqlite3.Error) as exc:
-        Console(stderr=True, highlight=False).print(f"error: {db}: {exc}")
-        raise typer.Exit(1) from None
+        _fail(f"{db}: {exc}")
     report = usage_report(usages)
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
         _print_tables(report)
+
+
+def _fail(message: str) -> NoReturn:
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}")
+    raise typer.Exit(1)
 
 
 def usage_report(usages: Sequence[VmUsage]) -> dict[str, list[dict[str, Any]]]:
