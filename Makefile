@@ -20,8 +20,12 @@ export UNKEY_METALD_AUTH_DEV_TOKENS ?= true
 
 .PHONY: run test bench bench-deps deps system-deps venv guest buf proto lint unit clean
 
+# The quick start runs its own billing service too (`metald billing-sink` on 127.0.0.1:8081,
+# metald's default UNKEY_METALD_BILLING_ENDPOINT), ended by its pid when metald ends;
+# `metald billing usage --db var/billing-sink.db` shows what it received.
 run: deps guest
-	$(BIN)/metald serve
+	$(BIN)/metald billing-sink --db $(VAR)/billing-sink.db & sink=$$!; \
+	trap 'kill $$sink 2>/dev/null; wait $$sink' EXIT; $(BIN)/metald serve
 
 test: deps guest buf
 	$(BIN)/ruff check src tests bench

@@ -15,7 +15,9 @@ from metald.config import ConfigError, load_settings
 from metald.core.metering import UsageRecord
 
 
-def test_billing_is_on_by_default_to_billageds_port() -> None:
+def test_billing_is_on_by_default_to_billageds_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("ENABLED", "ENDPOINT", "MOCK_MODE"):
+        monkeypatch.delenv(f"UNKEY_METALD_BILLING_{name}", raising=False)
     s = load_settings()
     assert (s.billing_enabled, s.billing_endpoint, s.billing_mock_mode) == (
         True,
