@@ -49,6 +49,7 @@ RETRYABLE = frozenset(
     }
 )
 _MAX_DETAIL = 200
+POOL_IDLE_SECONDS = 3.0
 
 
 class _Answer(Protocol):
@@ -68,7 +69,12 @@ class ConnectBilling:
     ) -> None:
         self.endpoint = endpoint.rstrip("/")
         self._timeout = timeout
-        self._transport = HTTPTransport(connect_timeout=connect_timeout)
+        # Idle connections are dropped before a server's keep-alive would close them (the
+        # sink's hypercorn closes them after 5 s): reusing one the server is closing at that
+        # moment fails the call for nothing.
+        self._transport = HTTPTransport(
+            connect_timeout=connect_timeout, pool_idle_timeout=POOL_IDLE_SECONDS
+        )
         self._stub = BillingServiceClient(
             self.endpoint,
             http_client=Client(self._transport),

@@ -101,4 +101,8 @@ class BillingSink:
     async def _notice(self, notice: Notice) -> None:
         _need_vm(notice.vm_id)
         await self._store.run(lambda: self._store.add_notice(notice))
-        log.debug("%s notice of VM %s", notice.kind, notice.vm_id)
+        log.info(
+            "%s notice of VM %s (tenant %s): %s", notice.kind, notice.vm_id, notice.tenant_id,
+            f"last sent {notice.last_sent_ns}, resumed {notice.resume_ns}"
+            if notice.kind == "gap" else f"at {notice.at_ns}",
+        )  # fmt: skip
