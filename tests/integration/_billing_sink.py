@@ -83,6 +83,13 @@ class SinkProcess:
             self._log = None
         return proc.returncode
 
+    def kill9(self) -> None:
+        """SIGKILL by pid: a crash, with no chance to checkpoint or close anything."""
+        assert self.proc is not None and self.proc.poll() is None, "the sink is not running"
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.stop()
+
     def store(self) -> SinkStore:
         return SinkStore(self.db, read_only=True)
 

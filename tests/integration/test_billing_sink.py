@@ -133,6 +133,21 @@ async def test_a_sink_that_is_down_is_unavailable_until_it_returns(
         store.close()
 
 
+async def test_what_the_sink_acknowledged_survives_its_kill_9(
+    sink: SinkProcess, client: ConnectBilling
+) -> None:
+    sent = records("vm-1", "acme", *range(50))
+    await client.send_batch("vm-1", "acme", sent)
+    await client.vm_stopped("vm-1", "acme", T0)
+    sink.kill9()
+    store = sink.store()
+    try:
+        assert store.samples() == sent
+        assert len(store.notices("stopped")) == 1
+    finally:
+        store.close()
+
+
 async def test_nothing_listening_is_unavailable() -> None:
     billing = ConnectBilling(f"http://127.0.0.1:{free_port()}", timeout=5.0)
     try:
