@@ -3,8 +3,9 @@
 The standard library's sqlite3 (one connection, WAL, synchronous=NORMAL: a record the sink
 acknowledged survives the sink's crash or kill -9, though not a power cut -- a development
 and test service; FULL's fsync per batch doubled a small batch's round trip, 3.6 -> 8 ms),
-used from a worker thread under a lock: the sink's event loop never waits on the disk. `metald billing usage` opens the same
-file read-only while the sink runs (WAL lets it read without blocking the writer).
+used from a worker thread under a lock: the sink's event loop never waits on the disk.
+`metald billing usage` opens the same file read-only while the sink runs (WAL lets it read
+without blocking the writer).
 
 A sample's key is (vm_id, timestamp_ns): the first copy received is kept, a later one of the
 same instant is counted as a duplicate and dropped (metald delivers at least once).
