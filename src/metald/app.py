@@ -29,9 +29,11 @@ from metald.backends.vmm.context import LogCaps
 from metald.backends.vmm.driver import VmmDriver
 from metald.backends.vmm.jail import JailSettings
 from metald.backends.vmm.runtime import VmmRuntime
+from metald.billing.client import ConnectBilling
+from metald.billing.mock import MockBilling
 from metald.config import BackendKind, ConfigError, HttpServer, Settings, load_settings
 from metald.core.errors import MetaldError
-from metald.core.ports import Backend, JailIds, Network, Store
+from metald.core.ports import Backend, Billing, JailIds, Network, Store
 from metald.core.quotas import HostCeiling, QuotaDefaults, Resource, VmMaxima
 from metald.core.validation import Limits
 from metald.gen.vmprovisioner.v1 import vm_connect
@@ -248,6 +250,23 @@ def build_network(settings: Settings, database: Database) -> Network:
     except ValueError as exc:
         raise StartupError(str(exc)) from None
     return NetlinkNetwork(manager)
+
+
+def build_billing(settings: Settings) -> Billing | None:
+    """Where usage goes (UNKEY_METALD_BILLING_*): None when billing is off, a logger in mock
+    mode, else the billing.v1 client of the endpoint (it connects on its first call)."""
+    if not settings.billing_enabled:
+        log.info("billing disabled: usage is not sent anywhere")
+        return None
+    if settings.billing_mock_mode:
+        log.warning("billing mock mode: usage calls are logged, not sent")
+        return MockBilling()
+    log.info("billing: usage goes to %s", settings.billing_endpoint)
+    return ConnectBilling(
+        settings.billing_endpoint,
+        timeout=settings.billing_timeout_seconds,
+        connect_timeout=settings.billing_connect_timeout_seconds,
+    )
 
 
 def default_rate_limit_mbps(settings: Settings) -> int:
