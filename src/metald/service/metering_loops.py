@@ -38,17 +38,16 @@ class MeteringLoops:
         ]
 
     async def stop(self) -> None:
-        """Idempotent; a no-op if never started."""
-        if not self._tasks:
-            return
-        for task in self._tasks:
+        """Idempotent. The final flush only when the loops ran; the client is closed always."""
+        started, self._tasks = self._tasks, []
+        for task in started:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._tasks = []
-        try:
-            await self.delivery.final_flush(self._flush_timeout)
-        except Exception:
-            log.exception("billing: final flush failed; entries wait in the database")
+        if started:
+            try:
+                await self.delivery.final_flush(self._flush_timeout)
+            except Exception:
+                log.exception("billing: final flush failed; entries wait in the database")
         with contextlib.suppress(Exception):
             await self._billing.close()
