@@ -18,7 +18,7 @@ from fakes.quotas import fake_admission
 
 from metald.core.errors import BackendError
 from metald.core.metering import MeteringStats
-from metald.core.models import VmConfig, VmUsage
+from metald.core.models import NetworkInterface, NetworkMode, VmConfig, VmUsage
 from metald.core.validation import Limits
 from metald.service.delivery import Delivery, DeliverySettings
 from metald.service.metering import Collector, CollectorSettings
@@ -233,3 +233,15 @@ async def test_delete_of_a_running_vm_sends_its_final_record_then_stopped(w: Wor
     assert w.billing.of_vm("vm1") == ["vm_started", "send_batch", "vm_stopped"]
     assert w.billing.records("vm1")[-1].cpu_time_ns == 70
     assert "vm1" not in await SqlUsageLog(w.database, node="n").meters()
+
+
+async def test_a_networked_vm_is_billed_its_interfaces_traffic(w: World) -> None:
+    config = VmConfig(network=(NetworkInterface(id="eth0", mode=NetworkMode.IPV4_ONLY),))
+    await w.service.create_vm(ALICE, "vm1", config)
+    await w.service.boot_vm(ALICE, "vm1")
+    w.usage("vm1", vcpu_time_ns=1)
+    await w.collector.tick()
+    assert await w.delivery.flush()
+    rec = w.billing.records("vm1")[-1]
+    # the fake network's counters: 10 bytes received by the guest, 20 sent
+    assert (rec.network_rx_bytes, rec.network_tx_bytes) == (10, 20)
