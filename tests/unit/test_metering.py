@@ -16,12 +16,14 @@ from fakes import FakeAssets, FakeBackend, FakeNetwork, MemoryQuotas, MemoryStor
 from fakes.billing import FakeBilling
 from fakes.quotas import fake_admission
 
+from metald.app import instance_id
 from metald.core.errors import BackendError
 from metald.core.metering import MeteringStats
 from metald.core.models import NetworkInterface, NetworkMode, VmConfig, VmUsage
 from metald.core.validation import Limits
 from metald.service.delivery import Delivery, DeliverySettings
 from metald.service.metering import Collector, CollectorSettings
+from metald.service.metering_loops import MeteringLoops
 from metald.service.vm_service import VmService
 from metald.store.database import Database
 from metald.store.usage_log import SqlUsageLog
@@ -245,3 +247,36 @@ async def test_a_networked_vm_is_billed_its_interfaces_traffic(w: World) -> None
     rec = w.billing.records("vm1")[-1]
     # the fake network's counters: 10 bytes received by the guest, 20 sent
     assert (rec.network_rx_bytes, rec.network_tx_bytes) == (10, 20)
+
+
+async def test_a_vmm_gone_while_metald_was_down_is_reported_stopped(
+    w: World, database: Database
+) -> None:
+    await running(w, "vm1")
+    w.usage("vm1", vcpu_time_ns=10)
+    await w.collector.tick()
+    w.backend.adoption["vm1"] = None  # its VMM died while metald was down
+    again = await make_world(
+        database, w.store, w.backend, w.billing, wall_start=1_800_000_000_000_000_000
+    )
+    assert await again.delivery.flush()
+    assert w.billing.of_vm("vm1") == ["vm_started", "send_batch", "vm_stopped"]
+
+
+async def test_the_loops_start_and_stop_with_a_final_flush_and_close_billing(
+    w: World,
+) -> None:
+    loops = MeteringLoops(w.collector, w.delivery, w.billing, flush_timeout=5.0)
+    await running(w, "vm1")
+    w.usage("vm1", vcpu_time_ns=10)
+    await loops.start()
+    await w.collector.tick()
+    await loops.stop()
+    assert w.billing.records("vm1") and w.billing.closed
+    await loops.stop()  # idempotent
+
+
+def test_the_instance_id_is_made_once_and_kept(tmp_path: Path) -> None:
+    first = instance_id(tmp_path)
+    assert first.startswith("metald-") and instance_id(tmp_path) == first
+    assert (tmp_path / "instance_id").stat().st_mode & 0o077 == 0

@@ -160,8 +160,11 @@ class VmService:
         live = await backend.adopt(vm.id, vm.process) if vm.process else None
         if live is None:
             reason = "vmm process was gone when metald started"
+            metered = vm.state in (VmState.RUNNING, VmState.PAUSED)
             await self._save(vm, state=VmState.SHUTDOWN, process=None, exit_reason=reason)
             log.info("vm %s: %s", vm.id, reason)
+            if metered:
+                await self._meter("stopped", vm)  # when it stopped is not known: now
         elif live != vm.state:
             await self._save(vm, state=live)
 
