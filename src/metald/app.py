@@ -418,7 +418,7 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
                 database,
                 backends,
                 network,
-                lambda: list(service.registry.snapshot().values()),
+                lambda: service.registry.records(),
             )
         service = VmService(
             store,

@@ -19,7 +19,7 @@ last record: the store keeps it, so the rule continues across a metald restart.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from metald.core.metering import UsageRecord
 
@@ -63,8 +63,8 @@ def advance(meter: Meter | None, raw: RawUsage, vm_id: str, customer_id: str, at
         last, before = meter.record, meter.raw
     vmm_same = meter is not None and raw.vmm == before.vmm
     net_same = meter is not None
-    record = replace(
-        last,
+    record = UsageRecord(  # (not dataclasses.replace: a tick makes one per VM)
+        vm_id=vm_id,
         customer_id=customer_id,
         timestamp_ns=max(at_ns, last.timestamp_ns + 1),
         cpu_time_ns=last.cpu_time_ns + _delta(raw.cpu_time_ns, before.cpu_time_ns, vmm_same),
