@@ -116,7 +116,12 @@ class Collector:
     # -- ticks -----------------------------------------------------------------------------
 
     async def tick(self) -> None:
-        vms = [vm for vm in self._live_vms() if vm.state in METERED_STATES]
+        # (a VM of a backend this daemon does not run is left alone, as the service does)
+        vms = [
+            vm
+            for vm in self._live_vms()
+            if vm.state in METERED_STATES and vm.backend in self._backends
+        ]
         if not vms:
             return
         async with self._lock:
