@@ -167,3 +167,25 @@ async def test_heartbeat_names_the_host_and_its_live_vms_and_is_due_every_interv
     await d.round()
     beats = [c.payload for c in billing.calls if c.method == "heartbeat"]
     assert beats == [("host-1", ("a", "b"))] * 2
+
+
+async def test_delivered_entries_are_pruned_after_the_retention_window(
+    usage_log: SqlUsageLog,
+) -> None:
+    billing = FakeBilling()
+    now = [1000.0]
+    d = Delivery(
+        usage_log,
+        billing,
+        MeteringStats(),
+        "h",
+        list,
+        DeliverySettings(retention=60.0, prune_interval=10.0),
+        clock=lambda: now[0],
+    )
+    await store_samples(usage_log, "a", 3)
+    assert await d.round()  # delivered at t=1000 (and a prune of nothing)
+    now[0] += 40  # 70 s after delivery: past the window
+    await d.round()
+    assert await usage_log.prune(before=now[0]) == 0  # the round pruned them already
+    assert len(billing.records("a")) == 3
