@@ -14,6 +14,7 @@ day after delivery); what arrived, from the sink's.
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator
@@ -39,10 +40,14 @@ FAST = {
 
 @pytest.fixture
 def sink(e2e_root: Path) -> Iterator[SinkProcess]:
-    process = SinkProcess(Path(tempfile.mkdtemp(prefix="s", dir=e2e_root)))
+    workdir = Path(tempfile.mkdtemp(prefix="s", dir=e2e_root))
+    process = SinkProcess(workdir)
     process.start()
-    yield process
-    process.stop()
+    try:
+        yield process
+    finally:
+        process.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def stored(daemon: Daemon, vm_id: str) -> list[tuple[int, int | None]]:

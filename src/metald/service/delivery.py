@@ -111,6 +111,8 @@ class Delivery:
                 await self._log.prune(now - self.settings.retention)
             except Exception:
                 log.exception("pruning delivered usage records failed")
+        if ok and self.failures:
+            log.info("billing reachable again after %d failed rounds", self.failures)
         self.failures = 0 if ok else self.failures + 1
         return ok
 
@@ -163,10 +165,14 @@ class Delivery:
         self.stats.send_failures_total += 1
         if self.failures:
             self.stats.send_retries_total += 1
-        log.warning(
-            "billing unreachable (vm %s, %d entries wait in the database): %s",
+        # One warning per outage (its first failure); the retries that follow at debug.
+        log.log(
+            logging.DEBUG if self.failures else logging.WARNING,
+            "billing unreachable (vm %s: %d entries, of %d undelivered, wait in the "
+            "database; retrying with backoff): %s",
             unit[0].vm_id,
             len(unit),
+            self.stats.backlog_records,
             exc,
         )
 
