@@ -8,7 +8,8 @@ accepts every call at once (its wire cost is the billing client's, measured else
 The VMs are booted and then paused, so the guests leave the machine's two cores to what is
 measured; a paused VM is sampled exactly like a running one. The cost is this process's
 CPU time (every thread: the event loop and the database's worker) over a fixed span with N
-VMs, minus the same with 0 VMs, per VM, as a share of one core.
+VMs metered, minus the same VMs not metered (the runtime's own timers: log caps, process
+watches), per VM, as a share of one core.
 
     .venv/bin/python -m bench.metering [--counts 0,5,10] [--span 10] [--repeat 3] [--tiny]
 """
@@ -77,8 +78,10 @@ async def measure(
     span: float,
     interval: float,
     deliver: bool = True,
+    meter: bool = True,
 ) -> tuple[float, MeteringStats, int]:
-    """CPU seconds this process used over `span` with the collector and delivery running."""
+    """CPU seconds this process used over `span` with the collector and delivery running
+    (`meter` False: neither, the runtime alone with its VMs: the baseline)."""
     stats = MeteringStats()
     usage_log = SqlUsageLog(database, node="bench")
     billing = AcceptingBilling()
@@ -92,8 +95,10 @@ async def measure(
     )
     delivery = Delivery(usage_log, billing, stats, "bench", list, DeliverySettings())
     await collector.start()
-    tasks = [asyncio.create_task(collector.run())]
-    if deliver:
+    tasks = []
+    if meter:
+        tasks.append(asyncio.create_task(collector.run()))
+    if meter and deliver:
         tasks.append(asyncio.create_task(delivery.run()))
     try:
         await asyncio.sleep(1.0)  # warm: first samples, thread ids, the pool's connection
@@ -124,7 +129,6 @@ async def run(args: argparse.Namespace, report: Report) -> None:
     database = Database(f"sqlite+aiosqlite:///{work / 'metald.db'}")
     await database.migrate()
     vms: dict[str, VmRecord] = {}
-    base: float | None = None
     try:
         for count in counts:
             while len(vms) < count:
@@ -142,23 +146,30 @@ async def run(args: argparse.Namespace, report: Report) -> None:
                     created_at=0.0,
                     updated_at=0.0,
                 )
-            runs = []
+            runs, idle_runs = [], []
             last_stats = MeteringStats()
             samples = 0
             for _ in range(repeat):
+                # the same VMs without metering (the runtime's own timers: log caps,
+                # process watches), then with it: the difference is metering's
+                idle, _, _ = await measure(
+                    runtime, database, vms, span, args.interval_ms / 1000, meter=False
+                )
+                idle_runs.append(100.0 * idle / span)
                 cpu, last_stats, samples = await measure(
                     runtime, database, vms, span, args.interval_ms / 1000, not args.no_delivery
                 )
                 runs.append(100.0 * cpu / span)
-            share = Spread.of(runs)
-            if base is None:
-                base = share.median
-            per_vm = (share.median - base) / count if count else None
+            share, idle_share = Spread.of(runs), Spread.of(idle_runs)
+            metering = Spread.of([m - i for m, i in zip(runs, idle_runs, strict=True)])
+            per_vm = metering.median / count if count else None
             report.add(
                 "cpu",
                 {
                     "vms": count,
+                    "idle_cpu_percent": idle_share,
                     "cpu_percent_of_a_core": share,
+                    "metering_percent": metering,
                     "per_vm_percent": per_vm,
                     "target_per_vm_percent": 0.2,
                     "samples_per_second": samples / span,
@@ -203,7 +214,9 @@ def main() -> None:
         "cpu",
         [
             ("vms", "VMs (paused)"),
-            ("cpu_percent_of_a_core", "collector+delivery CPU % of a core"),
+            ("idle_cpu_percent", "runtime alone % of a core"),
+            ("cpu_percent_of_a_core", "with metering %"),
+            ("metering_percent", "metering's %"),
             ("per_vm_percent", "per VM %"),
             ("target_per_vm_percent", "target %"),
             ("samples_per_second", "samples/s"),

@@ -189,7 +189,9 @@ async def test_a_failed_sample_skips_that_vms_tick_only(w: World) -> None:
     assert w.collector.stats.samples_total == 2
 
 
-async def test_a_sample_that_hangs_does_not_hold_up_the_others(database: Database) -> None:
+async def test_a_sample_that_hangs_is_given_up_and_the_others_are_recorded(
+    database: Database,
+) -> None:
     class Stuck(FakeBackend):
         async def sample_usage(self, vm_id: str, *, exact: bool = False) -> VmUsage:
             if vm_id == "slow":
@@ -242,11 +244,32 @@ async def test_a_networked_vm_is_billed_its_interfaces_traffic(w: World) -> None
     await w.service.create_vm(ALICE, "vm1", config)
     await w.service.boot_vm(ALICE, "vm1")
     w.usage("vm1", vcpu_time_ns=1)
-    await w.collector.tick()
+    await w.collector.tick()  # starts a read of the counters in the background
+    for _ in range(10):
+        await asyncio.sleep(0)  # (the fake answers at once)
+    await w.collector.tick()  # has them
     assert await w.delivery.flush()
-    rec = w.billing.records("vm1")[-1]
+    first, second = w.billing.records("vm1")
     # the fake network's counters: 10 bytes received by the guest, 20 sent
-    assert (rec.network_rx_bytes, rec.network_tx_bytes) == (10, 20)
+    assert (first.network_rx_bytes, first.network_tx_bytes) == (0, 0)
+    assert (second.network_rx_bytes, second.network_tx_bytes) == (10, 20)
+
+
+async def test_a_network_read_that_hangs_holds_up_no_sample(w: World) -> None:
+    config = VmConfig(network=(NetworkInterface(id="eth0", mode=NetworkMode.IPV4_ONLY),))
+    await w.service.create_vm(ALICE, "vm1", config)
+    await w.service.boot_vm(ALICE, "vm1")
+    await running(w, "vm2")
+    gate = w.network.faults.gate("describe")  # netlink never answers
+    for cpu in (1, 2, 3):
+        w.usage("vm1", vcpu_time_ns=cpu)
+        w.usage("vm2", vcpu_time_ns=cpu)
+        await w.collector.tick()
+    assert gate.entered.is_set()
+    assert await w.delivery.flush()
+    assert [r.cpu_time_ns for r in w.billing.records("vm1")] == [1, 2, 3]
+    assert [r.cpu_time_ns for r in w.billing.records("vm2")] == [1, 2, 3]
+    gate.release()
 
 
 async def test_a_vmm_gone_while_metald_was_down_is_reported_stopped(

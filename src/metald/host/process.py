@@ -369,3 +369,62 @@ def thread_cpu_ns(pid: int, tid: int) -> int | None:
             return int(f.read().split(maxsplit=1)[0])
     except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
         return None
+
+
+class ProcFiles:
+    """Files of one process under /proc kept open and re-read with pread: a sampler that
+    reads the same few files ten times a second pays the open and close once (they were
+    40% of a usage sample). A file of a process that has ended reads as None; so does one
+    of a pid the kernel gave to a new process (the open file is the old process's)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._fds: dict[str, int] = {}
+
+    def read(self, name: str) -> bytes | None:
+        """/proc/<pid>/<name> now (e.g. "stat", "task/<tid>/schedstat"), None if gone."""
+        fd = self._fds.get(name)
+        if fd is None:
+            try:
+                fd = os.open(f"/proc/{self.pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return None
+            self._fds[name] = fd
+        try:
+            data = os.pread(fd, 4096, 0)
+        except OSError:
+            data = b""
+        if not data:
+            self.forget(name)
+            return None
+        return data
+
+    def forget(self, name: str) -> None:
+        fd = self._fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        for name in list(self._fds):
+            self.forget(name)
+
+    def stat(self) -> ProcStat | None:
+        data = self.read("stat")
+        try:
+            return parse_stat(data.decode(errors="replace")) if data else None
+        except (ValueError, IndexError):
+            return None
+
+    def rss_bytes(self) -> int:
+        data = self.read("statm")
+        try:
+            return int(data.split()[1]) * PAGE_SIZE if data else 0
+        except (ValueError, IndexError):
+            return 0
+
+    def thread_cpu_ns(self, tid: int) -> int | None:
+        data = self.read(f"task/{tid}/schedstat")
+        try:
+            return int(data.split(maxsplit=1)[0]) if data else None
+        except (ValueError, IndexError):
+            return None

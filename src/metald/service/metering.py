@@ -7,9 +7,13 @@ latest sample) and its network's counters, turns the reading into cumulative cou
 (core/counters.py) and stores every VM's record and state in ONE transaction (the outbox,
 core/outbox.py): delivery to billing (service/delivery.py) reads from there.
 
-Sampling one VM never holds up the others: the samples of a tick run together, each
-bounded by `sample_timeout`; one that fails or times out skips that VM's tick (counted in
-MeteringStats.sample_errors_total) and the VM's counters carry on at its next sample.
+Sampling one VM does not hold up the others: a sample reads /proc and counters kept from
+the last reads of the slow sources, whose refreshes run in the background (the runtime's
+disk counters, a VM's network counters here), so a slow VMM or netlink only makes those
+counters older; a sample that still waits is given up after `sample_timeout`. One that
+fails or times out skips that VM's tick (counted in MeteringStats.sample_errors_total) and
+the VM's counters carry on at its next sample. A final sample (`exact`) reads everything
+now.
 
 One lock orders everything that advances a VM's counters or adds to the outbox (ticks, a
 final sample before a shutdown, notices): a VM's entries are stored in the order they
@@ -40,6 +44,7 @@ from metald.core.states import VmState
 log = logging.getLogger(__name__)
 
 METERED_STATES = frozenset({VmState.RUNNING, VmState.PAUSED})
+TRAFFIC_MAX_AGE = 1.0  # seconds between reads of a VM's network counters
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,10 @@ class Collector:
         self._wall_ns = wall_ns
         self._on_stored = on_stored
         self._meters: dict[str, Meter] = {}
+        # Each networked VM's last traffic counters (rx, tx), when read, and the read under way.
+        self._traffic: dict[str, tuple[int, int]] = {}
+        self._traffic_at: dict[str, float] = {}
+        self._traffic_tasks: dict[str, asyncio.Task[None]] = {}
         self._lock = asyncio.Lock()
         self._full_logged = False
         self.stats.backlog_limit = settings.backlog_max
@@ -125,7 +134,12 @@ class Collector:
         if not vms:
             return
         async with self._lock:
-            readings = await asyncio.gather(*(self._read(vm) for vm in vms))
+            # One after another, in this task: a sample does not wait on anything slow (the
+            # runtime refreshes disk counters in the background, and network counters are
+            # refreshed below, in tasks of their own), so a task per VM (tens of us each,
+            # the tick's largest cost: bench/metering.py) buys nothing; a sample that does
+            # wait is given up at the timeout.
+            readings = [await self._read(vm) for vm in vms]
             meters = [
                 advance(self._meters.get(vm.id), raw, vm.id, vm.customer_id, at)
                 for vm, (raw, at) in zip(vms, readings, strict=True)
@@ -157,9 +171,11 @@ class Collector:
         rx = before.raw.network_rx_bytes if before else 0
         tx = before.raw.network_tx_bytes if before else 0
         if vm.config.network:
-            info = await self._network.describe(vm.id, vm.customer_id, vm.config.network)
-            if info is not None and info.counters is not None:
-                rx, tx = info.counters.bytes_received, info.counters.bytes_transmitted
+            if exact:
+                await self._read_traffic(vm)
+            else:
+                self._refresh_traffic(vm)
+            rx, tx = self._traffic.get(vm.id, (rx, tx))
         return RawUsage(
             vmm=f"{usage.process.pid}:{usage.process.start_time}",
             cpu_time_ns=usage.vcpu_time_ns,
@@ -169,6 +185,29 @@ class Collector:
             network_rx_bytes=rx,
             network_tx_bytes=tx,
         )
+
+    def _refresh_traffic(self, vm: VmRecord) -> None:
+        """Read the VM's network counters in the background when the last read is a
+        second old (the network's own reading is as old: network/port.py)."""
+        task = self._traffic_tasks.get(vm.id)
+        if task is not None and not task.done():
+            return
+        if time.monotonic() - self._traffic_at.get(vm.id, -1e9) < TRAFFIC_MAX_AGE:
+            return
+        self._traffic_tasks[vm.id] = asyncio.ensure_future(self._read_traffic(vm))
+
+    async def _read_traffic(self, vm: VmRecord) -> None:
+        asked = time.monotonic()
+        try:
+            async with asyncio.timeout(self.settings.sample_timeout):
+                info = await self._network.describe(vm.id, vm.customer_id, vm.config.network)
+        except Exception as exc:
+            log.debug("vm %s: network counters not read: %r", vm.id, exc)
+            return
+        self._traffic_at[vm.id] = asked
+        if info is not None and info.counters is not None:
+            c = info.counters
+            self._traffic[vm.id] = (c.bytes_received, c.bytes_transmitted)
 
     async def _store(self, meters: list[Meter], notices: list[Notice] | None = None) -> None:
         limit = self.settings.backlog_max
@@ -228,5 +267,8 @@ class Collector:
         """The VM is gone for good: its state goes (its entries stay until delivered)."""
         async with self._lock:
             self._meters.pop(vm_id, None)
+            self._traffic.pop(vm_id, None)
+            self._traffic_at.pop(vm_id, None)
+            self._traffic_tasks.pop(vm_id, None)
             with contextlib.suppress(Exception):
                 await self._log.forget(vm_id)

@@ -19,6 +19,7 @@ schedstat per vCPU (nanoseconds, exact), not every thread's name.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -29,13 +30,7 @@ from metald.backends.vmm.process import VmmProcess
 from metald.core.errors import BackendError
 from metald.core.models import VmUsage
 from metald.core.readings import Reading
-from metald.host.process import (
-    process_age_seconds,
-    read_rss_bytes,
-    read_stat,
-    thread_cpu_ns,
-    thread_names,
-)
+from metald.host.process import ProcFiles, process_age_seconds, thread_names
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +40,7 @@ USAGE_MAX_AGE_SECONDS = 1.0
 # How old a sample's disk counters may be: the collector samples every 100 ms, and a
 # QMP query-blockstats per VM per tick would cost three times its whole CPU budget.
 IO_MAX_AGE_SECONDS = 1.0
+IO_TIMEOUT_SECONDS = 10.0  # a refresh that takes longer is given up (the last ones stand)
 
 
 async def latest_usage(
@@ -88,6 +84,13 @@ def _reading(
     return vm.usage
 
 
+def proc_files(vm: VmmProcess) -> ProcFiles:
+    """The process's /proc files, open while it is watched (closed on disconnect)."""
+    if vm.proc_files is None:
+        vm.proc_files = ProcFiles(vm.identity.pid)
+    return vm.proc_files
+
+
 def vcpu_time_ns(vm: VmmProcess, vcpu_thread: re.Pattern[str] | None) -> int:
     """The CPU time of the process's vCPU threads (0 when the driver names none). The
     thread ids are looked up again when one of them is gone."""
@@ -99,8 +102,9 @@ def vcpu_time_ns(vm: VmmProcess, vcpu_thread: re.Pattern[str] | None) -> int:
             names = thread_names(pid)
             vm.vcpu_tids = tuple(sorted(t for t, n in names.items() if vcpu_thread.match(n)))
         total = 0
+        files = proc_files(vm)
         for tid in vm.vcpu_tids:
-            ns = thread_cpu_ns(pid, tid)
+            ns = files.thread_cpu_ns(tid)
             if ns is None:
                 break
             total += ns
@@ -111,18 +115,34 @@ def vcpu_time_ns(vm: VmmProcess, vcpu_thread: re.Pattern[str] | None) -> int:
 
 
 async def io_stats(vm: VmmProcess, max_age: float) -> IoStats | None:
-    """The driver's disk counters, asked for at most every `max_age` seconds (a VMM round
-    trip costs more than the rest of a sample together: bench/metering.py). A failed ask
-    keeps the last counters (zeros would look like counters that restarted)."""
+    """The driver's disk counters, at most `max_age` seconds old (0: asked now). A VMM
+    round trip costs more than the rest of a sample together (bench/metering.py), so it is
+    made at most every `max_age`, and in the background: a sample never waits on the VMM
+    once it has counters (the first one does). A failed ask keeps the last counters (zeros
+    would look like counters that restarted)."""
     now = time.monotonic()
-    if vm.last_io is not None and now - vm.last_io[1] < max_age:
-        return vm.last_io[0]
-    if vm.control is not None:
-        try:
-            vm.last_io = (await vm.control.io_stats(), now)
-        except BackendError as e:
-            log.debug("VM %s: no I/O counters: %s", vm.vm_id, e.message)
+    last = vm.last_io
+    if last is not None and now - last[1] < max_age:
+        return last[0]
+    if last is not None and max_age > 0:
+        if vm.io_refresh is None or vm.io_refresh.done():
+            vm.io_refresh = asyncio.ensure_future(_refresh_io(vm))
+        return last[0]
+    await _refresh_io(vm)
     return vm.last_io[0] if vm.last_io is not None else None
+
+
+async def _refresh_io(vm: VmmProcess) -> None:
+    if vm.control is None:
+        return
+    asked = time.monotonic()
+    try:
+        async with asyncio.timeout(IO_TIMEOUT_SECONDS):
+            stats = await vm.control.io_stats()
+    except (BackendError, TimeoutError) as e:
+        log.debug("VM %s: no I/O counters: %s", vm.vm_id, e)
+        return
+    vm.last_io = (stats, asked)
 
 
 async def sample_usage(
@@ -135,7 +155,8 @@ async def sample_usage(
     since boot. Zeros when no VMM process runs."""
     if vm is None or not vm.alive:
         return VmUsage()
-    stat = read_stat(vm.identity.pid)
+    files = proc_files(vm)
+    stat = files.stat()
     if stat is None or stat.start_time != vm.identity.start_time:
         return VmUsage()
     cpu_ns = stat.cpu_time_ns
@@ -153,7 +174,7 @@ async def sample_usage(
     return VmUsage(
         cpu_time_ns=cpu_ns,
         cpu_usage_percent=max(0.0, percent),
-        memory_bytes=read_rss_bytes(vm.identity.pid),
+        memory_bytes=files.rss_bytes(),
         disk_read_bytes=io.disk_read_bytes if io else 0,
         disk_write_bytes=io.disk_write_bytes if io else 0,
         disk_read_ops=io.disk_read_ops if io else 0,
