@@ -27,12 +27,12 @@ from metald.api.auth import TokenAuthenticator, current_customer
 from metald.api.health import Health
 from metald.api.http import MetaldASGI
 from metald.api.interceptors import api_interceptors
-from metald.api.metrics import ApiMetrics
 from metald.app import server_options
 from metald.config import load_settings
 from metald.core.states import VmState
 from metald.gen.vmprovisioner.v1 import vm_pb2 as pb
 from metald.gen.vmprovisioner.v1.vm_connect import VmService, VmServiceASGIApplication
+from metald.observability.prometheus import MetricSources, PrometheusMetrics
 
 
 class ConstantHandlers(VmService):  # type: ignore[misc]
@@ -59,8 +59,8 @@ class ConstantHandlers(VmService):  # type: ignore[misc]
 class NoStore:
     """What MetaldASGI asks of a store (/metrics): nothing stored."""
 
-    async def count_by_state(self) -> dict[VmState, int]:
-        return {s: 0 for s in VmState}
+    async def count_by_state_and_backend(self) -> dict[tuple[VmState, str], int]:
+        return {}
 
     async def ping(self) -> None:
         return None
@@ -68,7 +68,7 @@ class NoStore:
 
 async def serve(answers: dict[str, dict[str, Any]]) -> None:
     settings = load_settings()
-    metrics = ApiMetrics()
+    metrics = PrometheusMetrics(MetricSources(NoStore(), ["trivial"]))  # type: ignore[arg-type]
     authenticator = TokenAuthenticator(
         dev_tokens=settings.auth_dev_tokens, tokens_file=settings.auth_tokens_file
     )
@@ -86,7 +86,6 @@ async def serve(answers: dict[str, dict[str, Any]]) -> None:
         connect_app,
         health,
         metrics,
-        NoStore(),  # type: ignore[arg-type]
         body_timeout=settings.request_body_timeout_seconds,
     )
     stop = asyncio.Event()

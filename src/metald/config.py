@@ -190,6 +190,14 @@ class Settings(BaseSettings):
     vmm_stderr_max_bytes: int = Field(256 * 1024, ge=4096)
     log_check_seconds: float = Field(1.0, gt=0, le=60)
 
+    # -- Prometheus metrics (issue 9, metrics): /metrics on the API port, and on this
+    # dedicated plain-HTTP listener (no auth) as the existing metald has it. A non-loopback
+    # interface is refused at start-up unless _ALLOW_REMOTE says so (logged at every start).
+    otel_prometheus_enabled: bool = True
+    otel_prometheus_port: int = Field(9464, ge=0, le=65535)
+    otel_prometheus_interface: str = "127.0.0.1"
+    otel_prometheus_allow_remote: bool = False
+
     @field_validator("jailer_uid_range")
     @classmethod
     def _uid_range(cls, value: str) -> str:
