@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from ._support import Caller, Daemon, curl_raw
+from ._support import Caller, Daemon, curl_raw, wait_pid_gone
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
@@ -144,3 +146,27 @@ def test_the_dedicated_listener_serves_the_same_metrics(
     assert _get(base + "/vmprovisioner.v1.VmService/ListVms")[0] == 404
     status, _ = curl_raw(daemon.metrics_url, b"{}", {"Content-Type": "text/plain"})
     assert status == 405
+
+
+def test_adoptions_at_start_up_are_counted(daemon: Daemon, callers: Callable[..., Caller]) -> None:
+    """A restart adopts the running VMM again (metald_vmm_adoptions_total{result="adopted"});
+    one whose VMM was killed while metald was down is counted lost."""
+    g = callers("grpcio", daemon.url)
+    for vm_id in ("kept", "killed"):
+        g.must("CreateVm", {"vm_id": vm_id})
+        g.must("BootVm", {"vm_id": vm_id})
+    fresh = _metrics(daemon, daemon.metrics_url)
+    assert _value(fresh, "metald_vmm_adoptions_total", backend="qemu", result="adopted") == 0
+    pid = int(g.info("killed").body["backend_info"]["pid"])
+    assert daemon.stop() == 0
+    os.kill(pid, signal.SIGKILL)
+    wait_pid_gone(pid)
+    daemon.start_again()
+    g = callers("grpcio", daemon.url)
+    now = _metrics(daemon, daemon.metrics_url)
+    assert _value(now, "metald_vmm_adoptions_total", backend="qemu", result="adopted") == 1
+    assert _value(now, "metald_vmm_adoptions_total", backend="qemu", result="lost") == 1
+    assert _value(now, "metald_vms", state="running", backend="qemu") == 1
+    assert _value(now, "metald_vms", state="shutdown", backend="qemu") == 1
+    for vm_id in ("kept", "killed"):
+        g.must("DeleteVm", {"vm_id": vm_id, "force": True})

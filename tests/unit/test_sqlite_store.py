@@ -252,7 +252,9 @@ async def test_counting_by_state_and_backend_reads_the_index_alone(store: SqlSto
         assert driver is not None
         rows = await driver.execute_fetchall(f"EXPLAIN QUERY PLAN {statement}", params)
     plan = " / ".join(row[3] for row in rows)
-    assert "USING COVERING INDEX ix_vms_state_backend" in plan, plan
+    assert "SEARCH vms USING COVERING INDEX ix_vms_state_backend (state=? AND deleted_at=?)" in (
+        plan
+    ), plan
     assert "TEMP B-TREE" not in plan, plan
 
 

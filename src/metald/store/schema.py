@@ -26,5 +26,5 @@ vms = Table(
     Index("ix_vms_customer_page", "customer_id", "deleted_at", "created_at", "id", "state"),
     # /metrics's VMs by state and backend, counted from this index alone
     # (0007_vms_state_backend.py).
-    Index("ix_vms_state_backend", "state", "backend", "deleted_at"),
+    Index("ix_vms_state_backend", "state", "deleted_at", "backend"),
 )

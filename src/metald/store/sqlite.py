@@ -122,9 +122,11 @@ class SqlStore:
             return records, int(counted.scalar_one())
 
     async def count_by_state_and_backend(self) -> dict[tuple[VmState, str], int]:
+        # Every state named: the index is searched per state past the deleted rows
+        # (0007_vms_state_backend.py).
         query = (
             select(vms.c.state, vms.c.backend, func.count())
-            .where(vms.c.deleted_at.is_(None))
+            .where(vms.c.state.in_([s.value for s in VmState]), vms.c.deleted_at.is_(None))
             .group_by(vms.c.state, vms.c.backend)
         )
         async with self._engine.connect() as conn:
