@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from grafana_dashboards import queries
 
 from ._support import Caller, Daemon, client_env, free_port, http_get, wait_until
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+EXAMPLE = Path(__file__).resolve().parents[2] / "contrib" / "grafana" / "prometheus.yml"
 
 
 class Prometheus:
@@ -32,17 +35,13 @@ class Prometheus:
         self.port = free_port()
         self.workdir = workdir
         config = workdir / "prometheus.yml"
-        # JSON is YAML: the scrape job of contrib/grafana/prometheus.yml, at 1 s.
-        config.write_text(
-            json.dumps(
-                {
-                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                    "scrape_configs": [
-                        {"job_name": "metald", "static_configs": [{"targets": targets}]}
-                    ],
-                }
-            )
-        )
+        # The operators' example (contrib/grafana/prometheus.yml), scraping every second the
+        # targets given. JSON is YAML.
+        example = yaml.safe_load(EXAMPLE.read_text())
+        example["global"]["scrape_interval"] = "1s"
+        (job,) = example["scrape_configs"]
+        job["static_configs"] = [{"targets": targets}]
+        config.write_text(json.dumps(example))
         self.log = workdir / "prometheus.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
@@ -190,3 +189,12 @@ def test_prometheus_counts_vms_by_state_and_runs_every_dashboard_query(
 
     for vm_id in ("prom-a", "prom-b", "prom-c"):
         acme.must("DeleteVm", {"vm_id": vm_id, "force": True})
+
+
+def test_the_example_scrape_config_is_valid() -> None:
+    out = subprocess.run(
+        [PROMTOOL, "check", "config", str(EXAMPLE)], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    (job,) = yaml.safe_load(EXAMPLE.read_text())["scrape_configs"]
+    assert job["static_configs"] == [{"targets": ["127.0.0.1:9464"]}]  # the default listener
