@@ -29,7 +29,7 @@ from metald.api import server
 from metald.api.auth import TokenAuthenticator
 from metald.api.health import Health
 from metald.api.http import MetaldASGI
-from metald.api.interceptors import api_interceptors
+from metald.app import connect_application
 from metald.core.states import VmState
 from metald.gen.vmprovisioner.v1 import vm_pb2 as pb
 from metald.gen.vmprovisioner.v1.vm_connect import VmService, VmServiceASGIApplication
@@ -81,10 +81,8 @@ def build(chain: str = "metald") -> Any:
         return VmServiceASGIApplication(TrivialHandlers(), read_max_bytes=MIB)
     store = _NoStore()
     metrics = PrometheusMetrics(MetricSources(store, ["trivial"]))  # type: ignore[arg-type]
-    connect = VmServiceASGIApplication(
-        TrivialHandlers(),
-        interceptors=api_interceptors(TokenAuthenticator(dev_tokens=True), metrics),
-        read_max_bytes=MIB,
+    connect = connect_application(
+        TrivialHandlers(), TokenAuthenticator(dev_tokens=True), metrics, MIB
     )
     health = Health(backend="trivial", accelerator=lambda: "none", checks={"store": store.ping})
     return MetaldASGI(connect, health, metrics)
