@@ -5,11 +5,13 @@ start-up refusals for a taken port or a non-loopback interface (app.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 
 import pytest
 
+from metald.api import metrics_listener
 from metald.api.metrics_listener import MAX_HEAD_BYTES, MetricsListener
 from metald.app import StartupError, check_exposure, start_metrics_listener
 from metald.config import load_settings
@@ -23,11 +25,15 @@ async def _render() -> bytes:
 
 async def _ask(port: int, request: bytes) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request)
-    await writer.drain()
-    answer = await reader.read()  # until the listener closes the connection
+    try:
+        writer.write(request)
+        await writer.drain()
+        answer = await reader.read()  # until the listener closes the connection
+    except ConnectionResetError:
+        answer = b""  # closed with our request unread: no answer
     writer.close()
-    await writer.wait_closed()
+    with contextlib.suppress(ConnectionResetError):
+        await writer.wait_closed()
     return answer
 
 
@@ -112,3 +118,32 @@ def test_a_non_loopback_interface_is_refused_unless_allowed(
         )
     assert any("metrics listener on 0.0.0.0 is not loopback" in r.message for r in caplog.records)
     check_exposure(load_settings(otel_prometheus_interface="::1"))
+
+
+def test_silent_clients_are_dropped_and_their_number_is_capped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(metrics_listener, "HEAD_TIMEOUT", 0.5)
+    monkeypatch.setattr(metrics_listener, "MAX_CONNECTIONS", 3)
+
+    async def run() -> tuple[list[bytes], bytes, bytes]:
+        listener = MetricsListener(_render)
+        await listener.start("127.0.0.1", 0)
+        try:
+            silent = [await asyncio.open_connection("127.0.0.1", listener.port) for _ in range(3)]
+            while len(listener._active) < 3:  # all three accepted and waited for
+                await asyncio.sleep(0.01)
+            over = await _ask(listener.port, b"GET /metrics HTTP/1.1\r\n\r\n")
+            # The silent ones are closed by the listener once their head is late.
+            dropped = [await reader.read() for reader, _ in silent]
+            for _, writer in silent:
+                writer.close()
+            served = await _ask(listener.port, b"GET /metrics HTTP/1.1\r\n\r\n")
+            return dropped, over, served
+        finally:
+            await listener.close()
+
+    dropped, over, served = asyncio.run(run())
+    assert dropped == [b"", b"", b""]
+    assert over == b""  # over the cap: closed without an answer
+    assert served.partition(b"\r\n\r\n")[2] == BODY

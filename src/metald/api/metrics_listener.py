@@ -8,8 +8,9 @@ daemon's own loop cost nothing and cannot disturb the API server's settings. No 
 start-up refuses a non-loopback interface unless the operator allows it (app.check_exposure).
 
 Every connection gets one answer and is closed. What it may cost is bounded: a request
-head of at most 8 KiB that must arrive within a few seconds, a body is never read, and at
-most a few connections are served at once (the rest are closed at once).
+head of at most 8 KiB that must arrive within a few seconds, a body is never read, an
+exchange ends within half a minute, and at most a few connections are served at once (the
+rest are closed at once).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from metald.core.telemetry import EXPOSITION_CONTENT_TYPE
 log = logging.getLogger(__name__)
 
 MAX_HEAD_BYTES = 8192
-HEAD_TIMEOUT = 5.0
+HEAD_TIMEOUT = 5.0  # for the request head to arrive
+ANSWER_TIMEOUT = 30.0  # for the whole exchange (a client that never reads its answer)
 MAX_CONNECTIONS = 16
 
 Render = Callable[[], Awaitable[bytes]]
@@ -34,7 +36,7 @@ class MetricsListener:
     def __init__(self, render: Render) -> None:
         self._render = render
         self._server: asyncio.Server | None = None
-        self._active: set[asyncio.Task[None]] = set()
+        self._active: set[asyncio.StreamWriter] = set()  # connections being served
 
     @property
     def port(self) -> int:
@@ -52,26 +54,26 @@ class MetricsListener:
         if self._server is None:
             return
         self._server.close()
-        for task in list(self._active):
-            task.cancel()
+        # Not cancelled (asyncio 3.11 logs a cancelled connection task as an error): their
+        # connections closed, each ends at its next read or write.
+        for writer in list(self._active):
+            writer.close()
         await self._server.wait_closed()
         self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
         try:
             if len(self._active) >= MAX_CONNECTIONS:
                 return
-            if task is not None:
-                self._active.add(task)
-            await self._answer(reader, writer)
+            self._active.add(writer)
+            async with asyncio.timeout(ANSWER_TIMEOUT):
+                await self._answer(reader, writer)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
             pass  # a client that went away or sent too much: nothing to tell it
         except Exception:
             log.exception("the metrics listener failed to answer")
         finally:
-            if task is not None:
-                self._active.discard(task)
+            self._active.discard(writer)
             writer.close()
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 await writer.wait_closed()
