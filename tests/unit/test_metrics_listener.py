@@ -131,7 +131,9 @@ def test_silent_clients_are_dropped_and_their_number_is_capped(
         await listener.start("127.0.0.1", 0)
         try:
             silent = [await asyncio.open_connection("127.0.0.1", listener.port) for _ in range(3)]
-            while len(listener._active) < 3:  # all three accepted and waited for
+            for _ in range(3000):  # until all three are accepted and waited for
+                if len(listener._active) == 3:
+                    break
                 await asyncio.sleep(0.01)
             over = await _ask(listener.port, b"GET /metrics HTTP/1.1\r\n\r\n")
             # The silent ones are closed by the listener once their head is late.
