@@ -53,6 +53,9 @@ system-deps:
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	  case " $$missing " in *" prometheus "*) if [ -d /run/systemd/system ]; then \
+	    echo "prometheus is for the tests (they start their own): its system service stays off"; \
+	    systemctl disable --now prometheus.service; fi;; esac; \
 	fi
 
 venv: $(VENV)/.installed
