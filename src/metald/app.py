@@ -9,11 +9,12 @@ import os
 import pwd
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from metald import __version__
 from metald.api import server
 from metald.api.auth import TokenAuthenticator, is_loopback_only
 from metald.api.codecs import api_codecs
@@ -21,7 +22,7 @@ from metald.api.handlers import VmHandlers
 from metald.api.health import Health
 from metald.api.http import MetaldASGI
 from metald.api.interceptors import api_interceptors
-from metald.api.metrics import ApiMetrics
+from metald.api.metrics_listener import MetricsListener
 from metald.assets.store import LocalAssetStore
 from metald.backends.firecracker.driver import FirecrackerDriver
 from metald.backends.qemu.driver import QemuDriver
@@ -33,8 +34,11 @@ from metald.billing.client import ConnectBilling
 from metald.billing.mock import MockBilling
 from metald.config import BackendKind, ConfigError, HttpServer, Settings, load_settings
 from metald.core.errors import MetaldError
+from metald.core.metering import MeteringStats
+from metald.core.models import VmRecord
 from metald.core.ports import Backend, Billing, JailIds, Network, Store
 from metald.core.quotas import HostCeiling, QuotaDefaults, Resource, VmMaxima
+from metald.core.telemetry import ApiTelemetry
 from metald.core.validation import Limits
 from metald.gen.vmprovisioner.v1 import vm_connect
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
@@ -42,6 +46,7 @@ from metald.jailer.cgroup_check import cgroup_limit_problems
 from metald.network.manager import NetworkManager
 from metald.network.models import NetworkMode, NetworkSettings
 from metald.network.port import NetlinkNetwork, NoNetwork
+from metald.observability.prometheus import MetricSources, PrometheusMetrics
 from metald.service.admission import Admission
 from metald.service.vm_service import VmService
 from metald.store.addresses import SqlAddressBook
@@ -82,6 +87,20 @@ def check_exposure(settings: Settings) -> None:
             "who reaches the API can act as any customer (UNKEY_METALD_AUTH_DEV_TOKENS_INSECURE"
             "=true)",
             settings.address,
+        )
+    interface = settings.otel_prometheus_interface
+    if settings.otel_prometheus_enabled and not is_loopback_only(interface):
+        if not settings.otel_prometheus_allow_remote:
+            raise StartupError(
+                f"UNKEY_METALD_OTEL_PROMETHEUS_INTERFACE={interface} is not loopback, and the "
+                "metrics listener has no auth and no TLS: set it to 127.0.0.1 (and scrape "
+                "through a local agent or the API port's /metrics), or set "
+                "UNKEY_METALD_OTEL_PROMETHEUS_ALLOW_REMOTE=true to serve it there anyway"
+            )
+        log.warning(
+            "the metrics listener on %s is not loopback: anyone who reaches it reads metald's "
+            "metrics (UNKEY_METALD_OTEL_PROMETHEUS_ALLOW_REMOTE=true)",
+            interface,
         )
     if not settings.jailer_enabled and os.geteuid() == 0:
         if not settings.allow_unjailed_root:
@@ -331,6 +350,7 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
     network = build_network(settings, database)
     admission = build_admission(settings, database)
     backends: dict[str, Backend] = {}
+    listener: MetricsListener | None = None
     try:
         await database.migrate()
         bounds = settings.jailer_uid_bounds
@@ -341,7 +361,24 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
         assets = LocalAssetStore(
             settings.assetmanager_cache_dir, legacy_link_dirs=[settings.jailer_chroot_dir]
         )
-        metrics = ApiMetrics()
+        # Until issue 9's metering service is wired here, nobody updates these totals: its
+        # metrics are exported as zeros.
+        metering = MeteringStats()
+
+        def live_vms() -> Iterable[VmRecord]:
+            return service.registry.snapshot().values()
+
+        metrics = PrometheusMetrics(
+            MetricSources(
+                store=store,
+                backends=sorted(backends),
+                live_vms=live_vms,
+                metering=metering,
+                host_vcpus=settings.host_vcpu_ceiling,
+                host_memory_bytes=settings.host_memory_ceiling,
+                version=__version__,
+            )
+        )
         service = VmService(
             store,
             backends,
@@ -352,7 +389,7 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
             default_backend=backend.name,
             default_shutdown_timeout=float(settings.shutdown_timeout_seconds),
             host_details=settings.expose_host_details,
-            on_create_steps=metrics.observe_create_steps,
+            telemetry=metrics,
         )
         if settings.expose_host_details:
             log.warning(
@@ -376,24 +413,41 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
             checks={"store": store.ping, "assets": check_assets},
         )
         asgi = MetaldASGI(
-            connect_app,
-            health,
-            metrics,
-            store,
-            body_timeout=settings.request_body_timeout_seconds,
+            connect_app, health, metrics, body_timeout=settings.request_body_timeout_seconds
         )
+        if settings.otel_prometheus_enabled:
+            listener = await start_metrics_listener(settings, metrics.exposition)
         yield Daemon(settings, asgi, service)
     finally:
+        if listener is not None:
+            await listener.close()
         for each in backends.values():
             await each.close()
         await network.stop()
         await database.close()
 
 
+async def start_metrics_listener(
+    settings: Settings, render: Callable[[], Awaitable[bytes]]
+) -> MetricsListener:
+    listener = MetricsListener(render)
+    host, port = settings.otel_prometheus_interface, settings.otel_prometheus_port
+    try:
+        await listener.start(host, port)
+    except OSError as exc:
+        raise StartupError(
+            f"UNKEY_METALD_OTEL_PROMETHEUS_INTERFACE/_PORT: cannot listen on {host}:{port} "
+            f"({exc.strerror or exc}): choose another port, or set "
+            "UNKEY_METALD_OTEL_PROMETHEUS_ENABLED=false"
+        ) from None
+    log.info("Prometheus metrics on http://%s:%d/metrics", host, listener.port)
+    return listener
+
+
 def connect_application(
     handlers: vm_connect.VmService,
     authenticator: TokenAuthenticator,
-    metrics: ApiMetrics,
+    metrics: ApiTelemetry,
     max_bytes: int,
 ) -> VmServiceASGIApplication:
     """The Connect/gRPC/gRPC-Web application around `handlers`, as metald serves it (the

@@ -208,6 +208,14 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a URL like http://localhost:8081")
         return value.rstrip("/")
 
+    # -- Prometheus metrics (issue 9, metrics): /metrics on the API port, and on this
+    # dedicated plain-HTTP listener (no auth) as the existing metald has it. A non-loopback
+    # interface is refused at start-up unless _ALLOW_REMOTE says so (logged at every start).
+    otel_prometheus_enabled: bool = True
+    otel_prometheus_port: int = Field(9464, ge=0, le=65535)
+    otel_prometheus_interface: str = "127.0.0.1"
+    otel_prometheus_allow_remote: bool = False
+
     @field_validator("jailer_uid_range")
     @classmethod
     def _uid_range(cls, value: str) -> str:

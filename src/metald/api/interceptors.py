@@ -1,5 +1,9 @@
 """Connect interceptors: request metrics, authentication, error mapping, and their order.
 
+Refusals are counted where they happen (core/telemetry.py): a refused token in the auth
+interceptor (by reason), a refused access in the errors interceptor (permission_denied, and
+another customer's VM, which the caller is told is not_found: core.errors.NotOwned).
+
 The order is the point. connectrpc runs the *leading* metadata interceptors (those that see
 only headers) before it reads or decodes the request body, and everything from the first
 message interceptor on after decoding. Metrics and authentication are metadata
@@ -20,15 +24,16 @@ from connectrpc.errors import ConnectError
 from connectrpc.interceptor import Interceptor
 from connectrpc.request import RequestContext
 
-from metald.api.auth import TokenAuthenticator, current_customer
+from metald.api.auth import TokenAuthenticator, TokenRefused, current_customer
 from metald.api.errors import to_connect_error
-from metald.api.metrics import ApiMetrics
+from metald.core.errors import NotOwned, PermissionDenied
+from metald.core.telemetry import ApiTelemetry
 
 
 class MetricsInterceptor:
     """Counts every call, including those refused before decoding, by method and code."""
 
-    def __init__(self, metrics: ApiMetrics) -> None:
+    def __init__(self, metrics: ApiTelemetry) -> None:
         self._metrics = metrics
 
     async def on_start(self, ctx: RequestContext[Any, Any]) -> float:
@@ -40,19 +45,22 @@ class MetricsInterceptor:
         code = "ok"
         if error is not None:
             code = error.code.name.lower() if isinstance(error, ConnectError) else "unknown"
-        self._metrics.observe_request(ctx.method.name, code, time.perf_counter() - started)
+        self._metrics.rpc_served(ctx.method.name, code, time.perf_counter() - started)
 
 
 class AuthInterceptor:
     """The bearer token to the customer of the call, from the headers, before the body."""
 
-    def __init__(self, authenticator: TokenAuthenticator) -> None:
+    def __init__(self, authenticator: TokenAuthenticator, metrics: ApiTelemetry) -> None:
         self._auth = authenticator
+        self._metrics = metrics
 
     async def on_start(self, ctx: RequestContext[Any, Any]) -> Token[str]:
         try:
             customer = self._auth.customer_for(ctx.request_headers.get("authorization"))
         except Exception as exc:
+            if isinstance(exc, TokenRefused):
+                self._metrics.auth_refused(exc.reason)
             raise to_connect_error(exc) from None
         # Set in the request's own task: the handler, awaited by the same task, sees it.
         return current_customer.set(customer)
@@ -65,7 +73,10 @@ class AuthInterceptor:
 
 class ErrorsInterceptor:
     """Every exception of a handler becomes its Connect code (`internal` with no detail for
-    anything that is not a MetaldError)."""
+    anything that is not a MetaldError); refused accesses are counted."""
+
+    def __init__(self, metrics: ApiTelemetry) -> None:
+        self._metrics = metrics
 
     async def intercept_unary(
         self,
@@ -77,19 +88,21 @@ class ErrorsInterceptor:
         try:
             return await call_next(request, ctx)
         except Exception as exc:
+            if isinstance(exc, PermissionDenied | NotOwned):
+                self._metrics.access_refused(ctx.method.name)
             raise to_connect_error(exc) from None
 
 
 def api_interceptors(
     authenticator: TokenAuthenticator,
-    metrics: ApiMetrics,
+    metrics: ApiTelemetry,
     after_auth: Sequence[Interceptor] = (),
 ) -> list[Interceptor]:
     """The chain app.py serves: metrics and auth before the body, then `after_auth` (tests
     record decoded requests there), then error mapping around the handler."""
     return [
         MetricsInterceptor(metrics),
-        AuthInterceptor(authenticator),
+        AuthInterceptor(authenticator, metrics),
         *after_auth,
-        ErrorsInterceptor(),
+        ErrorsInterceptor(metrics),
     ]

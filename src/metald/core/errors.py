@@ -25,6 +25,11 @@ class NotFound(MetaldError):
     code = "not_found"
 
 
+class NotOwned(NotFound):
+    """Another customer's VM. Answered exactly as NotFound (same code, same message), so a
+    tenant learns nothing; the API counts it as a refused access."""
+
+
 class AlreadyExists(MetaldError):
     code = "already_exists"
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from metald.core.errors import (
     InvalidArgument,
     MetaldError,
     NotFound,
+    NotOwned,
     PermissionDenied,
     Unavailable,
 )
@@ -49,8 +50,10 @@ from metald.core.models import (
     VmUsage,
 )
 from metald.core.ports import Assets, Backend, Network, Store
+from metald.core.quotas import QuotaExceeded
 from metald.core.redaction import tenant_backend_info, vmm_text
 from metald.core.states import DELETE_NEEDS_FORCE, LIVE_STATES, Operation, VmState, next_state
+from metald.core.telemetry import NoTelemetry, VmTelemetry
 from metald.core.undo import Undo
 from metald.core.validation import (
     Limits,
@@ -90,14 +93,14 @@ class VmService:
         default_shutdown_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
         host_details: bool = False,
-        on_create_steps: Callable[[str, timing.StepTimes], None] | None = None,
+        telemetry: VmTelemetry | None = None,
     ) -> None:
         """`backends`: every VMM backend this host can run, by name (a VM row records its
         backend, so VMs of each are adopted after a restart); new VMs use `default_backend`
         (the only one when there is one). `host_details`: GetVmInfo shows the backend's
         host details (pid, paths, versions) to tenants too: development and tests only.
-        `on_create_steps`: called with the backend's name and the steps of every CreateVm
-        that succeeded (core/timing.py; the API publishes them on /metrics)."""
+        `telemetry`: told of creates (their steps, core/timing.py), boots, adoptions,
+        unasked VMM exits and quota refusals (the adapter publishes them on /metrics)."""
         if not backends:
             raise ValueError("at least one backend")
         default_backend = default_backend or next(iter(backends))
@@ -116,7 +119,7 @@ class VmService:
         self._host_details = host_details
         # The live VMs, read by GetVmInfo and ownership checks (service/registry.py).
         self.registry = VmRegistry()
-        self._on_create_steps = on_create_steps
+        self._telemetry: VmTelemetry = telemetry or NoTelemetry()
 
     # -- life of the service -------------------------------------------------------------
 
@@ -154,6 +157,7 @@ class VmService:
             )
             return
         live = await backend.adopt(vm.id, vm.process) if vm.process else None
+        self._telemetry.adoption(vm.backend, live is not None)
         if live is None:
             reason = "vmm process was gone when metald started"
             await self._save(vm, state=VmState.SHUTDOWN, process=None, exit_reason=reason)
@@ -179,6 +183,7 @@ class VmService:
             if vm is None or vm.state not in LIVE_STATES:
                 return
             await self._save(vm, state=VmState.SHUTDOWN, process=None, exit_reason=reason)
+            self._telemetry.vmm_exited(vm.backend)
             log.info("vm %s stopped on its own: %s", vm_id, reason)
 
     # -- use cases -------------------------------------------------------------------------
@@ -186,12 +191,11 @@ class VmService:
     async def create_vm(
         self, caller: str, vm_id: str, config: VmConfig, customer_id: str = ""
     ) -> VmRecord:
-        with timing.collecting() as times:
+        with timing.collecting() as times, self._quota_refusals():
             vm = await self._create_vm(caller, vm_id, config, customer_id)
         # Only a create that succeeded: a failed one's steps stop anywhere.
         log.debug("vm %s: created in %s", vm.id, times.describe())
-        if self._on_create_steps is not None:
-            self._on_create_steps(vm.backend, times)
+        self._telemetry.create_steps(vm.backend, times)
         return vm
 
     async def _create_vm(
@@ -264,9 +268,14 @@ class VmService:
     async def boot_vm(self, caller: str, vm_id: str) -> VmRecord:
         async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.BOOT, vm.state)
-            async with self._admission.booting(vm):
-                process = await self._backend_of(vm).boot(vm_id)
-                saved = await self._save(vm, state=new_state, process=process, exit_reason=None)
+            first = vm.state is VmState.CREATED
+            started = time.perf_counter()
+            with self._quota_refusals():
+                async with self._admission.booting(vm):
+                    process = await self._backend_of(vm).boot(vm_id)
+                    saved = await self._save(vm, state=new_state, process=process, exit_reason=None)
+            since_create = max(0.0, saved.updated_at - vm.created_at) if first else None
+            self._telemetry.booted(vm.backend, time.perf_counter() - started, since_create)
             self._log_host_details(vm)
             return saved
 
@@ -360,6 +369,14 @@ class VmService:
 
     # -- helpers -----------------------------------------------------------------------------
 
+    @contextmanager
+    def _quota_refusals(self) -> Iterator[None]:
+        try:
+            yield
+        except QuotaExceeded as exc:
+            self._telemetry.quota_refused(exc.scope, exc.resource.value)
+            raise
+
     def _backend_of(self, vm: VmRecord) -> Backend:
         backend = self._backends.get(vm.backend)
         if backend is None:
@@ -389,9 +406,12 @@ class VmService:
     async def _owned(self, caller: str, vm_id: str) -> VmRecord:
         check_vm_id(vm_id)
         vm = await self._read(vm_id)
-        # Someone else's VM looks exactly like a missing one: ids leak nothing.
-        if vm is None or vm.customer_id != caller:
+        # Someone else's VM looks exactly like a missing one: ids leak nothing (NotOwned is
+        # a NotFound with the same message: only metald's own counters tell them apart).
+        if vm is None:
             raise NotFound(f"VM {vm_id!r} not found")
+        if vm.customer_id != caller:
+            raise NotOwned(f"VM {vm_id!r} not found")
         return vm
 
     async def _read(self, vm_id: str) -> VmRecord | None:
