@@ -29,6 +29,7 @@ from metald.backends.vmm.driver import VmmDriver
 from metald.backends.vmm.jail import JailSettings
 from metald.backends.vmm.runtime import VmmRuntime
 from metald.config import BackendKind, ConfigError, HttpServer, Settings, load_settings
+from metald.core import tracing
 from metald.core.errors import MetaldError
 from metald.core.ports import Backend, JailIds, Network, Store
 from metald.core.quotas import HostCeiling, QuotaDefaults, Resource, VmMaxima
@@ -38,6 +39,8 @@ from metald.jailer.cgroup_check import cgroup_limit_problems
 from metald.network.manager import NetworkManager
 from metald.network.models import NetworkMode, NetworkSettings
 from metald.network.port import NetlinkNetwork, NoNetwork
+from metald.observability import logs
+from metald.observability.tracing import OtelTracer
 from metald.service.admission import Admission
 from metald.service.vm_service import VmService
 from metald.store.addresses import SqlAddressBook
@@ -299,10 +302,43 @@ def _split(values: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in values.split(",") if v.strip())
 
 
+def build_tracer(settings: Settings) -> OtelTracer | None:
+    """The OTLP/HTTP trace pipeline when UNKEY_METALD_OTEL_ENABLED is on."""
+    if not settings.otel_enabled:
+        return None
+    try:
+        tracer = OtelTracer(
+            endpoint=settings.otel_endpoint,
+            service_name=settings.otel_service_name,
+            sampling_rate=settings.otel_sampling_rate,
+        )
+    except ValueError as exc:
+        raise StartupError(f"UNKEY_METALD_OTEL_ENDPOINT: {exc}") from None
+    log.info(
+        "traces: OTLP/HTTP to %s (service %s, sampling %g, parent-based)",
+        tracer.url,
+        settings.otel_service_name,
+        settings.otel_sampling_rate,
+    )
+    return tracer
+
+
 @asynccontextmanager
 async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
     """Everything started and reconciled; on exit, control connections closed (VMs live on)."""
     check_exposure(settings)
+    tracer = build_tracer(settings)
+    with tracing.installed(tracer):
+        try:
+            async with _running_daemon(settings) as daemon:
+                yield daemon
+        finally:
+            if tracer is not None:
+                tracer.shutdown()  # exports what is pending
+
+
+@asynccontextmanager
+async def _running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings.vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     database = Database(settings.effective_database_url)  # one engine: store and addresses
@@ -419,12 +455,17 @@ async def serve(settings: Settings) -> None:
     log.info("metald stopped; VMs keep running and are adopted at the next start")
 
 
+def configure_logging(settings: Settings) -> None:
+    logs.configure(settings.log_format.value, settings.log_level.value)
+
+
 def run() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
         settings = load_settings()
+        configure_logging(settings)
         asyncio.run(serve(settings))
     except (ConfigError, StartupError) as exc:
         print(f"metald: {exc}", file=sys.stderr)

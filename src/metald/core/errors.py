@@ -25,6 +25,11 @@ class NotFound(MetaldError):
     code = "not_found"
 
 
+class NotYours(NotFound):
+    """Answered exactly as NotFound (same code, same words: ids leak nothing), raised where
+    the VM exists but is another customer's, so that the API can log a security event."""
+
+
 class AlreadyExists(MetaldError):
     code = "already_exists"
 

@@ -25,13 +25,14 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from metald.core import paging, timing
+from metald.core import callcontext, paging, timing
 from metald.core.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     MetaldError,
     NotFound,
+    NotYours,
     PermissionDenied,
     Unavailable,
 )
@@ -173,6 +174,11 @@ class VmService:
             log.exception("vm %s: its network could not be restored after the restart", vm.id)
 
     async def _on_vmm_exit(self, vm_id: str, reason: str) -> None:
+        with callcontext.scope():
+            callcontext.bind(vm_id=vm_id)
+            await self._record_exit(vm_id, reason)
+
+    async def _record_exit(self, vm_id: str, reason: str) -> None:
         async with self._locks.hold(vm_id):
             vm = await self._read(vm_id)
             if vm is None or vm.state not in LIVE_STATES:
@@ -185,10 +191,10 @@ class VmService:
     async def create_vm(
         self, caller: str, vm_id: str, config: VmConfig, customer_id: str = ""
     ) -> VmRecord:
-        with timing.collecting() as times:
+        with callcontext.scope(), timing.collecting() as times:
             vm = await self._create_vm(caller, vm_id, config, customer_id)
-        # Only a create that succeeded: a failed one's steps stop anywhere.
-        log.debug("vm %s: created in %s", vm.id, times.describe())
+            # Only a create that succeeded: a failed one's steps stop anywhere.
+            log.debug("vm %s: created in %s", vm.id, times.describe())
         if self._on_create_steps is not None:
             self._on_create_steps(vm.backend, times)
         return vm
@@ -206,6 +212,7 @@ class VmService:
             self._network.check(config.network)
             spec_of = self._resolve(config, caller)
             vm_id = vm_id or new_vm_id()
+            callcontext.bind(vm_id=vm_id)  # log lines and the RPC's span name it from here
             claim = self._admission.check_request(config, spec_of(vm_id).disks)
         taken = AlreadyExists(f"vm_id {vm_id!r} is taken (VM ids are never reused)")
         if self._locks.busy(vm_id):
@@ -255,7 +262,8 @@ class VmService:
         async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.BOOT, vm.state)
             async with self._admission.booting(vm):
-                process = await self._backend_of(vm).boot(vm_id)
+                with timing.step("vmm.boot"):
+                    process = await self._backend_of(vm).boot(vm_id)
                 saved = await self._save(vm, state=new_state, process=process, exit_reason=None)
             self._log_host_details(vm)
             return saved
@@ -263,19 +271,22 @@ class VmService:
     async def pause_vm(self, caller: str, vm_id: str) -> VmRecord:
         async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.PAUSE, vm.state)
-            await self._backend_of(vm).pause(vm_id)
+            with timing.step("vmm.pause"):
+                await self._backend_of(vm).pause(vm_id)
             return await self._save(vm, state=new_state)
 
     async def resume_vm(self, caller: str, vm_id: str) -> VmRecord:
         async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.RESUME, vm.state)
-            await self._backend_of(vm).resume(vm_id)
+            with timing.step("vmm.resume"):
+                await self._backend_of(vm).resume(vm_id)
             return await self._save(vm, state=new_state)
 
     async def reboot_vm(self, caller: str, vm_id: str) -> VmRecord:
         async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.REBOOT, vm.state)
-            process = await self._backend_of(vm).reboot(vm_id)
+            with timing.step("vmm.reboot"):
+                process = await self._backend_of(vm).reboot(vm_id)
             return await self._save(vm, state=new_state, process=process)
 
     async def shutdown_vm(
@@ -285,7 +296,8 @@ class VmService:
         timeout = float(timeout_seconds) or self._default_shutdown_timeout
         async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.SHUTDOWN, vm.state)
-            how = await self._backend_of(vm).shutdown(vm_id, timeout=timeout, force=force)
+            with timing.step("vmm.shutdown"):
+                how = await self._backend_of(vm).shutdown(vm_id, timeout=timeout, force=force)
             return await self._save(
                 vm, state=new_state, process=None, exit_reason=f"shutdown requested ({how})"
             )
@@ -297,8 +309,10 @@ class VmService:
                 raise FailedPrecondition(
                     f"VM is {vm.state.value}: shut it down first or delete with force"
                 )
-            await self._backend_of(vm).destroy(vm_id)
-            await self._network.teardown(vm_id)
+            with timing.step("vmm.destroy"):
+                await self._backend_of(vm).destroy(vm_id)
+            with timing.step("network.teardown"):
+                await self._network.teardown(vm_id)
             vm.deleted_at = self._clock()
             await self._save(vm, state=VmState.SHUTDOWN, process=None)
             await self._admission.release(vm_id)
@@ -379,9 +393,12 @@ class VmService:
     async def _owned(self, caller: str, vm_id: str) -> VmRecord:
         check_vm_id(vm_id)
         vm = await self._read(vm_id)
-        # Someone else's VM looks exactly like a missing one: ids leak nothing.
-        if vm is None or vm.customer_id != caller:
+        # Someone else's VM looks exactly like a missing one: ids leak nothing (NotYours is
+        # answered as NotFound; the API logs a security event for it).
+        if vm is None:
             raise NotFound(f"VM {vm_id!r} not found")
+        if vm.customer_id != caller:
+            raise NotYours(f"VM {vm_id!r} not found")
         return vm
 
     async def _read(self, vm_id: str) -> VmRecord | None:
@@ -450,6 +467,7 @@ class VmService:
             if exit_reason is not None:
                 info["exit_reason"] = vmm_text(exit_reason)  # a VMM's words: bounded
             vm.backend_info = info
-        await self._store.update(vm)
+        with timing.step("store"):
+            await self._store.update(vm)
         self.registry.put(vm)  # after the store took it: never ahead of the truth
         return replace(vm)
