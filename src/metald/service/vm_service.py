@@ -212,8 +212,8 @@ class VmService:
             self._network.check(config.network)
             spec_of = self._resolve(config, caller)
             vm_id = vm_id or new_vm_id()
-            callcontext.bind(vm_id=vm_id)  # log lines and the RPC's span name it from here
             claim = self._admission.check_request(config, spec_of(vm_id).disks)
+        callcontext.bind(vm_id=vm_id)  # log lines and the RPC's span name it from here
         taken = AlreadyExists(f"vm_id {vm_id!r} is taken (VM ids are never reused)")
         if self._locks.busy(vm_id):
             raise taken  # someone's VM, or someone's create of it: not waited for
