@@ -35,7 +35,9 @@ from metald.core.ports import Backend, JailIds, Network, Store
 from metald.core.quotas import HostCeiling, QuotaDefaults, Resource, VmMaxima
 from metald.core.validation import Limits
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
+from metald.host import caps
 from metald.jailer.cgroup_check import cgroup_limit_problems
+from metald.jailer.needs import JAILER_CAPABILITIES
 from metald.network.manager import NetworkManager
 from metald.network.models import NetworkMode, NetworkSettings
 from metald.network.port import NetlinkNetwork, NoNetwork
@@ -99,10 +101,13 @@ def jail_settings(settings: Settings) -> JailSettings | None:
     if not settings.jailer_enabled:
         log.warning("jailer disabled: VMMs run as metald's own user, without networking")
         return None
-    if os.geteuid() != 0:
+    if not caps.privileged(JAILER_CAPABILITIES):
         raise StartupError(
-            "the jailer needs root (it enters namespaces, chroots and drops to an "
-            "unprivileged user); run metald as root or set UNKEY_METALD_JAILER_ENABLED=false"
+            "the jailer needs root or the capabilities "
+            f"{', '.join(caps.missing(JAILER_CAPABILITIES))} (it enters namespaces, chroots and "
+            "drops to an unprivileged user); run metald as root, or as the systemd unit's user "
+            "with its capabilities (contrib/systemd/metald.service), or set "
+            "UNKEY_METALD_JAILER_ENABLED=false"
         )
     bounds = settings.jailer_uid_bounds
     try:
