@@ -194,7 +194,19 @@ def test_a_vm_lives_its_whole_life_under_the_units_user_and_capabilities(
         vmm = _status(pid)
         assert vmm["Uid"].split() == [str(daemon.jail_ids()[vm_id])] * 4
         assert int(vmm["CapEff"], 16) == 0 and int(vmm["CapBnd"], 16) == 0
+        # A restart (Restart=on-failure, an upgrade): the running VM is adopted, still reached.
+        assert daemon.stop() == 0
+        daemon.start_again()
+        assert call.info(vm_id).body["state"] == "VM_STATE_RUNNING"
+        assert int(call.info(vm_id).body["backend_info"]["pid"]) == pid
+        ping = _in_host_ns(daemon, "ping", "-c", "1", "-W", "3", ip4)
+        assert ping.returncode == 0, f"ping {ip4} after the restart: {ping.stdout}{ping.stderr}"
         assert call.must("ShutdownVm", {"vm_id": vm_id}).body["state"] == "VM_STATE_SHUTDOWN"
+        # A VMM that must be killed (another uid's process): a forced delete of a live VM.
+        other = call.must("CreateVm", {"vm_id": "unit-kill", "config": config}).body["vm_id"]
+        other_pid = int(call.info(other).body["backend_info"]["pid"])
+        call.must("DeleteVm", {"vm_id": other, "force": True})
+        wait_until(lambda: not Path(f"/proc/{other_pid}").exists(), 10, "the killed VMM gone")
     finally:
         call.must("DeleteVm", {"vm_id": vm_id, "force": True})
     assert call("GetVmInfo", {"vm_id": vm_id}).code == "not_found"

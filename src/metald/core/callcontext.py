@@ -29,11 +29,15 @@ SPAN_ATTRIBUTES = {"vm_id": "metald.vm_id", "customer_id": "metald.customer_id"}
 def bind(**fields: str) -> Token[Mapping[str, str]]:
     """Add the non-empty `fields` (vm_id, customer_id, trace_id) to this call's context;
     `reset` with the token undoes it."""
-    given = {k: v for k, v in fields.items() if v}
-    token = _fields.set(MappingProxyType({**_fields.get(), **given}))
-    on_span = {SPAN_ATTRIBUTES[k]: v for k, v in given.items() if k in SPAN_ATTRIBUTES}
-    if on_span:
-        tracing.set_attributes(on_span)
+    merged = dict(_fields.get())
+    for key, value in fields.items():
+        if value:
+            merged[key] = value
+    token = _fields.set(MappingProxyType(merged))
+    if tracing.active() is not None:
+        on_span = {SPAN_ATTRIBUTES[k]: v for k, v in fields.items() if v and k in SPAN_ATTRIBUTES}
+        if on_span:
+            tracing.set_attributes(on_span)
     return token
 
 
