@@ -7,6 +7,8 @@ VAR := $(CURDIR)/var
 ASSETS := $(VAR)/assets
 APT_PACKAGES := qemu-system-x86 busybox-static cpio lz4 e2fsprogs iproute2 iputils-ping curl ca-certificates nftables wrk nghttp2-client
 GEN := src/metald/gen
+# Every .proto `make proto` generates (tests/unit/test_generated.py checks the same list).
+PROTOS := vmprovisioner/v1/vm.proto billing/v1/billing.proto
 
 # Quick-start settings; anything already in the environment wins.
 export UNKEY_METALD_ADDRESS ?= 127.0.0.1
@@ -18,8 +20,12 @@ export UNKEY_METALD_AUTH_DEV_TOKENS ?= true
 
 .PHONY: run test bench bench-deps deps system-deps venv guest buf proto lint unit clean
 
+# The quick start runs its own billing service too (`metald billing-sink` on 127.0.0.1:8081,
+# metald's default UNKEY_METALD_BILLING_ENDPOINT), ended by its pid when metald ends;
+# `metald billing usage --db var/billing-sink.db` shows what it received.
 run: deps guest
-	$(BIN)/metald serve
+	$(BIN)/metald billing-sink --db $(VAR)/billing-sink.db & sink=$$!; \
+	trap 'kill $$sink 2>/dev/null; wait $$sink' EXIT; $(BIN)/metald serve
 
 test: deps guest buf
 	$(BIN)/ruff check src tests bench
@@ -71,8 +77,8 @@ proto: venv
 	rm -rf $(GEN) && mkdir -p $(GEN)
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$(GEN) --pyi_out=$(GEN) \
 	  --plugin=protoc-gen-connectrpc=$(BIN)/protoc-gen-connectrpc \
-	  --connectrpc_out=$(GEN) --connectrpc_opt=protobuf=google vmprovisioner/v1/vm.proto
-	touch $(GEN)/__init__.py $(GEN)/vmprovisioner/__init__.py $(GEN)/vmprovisioner/v1/__init__.py
+	  --connectrpc_out=$(GEN) --connectrpc_opt=protobuf=google $(PROTOS)
+	touch $(GEN)/__init__.py $(foreach p,$(PROTOS),$(GEN)/$(firstword $(subst /, ,$(p)))/__init__.py $(GEN)/$(dir $(p))__init__.py)
 
 lint: venv
 	$(BIN)/ruff check src tests bench

@@ -1,5 +1,6 @@
 """`make bench` (python -m bench [--tiny] [--out DIR]): every benchmark of SUITE in turn,
-each in its own process (one benchmark's daemon and VMs never overlap another's)."""
+each in its own process (one benchmark's daemon and VMs never overlap another's), then the
+plots of the newest records (bench/plots.py, into <out>/plots)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ def main() -> int:
         print(f"== {' '.join(command[1:])}", flush=True)
         if subprocess.run(command, check=False).returncode != 0:
             failed.append(name)
+    plots = [sys.executable, "-m", "bench.plots", "--results", args.out]
+    if subprocess.run(plots, check=False).returncode != 0:
+        failed.append("plots")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

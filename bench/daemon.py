@@ -77,6 +77,7 @@ class BenchDaemon:
             "UNKEY_METALD_NETWORK_NETNS_PREFIX": self._prefixes[1],
             "UNKEY_METALD_HOST_VCPUS": "1024",
             "UNKEY_METALD_HOST_MEMORY_BYTES": str(64 * 1024**3),  # paused density VMs
+            "UNKEY_METALD_BILLING_ENABLED": "false",  # not to whatever holds localhost:8081
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None

@@ -29,8 +29,8 @@ from metald.api import server
 from metald.api.auth import TokenAuthenticator
 from metald.api.health import Health
 from metald.api.http import MetaldASGI
-from metald.api.interceptors import api_interceptors
 from metald.api.metrics import ApiMetrics
+from metald.app import connect_application
 from metald.core.states import VmState
 from metald.gen.vmprovisioner.v1 import vm_pb2 as pb
 from metald.gen.vmprovisioner.v1.vm_connect import VmService, VmServiceASGIApplication
@@ -80,10 +80,8 @@ def build(chain: str = "metald") -> Any:
     if chain == "bare":
         return VmServiceASGIApplication(TrivialHandlers(), read_max_bytes=MIB)
     metrics = ApiMetrics()
-    connect = VmServiceASGIApplication(
-        TrivialHandlers(),
-        interceptors=api_interceptors(TokenAuthenticator(dev_tokens=True), metrics),
-        read_max_bytes=MIB,
+    connect = connect_application(
+        TrivialHandlers(), TokenAuthenticator(dev_tokens=True), metrics, MIB
     )
     store = _NoStore()
     health = Health(backend="trivial", accelerator=lambda: "none", checks={"store": store.ping})

@@ -26,13 +26,12 @@ from metald.api import server
 from metald.api.auth import TokenAuthenticator, current_customer
 from metald.api.health import Health
 from metald.api.http import MetaldASGI
-from metald.api.interceptors import api_interceptors
 from metald.api.metrics import ApiMetrics
-from metald.app import server_options
+from metald.app import connect_application, server_options
 from metald.config import load_settings
 from metald.core.states import VmState
 from metald.gen.vmprovisioner.v1 import vm_pb2 as pb
-from metald.gen.vmprovisioner.v1.vm_connect import VmService, VmServiceASGIApplication
+from metald.gen.vmprovisioner.v1.vm_connect import VmService
 
 
 class ConstantHandlers(VmService):  # type: ignore[misc]
@@ -72,10 +71,8 @@ async def serve(answers: dict[str, dict[str, Any]]) -> None:
     authenticator = TokenAuthenticator(
         dev_tokens=settings.auth_dev_tokens, tokens_file=settings.auth_tokens_file
     )
-    connect_app = VmServiceASGIApplication(
-        ConstantHandlers(answers),
-        interceptors=api_interceptors(authenticator, metrics),
-        read_max_bytes=settings.max_request_bytes,
+    connect_app = connect_application(
+        ConstantHandlers(answers), authenticator, metrics, settings.max_request_bytes
     )
 
     async def nothing() -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from metald.api import server
 from metald.api.auth import TokenAuthenticator, is_loopback_only
+from metald.api.codecs import api_codecs
 from metald.api.handlers import VmHandlers
 from metald.api.health import Health
 from metald.api.http import MetaldASGI
@@ -28,12 +29,15 @@ from metald.backends.vmm.context import LogCaps
 from metald.backends.vmm.driver import VmmDriver
 from metald.backends.vmm.jail import JailSettings
 from metald.backends.vmm.runtime import VmmRuntime
+from metald.billing.client import ConnectBilling
+from metald.billing.mock import MockBilling
 from metald.config import BackendKind, ConfigError, HttpServer, Settings, load_settings
 from metald.core import tracing
 from metald.core.errors import MetaldError
-from metald.core.ports import Backend, JailIds, Network, Store
+from metald.core.ports import Backend, Billing, JailIds, Network, Store
 from metald.core.quotas import HostCeiling, QuotaDefaults, Resource, VmMaxima
 from metald.core.validation import Limits
+from metald.gen.vmprovisioner.v1 import vm_connect
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
 from metald.host import caps
 from metald.jailer.cgroup_check import cgroup_limit_problems
@@ -42,6 +46,7 @@ from metald.network.manager import NetworkManager
 from metald.network.models import NetworkMode, NetworkSettings
 from metald.network.port import NetlinkNetwork, NoNetwork
 from metald.observability import logs
+from metald.observability.billing import TracedBilling
 from metald.observability.tracing import OtelTracer
 from metald.service.admission import Admission
 from metald.service.vm_service import VmService
@@ -256,6 +261,31 @@ def build_network(settings: Settings, database: Database) -> Network:
     return NetlinkNetwork(manager)
 
 
+def build_billing(settings: Settings) -> Billing | None:
+    """Where usage goes (UNKEY_METALD_BILLING_*): None when billing is off, a logger in mock
+    mode, else the billing.v1 client of the endpoint (it connects on its first call). With
+    traces on (UNKEY_METALD_OTEL_ENABLED) every billing call is a span."""
+    billing = _billing(settings)
+    if billing is not None and settings.otel_enabled:
+        return TracedBilling(billing)
+    return billing
+
+
+def _billing(settings: Settings) -> Billing | None:
+    if not settings.billing_enabled:
+        log.info("billing disabled: usage is not sent anywhere")
+        return None
+    if settings.billing_mock_mode:
+        log.warning("billing mock mode: usage calls are logged, not sent")
+        return MockBilling()
+    log.info("billing: usage goes to %s", settings.billing_endpoint)
+    return ConnectBilling(
+        settings.billing_endpoint,
+        timeout=settings.billing_timeout_seconds,
+        connect_timeout=settings.billing_connect_timeout_seconds,
+    )
+
+
 def default_rate_limit_mbps(settings: Settings) -> int:
     """The rate a VM gets when its request gives none: the configured default, or without
     one the operator's maximum (a tenant cannot pass the cap by asking for nothing)."""
@@ -383,10 +413,8 @@ async def _running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
         authenticator = TokenAuthenticator(
             dev_tokens=settings.auth_dev_tokens, tokens_file=settings.auth_tokens_file
         )
-        connect_app = VmServiceASGIApplication(
-            VmHandlers(service),
-            interceptors=api_interceptors(authenticator, metrics),
-            read_max_bytes=settings.max_request_bytes,
+        connect_app = connect_application(
+            VmHandlers(service), authenticator, metrics, settings.max_request_bytes
         )
 
         async def check_assets() -> None:
@@ -410,6 +438,22 @@ async def _running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
             await each.close()
         await network.stop()
         await database.close()
+
+
+def connect_application(
+    handlers: vm_connect.VmService,
+    authenticator: TokenAuthenticator,
+    metrics: ApiMetrics,
+    max_bytes: int,
+) -> VmServiceASGIApplication:
+    """The Connect/gRPC/gRPC-Web application around `handlers`, as metald serves it (the
+    benchmarks' trivial ceilings are built with this too, so they measure the same stack)."""
+    return VmServiceASGIApplication(
+        handlers,
+        interceptors=api_interceptors(authenticator, metrics),
+        read_max_bytes=max_bytes,
+        codecs=api_codecs(),
+    )
 
 
 def server_options(settings: Settings) -> server.ServerOptions:

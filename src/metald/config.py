@@ -214,6 +214,24 @@ class Settings(BaseSettings):
     log_format: LogFormat = LogFormat.AUTO
     log_level: LogLevel = LogLevel.INFO
 
+    # Billing client (issue 9, billing-sink): the billing.v1 service usage goes to (the
+    # existing billaged, or `metald billing-sink`); off: no billing calls at all; mock: each
+    # call is one JSON log line and goes nowhere. A call that does not finish within the
+    # timeout (or cannot connect within the connect timeout) counts as not delivered.
+    billing_enabled: bool = True
+    billing_endpoint: str = "http://localhost:8081"
+    billing_mock_mode: bool = False
+    billing_timeout_seconds: float = Field(5.0, gt=0, le=300)
+    billing_connect_timeout_seconds: float = Field(2.0, gt=0, le=60)
+
+    @field_validator("billing_endpoint")
+    @classmethod
+    def _billing_url(cls, value: str) -> str:
+        scheme, sep, rest = value.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest.strip("/"):
+            raise ValueError(f"{value!r} is not a URL like http://localhost:8081")
+        return value.rstrip("/")
+
     @field_validator("jailer_uid_range")
     @classmethod
     def _uid_range(cls, value: str) -> str:

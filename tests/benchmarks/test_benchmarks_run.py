@@ -1,5 +1,6 @@
 """Every benchmark of `make bench` still runs: once, in its tiny configuration, writing its
-JSON record. No figure is checked (figures are for docs/performance.md, not assertions)."""
+JSON record, and its plot (bench/plots.py) is drawn from that record. No figure is checked
+(figures are for docs/performance.md, not assertions)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.harness import ROOT, SUITE
+from bench.plots import PLOTS, draw
 
 
 @pytest.mark.parametrize("name", SUITE)
@@ -25,3 +27,7 @@ def test_the_benchmark_runs_and_writes_its_record(name: str, tmp_path: Path) -> 
     record = json.loads(records[0].read_text())
     assert record["tiny"] is True and record["machine"]["cores"], record
     assert record["sections"] and all(record["sections"].values()), record["sections"]
+    if name in PLOTS:
+        drawn = draw(tmp_path, tmp_path / "plots")
+        assert drawn == [tmp_path / "plots" / f"{name}.png"], drawn
+        assert drawn[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

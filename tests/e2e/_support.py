@@ -310,6 +310,9 @@ class Daemon:
             "UNKEY_METALD_HOST_VCPUS": "256",
             # ...and their own VMM uid ranges (each daemon has its own store).
             "UNKEY_METALD_JAILER_UID_RANGE": _uid_range(tag),
+            # Billing is on by default (to localhost:8081): a test that wants it starts its
+            # own `metald billing-sink` and passes its endpoint with _ENABLED=true.
+            "UNKEY_METALD_BILLING_ENABLED": "false",
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None

@@ -558,6 +558,7 @@ def test_the_daemon_runs_inside_a_namespace_the_test_made(e2e_root: Path) -> Non
             "UNKEY_METALD_JAILER_CHROOT_DIR": str(jail_dir),
             "UNKEY_METALD_JAILER_CGROUP_PARENT": cgroup_parent,
             "UNKEY_METALD_EXPOSE_HOST_DETAILS": "true",  # the console path below
+            "UNKEY_METALD_BILLING_ENABLED": "false",
         }
         with log.open("wb") as out:
             proc = subprocess.Popen(

@@ -77,6 +77,10 @@ class FakeNetwork:
         self.networks[vm_id] = FakeVmNetwork(customer_id, nic, address)
         return nic
 
+    async def ready(self, vm_id: str) -> None:
+        self.calls.append(("ready", vm_id))
+        await self.faults.enter("ready")
+
     async def attach(self, vm_id: str) -> None:
         self.calls.append(("attach", vm_id))
         await self.faults.enter("attach")

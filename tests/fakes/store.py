@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
+from metald.core.errors import AlreadyExists
 from metald.core.models import VmRecord, VmSummary
 from metald.core.states import LIVE_STATES, VmState
 
@@ -31,7 +32,7 @@ class MemoryStore:
     async def insert(self, vm: VmRecord) -> None:
         await self.faults.enter("insert")
         if vm.id in self.rows:
-            raise RuntimeError(f"duplicate primary key {vm.id!r}")  # what SQL would refuse
+            raise AlreadyExists(f"vm_id {vm.id!r} is taken")  # what the primary key refuses
         self.rows[vm.id] = copy.deepcopy(vm)
 
     async def get(self, vm_id: str) -> VmRecord | None:
@@ -40,10 +41,6 @@ class MemoryStore:
         if row is None or row.deleted_at is not None:
             return None
         return copy.deepcopy(row)
-
-    async def exists(self, vm_id: str) -> bool:
-        await self.faults.enter("exists")
-        return vm_id in self.rows
 
     async def update(self, vm: VmRecord) -> None:
         await self.faults.enter("update")

@@ -137,8 +137,10 @@ def _cgroup_tree(root: Path, *, controllers: str, vm: str | None) -> None:
             (d / name).write_text("")
 
 
-def _jail(cg: CgroupSpec) -> Jail:
-    spec = JailSpec(vm_id="vm1", uid=999, gid=995, argv=("/vmm",), cgroup=cg)
+def _jail(cg: CgroupSpec, pid_namespace: bool = False) -> Jail:
+    spec = JailSpec(
+        vm_id="vm1", uid=999, gid=995, argv=("/vmm",), cgroup=cg, pid_namespace=pid_namespace
+    )
     jail = Jail(spec, Reporter(None))
     jail.prepare()
     return jail
@@ -160,6 +162,23 @@ def test_cgroup_step_writes_the_limits(tmp_path: Path) -> None:
     assert (vm / "cgroup.procs").read_text() == str(os.getpid())
     # Controllers were enabled on the way down (the last write wins in a plain file).
     assert (root / "cgroup.subtree_control").read_text() == "+pids"
+
+
+def test_with_a_pid_namespace_the_cgroup_is_kept_open_for_the_vmm_fork(tmp_path: Path) -> None:
+    """The helper does not move itself: the VMM's process is born in the cgroup (fork_vmm,
+    with the directory's fd; tests/integration/test_jailer.py checks the real fork)."""
+    root = tmp_path / "cg"
+    _cgroup_tree(root, controllers="cpu memory pids", vm="vm1")
+    cg = CgroupSpec.for_vm(memory_bytes=256 << 20, vcpu_count=2, memory_allowance=0)
+    jail = _jail(CgroupSpec(**{**cg.__dict__, "mount": str(root)}), pid_namespace=True)
+    detail = jail.step_cgroup()
+    assert detail is not None and detail["joined"] == "at the VMM's fork"
+    vm = root / "metald" / "vm1"
+    assert (vm / "memory.max").read_text() == str(256 << 20)
+    assert not (vm / "cgroup.procs").read_text()  # nobody moved in
+    assert jail.vm_cgroup == "metald/vm1" and jail.vm_cgroup_fd is not None
+    assert os.path.samefile(f"/proc/self/fd/{jail.vm_cgroup_fd}", vm)
+    os.close(jail.vm_cgroup_fd)
 
 
 def test_cgroup_step_skips_limits_the_host_lacks(tmp_path: Path) -> None:

@@ -7,9 +7,11 @@ imported), so a new import that points the wrong way fails here:
   import no adapter and nothing above them (api, service, app, cli, client);
 - api imports no adapter;
 - adapters (backends, store, network, assets, billing, observability) do not import one
-  another, nor anything above them. backends.vmm (the shared runtime; today also the modules
-  directly in backends/) with its drivers backends.qemu and backends.firecracker is one
-  family: a driver may import the runtime, not another driver, and the runtime no driver;
+  another, nor anything above them (billing_sink, the `metald billing-sink` program, is
+  above them as cli is: it may use the billing codec and api's server). backends.vmm (the
+  shared runtime; today also the modules directly in backends/) with its drivers
+  backends.qemu and backends.firecracker is one family: a driver may import the runtime,
+  not another driver, and the runtime no driver;
 - core.ids and the jailer helper's start-up imports are standard library only (the helper
   runs them before it builds the jail).
 
@@ -36,7 +38,7 @@ import metald
 
 SRC = Path(metald.__file__).parent
 ADAPTERS = ("backends", "store", "network", "assets", "billing", "observability")
-ABOVE = ("api", "service", "app", "cli", "client")
+ABOVE = ("api", "service", "app", "cli", "client", "billing_sink")
 DRIVERS = ("backends.qemu", "backends.firecracker")
 # What the jailer helper process imports before it becomes the VMM.
 HELPER = "metald.jailer.helper"

@@ -30,8 +30,13 @@ class Manager:
             gateway4=ipaddress.IPv4Address("10.100.0.1"), gateway6=None,
         )  # fmt: skip
 
-    async def setup_vm(self, vm_id: str, customer_id: str, request: Any) -> VmNetwork:
-        return self.net(vm_id)
+    async def setup_vm(
+        self, vm_id: str, customer_id: str, request: Any, on_reserved: Any = None
+    ) -> VmNetwork:
+        net = self.net(vm_id)
+        if on_reserved is not None:
+            on_reserved(net)
+        return net
 
     async def teardown_vm(self, vm_id: str) -> None:
         return None

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event
 
+from metald.core.errors import AlreadyExists
 from metald.core.models import (
     DiskConfig,
     IPv4Config,
@@ -68,7 +69,8 @@ async def test_soft_delete_hides_the_vm_but_keeps_the_id_taken(store: SqlStore) 
     record.deleted_at = 5.0
     await store.update(record)
     assert await store.get("vm-1") is None
-    assert await store.exists("vm-1")
+    with pytest.raises(AlreadyExists):
+        await store.insert(vm("vm-1"))
     assert await store.list_live() == []
     assert await store.live_backends() == set()
     assert (await store.count_by_state())[VmState.CREATED] == 0
@@ -103,7 +105,7 @@ async def test_start_up_reads_whole_only_rows_with_a_vmm_or_a_network(store: Sql
 async def test_remove_forgets_a_row(store: SqlStore) -> None:
     await store.insert(vm("vm-1"))
     await store.remove("vm-1")
-    assert not await store.exists("vm-1")
+    await store.insert(vm("vm-1"))  # the id is free again
 
 
 async def test_pages_are_per_customer_ordered_and_stable(store: SqlStore) -> None:

@@ -802,7 +802,7 @@ async def test_a_create_reports_its_steps_and_a_failed_one_does_not() -> None:
     await w.service.start()
     await w.service.create_vm(ALICE, "vm-1", NETWORKED)
     assert [(b, steps) for b, steps, _ in seen] == [
-        ("fake", ["check", "store", "admission", "network"])
+        ("fake", ["check", "admission", "store", "network", "network_ready"])
     ]
     assert seen[0][2] is not None
     w.backend.faults.fail("create", BackendError("no"))

@@ -1,10 +1,11 @@
-"""The `metald` command: `serve`, `vm ...`, `assets ...`, `quota ...`."""
+"""The `metald` command: `serve`, `vm ...`, `assets ...`, `quota ...`, `billing-sink`,
+`billing ...`."""
 
 from __future__ import annotations
 
 import typer
 
-from metald.cli import assets, quota, serve, vm
+from metald.cli import assets, billing, quota, serve, vm
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="metald: a microVM manager.")
 app.command("serve")(serve.serve)
@@ -14,4 +15,10 @@ app.add_typer(
     quota.app,
     name="quota",
     help="Per-customer quotas, in the daemon's database (run on its host, as its user).",
+)
+app.command("billing-sink")(billing.sink)
+app.add_typer(
+    billing.app,
+    name="billing",
+    help="What the billing sink received (reads its SQLite file: run it where the sink runs).",
 )

@@ -90,12 +90,12 @@ class Backend(Protocol):
 
 class Store(Protocol):
     async def migrate(self) -> None: ...
-    async def insert(self, vm: VmRecord) -> None: ...
+    async def insert(self, vm: VmRecord) -> None:
+        """Raises AlreadyExists when a row has the id (a deleted VM's too: ids are never
+        reused)."""
+
     async def get(self, vm_id: str) -> VmRecord | None:
         """A VM that is not deleted."""
-
-    async def exists(self, vm_id: str) -> bool:
-        """Whether the id was ever used (deleted rows included): ids are never reused."""
 
     async def update(self, vm: VmRecord) -> None: ...
     async def remove(self, vm_id: str) -> None:
@@ -154,10 +154,18 @@ class Network(Protocol):
     async def setup(
         self, vm_id: str, customer_id: str, interfaces: Sequence[NetworkInterface]
     ) -> NicSpec | None:
-        """Build the VM's network (None when it asks for none); leaves nothing on failure."""
+        """Start the VM's network (None when it asks for none): returns once what the VMM
+        needs (its addresses and namespace) exists, while the rest (links, filters,
+        segment, limits) is still being built, so the VMM starts meanwhile. `ready` waits
+        for the rest; leaves nothing on failure."""
+
+    async def ready(self, vm_id: str) -> None:
+        """Wait until the network `setup` started is whole; raises what its build raised
+        (what the build made is then undone). Nothing to wait for without one."""
 
     async def attach(self, vm_id: str) -> None:
-        """Join the TAP the VMM's jailer made to the VM's network and apply its limits."""
+        """Join the TAP the VMM's jailer made to the VM's network and apply its limits
+        (after the network is whole: it waits for `ready`)."""
 
     async def adopt(
         self,
@@ -171,7 +179,8 @@ class Network(Protocol):
         made anew; missing links and entries are rebuilt. Nothing to do when it is whole."""
 
     async def teardown(self, vm_id: str) -> None:
-        """Remove the VM's network and release its addresses. Idempotent."""
+        """Remove the VM's network and release its addresses (after a build under way has
+        ended). Idempotent."""
 
     async def describe(
         self, vm_id: str, customer_id: str, interfaces: Sequence[NetworkInterface]

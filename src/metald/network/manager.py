@@ -14,7 +14,7 @@ a cancelled caller still waits for that thread, so an undo never races the work 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from metald.core.models import RateLimit, TrafficCounters
 from metald.core.ports import AddressBook
@@ -96,11 +96,17 @@ class NetworkManager:
         return self._vms.names(vm_id)
 
     async def setup_vm(
-        self, vm_id: str, customer_id: str, request: NetworkRequest | None = None
+        self,
+        vm_id: str,
+        customer_id: str,
+        request: NetworkRequest | None = None,
+        on_reserved: Callable[[VmNetwork], None] | None = None,
     ) -> VmNetwork:
         """Build the VM's network; leaves nothing behind if it fails. Calling it again for
-        a VM whose network exists completes and returns it (the same addresses)."""
-        return await self._vms.setup(vm_id, customer_id, request or NetworkRequest())
+        a VM whose network exists completes and returns it (the same addresses).
+        `on_reserved(network)` is called from the build's worker thread once the addresses
+        and the namespace exist (what a VMM needs to start), before the rest is built."""
+        return await self._vms.setup(vm_id, customer_id, request or NetworkRequest(), on_reserved)
 
     async def adopt_vm(
         self, vm_id: str, customer_id: str, request: NetworkRequest, vmm_pid: int | None

@@ -1,6 +1,13 @@
 """The service's Network port on top of NetworkManager, and the stand-in when networking is
 switched off.
 
+A VM's network is built while its VMM starts: `setup` returns as soon as the addresses and
+the namespace exist (what the jailer needs), and the rest of the build (veth, bridge,
+filters, the customer's segment, limits: most of a create's network time) goes on in a
+task that `ready`, `attach` and `teardown` wait for. The guest's vCPUs are stopped until
+BootVm and its TAP joins the bridge only after the build (attach waits), so nothing the
+guest could send passes before its filters are in place.
+
 GetVmInfo describes a VM's network on every call. What was set up is kept (`_known`), and
 the traffic counters, a netlink request in a worker thread (which took most of the CPU of
 a GetVmInfo), are read at most once per `counters_max_age` seconds per VM
@@ -8,6 +15,8 @@ a GetVmInfo), are read at most once per `counters_max_age` seconds per VM
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -36,6 +45,8 @@ class NetlinkNetwork:
         self._counters: dict[str, Reading[TrafficCounters | None]] = {}
         self._counters_max_age = counters_max_age
         self._clock = clock
+        # Builds under way (setup returned, the rest still being made), by VM.
+        self._building: dict[str, asyncio.Task[VmNetwork]] = {}
 
     async def start(self) -> None:
         await self._manager.start()
@@ -52,8 +63,31 @@ class NetlinkNetwork:
         request = NetworkRequest.from_config(interfaces, self._manager.settings)
         if request is None:
             return None
-        net = await self._manager.setup_vm(vm_id, customer_id, request)
-        self._known[vm_id] = net
+        await self._settled(vm_id)
+        loop = asyncio.get_running_loop()
+        reserved: asyncio.Future[VmNetwork] = loop.create_future()
+
+        def on_reserved(net: VmNetwork) -> None:  # in the build's worker thread
+            loop.call_soon_threadsafe(_set_once, reserved, net)
+
+        build = asyncio.ensure_future(
+            self._manager.setup_vm(vm_id, customer_id, request, on_reserved)
+        )
+        self._building[vm_id] = build
+        build.add_done_callback(lambda _: self._built(vm_id, build))
+        try:
+            await asyncio.wait({reserved, build}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            # Cancelled: the build goes on (a thread cannot be stopped) and the caller's
+            # teardown waits for it.
+            reserved.cancel()
+            raise
+        if not reserved.done():
+            reserved.cancel()
+            await self._settled(vm_id)
+            net = build.result()  # failed before its namespace existed: raises
+        else:
+            net = reserved.result()
         self._counters.pop(vm_id, None)
         return NicSpec(
             netns=net.netns,
@@ -64,7 +98,31 @@ class NetlinkNetwork:
             tx_rate_limit=net.tx,
         )
 
+    def _built(self, vm_id: str, build: asyncio.Task[VmNetwork]) -> None:
+        if build.cancelled() or build.exception() is not None:
+            return  # (its error is retrieved here; ready() raises it again)
+        self._known[vm_id] = build.result()
+
+    async def ready(self, vm_id: str) -> None:
+        build = self._building.get(vm_id)
+        if build is None:
+            return
+        try:
+            net = await asyncio.shield(build)
+        finally:
+            if build.done() and self._building.get(vm_id) is build:
+                del self._building[vm_id]
+        self._known[vm_id] = net
+
+    async def _settled(self, vm_id: str) -> None:
+        """Wait for a build under way to end, whatever its outcome."""
+        build = self._building.pop(vm_id, None)
+        if build is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(build)
+
     async def attach(self, vm_id: str) -> None:
+        await self.ready(vm_id)
         await self._manager.attach_tap(vm_id)
 
     async def adopt(
@@ -82,6 +140,7 @@ class NetlinkNetwork:
         self._counters.pop(vm_id, None)
 
     async def teardown(self, vm_id: str) -> None:
+        await self._settled(vm_id)
         self._known.pop(vm_id, None)
         self._counters.pop(vm_id, None)
         await self._manager.teardown_vm(vm_id)
@@ -138,6 +197,9 @@ class NoNetwork:
         self.check(interfaces)
         return None
 
+    async def ready(self, vm_id: str) -> None:
+        return None
+
     async def attach(self, vm_id: str) -> None:
         return None
 
@@ -160,3 +222,8 @@ class NoNetwork:
 
     async def remove_orphans(self, known_vm_ids: set[str]) -> list[str]:
         return []
+
+
+def _set_once(future: asyncio.Future[VmNetwork], net: VmNetwork) -> None:
+    if not future.done():
+        future.set_result(net)

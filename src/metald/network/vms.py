@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from collections.abc import Callable
 from typing import Any
 
 from metald.core.errors import (
@@ -69,7 +70,16 @@ class VmNetworks:
 
     # Set-up ------------------------------------------------------------------------------
 
-    async def setup(self, vm_id: str, customer_id: str, request: NetworkRequest) -> VmNetwork:
+    async def setup(
+        self,
+        vm_id: str,
+        customer_id: str,
+        request: NetworkRequest,
+        on_reserved: Callable[[VmNetwork], None] | None = None,
+    ) -> VmNetwork:
+        """Build the VM's network. `on_reserved`, if given, is called (in the build's worker
+        thread) once its addresses are allocated and its namespace exists, which is all a
+        VMM needs to start: the caller may start one while the rest is built."""
         ctx = self._ctx
         ctx.step("validate")
         check_vm_id(vm_id)
@@ -116,7 +126,7 @@ class VmNetworks:
                 ipaddress.IPv4Interface(f"{ip4}/{s.subnet4.prefixlen}") if ip4 else None,
                 ipaddress.IPv6Interface(f"{ip6}/{s.subnet6.prefixlen}") if ip6 else None,
             )
-            await blocking(self._build_sync, network, names, customer, built)
+            await blocking(self._build_sync, network, names, customer, built, on_reserved)
         except BaseException:
             # The build undoes itself when it fails; if it succeeded but the caller was
             # cancelled meanwhile, what it made is undone here.
@@ -137,12 +147,13 @@ class VmNetworks:
         names: VmNames,
         customer: CustomerNames,
         built: list[Undo],
+        on_reserved: Callable[[VmNetwork], None] | None,
     ) -> None:
         ensure_home()
         undo = Undo(log, f"network of {net.vm_id}: a failed set-up")
         built.append(undo)
         try:
-            self._build_steps(net, names, customer, undo)
+            self._build_steps(net, names, customer, undo, on_reserved)
         except MetaldError:
             undo.run()
             raise
@@ -151,12 +162,19 @@ class VmNetworks:
             raise NetworkError(f"network set-up of {net.vm_id} failed: {exc}") from exc
 
     def _build_steps(
-        self, net: VmNetwork, names: VmNames, customer: CustomerNames, undo: Undo
+        self,
+        net: VmNetwork,
+        names: VmNames,
+        customer: CustomerNames,
+        undo: Undo,
+        on_reserved: Callable[[VmNetwork], None] | None,
     ) -> None:
         ctx = self._ctx
         ctx.step("netns")
         if netns.create(names.netns):
             undo.add(f"netns {names.netns}", netns.remove, names.netns)
+        if on_reserved is not None:
+            on_reserved(net)
         with (
             rtnl(ctx.host_netns) as host,
             rtnl(ctx.segments_netns) as seg,

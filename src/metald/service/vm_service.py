@@ -18,6 +18,7 @@ host details are logged for operators when a VMM starts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -218,9 +219,6 @@ class VmService:
         if self._locks.busy(vm_id):
             raise taken  # someone's VM, or someone's create of it: not waited for
         async with self._locks.hold(vm_id):  # free: taken at once, with no wait
-            with timing.step("store"):
-                if await self._store.exists(vm_id):
-                    raise taken
             now = self._clock()
             vm = VmRecord(
                 id=vm_id,
@@ -231,9 +229,18 @@ class VmService:
                 created_at=now,
                 updated_at=now,
             )
-            async with self._admission.creating(caller, vm_id, claim):
+            async with contextlib.AsyncExitStack() as admitted:
+                try:  # the ledger holds every id too: it may be the first to see it taken
+                    await admitted.enter_async_context(
+                        self._admission.creating(caller, vm_id, claim)
+                    )
+                except AlreadyExists:
+                    raise taken from None
                 with timing.step("store"):
-                    await self._store.insert(vm)  # intent: the id is taken
+                    try:
+                        await self._store.insert(vm)  # intent: the id is taken
+                    except AlreadyExists:
+                        raise taken from None
                 self.registry.put(vm)
                 # Every step's undo runs even if an earlier one fails: what stays is logged
                 # and the next start's orphan removal takes it (no row owns it any more).
@@ -245,7 +252,10 @@ class VmService:
                     with timing.step("network"):
                         nic = await self._network.setup(vm_id, caller, config.network)
                     spec = replace(spec_of(vm_id), nic=nic)
+                    # The network's build goes on while the VMM starts (Network.setup).
                     vm.process = await self._backend.create(spec)
+                    with timing.step("network_ready"):
+                        await self._network.ready(vm_id)
                     # Recording the VMM is part of the create: a row without its process
                     # could never be adopted, and the next start would keep its VMM as a
                     # known VM's.
