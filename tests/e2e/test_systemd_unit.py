@@ -23,8 +23,6 @@ import pytest
 
 from ._support import MIB, ROOT, ApiConsole, Caller, Daemon, wait_until
 
-pytestmark = pytest.mark.guest
-
 UNIT = ROOT / "contrib" / "systemd" / "metald.service"
 ENV_EXAMPLE = ROOT / "contrib" / "systemd" / "metald.env.example"
 NIC = {"id": "eth0", "mode": "NETWORK_MODE_IPV4_ONLY"}
@@ -156,6 +154,7 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
     assert done.returncode == 0 and not done.stderr.strip(), done.stdout + done.stderr
 
 
+@pytest.mark.guest
 def test_a_vm_lives_its_whole_life_under_the_units_user_and_capabilities(
     metald_factory: Callable[..., Daemon], callers: Callable[..., Caller]
 ) -> None:

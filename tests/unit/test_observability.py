@@ -362,3 +362,32 @@ async def test_billing_calls_are_spans(traced: Traced) -> None:
     }
     names = {s.name for s in spans}
     assert {"billing.heartbeat", "billing.vm_stopped", "billing.possible_gap"} <= names
+
+
+def test_the_settings_and_their_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    from metald.app import StartupError, build_tracer
+    from metald.config import ConfigError, load_settings
+
+    settings = load_settings()
+    assert (settings.otel_enabled, settings.otel_endpoint) == (False, "localhost:4318")
+    assert (settings.otel_service_name, settings.otel_sampling_rate) == ("metald", 1.0)
+    assert (settings.log_format.value, settings.log_level.value) == ("auto", "info")
+    assert build_tracer(settings) is None
+    monkeypatch.setenv("UNKEY_METALD_OTEL_ENABLED", "true")
+    monkeypatch.setenv("UNKEY_METALD_OTEL_ENDPOINT", "127.0.0.1:1")
+    monkeypatch.setenv("UNKEY_METALD_OTEL_SAMPLING_RATE", "0.25")
+    tracer = build_tracer(load_settings())
+    assert tracer is not None and tracer.url == "http://127.0.0.1:1/v1/traces"
+    tracer.shutdown()
+    monkeypatch.setenv("UNKEY_METALD_OTEL_ENDPOINT", "ftp://collector")
+    with pytest.raises(StartupError, match="UNKEY_METALD_OTEL_ENDPOINT"):
+        build_tracer(load_settings())
+    for variable, value in [
+        ("UNKEY_METALD_OTEL_SAMPLING_RATE", "1.5"),
+        ("UNKEY_METALD_LOG_FORMAT", "yaml"),
+        ("UNKEY_METALD_LOG_LEVEL", "loud"),
+    ]:
+        monkeypatch.setenv(variable, value)
+        with pytest.raises(ConfigError, match=variable):
+            load_settings()
+        monkeypatch.delenv(variable)
