@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fakes.daemon import FakeDaemon, serve_fake_daemon
+from fakes.daemon import FakeDaemon, build_fake_daemon, serve_fake_daemon
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -272,6 +272,20 @@ def test_every_refusal_is_one_security_event(json_log: Lines) -> None:
     assert (events[2]["customer_id"], events[2]["vm_id"]) == ("eve", "mine")
     assert events[2]["method"] == f"{SERVICE}/GetVmInfo"
     assert events[3]["customer_id"] == "eve"
+
+
+def test_another_customers_asset_is_a_security_event(json_log: Lines) -> None:
+    daemon = build_fake_daemon()
+    daemon.assets.files.add("bobs-kernel")
+    daemon.assets.owners["bobs-kernel"] = "bob"
+    with serve_fake_daemon(daemon=daemon):
+        config = {"boot": {"kernel_path": "bobs-kernel"}}
+        refused = _post(daemon, "CreateVm", {"config": config}, **_auth("alice"))
+        assert (refused.status_code, refused.json()["code"]) == (404, "not_found")
+        assert _post(daemon, "CreateVm", {"config": config}, **_auth("bob")).status_code == 200
+    (event,) = _security(json_log)
+    assert (event["reason"], event["customer_id"]) == ("not_found_not_owner", "alice")
+    assert event["method"] == f"{SERVICE}/CreateVm"
 
 
 def test_json_lines_hold_extras_and_exceptions() -> None:
