@@ -162,9 +162,15 @@ def test_a_vm_lives_its_whole_life_under_the_units_user_and_capabilities(
     ambient, bounding = unit_capabilities(settings)
     user = _ensure_user(settings["User"][0])
     # Run in the daemon's work directory: its data directory is made its user's (as the
-    # unit's set-up does), then a mount namespace like the unit's, then the unit's user and
-    # capabilities; each step execs the next, so the pid is metald's.
-    owned = f'install -d -o {user.pw_uid} -g {user.pw_gid} -m 0700 data && exec "$@"'
+    # unit's ExecStartPre does), the unit's umask and file limit, then a mount namespace like
+    # the unit's, then the unit's user and capabilities; each step execs the next, so the
+    # pid is metald's.
+    (umask,) = settings["UMask"]
+    (nofile,) = settings["LimitNOFILE"]
+    owned = (
+        f"install -d -o {user.pw_uid} -g {user.pw_gid} -m 0700 data && umask {umask} && "
+        f'ulimit -n {nofile} && exec "$@"'
+    )
     prefix = (
         "sh", "-c", owned, "sh",
         "unshare", "--mount", "--propagation", "slave", "--", *unit_command(settings),
@@ -177,6 +183,7 @@ def test_a_vm_lives_its_whole_life_under_the_units_user_and_capabilities(
     assert int(status["CapAmb"], 16) == _mask(ambient), status["CapAmb"]
     assert int(status["CapBnd"], 16) == _mask(bounding), status["CapBnd"]
     assert status["NoNewPrivs"] == "1"
+    assert status["Umask"] == umask.zfill(4)
 
     call = callers("curl-connect-json", daemon.url)
     config = {"memory": {"size_bytes": 128 * MIB}, "network": [NIC]}
