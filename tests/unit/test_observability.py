@@ -405,3 +405,25 @@ def test_the_settings_and_their_variables(monkeypatch: pytest.MonkeyPatch) -> No
         with pytest.raises(ConfigError, match=variable):
             load_settings()
         monkeypatch.delenv(variable)
+
+
+def test_only_the_observability_adapter_imports_opentelemetry() -> None:
+    import ast
+    from pathlib import Path
+
+    import metald
+
+    src = Path(metald.__file__).parent
+    importers = set()
+    for path in src.rglob("*.py"):
+        if path.relative_to(src).parts[0] == "gen":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if any(n == "opentelemetry" or n.startswith("opentelemetry.") for n in names):
+                importers.add(path.relative_to(src).as_posix())
+    assert importers == {"observability/tracing.py"}
