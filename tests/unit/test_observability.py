@@ -427,3 +427,15 @@ def test_only_the_observability_adapter_imports_opentelemetry() -> None:
             if any(n == "opentelemetry" or n.startswith("opentelemetry.") for n in names):
                 importers.add(path.relative_to(src).as_posix())
     assert importers == {"observability/tracing.py"}
+
+
+def test_tracing_off_does_not_even_import_opentelemetry() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, metald.app, metald.api.interceptors, metald.service.vm_service\n"
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
