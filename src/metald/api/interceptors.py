@@ -33,6 +33,7 @@ from metald.api.errors import to_connect_error
 from metald.api.metrics import ApiMetrics
 from metald.core import callcontext, tracing
 from metald.core.errors import NotYours, PermissionDenied, Unauthenticated
+from metald.core.ids import is_vm_id
 
 CallFields = Token[Mapping[str, str]]
 
@@ -94,7 +95,10 @@ class MetricsInterceptor:
     async def on_end(
         self, started: float, ctx: RequestContext[Any, Any], error: Exception | None, /
     ) -> None:
-        self._metrics.observe_request(ctx.method.name, _code(error), time.perf_counter() - started)
+        code = "ok"
+        if error is not None:
+            code = error.code.name.lower() if isinstance(error, ConnectError) else "unknown"
+        self._metrics.observe_request(ctx.method.name, code, time.perf_counter() - started)
 
 
 class AuthInterceptor:
@@ -137,7 +141,10 @@ class ErrorsInterceptor:
         /,
     ) -> Any:
         vm_id = getattr(request, "vm_id", "")
-        fields = callcontext.bind(vm_id=vm_id) if isinstance(vm_id, str) and vm_id else None
+        # Only a well-formed id goes into every log line of the call (not a caller's 1 MiB).
+        fields = (
+            callcontext.bind(vm_id=vm_id) if isinstance(vm_id, str) and is_vm_id(vm_id) else None
+        )
         try:
             return await call_next(request, ctx)
         except Exception as exc:
