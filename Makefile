@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 VAR := $(CURDIR)/var
 ASSETS := $(VAR)/assets
-APT_PACKAGES := qemu-system-x86 busybox-static cpio lz4 e2fsprogs iproute2 iputils-ping curl ca-certificates nftables wrk nghttp2-client prometheus
+APT_PACKAGES := qemu-system-x86 busybox-static cpio lz4 e2fsprogs iproute2 iputils-ping curl ca-certificates nftables wrk nghttp2-client prometheus systemd
 GEN := src/metald/gen
 # Every .proto `make proto` generates (tests/unit/test_generated.py checks the same list).
 PROTOS := vmprovisioner/v1/vm.proto billing/v1/billing.proto

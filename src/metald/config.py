@@ -31,6 +31,19 @@ class Accelerator(StrEnum):
     TCG = "tcg"
 
 
+class LogFormat(StrEnum):
+    AUTO = "auto"
+    JSON = "json"
+    TEXT = "text"
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
 GIB = 1024**3
 
 
@@ -189,6 +202,17 @@ class Settings(BaseSettings):
     console_log_max_bytes: int = Field(1024 * 1024, ge=4096)
     vmm_stderr_max_bytes: int = Field(256 * 1024, ge=4096)
     log_check_seconds: float = Field(1.0, gt=0, le=60)
+
+    # -- Observability (issue 9, ops): traces and the daemon's log ------------------------
+    # OpenTelemetry traces over OTLP/HTTP (observability/tracing.py): the endpoint is
+    # host:port (http://host:port/v1/traces) or a URL; parent-based ratio sampling.
+    otel_enabled: bool = False
+    otel_endpoint: str = "localhost:4318"
+    otel_service_name: str = "metald"
+    otel_sampling_rate: float = Field(1.0, ge=0.0, le=1.0)
+    # `metald serve`'s log: json, text, or auto (JSON unless stderr is a terminal).
+    log_format: LogFormat = LogFormat.AUTO
+    log_level: LogLevel = LogLevel.INFO
 
     # Billing client (issue 9, billing-sink): the billing.v1 service usage goes to (the
     # existing billaged, or `metald billing-sink`); off: no billing calls at all; mock: each

@@ -28,7 +28,7 @@ from metald.core.errors import (
     InvalidArgument,
     MetaldError,
     NotFound,
-    NotOwned,
+    NotYours,
     PermissionDenied,
     ResourceExhausted,
     Unavailable,
@@ -870,7 +870,7 @@ async def test_boots_exits_adoptions_and_quota_refusals_are_reported() -> None:
 
 async def test_someone_elses_vm_is_not_owned_and_answers_as_a_missing_one(w: World) -> None:
     await w.service.create_vm(ALICE, "vm-1", PLAIN)
-    with pytest.raises(NotOwned) as theirs:
+    with pytest.raises(NotYours) as theirs:
         await w.service.get_vm(BOB, "vm-1")
     with pytest.raises(NotFound) as missing:
         await w.service.get_vm(BOB, "vm-none")

@@ -25,9 +25,10 @@ class NotFound(MetaldError):
     code = "not_found"
 
 
-class NotOwned(NotFound):
-    """Another customer's VM. Answered exactly as NotFound (same code, same message), so a
-    tenant learns nothing; the API counts it as a refused access."""
+class NotYours(NotFound):
+    """Answered exactly as NotFound (same code, same words: ids leak nothing), raised where
+    the VM (or asset) exists but is another customer's, so that the API can count it as a
+    refused access and log a security event."""
 
 
 class AlreadyExists(MetaldError):

@@ -26,14 +26,14 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from metald.core import paging, timing
+from metald.core import callcontext, paging, timing
 from metald.core.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     MetaldError,
     NotFound,
-    NotOwned,
+    NotYours,
     PermissionDenied,
     Unavailable,
 )
@@ -178,6 +178,11 @@ class VmService:
             log.exception("vm %s: its network could not be restored after the restart", vm.id)
 
     async def _on_vmm_exit(self, vm_id: str, reason: str) -> None:
+        with callcontext.scope():
+            callcontext.bind(vm_id=vm_id)
+            await self._record_exit(vm_id, reason)
+
+    async def _record_exit(self, vm_id: str, reason: str) -> None:
         async with self._locks.hold(vm_id):
             vm = await self._read(vm_id)
             if vm is None or vm.state not in LIVE_STATES:
@@ -191,10 +196,10 @@ class VmService:
     async def create_vm(
         self, caller: str, vm_id: str, config: VmConfig, customer_id: str = ""
     ) -> VmRecord:
-        with timing.collecting() as times, self._quota_refusals():
+        with callcontext.scope(), timing.collecting() as times, self._quota_refusals():
             vm = await self._create_vm(caller, vm_id, config, customer_id)
-        # Only a create that succeeded: a failed one's steps stop anywhere.
-        log.debug("vm %s: created in %s", vm.id, times.describe())
+            # Only a create that succeeded: a failed one's steps stop anywhere.
+            log.debug("vm %s: created in %s", vm.id, times.describe())
         self._telemetry.create_steps(vm.backend, times)
         return vm
 
@@ -212,6 +217,7 @@ class VmService:
             spec_of = self._resolve(config, caller)
             vm_id = vm_id or new_vm_id()
             claim = self._admission.check_request(config, spec_of(vm_id).disks)
+        callcontext.bind(vm_id=vm_id)  # log lines and the RPC's span name it from here
         taken = AlreadyExists(f"vm_id {vm_id!r} is taken (VM ids are never reused)")
         if self._locks.busy(vm_id):
             raise taken  # someone's VM, or someone's create of it: not waited for
@@ -272,7 +278,8 @@ class VmService:
             started = time.perf_counter()
             with self._quota_refusals():
                 async with self._admission.booting(vm):
-                    process = await self._backend_of(vm).boot(vm_id)
+                    with timing.step("vmm.boot"):
+                        process = await self._backend_of(vm).boot(vm_id)
                     saved = await self._save(vm, state=new_state, process=process, exit_reason=None)
             since_create = max(0.0, saved.updated_at - vm.created_at) if first else None
             self._telemetry.booted(vm.backend, time.perf_counter() - started, since_create)
@@ -282,19 +289,22 @@ class VmService:
     async def pause_vm(self, caller: str, vm_id: str) -> VmRecord:
         async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.PAUSE, vm.state)
-            await self._backend_of(vm).pause(vm_id)
+            with timing.step("vmm.pause"):
+                await self._backend_of(vm).pause(vm_id)
             return await self._save(vm, state=new_state)
 
     async def resume_vm(self, caller: str, vm_id: str) -> VmRecord:
         async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.RESUME, vm.state)
-            await self._backend_of(vm).resume(vm_id)
+            with timing.step("vmm.resume"):
+                await self._backend_of(vm).resume(vm_id)
             return await self._save(vm, state=new_state)
 
     async def reboot_vm(self, caller: str, vm_id: str) -> VmRecord:
         async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.REBOOT, vm.state)
-            process = await self._backend_of(vm).reboot(vm_id)
+            with timing.step("vmm.reboot"):
+                process = await self._backend_of(vm).reboot(vm_id)
             return await self._save(vm, state=new_state, process=process)
 
     async def shutdown_vm(
@@ -304,7 +314,8 @@ class VmService:
         timeout = float(timeout_seconds) or self._default_shutdown_timeout
         async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.SHUTDOWN, vm.state)
-            how = await self._backend_of(vm).shutdown(vm_id, timeout=timeout, force=force)
+            with timing.step("vmm.shutdown"):
+                how = await self._backend_of(vm).shutdown(vm_id, timeout=timeout, force=force)
             return await self._save(
                 vm, state=new_state, process=None, exit_reason=f"shutdown requested ({how})"
             )
@@ -316,8 +327,10 @@ class VmService:
                 raise FailedPrecondition(
                     f"VM is {vm.state.value}: shut it down first or delete with force"
                 )
-            await self._backend_of(vm).destroy(vm_id)
-            await self._network.teardown(vm_id)
+            with timing.step("vmm.destroy"):
+                await self._backend_of(vm).destroy(vm_id)
+            with timing.step("network.teardown"):
+                await self._network.teardown(vm_id)
             vm.deleted_at = self._clock()
             await self._save(vm, state=VmState.SHUTDOWN, process=None)
             await self._admission.release(vm_id)
@@ -406,12 +419,12 @@ class VmService:
     async def _owned(self, caller: str, vm_id: str) -> VmRecord:
         check_vm_id(vm_id)
         vm = await self._read(vm_id)
-        # Someone else's VM looks exactly like a missing one: ids leak nothing (NotOwned is
-        # a NotFound with the same message: only metald's own counters tell them apart).
+        # Someone else's VM looks exactly like a missing one: ids leak nothing (NotYours is
+        # answered as NotFound; the API counts it and logs a security event for it).
         if vm is None:
             raise NotFound(f"VM {vm_id!r} not found")
         if vm.customer_id != caller:
-            raise NotOwned(f"VM {vm_id!r} not found")
+            raise NotYours(f"VM {vm_id!r} not found")
         return vm
 
     async def _read(self, vm_id: str) -> VmRecord | None:
@@ -480,6 +493,7 @@ class VmService:
             if exit_reason is not None:
                 info["exit_reason"] = vmm_text(exit_reason)  # a VMM's words: bounded
             vm.backend_info = info
-        await self._store.update(vm)
+        with timing.step("store"):
+            await self._store.update(vm)
         self.registry.put(vm)  # after the store took it: never ahead of the truth
         return replace(vm)
