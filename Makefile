@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 VAR := $(CURDIR)/var
 ASSETS := $(VAR)/assets
-APT_PACKAGES := qemu-system-x86 busybox-static cpio lz4 e2fsprogs iproute2 iputils-ping curl ca-certificates nftables wrk nghttp2-client
+APT_PACKAGES := qemu-system-x86 busybox-static cpio lz4 e2fsprogs iproute2 iputils-ping curl ca-certificates nftables wrk nghttp2-client prometheus systemd
 GEN := src/metald/gen
 # Every .proto `make proto` generates (tests/unit/test_generated.py checks the same list).
 PROTOS := vmprovisioner/v1/vm.proto billing/v1/billing.proto
@@ -53,6 +53,9 @@ system-deps:
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	  case " $$missing " in *" prometheus "*) if [ -d /run/systemd/system ]; then \
+	    echo "prometheus is for the tests (they start their own): its system service stays off"; \
+	    systemctl disable --now prometheus.service; fi;; esac; \
 	fi
 
 venv: $(VENV)/.installed

@@ -65,6 +65,8 @@ class BenchDaemon:
             "NO_PROXY": "127.0.0.1,localhost",
             "UNKEY_METALD_ADDRESS": "127.0.0.1",
             "UNKEY_METALD_PORT": str(self.port),
+            # One 9464 per host: benchmark daemons read /metrics on the API port.
+            "UNKEY_METALD_OTEL_PROMETHEUS_ENABLED": "false",
             "UNKEY_METALD_BACKEND": "qemu",
             "UNKEY_METALD_DATA_DIR": str(self.workdir / "data"),
             "UNKEY_METALD_ASSETMANAGER_CACHE_DIR": str(ASSETS),

@@ -89,7 +89,10 @@ def plot_servers(record: Record, ax: Axes) -> None:
     labels = sorted({r["server"] for r in rows}, key=lambda s: [r["server"] for r in rows].index(s))
     series: dict[str, list[Any]] = {}
     for protocol in ("connect", "grpc"):
-        by_server = {r["server"]: r["rps"] for r in rows if r["protocol"] == protocol}
+        # A server that cannot serve a protocol (granian: no gRPC) has a row without runs.
+        by_server = {
+            r["server"]: r["rps"] for r in rows if r["protocol"] == protocol and "rps" in r
+        }
         if by_server:
             series[protocol] = [by_server.get(s, 0.0) for s in labels]
     _bars(ax, labels, series, "trivial GetVmInfo, req/s (16 connections)")

@@ -29,11 +29,11 @@ from metald.api import server
 from metald.api.auth import TokenAuthenticator
 from metald.api.health import Health
 from metald.api.http import MetaldASGI
-from metald.api.metrics import ApiMetrics
 from metald.app import connect_application
 from metald.core.states import VmState
 from metald.gen.vmprovisioner.v1 import vm_pb2 as pb
 from metald.gen.vmprovisioner.v1.vm_connect import VmService, VmServiceASGIApplication
+from metald.observability.prometheus import MetricSources, PrometheusMetrics
 
 MIB = 1024 * 1024
 
@@ -68,7 +68,7 @@ class TrivialHandlers(VmService):  # type: ignore[misc]
 
 
 class _NoStore:
-    async def count_by_state(self) -> dict[VmState, int]:
+    async def count_by_state_and_backend(self) -> dict[tuple[VmState, str], int]:
         return {}
 
     async def ping(self) -> None:
@@ -79,13 +79,13 @@ def build(chain: str = "metald") -> Any:
     """The ASGI app: `metald` (interceptors and MetaldASGI, as app.py) or `bare`."""
     if chain == "bare":
         return VmServiceASGIApplication(TrivialHandlers(), read_max_bytes=MIB)
-    metrics = ApiMetrics()
+    store = _NoStore()
+    metrics = PrometheusMetrics(MetricSources(store, ["trivial"]))  # type: ignore[arg-type]
     connect = connect_application(
         TrivialHandlers(), TokenAuthenticator(dev_tokens=True), metrics, MIB
     )
-    store = _NoStore()
     health = Health(backend="trivial", accelerator=lambda: "none", checks={"store": store.ping})
-    return MetaldASGI(connect, health, metrics, store)  # type: ignore[arg-type]
+    return MetaldASGI(connect, health, metrics)
 
 
 app = build(os.environ.get("BENCH_CHAIN", "metald"))

@@ -26,12 +26,12 @@ from metald.api import server
 from metald.api.auth import TokenAuthenticator, current_customer
 from metald.api.health import Health
 from metald.api.http import MetaldASGI
-from metald.api.metrics import ApiMetrics
 from metald.app import connect_application, server_options
 from metald.config import load_settings
 from metald.core.states import VmState
 from metald.gen.vmprovisioner.v1 import vm_pb2 as pb
 from metald.gen.vmprovisioner.v1.vm_connect import VmService
+from metald.observability.prometheus import MetricSources, PrometheusMetrics
 
 
 class ConstantHandlers(VmService):  # type: ignore[misc]
@@ -58,8 +58,8 @@ class ConstantHandlers(VmService):  # type: ignore[misc]
 class NoStore:
     """What MetaldASGI asks of a store (/metrics): nothing stored."""
 
-    async def count_by_state(self) -> dict[VmState, int]:
-        return {s: 0 for s in VmState}
+    async def count_by_state_and_backend(self) -> dict[tuple[VmState, str], int]:
+        return {}
 
     async def ping(self) -> None:
         return None
@@ -67,7 +67,7 @@ class NoStore:
 
 async def serve(answers: dict[str, dict[str, Any]]) -> None:
     settings = load_settings()
-    metrics = ApiMetrics()
+    metrics = PrometheusMetrics(MetricSources(NoStore(), ["trivial"]))  # type: ignore[arg-type]
     authenticator = TokenAuthenticator(
         dev_tokens=settings.auth_dev_tokens, tokens_file=settings.auth_tokens_file
     )
@@ -83,7 +83,6 @@ async def serve(answers: dict[str, dict[str, Any]]) -> None:
         connect_app,
         health,
         metrics,
-        NoStore(),  # type: ignore[arg-type]
         body_timeout=settings.request_body_timeout_seconds,
     )
     stop = asyncio.Event()

@@ -10,11 +10,13 @@ import pwd
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from metald import __version__
 from metald.api import server
 from metald.api.auth import TokenAuthenticator, is_loopback_only
 from metald.api.codecs import api_codecs
@@ -22,7 +24,7 @@ from metald.api.handlers import VmHandlers
 from metald.api.health import Health
 from metald.api.http import MetaldASGI
 from metald.api.interceptors import api_interceptors
-from metald.api.metrics import ApiMetrics
+from metald.api.metrics_listener import MetricsListener
 from metald.assets.store import LocalAssetStore
 from metald.backends.firecracker.driver import FirecrackerDriver
 from metald.backends.qemu.driver import QemuDriver
@@ -33,18 +35,25 @@ from metald.backends.vmm.runtime import VmmRuntime
 from metald.billing.client import ConnectBilling
 from metald.billing.mock import MockBilling
 from metald.config import BackendKind, ConfigError, HttpServer, Settings, load_settings
+from metald.core import tracing
 from metald.core.errors import MetaldError
 from metald.core.metering import MeteringStats
 from metald.core.models import VmRecord
 from metald.core.ports import Backend, Billing, JailIds, Network, Store
 from metald.core.quotas import HostCeiling, QuotaDefaults, Resource, VmMaxima
+from metald.core.telemetry import ApiTelemetry
 from metald.core.validation import Limits
 from metald.gen.vmprovisioner.v1 import vm_connect
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
+from metald.host import caps
 from metald.jailer.cgroup_check import cgroup_limit_problems
+from metald.jailer.needs import JAILER_CAPABILITIES
 from metald.network.manager import NetworkManager
 from metald.network.models import NetworkMode, NetworkSettings
 from metald.network.port import NetlinkNetwork, NoNetwork
+from metald.observability import logs
+from metald.observability.billing import TracedBilling
+from metald.observability.prometheus import MetricSources, PrometheusMetrics
 from metald.service.admission import Admission
 from metald.service.delivery import Delivery, DeliverySettings
 from metald.service.metering import METERED_STATES, Collector, CollectorSettings
@@ -56,6 +65,9 @@ from metald.store.jail_ids import SqlJailIds
 from metald.store.quotas import SqlQuotas
 from metald.store.sqlite import SqlStore
 from metald.store.usage_log import SqlUsageLog
+
+if TYPE_CHECKING:
+    from metald.observability.tracing import OtelTracer
 
 log = logging.getLogger("metald")
 
@@ -91,6 +103,20 @@ def check_exposure(settings: Settings) -> None:
             "=true)",
             settings.address,
         )
+    interface = settings.otel_prometheus_interface
+    if settings.otel_prometheus_enabled and not is_loopback_only(interface):
+        if not settings.otel_prometheus_allow_remote:
+            raise StartupError(
+                f"UNKEY_METALD_OTEL_PROMETHEUS_INTERFACE={interface} is not loopback, and the "
+                "metrics listener has no auth and no TLS: set it to 127.0.0.1 (and scrape "
+                "through a local agent or the API port's /metrics), or set "
+                "UNKEY_METALD_OTEL_PROMETHEUS_ALLOW_REMOTE=true to serve it there anyway"
+            )
+        log.warning(
+            "the metrics listener on %s is not loopback: anyone who reaches it reads metald's "
+            "metrics (UNKEY_METALD_OTEL_PROMETHEUS_ALLOW_REMOTE=true)",
+            interface,
+        )
     if not settings.jailer_enabled and os.geteuid() == 0:
         if not settings.allow_unjailed_root:
             raise StartupError(
@@ -108,10 +134,13 @@ def jail_settings(settings: Settings) -> JailSettings | None:
     if not settings.jailer_enabled:
         log.warning("jailer disabled: VMMs run as metald's own user, without networking")
         return None
-    if os.geteuid() != 0:
+    if not caps.privileged(JAILER_CAPABILITIES):
         raise StartupError(
-            "the jailer needs root (it enters namespaces, chroots and drops to an "
-            "unprivileged user); run metald as root or set UNKEY_METALD_JAILER_ENABLED=false"
+            "the jailer needs root or the capabilities "
+            f"{', '.join(caps.missing(JAILER_CAPABILITIES))} (it enters namespaces, chroots and "
+            "drops to an unprivileged user); run metald as root, or as the systemd unit's user "
+            "with its capabilities (contrib/systemd/metald.service), or set "
+            "UNKEY_METALD_JAILER_ENABLED=false"
         )
     bounds = settings.jailer_uid_bounds
     try:
@@ -262,7 +291,15 @@ def build_network(settings: Settings, database: Database) -> Network:
 
 def build_billing(settings: Settings) -> Billing | None:
     """Where usage goes (UNKEY_METALD_BILLING_*): None when billing is off, a logger in mock
-    mode, else the billing.v1 client of the endpoint (it connects on its first call)."""
+    mode, else the billing.v1 client of the endpoint (it connects on its first call). With
+    traces on (UNKEY_METALD_OTEL_ENABLED) every billing call is a span."""
+    billing = _billing(settings)
+    if billing is not None and settings.otel_enabled:
+        return TracedBilling(billing)
+    return billing
+
+
+def _billing(settings: Settings) -> Billing | None:
     if not settings.billing_enabled:
         log.info("billing disabled: usage is not sent anywhere")
         return None
@@ -344,9 +381,10 @@ def build_metering(
     backends: dict[str, Backend],
     network: Network,
     live_vms: Callable[[], list[VmRecord]],
+    stats: MeteringStats,
 ) -> MeteringLoops:
-    """The collector and the delivery of usage to `billing` (service/metering.py, delivery.py)."""
-    stats = MeteringStats()
+    """The collector and the delivery of usage to `billing` (service/metering.py,
+    delivery.py), keeping their totals in `stats` (what /metrics shows)."""
     usage_log = SqlUsageLog(database)
     delivery = Delivery(
         usage_log,
@@ -387,10 +425,46 @@ def _split(values: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in values.split(",") if v.strip())
 
 
+def build_tracer(settings: Settings) -> OtelTracer | None:
+    """The OTLP/HTTP trace pipeline when UNKEY_METALD_OTEL_ENABLED is on. OpenTelemetry is
+    imported only then (its SDK and exporter cost about 0.2 s and 15 MB to import)."""
+    if not settings.otel_enabled:
+        return None
+    from metald.observability.tracing import OtelTracer
+
+    try:
+        tracer = OtelTracer(
+            endpoint=settings.otel_endpoint,
+            service_name=settings.otel_service_name,
+            sampling_rate=settings.otel_sampling_rate,
+        )
+    except ValueError as exc:
+        raise StartupError(f"UNKEY_METALD_OTEL_ENDPOINT: {exc}") from None
+    log.info(
+        "traces: OTLP/HTTP to %s (service %s, sampling %g, parent-based)",
+        tracer.url,
+        settings.otel_service_name,
+        settings.otel_sampling_rate,
+    )
+    return tracer
+
+
 @asynccontextmanager
 async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
     """Everything started and reconciled; on exit, control connections closed (VMs live on)."""
     check_exposure(settings)
+    tracer = build_tracer(settings)
+    with tracing.installed(tracer):
+        try:
+            async with _running_daemon(settings) as daemon:
+                yield daemon
+        finally:
+            if tracer is not None:
+                tracer.shutdown()  # exports what is pending
+
+
+@asynccontextmanager
+async def _running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings.vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     database = Database(settings.effective_database_url)  # one engine: store and addresses
@@ -399,6 +473,7 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
     admission = build_admission(settings, database)
     backends: dict[str, Backend] = {}
     metering: MeteringLoops | None = None
+    listener: MetricsListener | None = None
     try:
         await database.migrate()
         bounds = settings.jailer_uid_bounds
@@ -409,7 +484,23 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
         assets = LocalAssetStore(
             settings.assetmanager_cache_dir, legacy_link_dirs=[settings.jailer_chroot_dir]
         )
-        metrics = ApiMetrics()
+        # Metering's totals (service/metering.py updates them; /metrics reads them).
+        metering_stats = MeteringStats()
+
+        def live_vms() -> Iterable[VmRecord]:
+            return service.registry.snapshot().values()
+
+        metrics = PrometheusMetrics(
+            MetricSources(
+                store=store,
+                backends=sorted(backends),
+                live_vms=live_vms,
+                metering=metering_stats,
+                host_vcpus=settings.host_vcpu_ceiling,
+                host_memory_bytes=settings.host_memory_ceiling,
+                version=__version__,
+            )
+        )
         billing = build_billing(settings)
         if billing is not None:
             metering = build_metering(
@@ -419,6 +510,7 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
                 backends,
                 network,
                 lambda: service.registry.records(),
+                metering_stats,
             )
         service = VmService(
             store,
@@ -430,7 +522,7 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
             default_backend=backend.name,
             default_shutdown_timeout=float(settings.shutdown_timeout_seconds),
             host_details=settings.expose_host_details,
-            on_create_steps=metrics.observe_create_steps,
+            telemetry=metrics,
             metering=metering.collector if metering is not None else None,
         )
         if settings.expose_host_details:
@@ -457,26 +549,43 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
             checks={"store": store.ping, "assets": check_assets},
         )
         asgi = MetaldASGI(
-            connect_app,
-            health,
-            metrics,
-            store,
-            body_timeout=settings.request_body_timeout_seconds,
+            connect_app, health, metrics, body_timeout=settings.request_body_timeout_seconds
         )
-        yield Daemon(settings, asgi, service, metering.collector.stats if metering else None)
+        if settings.otel_prometheus_enabled:
+            listener = await start_metrics_listener(settings, metrics.exposition)
+        yield Daemon(settings, asgi, service, metering_stats if metering else None)
     finally:
         if metering is not None:
             await metering.stop()
+        if listener is not None:
+            await listener.close()
         for each in backends.values():
             await each.close()
         await network.stop()
         await database.close()
 
 
+async def start_metrics_listener(
+    settings: Settings, render: Callable[[], Awaitable[bytes]]
+) -> MetricsListener:
+    listener = MetricsListener(render)
+    host, port = settings.otel_prometheus_interface, settings.otel_prometheus_port
+    try:
+        await listener.start(host, port)
+    except OSError as exc:
+        raise StartupError(
+            f"UNKEY_METALD_OTEL_PROMETHEUS_INTERFACE/_PORT: cannot listen on {host}:{port} "
+            f"({exc.strerror or exc}): choose another port, or set "
+            "UNKEY_METALD_OTEL_PROMETHEUS_ENABLED=false"
+        ) from None
+    log.info("Prometheus metrics on http://%s:%d/metrics", host, listener.port)
+    return listener
+
+
 def connect_application(
     handlers: vm_connect.VmService,
     authenticator: TokenAuthenticator,
-    metrics: ApiMetrics,
+    metrics: ApiTelemetry,
     max_bytes: int,
 ) -> VmServiceASGIApplication:
     """The Connect/gRPC/gRPC-Web application around `handlers`, as metald serves it (the
@@ -537,12 +646,17 @@ async def serve(settings: Settings) -> None:
     log.info("metald stopped; VMs keep running and are adopted at the next start")
 
 
+def configure_logging(settings: Settings) -> None:
+    logs.configure(settings.log_format.value, settings.log_level.value)
+
+
 def run() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
         settings = load_settings()
+        configure_logging(settings)
         asyncio.run(serve(settings))
     except (ConfigError, StartupError) as exc:
         print(f"metald: {exc}", file=sys.stderr)

@@ -31,6 +31,19 @@ class Accelerator(StrEnum):
     TCG = "tcg"
 
 
+class LogFormat(StrEnum):
+    AUTO = "auto"
+    JSON = "json"
+    TEXT = "text"
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
 GIB = 1024**3
 
 
@@ -190,6 +203,17 @@ class Settings(BaseSettings):
     vmm_stderr_max_bytes: int = Field(256 * 1024, ge=4096)
     log_check_seconds: float = Field(1.0, gt=0, le=60)
 
+    # -- Observability (issue 9, ops): traces and the daemon's log ------------------------
+    # OpenTelemetry traces over OTLP/HTTP (observability/tracing.py): the endpoint is
+    # host:port (http://host:port/v1/traces) or a URL; parent-based ratio sampling.
+    otel_enabled: bool = False
+    otel_endpoint: str = "localhost:4318"
+    otel_service_name: str = "metald"
+    otel_sampling_rate: float = Field(1.0, ge=0.0, le=1.0)
+    # `metald serve`'s log: json, text, or auto (JSON unless stderr is a terminal).
+    log_format: LogFormat = LogFormat.AUTO
+    log_level: LogLevel = LogLevel.INFO
+
     # Billing client (issue 9, billing-sink): the billing.v1 service usage goes to (the
     # existing billaged, or `metald billing-sink`); off: no billing calls at all; mock: each
     # call is one JSON log line and goes nowhere. A call that does not finish within the
@@ -207,6 +231,14 @@ class Settings(BaseSettings):
         if scheme not in ("http", "https") or not sep or not rest.strip("/"):
             raise ValueError(f"{value!r} is not a URL like http://localhost:8081")
         return value.rstrip("/")
+
+    # -- Prometheus metrics (issue 9, metrics): /metrics on the API port, and on this
+    # dedicated plain-HTTP listener (no auth) as the existing metald has it. A non-loopback
+    # interface is refused at start-up unless _ALLOW_REMOTE says so (logged at every start).
+    otel_prometheus_enabled: bool = True
+    otel_prometheus_port: int = Field(9464, ge=0, le=65535)
+    otel_prometheus_interface: str = "127.0.0.1"
+    otel_prometheus_allow_remote: bool = False
 
     # -- metering and delivery to billing (issue 9: service/metering.py, delivery.py) --------
     # Every running VM sampled this often; one VM's sample is given up after the timeout.

@@ -19,7 +19,7 @@ from contextlib import AsyncExitStack  # noqa: E402
 from typing import Any  # noqa: E402
 
 from metald.api.http import MetaldASGI  # noqa: E402
-from metald.app import running_daemon  # noqa: E402
+from metald.app import configure_logging, running_daemon  # noqa: E402
 from metald.config import load_settings  # noqa: E402
 
 log = logging.getLogger("metald")
@@ -43,7 +43,9 @@ class EmbeddedDaemon:
                 )
                 self._stack = AsyncExitStack()
                 try:
-                    daemon = await self._stack.enter_async_context(running_daemon(load_settings()))
+                    settings = load_settings()
+                    configure_logging(settings)
+                    daemon = await self._stack.enter_async_context(running_daemon(settings))
                 except Exception as exc:
                     log.error("metald: %s", exc)
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})

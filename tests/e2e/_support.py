@@ -276,6 +276,9 @@ class Daemon:
         # pid stays the daemon's).
         self.command_prefix = command_prefix
         self.port = free_port()
+        # The dedicated Prometheus listener: a free port of its own too (the default, 9464,
+        # is one per host, and the suite runs many daemons at once).
+        self.metrics_port = free_port()
         self.data_dir = workdir / "data"
         self.log_path = workdir / f"{name}.log"
         tag = secrets.token_hex(3)
@@ -290,6 +293,7 @@ class Daemon:
             **client_env(),
             "UNKEY_METALD_ADDRESS": "127.0.0.1",
             "UNKEY_METALD_PORT": str(self.port),
+            "UNKEY_METALD_OTEL_PROMETHEUS_PORT": str(self.metrics_port),
             "UNKEY_METALD_BACKEND": "qemu",
             "UNKEY_METALD_DATA_DIR": str(self.data_dir),
             "UNKEY_METALD_ASSETMANAGER_CACHE_DIR": str(ASSETS),
@@ -322,6 +326,11 @@ class Daemon:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """The dedicated Prometheus listener's /metrics."""
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     @property
     def db_path(self) -> Path:

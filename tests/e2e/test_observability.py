@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from ._support import Caller, Daemon, curl_raw
+from ._support import Caller, Daemon, curl_raw, wait_pid_gone
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
@@ -18,8 +20,10 @@ def _get(url: str) -> tuple[int, str]:
     return curl_raw(url, None, {}, method="GET", timeout=20)
 
 
-def _metrics(daemon: Daemon) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    status, text = _get(daemon.url + "/metrics")
+def _metrics(
+    daemon: Daemon, url: str | None = None
+) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    status, text = _get(url or daemon.url + "/metrics")
     assert status == 200, text
     samples = {}
     for line in text.splitlines():
@@ -101,16 +105,68 @@ def test_metrics_count_requests_and_vms(daemon: Daemon, callers: Callable[..., C
         == count
     )
 
-    assert _value(after, "metald_vms", state="created") == 1
-    assert _value(after, "metald_vms", state="running") == 0
+    assert _value(after, "metald_vms", state="created", backend="qemu") == 1
+    assert _value(after, "metald_vms", state="running", backend="qemu") == 0
 
     g.must("BootVm", {"vm_id": vm_id})
     g.must("PauseVm", {"vm_id": vm_id})
     now = _metrics(daemon)
-    assert _value(now, "metald_vms", state="created") == 0
-    assert _value(now, "metald_vms", state="paused") == 1
+    assert _value(now, "metald_vms", state="created", backend="qemu") == 0
+    assert _value(now, "metald_vms", state="paused", backend="qemu") == 1
+    assert _value(now, "metald_vm_boot_seconds_count", backend="qemu") == 1
+    assert _value(now, "metald_vm_create_to_running_seconds_count", backend="qemu") == 1
+    assert _value(now, "metald_committed_vcpus") >= 1
 
     g.must("DeleteVm", {"vm_id": vm_id, "force": True})
     now = _metrics(daemon)
     assert sum(v for (name, _), v in now.items() if name == "metald_vms") == 0
     assert _value(now, total, method="DeleteVm", code="ok") == 1
+
+
+def test_the_dedicated_listener_serves_the_same_metrics(
+    daemon: Daemon, callers: Callable[..., Caller]
+) -> None:
+    """UNKEY_METALD_OTEL_PROMETHEUS_INTERFACE:PORT (the fixture's free port): /metrics, open,
+    the same metric names and counts as the API port's; nothing else is served there."""
+    c = callers("curl-connect-json", daemon.url)
+    c.must("ListVms", {})
+    assert c("ListVms", {}, token="nope").code == "unauthenticated"
+    api = _metrics(daemon)
+    listener = _metrics(daemon, daemon.metrics_url)
+    assert {name for name, _ in api} == {name for name, _ in listener}
+    for key in (
+        ("metald_rpc_requests_total", frozenset({("method", "ListVms"), ("code", "ok")})),
+        ("metald_auth_refusals_total", frozenset({("reason", "invalid")})),
+        ("metald_vms", frozenset({("state", "created"), ("backend", "qemu")})),
+    ):
+        assert api[key] == listener[key] > -1, key
+    assert api["metald_auth_refusals_total", frozenset({("reason", "invalid")})] == 1
+    base = daemon.metrics_url.removesuffix("/metrics")
+    assert _get(base + "/health")[0] == 404
+    assert _get(base + "/vmprovisioner.v1.VmService/ListVms")[0] == 404
+    status, _ = curl_raw(daemon.metrics_url, b"{}", {"Content-Type": "text/plain"})
+    assert status == 405
+
+
+def test_adoptions_at_start_up_are_counted(daemon: Daemon, callers: Callable[..., Caller]) -> None:
+    """A restart adopts the running VMM again (metald_vmm_adoptions_total{result="adopted"});
+    one whose VMM was killed while metald was down is counted lost."""
+    g = callers("grpcio", daemon.url)
+    for vm_id in ("kept", "killed"):
+        g.must("CreateVm", {"vm_id": vm_id})
+        g.must("BootVm", {"vm_id": vm_id})
+    fresh = _metrics(daemon, daemon.metrics_url)
+    assert _value(fresh, "metald_vmm_adoptions_total", backend="qemu", result="adopted") == 0
+    pid = int(g.info("killed").body["backend_info"]["pid"])
+    assert daemon.stop() == 0
+    os.kill(pid, signal.SIGKILL)
+    wait_pid_gone(pid)
+    daemon.start_again()
+    g = callers("grpcio", daemon.url)
+    now = _metrics(daemon, daemon.metrics_url)
+    assert _value(now, "metald_vmm_adoptions_total", backend="qemu", result="adopted") == 1
+    assert _value(now, "metald_vmm_adoptions_total", backend="qemu", result="lost") == 1
+    assert _value(now, "metald_vms", state="running", backend="qemu") == 1
+    assert _value(now, "metald_vms", state="shutdown", backend="qemu") == 1
+    for vm_id in ("kept", "killed"):
+        g.must("DeleteVm", {"vm_id": vm_id, "force": True})

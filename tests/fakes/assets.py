@@ -1,12 +1,13 @@
 """Fake Assets: a fixed set of references that resolve, everything else refused by field;
-`owners` makes some of them one customer's (NotFound for the others, as the real store)."""
+`owners` makes some of them one customer's (NotYours, a NotFound, for the others, as the
+real store)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
 
-from metald.core.errors import InvalidArgument, NotFound
+from metald.core.errors import InvalidArgument, NotYours
 
 from .faults import Faults
 
@@ -30,7 +31,7 @@ class FakeAssets:
         self.customers.append(customer)
         self.faults.check("resolve")
         if self.owners.get(reference, customer) != customer:
-            raise NotFound(f"{field}: no asset {reference!r} in the asset store")
+            raise NotYours(f"{field}: no asset {reference!r} in the asset store")
         if reference not in self.files:
             raise InvalidArgument(field, f"{reference!r} is not a file in the asset store")
         return ROOT / reference.lstrip("/")

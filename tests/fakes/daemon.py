@@ -31,9 +31,9 @@ from metald.api.handlers import VmHandlers
 from metald.api.health import Health
 from metald.api.http import MetaldASGI
 from metald.api.interceptors import api_interceptors
-from metald.api.metrics import ApiMetrics
 from metald.core.validation import Limits
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
+from metald.observability.prometheus import MetricSources, PrometheusMetrics
 from metald.service.vm_service import VmService
 
 from .assets import FakeAssets
@@ -115,7 +115,13 @@ def serve_fake_daemon(
     test that needs an answer the real service never gives."""
     daemon = daemon or build_fake_daemon()
     h2_fixes.apply()  # as app.serve does
-    metrics = ApiMetrics()
+    metrics = PrometheusMetrics(
+        MetricSources(
+            daemon.store,
+            [daemon.backend.name],
+            live_vms=lambda: daemon.service.registry.snapshot().values(),
+        )
+    )
     connect_app = VmServiceASGIApplication(
         handlers(daemon.service),
         interceptors=api_interceptors(
@@ -129,7 +135,7 @@ def serve_fake_daemon(
         accelerator=daemon.backend.accelerator,
         checks={"store": daemon.store.ping},
     )
-    app = MetaldASGI(connect_app, health, metrics, daemon.store)
+    app = MetaldASGI(connect_app, health, metrics)
     with serve_in_thread(app, startup=daemon.service.start) as address:
         daemon.address = address
         yield daemon

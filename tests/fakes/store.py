@@ -86,12 +86,12 @@ class MemoryStore:
         page = [r for r in matching if after is None or (r.created_at, r.id) > after][:limit]
         return [VmSummary.of(r) for r in page], len(matching)
 
-    async def count_by_state(self) -> dict[VmState, int]:
-        await self.faults.enter("count_by_state")
-        counts = dict.fromkeys(VmState, 0)
+    async def count_by_state_and_backend(self) -> dict[tuple[VmState, str], int]:
+        await self.faults.enter("count_by_state_and_backend")
+        counts: dict[tuple[VmState, str], int] = {}
         for row in self.rows.values():
             if row.deleted_at is None:
-                counts[row.state] += 1
+                counts[row.state, row.backend] = counts.get((row.state, row.backend), 0) + 1
         return counts
 
     async def ping(self) -> None:

@@ -31,7 +31,13 @@ from metald.assets.store import (
 )
 from metald.cli.assets import STORE_ENV
 from metald.cli.main import app
-from metald.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from metald.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    NotYours,
+    Unavailable,
+)
 from metald.core.guest import GuestArgs, kernel_command_line
 from metald.core.ports import Assets
 from metald.host import files
@@ -578,9 +584,12 @@ def test_another_customers_asset_is_not_found_like_a_missing_one(
         with pytest.raises(NotFound) as b:
             _resolve(store, nobodys, "alice")
         assert a.value.message.replace(theirs, "X") == b.value.message.replace(nobodys, "X")
+        # The same answer; the API tells them apart only for its security event.
+        assert isinstance(a.value, NotYours) and not isinstance(b.value, NotYours)
     # The shared view (the default guest's) does not see it either; its owner does.
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound) as shared_view:
         _resolve(store, bobs.id, "")
+    assert not isinstance(shared_view.value, NotYours)
     assert _resolve(store, bobs.id, "bob").read_bytes() == b"bob's kernel"
     assert _resolve(store, blob_path, "bob") == _resolve(store, bobs.id, "bob")
     assert _resolve(store, shared.id, "alice").read_bytes() == b"shared"

@@ -92,3 +92,11 @@ async def test_mock_mode_logs_one_json_line_per_call(caplog: pytest.LogCaptureFi
     }  # fmt: skip
     assert (started["start_time"], stopped["stop_time"]) == (1, 2)
     assert (gap["last_sent"], gap["resume_time"], gap["tenant"]) == (3, 4, "acme")
+
+
+async def test_with_traces_on_billing_calls_are_spans() -> None:
+    from metald.observability.billing import TracedBilling
+
+    billing = build_billing(load_settings(billing_mock_mode=True, otel_enabled=True))
+    assert isinstance(billing, TracedBilling)
+    await billing.close()

@@ -230,7 +230,7 @@ async def test_the_migration_gives_existing_vms_a_claim(tmp_path: Path) -> None:
             conn.execute(f"DROP TABLE {table}")
         conn.execute("DROP INDEX ix_vms_customer_page")  # 0005's, back to 0001's
         conn.execute("CREATE INDEX ix_vms_customer_created ON vms (customer_id, created_at, id)")
-        conn.execute("DROP INDEX ix_vms_state_deleted")
+        conn.execute("DROP INDEX ix_vms_state_backend")  # 0007's, back to 0001's
         conn.execute("CREATE INDEX ix_vms_state ON vms (state)")
         conn.execute("UPDATE alembic_version SET version_num = '0002'")
     database = Database(f"sqlite+aiosqlite:///{path}")

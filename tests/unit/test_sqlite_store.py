@@ -73,7 +73,7 @@ async def test_soft_delete_hides_the_vm_but_keeps_the_id_taken(store: SqlStore) 
         await store.insert(vm("vm-1"))
     assert await store.list_live() == []
     assert await store.live_backends() == set()
-    assert (await store.count_by_state())[VmState.CREATED] == 0
+    assert await store.count_by_state_and_backend() == {}
 
 
 async def test_live_backends_are_those_of_rows_not_deleted(store: SqlStore) -> None:
@@ -222,8 +222,20 @@ async def test_list_queries_use_the_page_index_with_no_scan_or_sort(store: SqlSt
     assert [r.id for r in rows] == ["vm-5", "vm-7", "vm-9"] and total == 10
 
 
-async def test_counting_by_state_reads_the_index_alone(store: SqlStore) -> None:
+async def test_counting_by_state_and_backend_reads_the_index_alone(store: SqlStore) -> None:
     """/metrics's count, as the store sends it, from a covering index (no table reads)."""
+    await store.insert(vm("vm-q"))
+    fc = vm("vm-f")
+    fc.backend = "firecracker"
+    await store.insert(fc)
+    gone = vm("vm-gone")
+    await store.insert(gone)
+    gone.deleted_at = 5.0
+    await store.update(gone)
+    assert await store.count_by_state_and_backend() == {
+        (VmState.CREATED, "qemu"): 1,
+        (VmState.CREATED, "firecracker"): 1,
+    }
     sent: list[tuple[str, object]] = []
 
     def record(conn: object, cursor: object, statement: str, params: object, *_: object) -> None:
@@ -233,7 +245,7 @@ async def test_counting_by_state_reads_the_index_alone(store: SqlStore) -> None:
     engine = store._engine.sync_engine
     event.listen(engine, "before_cursor_execute", record)
     try:
-        await store.count_by_state()
+        await store.count_by_state_and_backend()
     finally:
         event.remove(engine, "before_cursor_execute", record)
     ((statement, params),) = sent
@@ -242,7 +254,10 @@ async def test_counting_by_state_reads_the_index_alone(store: SqlStore) -> None:
         assert driver is not None
         rows = await driver.execute_fetchall(f"EXPLAIN QUERY PLAN {statement}", params)
     plan = " / ".join(row[3] for row in rows)
-    assert "USING COVERING INDEX ix_vms_state_deleted" in plan, plan
+    assert "SEARCH vms USING COVERING INDEX ix_vms_state_backend (state=? AND deleted_at=?)" in (
+        plan
+    ), plan
+    assert "TEMP B-TREE" not in plan, plan
 
 
 async def test_a_page_shows_what_the_records_hold(store: SqlStore) -> None:

@@ -28,6 +28,7 @@ from metald.core.errors import (
     InvalidArgument,
     MetaldError,
     NotFound,
+    NotYours,
     PermissionDenied,
     ResourceExhausted,
     Unavailable,
@@ -40,7 +41,9 @@ from metald.core.models import (
     VmConfig,
     VmRecord,
 )
+from metald.core.quotas import QuotaDefaults, QuotaExceeded, Resource
 from metald.core.states import DELETE_NEEDS_FORCE, LIVE_STATES, TRANSITIONS, Operation, VmState
+from metald.core.timing import StepTimes
 from metald.core.validation import Limits, check_vm_id
 from metald.service.vm_service import VmService
 
@@ -75,6 +78,7 @@ def world(
     assets: FakeAssets | None = None,
     network: FakeNetwork | None = None,
     default_backend: str = "",
+    quotas: QuotaDefaults | None = None,
     **options: Any,
 ) -> World:
     store = store or MemoryStore()
@@ -88,7 +92,7 @@ def world(
         assets,
         network,
         LIMITS,
-        admission=fake_admission(MemoryQuotas(store)),
+        admission=fake_admission(MemoryQuotas(store), quotas),
         default_backend=default_backend,
         default_shutdown_timeout=30.0,
         clock=lambda: float(next(clock)),
@@ -791,21 +795,86 @@ def test_no_sequence_of_operations_makes_backend_and_store_disagree(
     asyncio.run(_run(steps))
 
 
+class RecordingTelemetry:
+    """The service's telemetry port, recorded as (event, details)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, tuple[Any, ...]]] = []
+
+    def create_steps(self, backend: str, times: StepTimes) -> None:
+        self.events.append(("create", (backend, list(times.steps), times.total)))
+
+    def booted(self, backend: str, seconds: float, since_create: float | None) -> None:
+        self.events.append(("boot", (backend, seconds >= 0, since_create)))
+
+    def adoption(self, backend: str, adopted: bool) -> None:
+        self.events.append(("adoption", (backend, adopted)))
+
+    def vmm_exited(self, backend: str) -> None:
+        self.events.append(("exit", (backend,)))
+
+    def quota_refused(self, scope: str, resource: str) -> None:
+        self.events.append(("quota", (scope, resource)))
+
+    def of(self, kind: str) -> list[tuple[Any, ...]]:
+        return [details for event, details in self.events if event == kind]
+
+
 async def test_a_create_reports_its_steps_and_a_failed_one_does_not() -> None:
     """metald's own share of CreateVm, step by step (core/timing.py): what /metrics shows."""
-    seen: list[tuple[str, list[str], float | None]] = []
-    w = world(
-        on_create_steps=lambda backend, times: seen.append(
-            (backend, list(times.steps), times.total)
-        )
-    )
+    seen = RecordingTelemetry()
+    w = world(telemetry=seen)
     await w.service.start()
     await w.service.create_vm(ALICE, "vm-1", NETWORKED)
-    assert [(b, steps) for b, steps, _ in seen] == [
+    assert [(b, steps) for b, steps, _ in seen.of("create")] == [
         ("fake", ["check", "admission", "store", "network", "network_ready"])
     ]
-    assert seen[0][2] is not None
+    assert seen.of("create")[0][2] is not None
     w.backend.faults.fail("create", BackendError("no"))
     with pytest.raises(BackendError):
         await w.service.create_vm(ALICE, "vm-2", PLAIN)
-    assert len(seen) == 1
+    assert len(seen.of("create")) == 1
+
+
+async def test_boots_exits_adoptions_and_quota_refusals_are_reported() -> None:
+    seen = RecordingTelemetry()
+    w = world(telemetry=seen)
+    await w.service.start()
+    assert seen.of("adoption") == []  # nothing to adopt
+    created = await w.service.create_vm(ALICE, "vm-1", PLAIN)
+    booted = await w.service.boot_vm(ALICE, "vm-1")
+    # The first boot: create to RUNNING by the service's clock (one tick per change here).
+    assert seen.of("boot") == [("fake", True, booted.updated_at - created.created_at)]
+    await w.service.shutdown_vm(ALICE, "vm-1")
+    await w.service.boot_vm(ALICE, "vm-1")
+    assert seen.of("boot")[1] == ("fake", True, None)  # a later boot has no create
+    await w.backend.exit("vm-1", "guest powered off")
+    assert seen.of("exit") == [("fake",)]
+    await w.service.boot_vm(ALICE, "vm-1")
+    await w.service.create_vm(ALICE, "vm-2", PLAIN)
+
+    again = RecordingTelemetry()
+    w.backend.adoption["vm-1"] = None  # its VMM is gone; vm-2's is there
+    await w.restarted(telemetry=again).service.start()
+    assert sorted(again.of("adoption")) == [("fake", False), ("fake", True)]
+
+    limited = RecordingTelemetry()
+    w2 = world(telemetry=limited, quotas=QuotaDefaults({Resource.VMS: 1}))
+    await w2.service.start()
+    await w2.service.create_vm(ALICE, "vm-a", PLAIN)
+    with pytest.raises(QuotaExceeded):
+        await w2.service.create_vm(ALICE, "vm-b", PLAIN)
+    assert limited.of("quota") == [("customer", "vms")]
+    assert len(limited.of("create")) == 1
+
+
+async def test_someone_elses_vm_is_not_owned_and_answers_as_a_missing_one(w: World) -> None:
+    await w.service.create_vm(ALICE, "vm-1", PLAIN)
+    with pytest.raises(NotYours) as theirs:
+        await w.service.get_vm(BOB, "vm-1")
+    with pytest.raises(NotFound) as missing:
+        await w.service.get_vm(BOB, "vm-none")
+    assert type(missing.value) is NotFound
+    assert theirs.value.code == missing.value.code == "not_found"
+    assert theirs.value.message == "VM 'vm-1' not found"
+    assert missing.value.message == "VM 'vm-none' not found"

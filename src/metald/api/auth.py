@@ -21,6 +21,15 @@ DEV_PREFIX = "dev_customer_"
 current_customer: ContextVar[str] = ContextVar("current_customer")
 
 
+class TokenRefused(Unauthenticated):
+    """A refused token, with why (for metald_auth_refusals_total): missing, malformed or
+    invalid. The caller sees only the message."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class TokenAuthenticator:
     """Development tokens (only when enabled) and static tokens from a file.
 
@@ -42,11 +51,11 @@ class TokenAuthenticator:
 
     def customer_for(self, authorization: str | None) -> str:
         if not authorization:
-            raise Unauthenticated("missing Authorization: Bearer <token> header")
+            raise TokenRefused("missing", "missing Authorization: Bearer <token> header")
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise Unauthenticated("the Authorization header must be 'Bearer <token>'")
+            raise TokenRefused("malformed", "the Authorization header must be 'Bearer <token>'")
         customer = None
         for known, owner in self._static:
             # Compare every entry in constant time so timing reveals nothing.
@@ -58,7 +67,7 @@ class TokenAuthenticator:
             candidate = token.removeprefix(DEV_PREFIX)
             if CUSTOMER_ID.fullmatch(candidate):
                 return candidate
-        raise Unauthenticated("invalid token")
+        raise TokenRefused("invalid", "invalid token")
 
 
 def is_loopback_only(address: str) -> bool:

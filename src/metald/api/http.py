@@ -19,8 +19,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
 from metald.api.health import Health
-from metald.api.metrics import ApiMetrics
-from metald.core.ports import Store
+from metald.core.telemetry import EXPOSITION_CONTENT_TYPE, ApiTelemetry
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -38,14 +37,12 @@ class MetaldASGI:
         self,
         connect_app: ASGIApp,
         health: Health,
-        metrics: ApiMetrics,
-        store: Store,
+        metrics: ApiTelemetry,
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
     ):
         self._connect = connect_app
         self._health = health
         self._metrics = metrics
-        self._store = store
         self._body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -71,13 +68,8 @@ class MetaldASGI:
                 body = json.dumps(report.body).encode()
                 await _respond(send, 200 if report.ok else 503, body, "application/json")
             else:
-                counts = await self._store.count_by_state()
-                await _respond(
-                    send,
-                    200,
-                    self._metrics.render(counts),
-                    "text/plain; version=0.0.4; charset=utf-8",
-                )
+                body = await self._metrics.exposition()
+                await _respond(send, 200, body, EXPOSITION_CONTENT_TYPE)
             return
         await self._connect(scope, receive, send)
 

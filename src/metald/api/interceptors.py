@@ -1,4 +1,9 @@
-"""Connect interceptors: request metrics, authentication, error mapping, and their order.
+"""Connect interceptors: tracing, request metrics, authentication, error mapping, and
+their order.
+
+Refusals are counted where they happen (core/telemetry.py): a refused token in the auth
+interceptor (by reason), a refused access in the errors interceptor (permission_denied, and
+another customer's VM, which the caller is told is not_found: core.errors.NotYours).
 
 The order is the point. connectrpc runs the *leading* metadata interceptors (those that see
 only headers) before it reads or decodes the request body, and everything from the first
@@ -7,12 +12,18 @@ interceptors at the front, so a call without a valid bearer token is answered fr
 headers alone: its body is never read, buffered or parsed, whatever it claims to hold.
 (Rejecting before the body is read used to drop the whole HTTP/2 connection under
 hypercorn; api/h2_fixes.py makes the frames still arriving for the answered stream harmless.)
+
+Tracing is first, so the RPC's server span covers every call, refused ones included; it
+talks to the tracing port (core/tracing.py), and with tracing off it only notes the caller's
+trace id for the log lines. The customer (auth) and the request's VM id (after decoding) are
+bound for the call's log lines and span (core/callcontext.py). Every refused authentication
+or access is a security event (api/security.py).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import Token
 from typing import Any
 
@@ -20,15 +31,66 @@ from connectrpc.errors import ConnectError
 from connectrpc.interceptor import Interceptor
 from connectrpc.request import RequestContext
 
-from metald.api.auth import TokenAuthenticator, current_customer
+from metald.api import security
+from metald.api.auth import TokenAuthenticator, TokenRefused, current_customer
 from metald.api.errors import to_connect_error
-from metald.api.metrics import ApiMetrics
+from metald.core import callcontext, tracing
+from metald.core.errors import NotYours, PermissionDenied, Unauthenticated
+from metald.core.ids import is_vm_id
+from metald.core.telemetry import ApiTelemetry
+
+CallFields = Token[Mapping[str, str]]
+
+
+def _code(error: Exception | None) -> str:
+    if error is None:
+        return "ok"
+    return error.code.name.lower() if isinstance(error, ConnectError) else "unknown"
+
+
+def _trace_id(traceparent: str | None) -> str:
+    """The trace id of a W3C traceparent (`00-<32 hex>-<16 hex>-<2 hex>`), or ''."""
+    if not traceparent or len(traceparent) < 55 or traceparent[2] != "-":
+        return ""
+    trace_id = traceparent[3:35].lower()
+    if trace_id == "0" * 32 or any(c not in "0123456789abcdef" for c in trace_id):
+        return ""
+    return trace_id
+
+
+class TracingInterceptor:
+    """The RPC's server span (a child of the caller's traceparent), ended with its code."""
+
+    async def on_start(
+        self, ctx: RequestContext[Any, Any]
+    ) -> tuple[tracing.RpcSpan | None, CallFields | None]:
+        tracer = tracing.active()
+        if tracer is None:
+            trace_id = _trace_id(ctx.request_headers.get("traceparent"))
+            return None, callcontext.bind(trace_id=trace_id) if trace_id else None
+        span = tracer.start_rpc(
+            ctx.method.service_name, ctx.method.name, ctx.request_headers, ctx.client_address
+        )
+        return span, None
+
+    async def on_end(
+        self,
+        started: tuple[tracing.RpcSpan | None, CallFields | None],
+        ctx: RequestContext[Any, Any],
+        error: Exception | None,
+        /,
+    ) -> None:
+        span, fields = started
+        if fields is not None:
+            callcontext.reset(fields)
+        if span is not None:
+            span.end(None if error is None else _code(error))
 
 
 class MetricsInterceptor:
     """Counts every call, including those refused before decoding, by method and code."""
 
-    def __init__(self, metrics: ApiMetrics) -> None:
+    def __init__(self, metrics: ApiTelemetry) -> None:
         self._metrics = metrics
 
     async def on_start(self, ctx: RequestContext[Any, Any]) -> float:
@@ -40,32 +102,46 @@ class MetricsInterceptor:
         code = "ok"
         if error is not None:
             code = error.code.name.lower() if isinstance(error, ConnectError) else "unknown"
-        self._metrics.observe_request(ctx.method.name, code, time.perf_counter() - started)
+        self._metrics.rpc_served(ctx.method.name, code, time.perf_counter() - started)
 
 
 class AuthInterceptor:
     """The bearer token to the customer of the call, from the headers, before the body."""
 
-    def __init__(self, authenticator: TokenAuthenticator) -> None:
+    def __init__(self, authenticator: TokenAuthenticator, metrics: ApiTelemetry) -> None:
         self._auth = authenticator
+        self._metrics = metrics
 
-    async def on_start(self, ctx: RequestContext[Any, Any]) -> Token[str]:
+    async def on_start(self, ctx: RequestContext[Any, Any]) -> tuple[Token[str], CallFields]:
         try:
             customer = self._auth.customer_for(ctx.request_headers.get("authorization"))
         except Exception as exc:
+            if isinstance(exc, TokenRefused):
+                self._metrics.auth_refused(exc.reason)
+            if isinstance(exc, Unauthenticated):
+                security.refused(security.UNAUTHENTICATED, ctx, exc.message)
             raise to_connect_error(exc) from None
         # Set in the request's own task: the handler, awaited by the same task, sees it.
-        return current_customer.set(customer)
+        return current_customer.set(customer), callcontext.bind(customer_id=customer)
 
     async def on_end(
-        self, token: Token[str], ctx: RequestContext[Any, Any], error: Exception | None, /
+        self,
+        tokens: tuple[Token[str], CallFields],
+        ctx: RequestContext[Any, Any],
+        error: Exception | None,
+        /,
     ) -> None:
-        current_customer.reset(token)
+        callcontext.reset(tokens[1])
+        current_customer.reset(tokens[0])
 
 
 class ErrorsInterceptor:
     """Every exception of a handler becomes its Connect code (`internal` with no detail for
-    anything that is not a MetaldError)."""
+    anything that is not a MetaldError); a refused access is counted and is a security
+    event. The request's VM id is bound for the call's log lines and span."""
+
+    def __init__(self, metrics: ApiTelemetry) -> None:
+        self._metrics = metrics
 
     async def intercept_unary(
         self,
@@ -74,22 +150,47 @@ class ErrorsInterceptor:
         ctx: RequestContext[Any, Any],
         /,
     ) -> Any:
+        vm_id = getattr(request, "vm_id", "")
+        # Only a well-formed id goes into every log line of the call (not a caller's 1 MiB).
+        fields = (
+            callcontext.bind(vm_id=vm_id) if isinstance(vm_id, str) and is_vm_id(vm_id) else None
+        )
         try:
             return await call_next(request, ctx)
         except Exception as exc:
+            if isinstance(exc, PermissionDenied | NotYours):
+                self._metrics.access_refused(ctx.method.name)
+            _security_event(exc, ctx)
             raise to_connect_error(exc) from None
+        finally:
+            if fields is not None:
+                callcontext.reset(fields)
+
+
+def _security_event(exc: Exception, ctx: RequestContext[Any, Any]) -> None:
+    """A refused access of an authenticated caller (the auth interceptor logs the rest)."""
+    if isinstance(exc, NotYours):
+        reason = security.NOT_YOURS
+    elif isinstance(exc, PermissionDenied):
+        reason = security.PERMISSION_DENIED
+    elif isinstance(exc, Unauthenticated):
+        reason = security.UNAUTHENTICATED
+    else:
+        return
+    security.refused(reason, ctx, exc.message, current_customer.get(None))
 
 
 def api_interceptors(
     authenticator: TokenAuthenticator,
-    metrics: ApiMetrics,
+    metrics: ApiTelemetry,
     after_auth: Sequence[Interceptor] = (),
 ) -> list[Interceptor]:
-    """The chain app.py serves: metrics and auth before the body, then `after_auth` (tests
-    record decoded requests there), then error mapping around the handler."""
+    """The chain app.py serves: tracing, metrics and auth before the body, then `after_auth`
+    (tests record decoded requests there), then error mapping around the handler."""
     return [
+        TracingInterceptor(),
         MetricsInterceptor(metrics),
-        AuthInterceptor(authenticator),
+        AuthInterceptor(authenticator, metrics),
         *after_auth,
-        ErrorsInterceptor(),
+        ErrorsInterceptor(metrics),
     ]

@@ -25,6 +25,12 @@ class NotFound(MetaldError):
     code = "not_found"
 
 
+class NotYours(NotFound):
+    """Answered exactly as NotFound (same code, same words: ids leak nothing), raised where
+    the VM (or asset) exists but is another customer's, so that the API can count it as a
+    refused access and log a security event."""
+
+
 class AlreadyExists(MetaldError):
     code = "already_exists"
 

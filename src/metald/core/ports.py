@@ -127,7 +127,9 @@ class Store(Protocol):
     ) -> tuple[list[VmSummary], int]:
         """One page ordered by (created_at, id) after the cursor, and the total matching."""
 
-    async def count_by_state(self) -> dict[VmState, int]: ...
+    async def count_by_state_and_backend(self) -> dict[tuple[VmState, str], int]:
+        """VMs not deleted, by (state, backend); pairs with none are left out."""
+
     async def ping(self) -> None: ...
     async def close(self) -> None: ...
 

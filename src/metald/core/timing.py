@@ -12,15 +12,22 @@ than once (the store) add up. Code that names its stages as it goes marks sub-st
 
 Standard library only, no I/O: the use case hands the result to whoever publishes it (the
 API's /metrics histogram, a debug log line).
+
+Every step (and sub-step) is also a child span of the current trace when a tracer is
+installed (core/tracing.py): `step` opens one around its block, in or outside a collection
+(so the steps of BootVm or DeleteVm are traced too); laps and steps measured elsewhere
+become spans with explicit start and end times.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+
+from metald.core import tracing
 
 
 @dataclass
@@ -31,7 +38,8 @@ class StepTimes:
     steps: dict[str, float] = field(default_factory=dict)
     total: float | None = None  # set when the collection ends
 
-    _lap: tuple[str, float] | None = None  # the sub-step `lap` opened last, and when
+    # The sub-step `lap` opened last, and when (perf_counter, and wall clock ns for its span).
+    _lap: tuple[str, float, int] | None = None
 
     def add(self, name: str, seconds: float) -> None:
         self.steps[name] = self.steps.get(name, 0.0) + max(0.0, seconds)
@@ -39,9 +47,13 @@ class StepTimes:
     def lap(self, name: str | None) -> None:
         """End the open sub-step (if any) and start `name` (None: start none)."""
         now = time.perf_counter()
+        wall = time.time_ns() if tracing.active() is not None else 0
         if self._lap is not None:
-            self.add(self._lap[0], now - self._lap[1])
-        self._lap = None if name is None else (name, now)
+            lap_name, started, wall_started = self._lap
+            self.add(lap_name, now - started)
+            if wall_started and wall:
+                tracing.record(lap_name, wall_started, wall)
+        self._lap = None if name is None else (name, now, wall)
 
     def describe(self) -> str:
         """`total 12.3 ms: store 1.0, network 2.1, ...` (ms)."""
@@ -69,15 +81,21 @@ def collecting() -> Iterator[StepTimes]:
 def step(name: str) -> Iterator[None]:
     """Time the block as step `name` of the operation being collected, if any."""
     times = _current.get()
-    if times is None:
+    tracer = tracing.active()
+    if times is None and tracer is None:
         yield
         return
+    if times is None:
+        with tracing.span(name):
+            yield
+        return
     started = time.perf_counter()
-    try:
-        yield
-    finally:
-        times.lap(None)  # a sub-step ends with its step at the latest
-        times.add(name, time.perf_counter() - started)
+    with tracing.span(name):
+        try:
+            yield
+        finally:
+            times.lap(None)  # a sub-step ends with its step at the latest (and its span)
+            times.add(name, time.perf_counter() - started)
 
 
 def lap(name: str) -> None:
@@ -89,7 +107,22 @@ def lap(name: str) -> None:
 
 
 def record(name: str, seconds: float) -> None:
-    """Add a step measured elsewhere (by another process: the jailer helper's own steps)."""
+    """Add a step measured elsewhere that ended just now (a wait timed by hand)."""
+    record_run([(name, seconds)])
+
+
+def record_run(steps: Sequence[tuple[str, float]]) -> None:
+    """Add steps measured elsewhere that ran one after another and ended just now (another
+    process's, reported when it finished: the jailer helper's own steps); their spans are
+    laid back to back ending now."""
     times = _current.get()
     if times is not None:
-        times.add(name, seconds)
+        for name, seconds in steps:
+            times.add(name, seconds)
+    if tracing.active() is not None:
+        end = time.time_ns()
+        start = end - sum(int(max(0.0, seconds) * 1e9) for _, seconds in steps)
+        for name, seconds in steps:
+            stop = start + int(max(0.0, seconds) * 1e9)
+            tracing.record(name, start, stop)
+            start = stop

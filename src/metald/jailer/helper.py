@@ -60,12 +60,13 @@ import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from metald.host import caps, seccomp
 from metald.host import files as host_files
 from metald.host import libc as sc
 from metald.host import netns as host_netns
-from metald.host import seccomp
 from metald.host.tap import TapError, bring_up, create_tap, device_exists
 from metald.jailer.cgroups import cgroup_mount, relative_cgroup
+from metald.jailer.needs import JAILER_CAPABILITIES
 from metald.jailer.spec import ALL_STEPS, RLIM_INFINITY, JailSpec, PlacedFile
 
 TEST_HOOKS_ENV = "METALD_JAILER_TEST_HOOKS"
@@ -776,8 +777,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
         spec.validate()
     except (ValueError, TypeError, OSError) as e:
         _fail(reporter, "spec", str(e))
-    if os.geteuid() != 0:
-        _fail(reporter, "spec", "the jailer must run as root")
+    if not caps.privileged(JAILER_CAPABILITIES):
+        needed = ", ".join(caps.missing(JAILER_CAPABILITIES))
+        _fail(reporter, "spec", f"the jailer must run as root or with {needed}")
     run(spec, reporter)
 
 

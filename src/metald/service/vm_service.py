@@ -21,18 +21,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from metald.core import paging, timing
+from metald.core import callcontext, paging, timing
 from metald.core.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     MetaldError,
     NotFound,
+    NotYours,
     PermissionDenied,
     Unavailable,
 )
@@ -49,8 +50,10 @@ from metald.core.models import (
     VmUsage,
 )
 from metald.core.ports import Assets, Backend, Network, Store
+from metald.core.quotas import QuotaExceeded
 from metald.core.redaction import tenant_backend_info, vmm_text
 from metald.core.states import DELETE_NEEDS_FORCE, LIVE_STATES, Operation, VmState, next_state
+from metald.core.telemetry import NoTelemetry, VmTelemetry
 from metald.core.undo import Undo
 from metald.core.validation import (
     Limits,
@@ -91,16 +94,17 @@ class VmService:
         default_shutdown_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
         host_details: bool = False,
-        on_create_steps: Callable[[str, timing.StepTimes], None] | None = None,
+        telemetry: VmTelemetry | None = None,
         metering: Collector | None = None,
     ) -> None:
         """`backends`: every VMM backend this host can run, by name (a VM row records its
         backend, so VMs of each are adopted after a restart); new VMs use `default_backend`
         (the only one when there is one). `host_details`: GetVmInfo shows the backend's
         host details (pid, paths, versions) to tenants too: development and tests only.
-        `on_create_steps`: called with the backend's name and the steps of every CreateVm
-        that succeeded (core/timing.py; the API publishes them on /metrics). `metering`:
-        told of boots, shutdowns and deletes (service/metering.py), when billing is on."""
+        `telemetry`: told of creates (their steps, core/timing.py), boots, adoptions,
+        unasked VMM exits and quota refusals (the adapter publishes them on /metrics).
+        `metering`: told of boots, shutdowns and deletes (service/metering.py), when
+        billing is on."""
         if not backends:
             raise ValueError("at least one backend")
         default_backend = default_backend or next(iter(backends))
@@ -119,7 +123,7 @@ class VmService:
         self._host_details = host_details
         # The live VMs, read by GetVmInfo and ownership checks (service/registry.py).
         self.registry = VmRegistry()
-        self._on_create_steps = on_create_steps
+        self._telemetry: VmTelemetry = telemetry or NoTelemetry()
         self._metering = metering
 
     # -- life of the service -------------------------------------------------------------
@@ -158,6 +162,7 @@ class VmService:
             )
             return
         live = await backend.adopt(vm.id, vm.process) if vm.process else None
+        self._telemetry.adoption(vm.backend, live is not None)
         if live is None:
             reason = "vmm process was gone when metald started"
             metered = vm.state in (VmState.RUNNING, VmState.PAUSED)
@@ -181,11 +186,17 @@ class VmService:
             log.exception("vm %s: its network could not be restored after the restart", vm.id)
 
     async def _on_vmm_exit(self, vm_id: str, reason: str) -> None:
+        with callcontext.scope():
+            callcontext.bind(vm_id=vm_id)
+            await self._record_exit(vm_id, reason)
+
+    async def _record_exit(self, vm_id: str, reason: str) -> None:
         async with self._locks.hold(vm_id):
             vm = await self._read(vm_id)
             if vm is None or vm.state not in LIVE_STATES:
                 return
             await self._save(vm, state=VmState.SHUTDOWN, process=None, exit_reason=reason)
+            self._telemetry.vmm_exited(vm.backend)
             log.info("vm %s stopped on its own: %s", vm_id, reason)
             await self._meter("stopped", vm)
 
@@ -194,12 +205,11 @@ class VmService:
     async def create_vm(
         self, caller: str, vm_id: str, config: VmConfig, customer_id: str = ""
     ) -> VmRecord:
-        with timing.collecting() as times:
+        with callcontext.scope(), timing.collecting() as times, self._quota_refusals():
             vm = await self._create_vm(caller, vm_id, config, customer_id)
-        # Only a create that succeeded: a failed one's steps stop anywhere.
-        log.debug("vm %s: created in %s", vm.id, times.describe())
-        if self._on_create_steps is not None:
-            self._on_create_steps(vm.backend, times)
+            # Only a create that succeeded: a failed one's steps stop anywhere.
+            log.debug("vm %s: created in %s", vm.id, times.describe())
+        self._telemetry.create_steps(vm.backend, times)
         return vm
 
     async def _create_vm(
@@ -216,6 +226,7 @@ class VmService:
             spec_of = self._resolve(config, caller)
             vm_id = vm_id or new_vm_id()
             claim = self._admission.check_request(config, spec_of(vm_id).disks)
+        callcontext.bind(vm_id=vm_id)  # log lines and the RPC's span name it from here
         taken = AlreadyExists(f"vm_id {vm_id!r} is taken (VM ids are never reused)")
         if self._locks.busy(vm_id):
             raise taken  # someone's VM, or someone's create of it: not waited for
@@ -272,29 +283,38 @@ class VmService:
     async def boot_vm(self, caller: str, vm_id: str) -> VmRecord:
         async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.BOOT, vm.state)
-            async with self._admission.booting(vm):
-                process = await self._backend_of(vm).boot(vm_id)
-                await self._meter("started", vm)  # before a tick can see it running
-                saved = await self._save(vm, state=new_state, process=process, exit_reason=None)
+            first = vm.state is VmState.CREATED
+            started = time.perf_counter()
+            with self._quota_refusals():
+                async with self._admission.booting(vm):
+                    with timing.step("vmm.boot"):
+                        process = await self._backend_of(vm).boot(vm_id)
+                    await self._meter("started", vm)  # before a tick can see it running
+                    saved = await self._save(vm, state=new_state, process=process, exit_reason=None)
+            since_create = max(0.0, saved.updated_at - vm.created_at) if first else None
+            self._telemetry.booted(vm.backend, time.perf_counter() - started, since_create)
             self._log_host_details(vm)
             return saved
 
     async def pause_vm(self, caller: str, vm_id: str) -> VmRecord:
         async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.PAUSE, vm.state)
-            await self._backend_of(vm).pause(vm_id)
+            with timing.step("vmm.pause"):
+                await self._backend_of(vm).pause(vm_id)
             return await self._save(vm, state=new_state)
 
     async def resume_vm(self, caller: str, vm_id: str) -> VmRecord:
         async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.RESUME, vm.state)
-            await self._backend_of(vm).resume(vm_id)
+            with timing.step("vmm.resume"):
+                await self._backend_of(vm).resume(vm_id)
             return await self._save(vm, state=new_state)
 
     async def reboot_vm(self, caller: str, vm_id: str) -> VmRecord:
         async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.REBOOT, vm.state)
-            process = await self._backend_of(vm).reboot(vm_id)
+            with timing.step("vmm.reboot"):
+                process = await self._backend_of(vm).reboot(vm_id)
             return await self._save(vm, state=new_state, process=process)
 
     async def shutdown_vm(
@@ -305,7 +325,8 @@ class VmService:
         async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.SHUTDOWN, vm.state)
             await self._meter("final_sample", vm)  # ticks go on while it stops
-            how = await self._backend_of(vm).shutdown(vm_id, timeout=timeout, force=force)
+            with timing.step("vmm.shutdown"):
+                how = await self._backend_of(vm).shutdown(vm_id, timeout=timeout, force=force)
             saved = await self._save(
                 vm, state=new_state, process=None, exit_reason=f"shutdown requested ({how})"
             )
@@ -322,8 +343,10 @@ class VmService:
             metered = vm.state in (VmState.RUNNING, VmState.PAUSED)
             if metered:
                 await self._meter("final_sample", vm)
-            await self._backend_of(vm).destroy(vm_id)
-            await self._network.teardown(vm_id)
+            with timing.step("vmm.destroy"):
+                await self._backend_of(vm).destroy(vm_id)
+            with timing.step("network.teardown"):
+                await self._network.teardown(vm_id)
             vm.deleted_at = self._clock()
             await self._save(vm, state=VmState.SHUTDOWN, process=None)
             await self._admission.release(vm_id)
@@ -379,6 +402,14 @@ class VmService:
 
     # -- helpers -----------------------------------------------------------------------------
 
+    @contextmanager
+    def _quota_refusals(self) -> Iterator[None]:
+        try:
+            yield
+        except QuotaExceeded as exc:
+            self._telemetry.quota_refused(exc.scope, exc.resource.value)
+            raise
+
     def _backend_of(self, vm: VmRecord) -> Backend:
         backend = self._backends.get(vm.backend)
         if backend is None:
@@ -418,9 +449,12 @@ class VmService:
     async def _owned(self, caller: str, vm_id: str) -> VmRecord:
         check_vm_id(vm_id)
         vm = await self._read(vm_id)
-        # Someone else's VM looks exactly like a missing one: ids leak nothing.
-        if vm is None or vm.customer_id != caller:
+        # Someone else's VM looks exactly like a missing one: ids leak nothing (NotYours is
+        # answered as NotFound; the API counts it and logs a security event for it).
+        if vm is None:
             raise NotFound(f"VM {vm_id!r} not found")
+        if vm.customer_id != caller:
+            raise NotYours(f"VM {vm_id!r} not found")
         return vm
 
     async def _read(self, vm_id: str) -> VmRecord | None:
@@ -489,6 +523,7 @@ class VmService:
             if exit_reason is not None:
                 info["exit_reason"] = vmm_text(exit_reason)  # a VMM's words: bounded
             vm.backend_info = info
-        await self._store.update(vm)
+        with timing.step("store"):
+            await self._store.update(vm)
         self.registry.put(vm)  # after the store took it: never ahead of the truth
         return replace(vm)

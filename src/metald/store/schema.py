@@ -24,6 +24,7 @@ vms = Table(
     # ListVms: its count is answered from this index alone, its page read in order
     # (migrations/versions/0005_vm_pages.py; tests/unit/test_sqlite_store.py checks the plans).
     Index("ix_vms_customer_page", "customer_id", "deleted_at", "created_at", "id", "state"),
-    # /metrics's VMs by state, counted from this index alone (0005_vm_pages.py).
-    Index("ix_vms_state_deleted", "state", "deleted_at"),
+    # /metrics's VMs by state and backend, counted from this index alone
+    # (0007_vms_state_backend.py).
+    Index("ix_vms_state_backend", "state", "deleted_at", "backend"),
 )

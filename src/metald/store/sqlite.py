@@ -123,15 +123,17 @@ class SqlStore:
             counted = await conn.execute(select(func.count()).select_from(vms).where(*where))
             return records, int(counted.scalar_one())
 
-    async def count_by_state(self) -> dict[VmState, int]:
+    async def count_by_state_and_backend(self) -> dict[tuple[VmState, str], int]:
+        # Every state named: the index is searched per state past the deleted rows
+        # (0007_vms_state_backend.py).
         query = (
-            select(vms.c.state, func.count())
-            .where(vms.c.deleted_at.is_(None))
-            .group_by(vms.c.state)
+            select(vms.c.state, vms.c.backend, func.count())
+            .where(vms.c.state.in_([s.value for s in VmState]), vms.c.deleted_at.is_(None))
+            .group_by(vms.c.state, vms.c.backend)
         )
         async with self._engine.connect() as conn:
-            counts = {VmState(state): int(n) for state, n in await conn.execute(query)}
-        return {s: counts.get(s, 0) for s in VmState}
+            rows = await conn.execute(query)
+            return {(VmState(state), str(backend)): int(n) for state, backend, n in rows}
 
     async def ping(self) -> None:
         await self._database.ping()

@@ -30,6 +30,8 @@ from metald.backends.vmm.layout import (
 from metald.backends.vmm.process import VmmProcess
 from metald.core.errors import BackendError
 from metald.core.ports import JailIds
+from metald.host import caps
+from metald.jailer.needs import JAILER_CAPABILITIES
 from metald.jailer.spares import Spares
 from metald.jailer.spec import JailSpec
 
@@ -93,10 +95,11 @@ class VmmContext:
         vm_root."""
         host = await self.driver.probe()
         if self.jail is not None:
-            if os.geteuid() != 0:
+            if not caps.privileged(JAILER_CAPABILITIES):
                 raise BackendError(
-                    "jailing VMMs needs root: run metald as root (or without the jailer, "
-                    "which only a development host should do)"
+                    "jailing VMMs needs root or the capabilities "
+                    f"{', '.join(caps.missing(JAILER_CAPABILITIES))}: run metald as root or "
+                    "with them (or without the jailer, which only a development host should do)"
                 )
             await asyncio.to_thread(self.jail.check_base, self.name)
         sockets_under = self._sockets_under()

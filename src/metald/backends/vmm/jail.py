@@ -146,10 +146,12 @@ class JailSettings:
         return self.chroot_base / backend
 
     def check_base(self, backend: str) -> None:
-        """Refuse a jail base (or its backend directory) that anyone but root could write or
-        that is not a real directory: whoever could rename entries there could swap one VM's
-        jail for another's. Missing directories are fine (the jailer makes them,
-        root-owned)."""
+        """Refuse a jail base (or its backend directory) that anyone but root (or metald's
+        own user, when it runs as one with capabilities) could write or that is not a real
+        directory: whoever could rename entries there could swap one VM's jail for
+        another's. Missing directories are fine (the jailer makes them, owned by metald's
+        user)."""
+        trusted = {0, os.geteuid()}
         for path in (self.chroot_base, self.backend_dir(backend)):
             try:
                 st = os.lstat(path)
@@ -157,9 +159,10 @@ class JailSettings:
                 continue
             if not stat.S_ISDIR(st.st_mode):
                 raise BackendError(f"jail base {path} is not a directory")
-            if st.st_uid != 0 or st.st_mode & 0o022:
+            if st.st_uid not in trusted or st.st_mode & 0o022:
                 raise BackendError(
-                    f"jail base {path} must be owned by root and writable by root only"
+                    f"jail base {path} must be owned by root (or metald's user) and writable "
+                    "by its owner only"
                 )
 
 

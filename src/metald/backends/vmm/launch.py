@@ -300,8 +300,7 @@ class Launcher:
                     layout.jail_spec_file.unlink()
             raise BackendError(f"could not jail the VMM of VM {jail.vm_id}: {e.message}") from None
         # The helper's own steps, as it measured them (inside the "jailer" step above).
-        for s in jailed.steps:
-            timing.record(f"jailer.{s.step}", s.ms / 1000)
+        timing.record_run([(f"jailer.{s.step}", s.ms / 1000) for s in jailed.steps])
         if jailed.cgroup_note and not self._cgroup_noted:
             self._cgroup_noted = True
             log.warning("VM cgroup limits not (all) applied on this host: %s", jailed.cgroup_note)
