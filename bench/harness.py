@@ -33,7 +33,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 # The benchmarks `make bench` runs, in order (modules of this package, each with `main()`).
-SUITE: tuple[str, ...] = ("servers", "api", "scale", "life", "density")
+SUITE: tuple[str, ...] = ("servers", "api", "scale", "life", "density", "metering")
 PACKAGES = ("metald", "hypercorn", "h2", "connectrpc", "sqlalchemy", "aiosqlite", "grpcio")
 
 

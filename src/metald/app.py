@@ -9,6 +9,7 @@ import os
 import pwd
 import signal
 import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -54,12 +55,16 @@ from metald.observability import logs
 from metald.observability.billing import TracedBilling
 from metald.observability.prometheus import MetricSources, PrometheusMetrics
 from metald.service.admission import Admission
+from metald.service.delivery import Delivery, DeliverySettings
+from metald.service.metering import METERED_STATES, Collector, CollectorSettings
+from metald.service.metering_loops import MeteringLoops
 from metald.service.vm_service import VmService
 from metald.store.addresses import SqlAddressBook
 from metald.store.database import Database
 from metald.store.jail_ids import SqlJailIds
 from metald.store.quotas import SqlQuotas
 from metald.store.sqlite import SqlStore
+from metald.store.usage_log import SqlUsageLog
 
 if TYPE_CHECKING:
     from metald.observability.tracing import OtelTracer
@@ -76,6 +81,7 @@ class Daemon:
     settings: Settings
     asgi: MetaldASGI
     service: VmService
+    metering: MeteringStats | None = None  # None: billing is off, nothing is metered
 
 
 def check_exposure(settings: Settings) -> None:
@@ -351,6 +357,66 @@ def build_admission(settings: Settings, database: Database) -> Admission:
     return Admission(SqlQuotas(database), defaults, host, maxima, _file_size)
 
 
+def instance_id(data_dir: Path) -> str:
+    """This host's billing instance id: made once, kept in the data directory."""
+    path = data_dir / "instance_id"
+    try:
+        found = path.read_text().strip()
+        if found:
+            return found
+    except FileNotFoundError:
+        pass
+    made = f"metald-{uuid.uuid4().hex}"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(made + "\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return made
+
+
+def build_metering(
+    settings: Settings,
+    billing: Billing,
+    database: Database,
+    backends: dict[str, Backend],
+    network: Network,
+    live_vms: Callable[[], list[VmRecord]],
+    stats: MeteringStats,
+) -> MeteringLoops:
+    """The collector and the delivery of usage to `billing` (service/metering.py,
+    delivery.py), keeping their totals in `stats` (what /metrics shows)."""
+    usage_log = SqlUsageLog(database)
+    delivery = Delivery(
+        usage_log,
+        billing,
+        stats,
+        instance_id(settings.data_dir),
+        lambda: [vm.id for vm in live_vms() if vm.state in METERED_STATES],
+        DeliverySettings(
+            batch_size=settings.billing_batch_size,
+            flush_interval=settings.billing_flush_interval_ms / 1000,
+            retry_initial=settings.billing_retry_initial_ms / 1000,
+            retry_max=max(settings.billing_retry_max_ms, settings.billing_retry_initial_ms) / 1000,
+            heartbeat_interval=settings.billing_heartbeat_interval_seconds,
+            retention=settings.billing_retention_hours * 3600,
+        ),
+    )
+    collector = Collector(
+        usage_log,
+        backends,
+        network,
+        live_vms,
+        stats,
+        CollectorSettings(
+            interval=settings.metering_interval_ms / 1000,
+            sample_timeout=settings.metering_sample_timeout_ms / 1000,
+            backlog_max=settings.billing_backlog_max,
+        ),
+        on_stored=delivery.wake,
+    )
+    return MeteringLoops(collector, delivery, billing, settings.billing_shutdown_flush_seconds)
+
+
 def _file_size(path: Path) -> int:
     return path.stat().st_size
 
@@ -406,6 +472,7 @@ async def _running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
     network = build_network(settings, database)
     admission = build_admission(settings, database)
     backends: dict[str, Backend] = {}
+    metering: MeteringLoops | None = None
     listener: MetricsListener | None = None
     try:
         await database.migrate()
@@ -417,9 +484,8 @@ async def _running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
         assets = LocalAssetStore(
             settings.assetmanager_cache_dir, legacy_link_dirs=[settings.jailer_chroot_dir]
         )
-        # Until issue 9's metering service is wired here, nobody updates these totals: its
-        # metrics are exported as zeros.
-        metering = MeteringStats()
+        # Metering's totals (service/metering.py updates them; /metrics reads them).
+        metering_stats = MeteringStats()
 
         def live_vms() -> Iterable[VmRecord]:
             return service.registry.snapshot().values()
@@ -429,12 +495,23 @@ async def _running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
                 store=store,
                 backends=sorted(backends),
                 live_vms=live_vms,
-                metering=metering,
+                metering=metering_stats,
                 host_vcpus=settings.host_vcpu_ceiling,
                 host_memory_bytes=settings.host_memory_ceiling,
                 version=__version__,
             )
         )
+        billing = build_billing(settings)
+        if billing is not None:
+            metering = build_metering(
+                settings,
+                billing,
+                database,
+                backends,
+                network,
+                lambda: service.registry.records(),
+                metering_stats,
+            )
         service = VmService(
             store,
             backends,
@@ -446,6 +523,7 @@ async def _running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
             default_shutdown_timeout=float(settings.shutdown_timeout_seconds),
             host_details=settings.expose_host_details,
             telemetry=metrics,
+            metering=metering.collector if metering is not None else None,
         )
         if settings.expose_host_details:
             log.warning(
@@ -453,6 +531,8 @@ async def _running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
                 "versions in backend_info (development and tests only)"
             )
         await service.start()
+        if metering is not None:
+            await metering.start()
         authenticator = TokenAuthenticator(
             dev_tokens=settings.auth_dev_tokens, tokens_file=settings.auth_tokens_file
         )
@@ -473,8 +553,10 @@ async def _running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
         )
         if settings.otel_prometheus_enabled:
             listener = await start_metrics_listener(settings, metrics.exposition)
-        yield Daemon(settings, asgi, service)
+        yield Daemon(settings, asgi, service, metering_stats if metering else None)
     finally:
+        if metering is not None:
+            await metering.stop()
         if listener is not None:
             await listener.close()
         for each in backends.values():

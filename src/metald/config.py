@@ -240,6 +240,22 @@ class Settings(BaseSettings):
     otel_prometheus_interface: str = "127.0.0.1"
     otel_prometheus_allow_remote: bool = False
 
+    # -- metering and delivery to billing (issue 9: service/metering.py, delivery.py) --------
+    # Every running VM sampled this often; one VM's sample is given up after the timeout.
+    metering_interval_ms: int = Field(100, ge=10, le=60_000)
+    metering_sample_timeout_ms: int = Field(1000, ge=10, le=60_000)
+    # Records per SendMetricsBatch, and how often the outbox is flushed.
+    billing_batch_size: int = Field(100, ge=1, le=10_000)
+    billing_flush_interval_ms: int = Field(1000, ge=10, le=600_000)
+    # Undelivered entries kept while billing is unreachable; past it each VM's newest
+    # undelivered record is replaced by its next (usage kept, resolution lost; loud log).
+    billing_backlog_max: int = Field(100_000, ge=10)
+    billing_retry_initial_ms: int = Field(500, ge=1)
+    billing_retry_max_ms: int = Field(30_000, ge=1)
+    billing_heartbeat_interval_seconds: float = Field(30.0, gt=0, le=3600)
+    billing_retention_hours: float = Field(24.0, ge=0)  # delivered records kept this long
+    billing_shutdown_flush_seconds: float = Field(5.0, ge=0, le=300)
+
     @field_validator("jailer_uid_range")
     @classmethod
     def _uid_range(cls, value: str) -> str:

@@ -17,7 +17,7 @@ backend and store is a restarted daemon (`adoption` overrides what adopt() finds
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from metald.core.errors import BackendError
@@ -51,6 +51,8 @@ class FakeBackend:
         self.adoption: dict[str, VmState | None] = {}
         self.orphans: set[str] = set()  # leftovers no VM row owns, for remove_orphans
         self.consoles: dict[str, bytes] = {}  # what each VM's console log holds
+        # What sample_usage reads of each VM (its VMM's counters; a test moves them).
+        self.readings: dict[str, VmUsage] = {}
         self.faults = Faults()
         self.exit_callback: ExitCallback | None = None
         self.tap_callback: TapCallback | None = None
@@ -159,6 +161,14 @@ class FakeBackend:
         return VmUsage(
             cpu_time_ns=1_000_000, memory_bytes=64 * 1024 * 1024, uptime_seconds=vmm.identity.pid
         )
+
+    async def sample_usage(self, vm_id: str, *, exact: bool = False) -> VmUsage:
+        """`readings[vm_id]` of its live VMM (not recorded in `calls`: a collector asks
+        ten times a second)."""
+        await self.faults.enter("sample_usage")
+        vmm = self._vmm(vm_id, VmState.CREATED, VmState.RUNNING, VmState.PAUSED)
+        found = self.readings.get(vm_id, VmUsage())
+        return replace(found, process=vmm.identity)
 
     def info(self, vm_id: str) -> dict[str, str]:
         self.faults.check("info")

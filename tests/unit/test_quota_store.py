@@ -219,7 +219,14 @@ async def test_the_migration_gives_existing_vms_a_claim(tmp_path: Path) -> None:
     await store.insert(down)
     await database.close()
     with sqlite3.connect(path) as conn:  # back to 0002, as a database made before quotas
-        for table in ("quota_overrides", "vm_claims", "admission_locks", "jail_ids"):
+        for table in (
+            "quota_overrides",
+            "vm_claims",
+            "admission_locks",
+            "jail_ids",
+            "vm_metrics",
+            "vm_meters",
+        ):
             conn.execute(f"DROP TABLE {table}")
         conn.execute("DROP INDEX ix_vms_customer_page")  # 0005's, back to 0001's
         conn.execute("CREATE INDEX ix_vms_customer_created ON vms (customer_id, created_at, id)")

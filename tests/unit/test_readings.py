@@ -114,3 +114,19 @@ async def test_forget_drops_the_latest_and_the_one_under_way() -> None:
 def test_max_age_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="negative"):
         Reading(Source().read, -1.0)
+
+
+async def test_an_offered_reading_is_the_latest_and_served_while_young() -> None:
+    now = [100.0]
+    calls = 0
+
+    async def read() -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    reading = Reading(read, 1.0, clock=lambda: now[0])
+    reading.offer(42)
+    assert await reading.get() == 42 and calls == 0
+    now[0] += 2.0
+    assert await reading.get() == 1

@@ -245,6 +245,10 @@ class VmUsage:
     disk_read_ops: int = 0
     disk_write_ops: int = 0
     uptime_seconds: int = 0
+    # The vCPU threads' CPU time (what the guest's CPUs cost; cpu_time_ns is the whole
+    # VMM's), and the VMM process the counters are of (None: no VMM ran).
+    vcpu_time_ns: int = 0
+    process: ProcessIdentity | None = None
 
 
 @dataclass(frozen=True)

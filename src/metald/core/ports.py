@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from metald.core.counters import Meter
 from metald.core.metering import UsageRecord
 from metald.core.models import (
     Allocation,
@@ -19,6 +20,7 @@ from metald.core.models import (
     VmSummary,
     VmUsage,
 )
+from metald.core.outbox import Entry, Notice
 from metald.core.quotas import AdmissionView, Claim, Limit, Resource, Usage
 from metald.core.states import VmState
 
@@ -73,7 +75,12 @@ class Backend(Protocol):
     async def remove_orphans(self, known_vm_ids: set[str]) -> list[str]:
         """Kill VMMs and remove per-VM directories that no known VM owns; returns what went."""
 
-    async def usage(self, vm_id: str) -> VmUsage: ...
+    async def usage(self, vm_id: str) -> VmUsage:
+        """The latest usage sample (taken at most a short while ago)."""
+
+    async def sample_usage(self, vm_id: str, *, exact: bool = False) -> VmUsage:
+        """A usage sample taken now, which usage() then hands out (metering's hook); the
+        slower counters (disk) may be a little older unless `exact` (a final sample)."""
 
     def info(self, vm_id: str) -> dict[str, str]:
         """backend_info for GetVmInfo: pid, accelerator, console log path, ... (host details
@@ -295,3 +302,38 @@ class Billing(Protocol):
         self, vm_id: str, customer_id: str, last_sent_ns: int, resume_ns: int
     ) -> None: ...
     async def close(self) -> None: ...
+
+
+class UsageLog(Protocol):
+    """Metering's outbox (core/outbox.py) and each VM's metering state (core/counters.py),
+    in the database: records are stored before billing is told, so nothing metered is lost
+    when billing or metald goes down. One log per host (rows carry their node)."""
+
+    async def meters(self) -> dict[str, Meter]:
+        """Every VM's last metering state (to continue the counters after a restart)."""
+
+    async def record_tick(
+        self, meters: Sequence[Meter], notices: Sequence[Notice], backlog_max: int
+    ) -> int:
+        """In ONE transaction: store each meter's record (and the meter as the VM's state)
+        and the notices. While the backlog (entries not delivered) is at `backlog_max` or
+        more, a VM's record replaces its newest undelivered record instead of adding one,
+        when that is a sample (cumulative counters lose resolution, never usage). Returns
+        how many records replaced one."""
+
+    async def add_notices(self, notices: Sequence[Notice]) -> None: ...
+
+    async def pending(self, per_vm: int) -> dict[str, list[Entry]]:
+        """The oldest `per_vm` undelivered entries of every VM that has any, in seq order."""
+
+    async def delivered(self, entries: Sequence[Entry], at: float) -> None:
+        """The entries reached billing (or were refused by it: they are never retried)."""
+
+    async def backlog(self) -> int:
+        """How many entries are stored and not delivered."""
+
+    async def prune(self, before: float) -> int:
+        """Drop entries delivered before `before` (Unix seconds); how many went."""
+
+    async def forget(self, vm_id: str) -> None:
+        """Drop the VM's metering state (it was deleted); its entries stay until delivered."""

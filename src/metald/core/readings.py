@@ -8,8 +8,9 @@ from /proc and its VMM, its traffic counters from netlink) is taken at most once
 `max_age` old. Callers that arrive while a reading is under way wait for that one instead
 of starting their own, so a burst of calls costs one reading.
 
-`refresh()` takes a new reading now: that is where a periodic collector (issue 9's
-metering, every 100 ms) hooks in, and the readers then get its readings for free.
+`refresh()` takes a new reading now, and `offer()` keeps one the caller took: that is
+where a periodic collector (issue 9's metering, every 100 ms) hooks in, and the readers
+then get its readings for free.
 
 A reading that fails is not kept: each waiter gets the error, and the next call tries
 again. The reading runs in a task of its own, so a waiter that is cancelled cancels only
@@ -62,6 +63,11 @@ class Reading(Generic[V]):
             self._pending = task
             task.add_done_callback(lambda done: self._finished(done, started))
         return await asyncio.shield(task)
+
+    def offer(self, value: V) -> None:
+        """A reading taken by the caller now, kept as the latest (a periodic collector
+        that reads anyway: readers then get its readings, without a task per reading)."""
+        self._latest = (value, self._clock())
 
     def forget(self) -> None:
         """Drop the latest reading, and the one under way once it ends (its waiters still

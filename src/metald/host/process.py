@@ -91,15 +91,14 @@ def is_alive(identity: Identified) -> bool:
 
 
 def read_rss_bytes(pid: int) -> int:
-    """Resident set size (VmRSS), 0 if unknown."""
+    """Resident set size (status's VmRSS: statm's second field, in pages; statm is read
+    in a fraction of status's time, and metering reads it ten times a second per VM), 0 if
+    unknown."""
     try:
-        with open(f"/proc/{pid}/status", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * PAGE_SIZE
     except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
-        pass
-    return 0
+        return 0
 
 
 def boot_time_ticks_now() -> float:
@@ -342,3 +341,90 @@ def spawn(
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
     raise OSError(errno.ESRCH, f"process {pid} vanished right after starting")
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """Every thread of the process by id, with its name (/proc/<pid>/task/*/comm; at most
+    15 bytes); empty if there is no such process."""
+    names: dict[int, str] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return names
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm", encoding="utf-8", errors="replace") as f:
+                names[int(tid)] = f.read().rstrip("\n")
+        except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError):
+            continue
+    return names
+
+
+def thread_cpu_ns(pid: int, tid: int) -> int | None:
+    """The thread's CPU time in nanoseconds (the first field of its schedstat: the
+    scheduler's own sum, exact, where stat's utime+stime are clock ticks of 10 ms), or
+    None if the thread is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+            return int(f.read().split(maxsplit=1)[0])
+    except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+        return None
+
+
+class ProcFiles:
+    """Files of one process under /proc kept open and re-read with pread: a sampler that
+    reads the same few files ten times a second pays the open and close once (they were
+    40% of a usage sample). A file of a process that has ended reads as None; so does one
+    of a pid the kernel gave to a new process (the open file is the old process's)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._fds: dict[str, int] = {}
+
+    def read(self, name: str) -> bytes | None:
+        """/proc/<pid>/<name> now (e.g. "stat", "task/<tid>/schedstat"), None if gone."""
+        fd = self._fds.get(name)
+        if fd is None:
+            try:
+                fd = os.open(f"/proc/{self.pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return None
+            self._fds[name] = fd
+        try:
+            data = os.pread(fd, 4096, 0)
+        except OSError:
+            data = b""
+        if not data:
+            self.forget(name)
+            return None
+        return data
+
+    def forget(self, name: str) -> None:
+        fd = self._fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        for name in list(self._fds):
+            self.forget(name)
+
+    def stat(self) -> ProcStat | None:
+        data = self.read("stat")
+        try:
+            return parse_stat(data.decode(errors="replace")) if data else None
+        except (ValueError, IndexError):
+            return None
+
+    def rss_bytes(self) -> int:
+        data = self.read("statm")
+        try:
+            return int(data.split()[1]) * PAGE_SIZE if data else 0
+        except (ValueError, IndexError):
+            return 0
+
+    def thread_cpu_ns(self, tid: int) -> int | None:
+        data = self.read(f"task/{tid}/schedstat")
+        try:
+            return int(data.split(maxsplit=1)[0]) if data else None
+        except (ValueError, IndexError):
+            return None

@@ -47,6 +47,11 @@ class VmRegistry:
         vm = self._vms.get(vm_id)
         return replace(vm) if vm is not None else None
 
+    def records(self) -> list[VmRecord]:
+        """The live records themselves, not copies: for a reader that only reads (the
+        metering collector lists them ten times a second). Never change one."""
+        return list(self._vms.values())
+
     def snapshot(self) -> dict[str, VmRecord]:
         """Every live VM's record, copied (tests compare it with the store)."""
         return {vm_id: replace(vm) for vm_id, vm in self._vms.items()}

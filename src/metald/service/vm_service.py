@@ -64,6 +64,7 @@ from metald.core.validation import (
 )
 from metald.service.admission import Admission
 from metald.service.locks import VmLocks
+from metald.service.metering import Collector
 from metald.service.registry import VmRegistry
 
 log = logging.getLogger(__name__)
@@ -94,13 +95,16 @@ class VmService:
         clock: Callable[[], float] = time.time,
         host_details: bool = False,
         telemetry: VmTelemetry | None = None,
+        metering: Collector | None = None,
     ) -> None:
         """`backends`: every VMM backend this host can run, by name (a VM row records its
         backend, so VMs of each are adopted after a restart); new VMs use `default_backend`
         (the only one when there is one). `host_details`: GetVmInfo shows the backend's
         host details (pid, paths, versions) to tenants too: development and tests only.
         `telemetry`: told of creates (their steps, core/timing.py), boots, adoptions,
-        unasked VMM exits and quota refusals (the adapter publishes them on /metrics)."""
+        unasked VMM exits and quota refusals (the adapter publishes them on /metrics).
+        `metering`: told of boots, shutdowns and deletes (service/metering.py), when
+        billing is on."""
         if not backends:
             raise ValueError("at least one backend")
         default_backend = default_backend or next(iter(backends))
@@ -120,6 +124,7 @@ class VmService:
         # The live VMs, read by GetVmInfo and ownership checks (service/registry.py).
         self.registry = VmRegistry()
         self._telemetry: VmTelemetry = telemetry or NoTelemetry()
+        self._metering = metering
 
     # -- life of the service -------------------------------------------------------------
 
@@ -160,8 +165,11 @@ class VmService:
         self._telemetry.adoption(vm.backend, live is not None)
         if live is None:
             reason = "vmm process was gone when metald started"
+            metered = vm.state in (VmState.RUNNING, VmState.PAUSED)
             await self._save(vm, state=VmState.SHUTDOWN, process=None, exit_reason=reason)
             log.info("vm %s: %s", vm.id, reason)
+            if metered:
+                await self._meter("stopped", vm)  # when it stopped is not known: now
         elif live != vm.state:
             await self._save(vm, state=live)
 
@@ -190,6 +198,7 @@ class VmService:
             await self._save(vm, state=VmState.SHUTDOWN, process=None, exit_reason=reason)
             self._telemetry.vmm_exited(vm.backend)
             log.info("vm %s stopped on its own: %s", vm_id, reason)
+            await self._meter("stopped", vm)
 
     # -- use cases -------------------------------------------------------------------------
 
@@ -280,6 +289,7 @@ class VmService:
                 async with self._admission.booting(vm):
                     with timing.step("vmm.boot"):
                         process = await self._backend_of(vm).boot(vm_id)
+                    await self._meter("started", vm)  # before a tick can see it running
                     saved = await self._save(vm, state=new_state, process=process, exit_reason=None)
             since_create = max(0.0, saved.updated_at - vm.created_at) if first else None
             self._telemetry.booted(vm.backend, time.perf_counter() - started, since_create)
@@ -314,11 +324,14 @@ class VmService:
         timeout = float(timeout_seconds) or self._default_shutdown_timeout
         async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.SHUTDOWN, vm.state)
+            await self._meter("final_sample", vm)  # ticks go on while it stops
             with timing.step("vmm.shutdown"):
                 how = await self._backend_of(vm).shutdown(vm_id, timeout=timeout, force=force)
-            return await self._save(
+            saved = await self._save(
                 vm, state=new_state, process=None, exit_reason=f"shutdown requested ({how})"
             )
+            await self._meter("stopped", vm)
+            return saved
 
     async def delete_vm(self, caller: str, vm_id: str, *, force: bool = False) -> None:
         async with self._owned_and_locked(caller, vm_id) as vm:
@@ -327,6 +340,9 @@ class VmService:
                 raise FailedPrecondition(
                     f"VM is {vm.state.value}: shut it down first or delete with force"
                 )
+            metered = vm.state in (VmState.RUNNING, VmState.PAUSED)
+            if metered:
+                await self._meter("final_sample", vm)
             with timing.step("vmm.destroy"):
                 await self._backend_of(vm).destroy(vm_id)
             with timing.step("network.teardown"):
@@ -334,6 +350,10 @@ class VmService:
             vm.deleted_at = self._clock()
             await self._save(vm, state=VmState.SHUTDOWN, process=None)
             await self._admission.release(vm_id)
+            if metered:
+                await self._meter("stopped", vm)
+            if self._metering is not None:
+                await self._metering.deleted(vm_id)
 
     async def get_vm(
         self, caller: str, vm_id: str
@@ -415,6 +435,16 @@ class VmService:
             return
         shown = " ".join(f"{k}={v}" for k, v in sorted(details.items()) if k != "exit_reason")
         log.info("vm %s of %s: %s", vm.id, vm.customer_id, shown)
+
+    async def _meter(self, hook: str, vm: VmRecord) -> None:
+        """Tell metering (started, final_sample, stopped); its failure never fails the call:
+        the records it has stored stand, and the log says what was missed."""
+        if self._metering is None:
+            return
+        try:
+            await getattr(self._metering, hook)(vm)
+        except Exception:
+            log.exception("vm %s: metering could not record %s", vm.id, hook)
 
     async def _owned(self, caller: str, vm_id: str) -> VmRecord:
         check_vm_id(vm_id)

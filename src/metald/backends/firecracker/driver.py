@@ -78,6 +78,8 @@ class FirecrackerDriver:
     guest_reboot_arg = "k"
     guest_on_shutdown = "reboot"
     supports_guest_agent = False
+    # Firecracker names each vCPU thread
+    vcpu_thread = r"^fc_vcpu \d+$"
 
     def __init__(
         self,

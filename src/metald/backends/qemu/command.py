@@ -64,7 +64,8 @@ def build_argv(
         check_nic(spec.nic)
     argv = [
         binary,
-        "-name", escape_option(spec.vm_id),
+        # debug-threads: threads named "CPU n/TCG" etc., the vCPUs metering bills
+        "-name", f"{escape_option(spec.vm_id)},debug-threads=on",
         "-M", "microvm,x-option-roms=off,rtc=off",
         "-device", "i8042",
         "-accel", accelerator,

@@ -50,6 +50,8 @@ class QemuDriver:
     guest_reboot_arg = "t"
     guest_on_shutdown = "poweroff"
     supports_guest_agent = True
+    # -name debug-threads=on names them; MTTCG and KVM: one per vCPU; round-robin TCG: one
+    vcpu_thread = r"^(CPU \d+|ALL CPUs)/(KVM|TCG)$"
 
     def __init__(
         self,

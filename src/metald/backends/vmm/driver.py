@@ -162,6 +162,9 @@ class VmmDriver(Protocol):
     guest_reboot_arg: str  # the guest kernel's reboot= ("t" for microvm, "k" for Firecracker)
     guest_on_shutdown: str  # what the guest's init does at the end: "poweroff" or "reboot"
     supports_guest_agent: bool  # a second serial port (QEMU only)
+    # A regex matching the names (/proc/<pid>/task/*/comm) of its vCPU threads, whose CPU
+    # time is what metering bills ("": none known, no vCPU time).
+    vcpu_thread: str
 
     async def probe(self) -> VmmHost:
         """Check the binary and the accelerator; BackendError saying what to install or set."""

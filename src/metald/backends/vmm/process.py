@@ -16,13 +16,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from metald.backends.vmm.driver import VmmControl
+from metald.backends.vmm.driver import IoStats, VmmControl
 from metald.backends.vmm.layout import VmLayout
 from metald.backends.vmm.records import ProcessRecord, save_process
 from metald.core.errors import BackendError
 from metald.core.models import ProcessIdentity, VmUsage
 from metald.core.readings import Reading
-from metald.host.process import ProcessWatch
+from metald.host.process import ProcessWatch, ProcFiles
 from metald.jailer.spec import JailSpec
 
 
@@ -52,6 +52,10 @@ class VmmProcess:
     exit_by_guest: bool = False
     exit_task: asyncio.Task[None] | None = None
     last_cpu_sample: tuple[int, float] | None = None
+    vcpu_tids: tuple[int, ...] | None = None  # its vCPU threads (usage.py), found on first use
+    last_io: tuple[IoStats, float] | None = None  # its last disk counters, when (monotonic)
+    io_refresh: asyncio.Task[None] | None = None  # a refresh of last_io under way (usage.py)
+    proc_files: ProcFiles | None = None  # its /proc files, kept open while watched (usage.py)
     usage: Reading[VmUsage] | None = None  # its latest usage (usage.py), made on first use
     info: dict[str, str] | None = None  # backend_info while it runs (fixed for its life)
 
@@ -88,7 +92,10 @@ class VmmProcess:
 
     async def disconnect(self) -> None:
         """Drop the control connection and the socket it was checked through (the control
-        object stays, for its exit_event)."""
+        object stays, for its exit_event), and its open /proc files."""
+        if self.proc_files is not None:
+            self.proc_files.close()
+            self.proc_files = None
         if self.control is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.control.close(), 2.0)

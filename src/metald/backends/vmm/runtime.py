@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,7 +58,15 @@ from metald.backends.vmm.messages import clean_message
 from metald.backends.vmm.process import VmmProcess, VmmTable
 from metald.backends.vmm.records import save_spec, sync_in_background
 from metald.backends.vmm.supervision import Supervisor
-from metald.backends.vmm.usage import USAGE_MAX_AGE_SECONDS, fresh_usage, latest_usage
+from metald.backends.vmm.usage import (
+    IO_MAX_AGE_SECONDS,
+    USAGE_MAX_AGE_SECONDS,
+    fresh_usage,
+    latest_usage,
+)
+from metald.backends.vmm.usage import (
+    sample_usage as sample_now,
+)
 from metald.core import timing
 from metald.core.errors import BackendError, InvalidArgument, ResourceExhausted
 from metald.core.models import ConsoleChunk, LaunchSpec, ProcessIdentity, VmUsage
@@ -86,6 +95,7 @@ class VmmRuntime:
         jail_ids: JailIds | None = None,
         log_caps: LogCaps | None = None,
         usage_max_age: float = USAGE_MAX_AGE_SECONDS,
+        io_max_age: float = IO_MAX_AGE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`jail`: launch every VMM through the jailer with these settings (needs root); None
@@ -95,9 +105,13 @@ class VmmRuntime:
         `jail_ids`: where each VM's own VMM uid is claimed (needed when `jail` has a uid
         range). `log_caps`: the console log's and stderr's caps (logcaps.py).
         `usage_max_age`: how old a usage sample usage() hands out may be (usage.py);
-        `clock` measures that age (monotonic seconds)."""
+        `clock` measures that age (monotonic seconds). `io_max_age`: how old the disk
+        counters of a sample may be (a VMM round trip each: usage.py)."""
         self._usage_max_age = usage_max_age
+        self._io_max_age = io_max_age
         self._clock = clock
+        pattern = getattr(driver, "vcpu_thread", "")
+        self._vcpu_thread = re.compile(pattern) if pattern else None
         self._ctx = VmmContext(
             driver,
             vm_root,
@@ -345,12 +359,24 @@ class VmmRuntime:
     async def usage(self, vm_id: str) -> VmUsage:
         """CPU time and share, RSS, disk counters, seconds since boot (usage.py), sampled
         at most `usage_max_age` seconds ago; zeros when no VMM process runs."""
-        return await latest_usage(self._vms.get(vm_id), self._usage_max_age, self._clock)
+        return await latest_usage(
+            self._vms.get(vm_id),
+            self._usage_max_age,
+            self._clock,
+            self._vcpu_thread,
+            self._io_max_age,
+        )
 
-    async def sample_usage(self, vm_id: str) -> VmUsage:
+    async def sample_usage(self, vm_id: str, *, exact: bool = False) -> VmUsage:
         """A usage sample taken now, which usage() then hands out: the hook for a
-        periodic collector (metering)."""
-        return await fresh_usage(self._vms.get(vm_id), self._usage_max_age, self._clock)
+        periodic collector (metering). Its disk counters are at most `io_max_age` old,
+        unless `exact` (a VM's final sample before it stops): then all are read now."""
+        vm = self._vms.get(vm_id)
+        if exact:
+            return await sample_now(vm, self._vcpu_thread, 0.0)
+        return await fresh_usage(
+            vm, self._usage_max_age, self._clock, self._vcpu_thread, self._io_max_age
+        )
 
     def info(self, vm_id: str) -> dict[str, str]:
         """What a running VMM's info holds does not change while it runs (its paths, pid,

@@ -8,11 +8,10 @@ backend order: no table read, no sort, and deleted rows (they accumulate: ids ar
 reused) are not even visited (tests/unit/test_sqlite_store.py checks the plan). It extends
 the index it replaces, so the lookups by state that used that one still can.
 
-Numbered 0007 and following 0005 on the `metrics` branch: issue 9's metering migration is
-0006 (vm_metrics), and at the merge this one's down_revision becomes that one's revision.
+Follows issue 9's metering migration, 0006 (vm_metrics).
 
 Revision ID: 0007_vms_state_backend
-Revises: 0005_vm_pages
+Revises: 0006_vm_metrics
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from __future__ import annotations
 from alembic import op
 
 revision = "0007_vms_state_backend"
-down_revision = "0005_vm_pages"
+down_revision = "0006_vm_metrics"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,38 @@
+"""host/process.py's ProcFiles: /proc files kept open and re-read (metering's sampler)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from metald.host.process import ProcFiles, read_stat, thread_cpu_ns, thread_names
+
+
+def test_reads_are_fresh_each_time_and_match_the_path_readers() -> None:
+    files = ProcFiles(os.getpid())
+    try:
+        first = files.thread_cpu_ns(os.getpid())
+        sum(i * i for i in range(300_000))  # burn a little CPU on this thread
+        second = files.thread_cpu_ns(os.getpid())
+        assert first is not None and second is not None and second > first
+        assert (stat := files.stat()) is not None
+        assert stat.start_time == read_stat(os.getpid()).start_time  # type: ignore[union-attr]
+        assert files.rss_bytes() > 0
+        assert thread_cpu_ns(os.getpid(), os.getpid()) is not None
+        assert os.getpid() in thread_names(os.getpid())
+    finally:
+        files.close()
+
+
+def test_a_process_that_ended_reads_as_gone() -> None:
+    child = subprocess.Popen(["sleep", "30"])
+    files = ProcFiles(child.pid)
+    try:
+        assert files.stat() is not None and files.thread_cpu_ns(child.pid) is not None
+        child.kill()
+        child.wait()
+        assert files.stat() is None
+        assert files.thread_cpu_ns(child.pid) is None
+        assert files.rss_bytes() == 0
+    finally:
+        files.close()
