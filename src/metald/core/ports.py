@@ -327,7 +327,10 @@ class UsageLog(Protocol):
         """The oldest `per_vm` undelivered entries of every VM that has any, in seq order."""
 
     async def delivered(self, entries: Sequence[Entry], at: float) -> None:
-        """The entries reached billing (or were refused by it: they are never retried)."""
+        """The entries reached billing (or were refused by it: they are never retried).
+        A VM's entries given are its oldest undelivered ones, in order (delivery sends each
+        VM's in order and stops at a failure): every undelivered entry of the VM up to the
+        last one given is marked."""
 
     async def backlog(self) -> int:
         """How many entries are stored and not delivered."""

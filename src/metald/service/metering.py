@@ -10,10 +10,11 @@ core/outbox.py): delivery to billing (service/delivery.py) reads from there.
 Sampling one VM does not hold up the others: a sample reads /proc and counters kept from
 the last reads of the slow sources, whose refreshes run in the background (the runtime's
 disk counters, a VM's network counters here), so a slow VMM or netlink only makes those
-counters older; a sample that still waits is given up after `sample_timeout`. One that
-fails or times out skips that VM's tick (counted in MeteringStats.sample_errors_total) and
+counters older; a sample that still waits is given up after `sample_timeout` (one timer
+runs over the tick's samples, not one per VM: bench/metering.py). One that fails or times
+out skips that VM's tick (counted in MeteringStats.sample_errors_total) and
 the VM's counters carry on at its next sample. A final sample (`exact`) reads everything
-now.
+now, under a timeout of its own.
 
 One lock orders everything that advances a VM's counters or adds to the outbox (ticks, a
 final sample before a shutdown, notices): a VM's entries are stored in the order they
@@ -139,7 +140,7 @@ class Collector:
             # refreshed below, in tasks of their own), so a task per VM (tens of us each,
             # the tick's largest cost: bench/metering.py) buys nothing; a sample that does
             # wait is given up at the timeout.
-            readings = [await self._read(vm) for vm in vms]
+            readings = await self._read_all(vms)
             meters = [
                 advance(self._meters.get(vm.id), raw, vm.id, vm.customer_id, at)
                 for vm, (raw, at) in zip(vms, readings, strict=True)
@@ -147,10 +148,40 @@ class Collector:
             ]
             await self._store(meters)
 
+    async def _read_all(self, vms: list[VmRecord]) -> list[tuple[RawUsage | None, int]]:
+        """Each VM's reading, one after another under one timer: a tick's sample waits on
+        nothing slow (disk and network counters are refreshed in the background), so a
+        timer per VM (armed and cancelled: a quarter of a sample's cost) buys nothing. A
+        sample that still hangs is given up when the timer fires and the VMs after it are
+        read under a new one."""
+        readings: list[tuple[RawUsage | None, int]] = []
+        while len(readings) < len(vms):
+            try:
+                async with asyncio.timeout(self.settings.sample_timeout):
+                    for vm in vms[len(readings) :]:
+                        readings.append(await self._read_one(vm, exact=False))
+            except TimeoutError:
+                vm = vms[len(readings)]
+                log.debug("vm %s: usage sample timed out", vm.id)
+                self.stats.samples_total += 1
+                self.stats.sample_errors_total += 1
+                readings.append((None, self._wall_ns()))
+        return readings
+
     async def _read(self, vm: VmRecord, exact: bool = False) -> tuple[RawUsage | None, int]:
+        """One VM's reading, given up after the sample timeout."""
         try:
             async with asyncio.timeout(self.settings.sample_timeout):
-                raw = await self._raw(vm, exact)
+                return await self._read_one(vm, exact)
+        except TimeoutError:
+            self.stats.samples_total += 1
+            self.stats.sample_errors_total += 1
+            log.debug("vm %s: usage sample timed out", vm.id)
+            return None, self._wall_ns()
+
+    async def _read_one(self, vm: VmRecord, exact: bool) -> tuple[RawUsage | None, int]:
+        try:
+            raw = await self._raw(vm, exact)
         except Exception as exc:  # one VM's failure is that VM's tick only
             raw = None
             log.debug("vm %s: usage sample failed: %r", vm.id, exc)

@@ -107,7 +107,19 @@ _PENDING = (
     "SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY vm_id ORDER BY seq) AS rank "
     "FROM vm_metrics WHERE node = ? AND delivered_at IS NULL) WHERE rank <= ? ORDER BY seq"
 )
-_DELIVERED = "UPDATE vm_metrics SET delivered_at = ? WHERE seq = ? AND delivered_at IS NULL"
+_DELIVERED = (
+    "UPDATE vm_metrics SET delivered_at = ? WHERE node = ? AND vm_id = ? AND seq <= ? "
+    "AND delivered_at IS NULL"
+)
+
+
+def _last_seq_by_vm(entries: Sequence[Entry]) -> dict[str, int]:
+    """Each VM's last delivered seq (delivery's entries of a VM are its oldest: a prefix)."""
+    last: dict[str, int] = {}
+    for e in entries:
+        if e.seq > last.get(e.vm_id, -1):
+            last[e.vm_id] = e.seq
+    return last
 
 
 def _sqlite_path(database: Database) -> str | None:
@@ -185,7 +197,7 @@ class SqlUsageLog:
         self._metered: set[str] | None = None  # VMs with a vm_meters row
         self._backlog: int | None = None
         path = _sqlite_path(database)
-        # SQLite: each tick in one thread hop (store/tick_writer.py); else the engine.
+        # SQLite: each tick in one call on the loop (store/tick_writer.py); else the engine.
         self._writer = TickWriter(path) if path is not None else None
 
     async def meters(self) -> dict[str, Meter]:
@@ -343,22 +355,29 @@ class SqlUsageLog:
     async def delivered(self, entries: Sequence[Entry], at: float) -> None:
         if not entries:
             return
+        # One statement per VM, not per entry: every undelivered entry of the VM up to
+        # the last one given (they are its oldest), found by the outbox index.
+        last = _last_seq_by_vm(entries)
         if self._writer is not None:
-            (count,) = await self._writer.run([(_DELIVERED, [(at, e.seq) for e in entries])])
-            if self._backlog is not None:
-                self._backlog = max(0, self._backlog - count)
-            return
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
-                update(vm_metrics)
-                .where(
-                    vm_metrics.c.seq.in_([e.seq for e in entries]),
-                    vm_metrics.c.delivered_at.is_(None),
-                )
-                .values(delivered_at=at)
-            )
+            marks = [(at, self._node, vm_id, seq) for vm_id, seq in last.items()]
+            (count,) = await self._writer.run([(_DELIVERED, marks)])
+        else:
+            count = 0
+            async with self._engine.begin() as conn:
+                for vm_id, seq in last.items():
+                    result = await conn.execute(
+                        update(vm_metrics)
+                        .where(
+                            vm_metrics.c.node == self._node,
+                            vm_metrics.c.vm_id == vm_id,
+                            vm_metrics.c.seq <= seq,
+                            vm_metrics.c.delivered_at.is_(None),
+                        )
+                        .values(delivered_at=at)
+                    )
+                    count += int(result.rowcount)
         if self._backlog is not None:
-            self._backlog = max(0, self._backlog - int(result.rowcount))
+            self._backlog = max(0, self._backlog - count)
 
     async def backlog(self) -> int:
         if self._backlog is None:

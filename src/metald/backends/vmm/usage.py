@@ -30,7 +30,7 @@ from metald.backends.vmm.process import VmmProcess
 from metald.core.errors import BackendError
 from metald.core.models import VmUsage
 from metald.core.readings import Reading
-from metald.host.process import ProcFiles, process_age_seconds, thread_names
+from metald.host.process import PAGE_SIZE, ProcFiles, process_age_seconds, thread_names
 
 log = logging.getLogger(__name__)
 
@@ -117,17 +117,17 @@ def vcpu_time_ns(vm: VmmProcess, vcpu_thread: re.Pattern[str] | None) -> int:
 async def io_stats(vm: VmmProcess, max_age: float) -> IoStats | None:
     """The driver's disk counters, at most `max_age` seconds old (0: asked now). A VMM
     round trip costs more than the rest of a sample together (bench/metering.py), so it is
-    made at most every `max_age`, and in the background: a sample never waits on the VMM
-    once it has counters (the first one does). A failed ask keeps the last counters (zeros
-    would look like counters that restarted)."""
-    now = time.monotonic()
+    made at most every `max_age`, and in the background: a sample with `max_age` never
+    waits on the VMM (the first has no counters yet: None, read as zeros, which the next
+    sample's real counters follow as growth; core/counters.py). A failed ask keeps the
+    last counters (zeros would look like counters that restarted)."""
     last = vm.last_io
-    if last is not None and now - last[1] < max_age:
-        return last[0]
-    if last is not None and max_age > 0:
+    if max_age > 0:
+        if last is not None and time.monotonic() - last[1] < max_age:
+            return last[0]
         if vm.io_refresh is None or vm.io_refresh.done():
             vm.io_refresh = asyncio.ensure_future(_refresh_io(vm))
-        return last[0]
+        return last[0] if last is not None else None
     await _refresh_io(vm)
     return vm.last_io[0] if vm.last_io is not None else None
 
@@ -174,7 +174,7 @@ async def sample_usage(
     return VmUsage(
         cpu_time_ns=cpu_ns,
         cpu_usage_percent=max(0.0, percent),
-        memory_bytes=files.rss_bytes(),
+        memory_bytes=stat.rss_pages * PAGE_SIZE,  # (stat has it: no statm read)
         disk_read_bytes=io.disk_read_bytes if io else 0,
         disk_write_bytes=io.disk_write_bytes if io else 0,
         disk_read_ops=io.disk_read_ops if io else 0,
