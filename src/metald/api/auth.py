@@ -13,12 +13,15 @@ from contextvars import ContextVar
 from pathlib import Path
 
 from metald.core.errors import Unauthenticated
+from metald.core.identity import Caller
 from metald.core.validation import CUSTOMER_ID
 
 DEV_PREFIX = "dev_customer_"
 
 # The authenticated customer of the RPC being served (set by the auth interceptor).
 current_customer: ContextVar[str] = ContextVar("current_customer")
+# The authenticated caller of the RPC being served (core/identity.py; the auth interceptor).
+current_caller: ContextVar[Caller] = ContextVar("current_caller")
 
 
 class TokenRefused(Unauthenticated):

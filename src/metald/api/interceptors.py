@@ -32,9 +32,9 @@ from connectrpc.interceptor import Interceptor
 from connectrpc.request import RequestContext
 
 from metald.api import security
-from metald.api.auth import TokenAuthenticator, TokenRefused, current_customer
+from metald.api.auth import TokenAuthenticator, TokenRefused, current_caller, current_customer
 from metald.api.errors import to_connect_error
-from metald.core import callcontext, tracing
+from metald.core import callcontext, identity, tracing
 from metald.core.errors import NotYours, PermissionDenied, Unauthenticated
 from metald.core.ids import is_vm_id
 from metald.core.telemetry import ApiTelemetry
@@ -112,7 +112,9 @@ class AuthInterceptor:
         self._auth = authenticator
         self._metrics = metrics
 
-    async def on_start(self, ctx: RequestContext[Any, Any]) -> tuple[Token[str], CallFields]:
+    async def on_start(
+        self, ctx: RequestContext[Any, Any]
+    ) -> tuple[Token[str], Token[identity.Caller], CallFields]:
         try:
             customer = self._auth.customer_for(ctx.request_headers.get("authorization"))
         except Exception as exc:
@@ -122,16 +124,28 @@ class AuthInterceptor:
                 security.refused(security.UNAUTHENTICATED, ctx, exc.message)
             raise to_connect_error(exc) from None
         # Set in the request's own task: the handler, awaited by the same task, sees it.
-        return current_customer.set(customer), callcontext.bind(customer_id=customer)
+        caller = identity.Caller(
+            actor=f"token:{customer}",
+            role=identity.Role.CUSTOMER,
+            customer_id=customer,
+            source=ctx.client_address,
+            tenant_header=ctx.request_headers.get("x-tenant-id"),
+        )
+        return (
+            current_customer.set(customer),
+            current_caller.set(caller),
+            callcontext.bind(customer_id=customer),
+        )
 
     async def on_end(
         self,
-        tokens: tuple[Token[str], CallFields],
+        tokens: tuple[Token[str], Token[identity.Caller], CallFields],
         ctx: RequestContext[Any, Any],
         error: Exception | None,
         /,
     ) -> None:
-        callcontext.reset(tokens[1])
+        callcontext.reset(tokens[2])
+        current_caller.reset(tokens[1])
         current_customer.reset(tokens[0])
 
 
