@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from metald.core.audit import AuditEvent
 from metald.core.counters import Meter
 from metald.core.metering import UsageRecord
 from metald.core.models import (
@@ -340,3 +341,10 @@ class UsageLog(Protocol):
 
     async def forget(self, vm_id: str) -> None:
         """Drop the VM's metering state (it was deleted); its entries stay until delivered."""
+
+
+class Audit(Protocol):
+    """The append-only audit log (core/audit.py)."""
+
+    async def record(self, event: AuditEvent) -> None:
+        """Append the event; it is kept before the call returns (see the adapter)."""
