@@ -31,7 +31,7 @@ test: deps guest buf
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/mypy bench
-	$(BIN)/pytest -q -ra tests
+	$(BIN)/pytest -q -ra --durations=30 tests
 
 # Benchmarks (bench/): prints tables, writes bench/results/*.json; see docs/performance.md.
 bench: deps guest bench-deps
