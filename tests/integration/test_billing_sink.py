@@ -110,8 +110,9 @@ async def test_success_false_is_rejected(client: ConnectBilling) -> None:
 
 
 async def test_a_call_without_a_customer_is_refused_by_the_sink(client: ConnectBilling) -> None:
-    """No customer, no X-Tenant-ID header: the sink says unauthenticated (not retryable)."""
-    with pytest.raises(BillingRejected, match="unauthenticated: tenant ID is required"):
+    """No customer, no X-Tenant-ID header: the sink says unauthenticated. Who-is-calling
+    refusals are a deployment fault, so the records are kept to retry (client.py)."""
+    with pytest.raises(BillingUnavailable, match="unauthenticated: tenant ID is required"):
         await client.vm_started("vm-1", "", T0)
 
 
@@ -199,8 +200,14 @@ def _http(status: str, body: bytes = b"", content_type: str = "text/plain") -> b
                   "application/json"),
             BillingRejected, "answered invalid_argument: bad vm",
         ),
-        (_http("401 Unauthorized"), BillingRejected, "answered unauthenticated"),
-        (_http("404 Not Found"), BillingRejected, "answered unimplemented"),
+        (_http("401 Unauthorized"), BillingUnavailable, "answered unauthenticated"),
+        (_http("403 Forbidden"), BillingUnavailable, "answered permission_denied"),
+        (_http("404 Not Found"), BillingUnavailable, "answered unimplemented"),
+        (
+            _http("409 Conflict", b'{"code":"already_exists","message":"dup"}',
+                  "application/json"),
+            BillingRejected, "answered already_exists: dup",
+        ),
     ],
 )  # fmt: skip
 async def test_failures_map_to_retry_or_give_up(

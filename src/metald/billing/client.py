@@ -12,10 +12,14 @@ point of this module:
   `deadline_exceeded`, and every server-side failure (`internal`, `unknown` -- a bare 500 --,
   `aborted`, `resource_exhausted`, `data_loss`, `canceled`): the records may not have been
   stored, and a retry is harmless because the service bills deltas of cumulative counters
-  (a record sent twice changes nothing).
+  (a record sent twice changes nothing). Also a refusal of who is calling or of where:
+  `unauthenticated`, `permission_denied`, `unimplemented` (a 404: a wrong path or a proxy in
+  the way), `not_found`. Those are a deployment fault an operator fixes (credentials, the
+  endpoint), not a fault of the records: dropping them would lose usage for good, so they
+  wait in the bounded backlog like any outage, and the delivery's warning says why.
 - BillingRejected (retrying the same call will not help): the service answered
-  success=false, or refused the call itself (`unauthenticated`, `invalid_argument`,
-  `permission_denied`, `unimplemented`, ...).
+  success=false, or refused what was sent (`invalid_argument`, `failed_precondition`,
+  `already_exists`, `out_of_range`).
 """
 
 from __future__ import annotations
@@ -46,6 +50,11 @@ RETRYABLE = frozenset(
         Code.RESOURCE_EXHAUSTED,
         Code.DATA_LOSS,
         Code.CANCELED,
+        # who or where: a deployment fault, not the records' (module docstring)
+        Code.UNAUTHENTICATED,
+        Code.PERMISSION_DENIED,
+        Code.UNIMPLEMENTED,
+        Code.NOT_FOUND,
     }
 )
 _MAX_DETAIL = 200
