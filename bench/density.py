@@ -20,25 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from metald.client import MetaldClient
+from metald.host.process import child_pids
 
 from .daemon import TOKEN, BenchDaemon, rss_bytes
 from .harness import Report, arguments
 
 MIB = 1024 * 1024
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            text = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
-            found.append(int(entry.name))
-    return found
 
 
 def cmdline(pid: int) -> list[str]:
@@ -80,7 +67,7 @@ def main() -> None:
                 made += new
                 time.sleep(1.0)
                 rss = sampled_rss(daemon.pid)
-                kids = children(daemon.pid)
+                kids = child_pids(daemon.pid)
                 vmms = [p for p in kids if cmdline(p)[0].endswith(("qemu-system-x86_64",))]
                 spares = [
                     p for p in kids if "--wait" in cmdline(p) and "metald.jailer" in cmdline(p)

@@ -32,6 +32,7 @@ from google.protobuf.message import Message
 from pyroute2 import netns
 
 from metald.gen.vmprovisioner.v1 import vm_pb2 as pb
+from metald.host.process import child_pids, read_stat
 
 ROOT = Path(__file__).resolve().parents[2]
 METALD = ROOT / ".venv" / "bin" / "metald"
@@ -169,37 +170,26 @@ def qemu_processes(
 
 def reap_zombie_children() -> None:
     """Reap exited VMMs that were re-parented to us; leave every other child alone."""
-    me = os.getpid()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = (entry / "status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
-        if (
-            fields.get("PPid", "").strip() == str(me)
-            and fields.get("State", "").startswith("Z")
-            and fields.get("Name", "").startswith("qemu-system")
-        ):
-            reap(int(entry.name))
+    for pid in child_pids(os.getpid()):
+        stat = read_stat(pid)
+        if stat is not None and stat.state.startswith("Z") and _comm(pid).startswith("qemu-system"):
+            reap(pid)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def spare_helpers_of(pid: int) -> list[int]:
     """The spare jailer helpers (`python -I -m metald.jailer --wait`) daemon `pid` keeps."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            text = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parent = int(text[text.rindex(")") + 2 :].split()[1])
-        line = cmdline(int(entry.name))
-        if parent == pid and "metald.jailer" in line and "--wait" in line:
-            found.append(int(entry.name))
+    for child in child_pids(pid):
+        line = cmdline(child)
+        if "metald.jailer" in line and "--wait" in line:
+            found.append(child)
     return found
 
 

@@ -33,7 +33,7 @@ from metald.backends.qemu.host_paths import qemu_host_paths
 from metald.core.errors import BackendError
 from metald.host.cpu import host_tsc_khz
 from metald.host.mounts import mounts_under
-from metald.host.process import ProcessWatch, identity_of
+from metald.host.process import ProcessWatch, child_pids, identity_of
 from metald.jailer import (
     STEPS,
     CgroupSpec,
@@ -301,18 +301,16 @@ def our_children() -> list[str]:
 
 
 def _all_children() -> list[str]:
+    """This process's children, each as "pid pid (comm) state"."""
     found = []
-    me = os.getpid()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in child_pids(os.getpid()):
         try:
-            text = (entry / "stat").read_text()
+            text = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             continue
-        rest = text[text.rindex(")") + 2 :].split()
-        if int(rest[1]) == me:
-            found.append(f"{entry.name} {text[: text.rindex(')') + 1]} {rest[0]}")
+        found.append(
+            f"{pid} {text[: text.rindex(')') + 1].split(' ', 1)[1]} {text[text.rindex(')') + 2]}"
+        )
     return found
 
 

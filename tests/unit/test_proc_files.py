@@ -8,6 +8,7 @@ import subprocess
 from metald.host.process import (
     PAGE_SIZE,
     ProcFiles,
+    child_pids,
     read_rss_bytes,
     read_stat,
     thread_cpu_ns,
@@ -44,3 +45,18 @@ def test_a_process_that_ended_reads_as_gone() -> None:
         assert files.thread_cpu_ns(child.pid) is None
     finally:
         files.close()
+
+
+def test_child_pids_are_the_children_of_a_process_zombies_included() -> None:
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert child.pid in child_pids(os.getpid())
+        assert child.pid not in child_pids(child.pid)
+        assert read_stat(child.pid).ppid == os.getpid()  # type: ignore[union-attr]
+        child.kill()
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped: a zombie
+        assert child.pid in child_pids(os.getpid())
+    finally:
+        child.kill()
+        child.wait()
+    assert child.pid not in child_pids(os.getpid())
