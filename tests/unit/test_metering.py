@@ -18,7 +18,7 @@ from fakes.quotas import fake_admission
 
 from metald.app import instance_id
 from metald.core.errors import BackendError
-from metald.core.metering import MeteringStats
+from metald.core.metering import MeteringStats, vm_usage
 from metald.core.models import NetworkInterface, NetworkMode, VmConfig, VmUsage
 from metald.core.validation import Limits
 from metald.service.delivery import Delivery, DeliverySettings
@@ -119,15 +119,16 @@ async def test_a_vms_life_is_started_records_stopped_in_order(w: World) -> None:
     assert await w.delivery.flush()
     assert w.billing.of_vm("vm1") == ["vm_started", "send_batch", "vm_stopped"]
     records = w.billing.records("vm1")
-    assert [r.cpu_time_ns for r in records] == [100, 250, 400, 450]
-    assert [r.disk_write_bytes for r in records] == [10, 25, 40, 45]
+    # the baseline of zeros at BootVm first: the usage before the first tick is billed too
+    assert [r.cpu_time_ns for r in records] == [0, 100, 250, 400, 450]
+    assert [r.disk_write_bytes for r in records] == [0, 10, 25, 40, 45]
     assert all(r.customer_id == ALICE for r in records)
     times = [r.timestamp_ns for r in records]
-    assert times == sorted(times) and len(set(times)) == 4
+    assert times == sorted(times) and len(set(times)) == 5
     # a stopped VM is not sampled
     await w.collector.tick()
     assert await w.delivery.flush()
-    assert len(w.billing.records("vm1")) == 4
+    assert len(w.billing.records("vm1")) == 5
 
 
 async def test_counters_keep_growing_across_a_new_vmm_after_a_shutdown(w: World) -> None:
@@ -143,6 +144,27 @@ async def test_counters_keep_growing_across_a_new_vmm_after_a_shutdown(w: World)
     assert cpu[-1] == 1300 and cpu == sorted(cpu)
     assert w.billing.records("vm1")[-1].disk_read_bytes == 550
     assert w.billing.of_vm("vm1").count("vm_started") == 2
+
+
+async def test_what_a_vm_used_before_its_first_tick_is_billed(w: World) -> None:
+    """Billing takes a VM's first record as its baseline and bills the deltas after it: the
+    baseline of zeros stored at BootVm makes the first tick's counters (the CPU and disk of
+    the VM's first interval) billed, not swallowed as the baseline."""
+    await running(w, "vm1")
+    w.usage("vm1", vcpu_time_ns=70, disk_read_bytes=4096, memory_bytes=64)
+    await w.collector.tick()
+    assert await w.delivery.flush()
+    billed = vm_usage("vm1", ALICE, w.billing.records("vm1"))
+    assert (billed.cpu_time_ns, billed.disk_read_bytes) == (70, 4096)
+    # a second boot of the same VM continues its counters: no second baseline
+    await w.service.shutdown_vm(ALICE, "vm1")
+    await w.service.boot_vm(ALICE, "vm1")
+    w.usage("vm1", vcpu_time_ns=30, disk_read_bytes=0, memory_bytes=64)
+    await w.collector.tick()
+    assert await w.delivery.flush()
+    records = w.billing.records("vm1")
+    assert [r.cpu_time_ns for r in records].count(0) == 1
+    assert vm_usage("vm1", ALICE, records).cpu_time_ns == 100
 
 
 async def test_a_metald_restart_continues_the_counters_and_reports_a_possible_gap(
@@ -162,7 +184,7 @@ async def test_a_metald_restart_continues_the_counters_and_reports_a_possible_ga
     assert w.billing.of_vm("vm1") == ["vm_started", "send_batch", "possible_gap", "send_batch"]
     gap_from, resume = w.billing.calls[2].payload
     assert gap_from == last and resume > last
-    assert [r.cpu_time_ns for r in w.billing.records("vm1")] == [1000, 1800]
+    assert [r.cpu_time_ns for r in w.billing.records("vm1")] == [0, 1000, 1800]
 
 
 async def test_a_paused_vm_is_sampled_and_accrues_no_cpu(w: World) -> None:
@@ -172,7 +194,7 @@ async def test_a_paused_vm_is_sampled_and_accrues_no_cpu(w: World) -> None:
     await w.service.pause_vm(ALICE, "vm1")
     await w.collector.tick()  # the fake's vCPU counter did not move: nor does the bill
     assert await w.delivery.flush()
-    assert [r.cpu_time_ns for r in w.billing.records("vm1")] == [500, 500]
+    assert [r.cpu_time_ns for r in w.billing.records("vm1")] == [0, 500, 500]
     assert w.billing.records("vm1")[-1].memory_bytes == 64
 
 
@@ -184,7 +206,8 @@ async def test_a_failed_sample_skips_that_vms_tick_only(w: World) -> None:
     w.backend.faults.fail("sample_usage", BackendError("qmp went away"))
     await w.collector.tick()
     assert await w.delivery.flush()
-    assert len(w.billing.records("vm1")) + len(w.billing.records("vm2")) == 1
+    # each VM's baseline, and one tick's record (the other VM's sample failed)
+    assert len(w.billing.records("vm1")) + len(w.billing.records("vm2")) == 2 + 1
     assert w.collector.stats.sample_errors_total == 1
     assert w.collector.stats.samples_total == 2
 
@@ -204,8 +227,8 @@ async def test_a_sample_that_hangs_is_given_up_and_the_others_are_recorded(
     w.usage("quick", vcpu_time_ns=5)
     await w.collector.tick()
     assert await w.delivery.flush()
-    assert [r.cpu_time_ns for r in w.billing.records("quick")] == [5]
-    assert w.billing.records("slow") == []
+    assert [r.cpu_time_ns for r in w.billing.records("quick")] == [0, 5]
+    assert [r.cpu_time_ns for r in w.billing.records("slow")] == [0]  # its baseline only
     assert w.collector.stats.sample_errors_total == 1
 
 
@@ -214,13 +237,13 @@ async def test_a_full_backlog_is_bounded_counted_and_keeps_the_cumulative_usage(
 ) -> None:
     w = await make_world(database, backlog_max=5)
     w.billing.down = True
-    await running(w, "vm1")  # a started notice: 1 entry
+    await running(w, "vm1")  # a started notice and the baseline record: 2 entries
     for cpu in range(1, 21):
         w.usage("vm1", vcpu_time_ns=cpu * 10)
         await w.collector.tick()
         assert not await w.delivery.flush()
     assert w.collector.stats.backlog_records == 5
-    assert w.collector.stats.backlog_full_total == 16
+    assert w.collector.stats.backlog_full_total == 17
     assert "METERING BACKLOG FULL" in caplog.text
     w.billing.down = False
     assert await w.delivery.flush()
@@ -249,7 +272,8 @@ async def test_a_networked_vm_is_billed_its_interfaces_traffic(w: World) -> None
         await asyncio.sleep(0)  # (the fake answers at once)
     await w.collector.tick()  # has them
     assert await w.delivery.flush()
-    first, second = w.billing.records("vm1")
+    baseline, first, second = w.billing.records("vm1")
+    assert (baseline.network_rx_bytes, baseline.cpu_time_ns) == (0, 0)
     # the fake network's counters: 10 bytes received by the guest, 20 sent
     assert (first.network_rx_bytes, first.network_tx_bytes) == (0, 0)
     assert (second.network_rx_bytes, second.network_tx_bytes) == (10, 20)
@@ -268,8 +292,8 @@ async def test_a_network_read_that_hangs_holds_up_no_sample(w: World) -> None:
     await asyncio.sleep(0)  # the read runs in a task of its own: give it the loop once
     assert gate.entered.is_set()
     assert await w.delivery.flush()
-    assert [r.cpu_time_ns for r in w.billing.records("vm1")] == [1, 2, 3]
-    assert [r.cpu_time_ns for r in w.billing.records("vm2")] == [1, 2, 3]
+    assert [r.cpu_time_ns for r in w.billing.records("vm1")] == [0, 1, 2, 3]
+    assert [r.cpu_time_ns for r in w.billing.records("vm2")] == [0, 1, 2, 3]
     gate.release()
 
 

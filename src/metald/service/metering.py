@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from metald.core.counters import Meter, RawUsage, advance
-from metald.core.metering import MeteringStats
+from metald.core.metering import MeteringStats, UsageRecord
 from metald.core.models import VmRecord
 from metald.core.outbox import EntryKind, Notice
 from metald.core.ports import Backend, Network, UsageLog
@@ -271,11 +271,17 @@ class Collector:
     # -- hooks of the service ------------------------------------------------------------
 
     async def started(self, vm: VmRecord) -> None:
-        """The VM's vCPUs were started (BootVm)."""
+        """The VM's vCPUs were started (BootVm). A VM metered for the first time also gets a
+        baseline record of zeros at this instant: billing bills the deltas between a VM's
+        records and takes the first as the baseline, so without it what the VM used before
+        its first tick (up to an interval of CPU, the boot's first disk reads) would never
+        be billed. Its VMM identity is none, so the first reading counts from zero."""
         async with self._lock:
-            await self._store_notices(
-                [Notice(EntryKind.STARTED, vm.id, vm.customer_id, self._wall_ns())]
-            )
+            now = self._wall_ns()
+            await self._store_notices([Notice(EntryKind.STARTED, vm.id, vm.customer_id, now)])
+            if vm.id not in self._meters:
+                baseline = UsageRecord(vm_id=vm.id, customer_id=vm.customer_id, timestamp_ns=now)
+                await self._store([Meter(raw=RawUsage(vmm=""), record=baseline)])
 
     async def final_sample(self, vm: VmRecord) -> None:
         """One record now, before the VMM is stopped (ShutdownVm, DeleteVm). A failure is
