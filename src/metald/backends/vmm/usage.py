@@ -67,7 +67,7 @@ async def fresh_usage(
     the collector asks ten times a second per VM)."""
     if vm is None or not vm.alive:
         return VmUsage()
-    usage = await sample_usage(vm, vcpu_thread, io_max_age)
+    usage = await sample_usage(vm, vcpu_thread, io_max_age, wait_for_io=False)
     _reading(vm, max_age, clock, vcpu_thread, io_max_age).offer(usage)
     return usage
 
@@ -114,15 +114,17 @@ def vcpu_time_ns(vm: VmmProcess, vcpu_thread: re.Pattern[str] | None) -> int:
     return 0
 
 
-async def io_stats(vm: VmmProcess, max_age: float) -> IoStats | None:
+async def io_stats(vm: VmmProcess, max_age: float, wait_first: bool = True) -> IoStats | None:
     """The driver's disk counters, at most `max_age` seconds old (0: asked now). A VMM
     round trip costs more than the rest of a sample together (bench/metering.py), so it is
-    made at most every `max_age`, and in the background: a sample with `max_age` never
-    waits on the VMM (the first has no counters yet: None, read as zeros, which the next
-    sample's real counters follow as growth; core/counters.py). A failed ask keeps the
-    last counters (zeros would look like counters that restarted)."""
+    made at most every `max_age`, and in the background: a sample never waits on the VMM
+    once it has counters. The first one waits (GetVmInfo shows real counters at once)
+    unless not `wait_first` (the collector's ticks wait on nothing: their first sample has
+    none, read as zeros, which the next sample's real counters follow as growth;
+    core/counters.py). A failed ask keeps the last counters (zeros would look like
+    counters that restarted)."""
     last = vm.last_io
-    if max_age > 0:
+    if max_age > 0 and (last is not None or not wait_first):
         if last is not None and time.monotonic() - last[1] < max_age:
             return last[0]
         if vm.io_refresh is None or vm.io_refresh.done():
@@ -149,10 +151,12 @@ async def sample_usage(
     vm: VmmProcess | None,
     vcpu_thread: re.Pattern[str] | None = None,
     io_max_age: float = 0.0,
+    *,
+    wait_for_io: bool = True,
 ) -> VmUsage:
     """CPU time and share (100 = one host CPU; since the last sample, or since the
-    process started), RSS, disk counters from the driver (at most `io_max_age` old), seconds
-    since boot. Zeros when no VMM process runs."""
+    process started), RSS, disk counters from the driver (at most `io_max_age` old; see
+    io_stats for `wait_for_io`), seconds since boot. Zeros when no VMM process runs."""
     if vm is None or not vm.alive:
         return VmUsage()
     files = proc_files(vm)
@@ -169,7 +173,7 @@ async def sample_usage(
         age = process_age_seconds(vm.identity)
         percent = 100.0 * cpu_ns / (age * 1e9) if age > 0 else 0.0
     vm.last_cpu_sample = (cpu_ns, now)
-    io = await io_stats(vm, io_max_age)
+    io = await io_stats(vm, io_max_age, wait_for_io)
     uptime = int(time.time() - vm.booted_at) if vm.booted_at is not None else 0
     return VmUsage(
         cpu_time_ns=cpu_ns,
