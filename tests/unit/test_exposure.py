@@ -145,3 +145,34 @@ def test_a_body_read_whole_is_not_drained() -> None:
         return connection
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("http1", [True, False])
+def test_an_http1_answer_before_the_body_closes_its_connection_and_says_so(http1: bool) -> None:
+    """HTTP/1.1 cannot take the next request on a connection whose body was not read, so
+    hypercorn closes it: the answer must say `connection: close`, or a keep-alive client
+    sends its next request into the closing connection and loses it. HTTP/2 keeps its
+    connection (api/h2_fixes.py drops the stream's late frames)."""
+
+    async def run() -> list[Any]:
+        connection = FakeConnection(_part(b"x"), _part(b"", more=False))
+        guarded = GuardedRequest(connection.receive, connection.send, 60, http1=http1)
+        start = {"type": "http.response.start", "status": 401, "headers": [(b"a", b"b")]}
+        await guarded.send(start)
+        await asyncio.wait_for(connection.emptied.wait(), 30)
+        return list(connection.sent[0]["headers"])
+
+    headers = asyncio.run(run())
+    assert ((b"connection", b"close") in headers) is http1
+    assert (b"a", b"b") in headers
+
+
+def test_an_answer_after_the_whole_body_keeps_the_connection() -> None:
+    async def run() -> list[Any]:
+        connection = FakeConnection(_part(b"x", more=False))
+        guarded = GuardedRequest(connection.receive, connection.send, 60, http1=True)
+        await guarded.receive()
+        await guarded.send({"type": "http.response.start", "status": 200, "headers": []})
+        return list(connection.sent[0]["headers"])
+
+    assert (b"connection", b"close") not in asyncio.run(run())

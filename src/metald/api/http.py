@@ -57,7 +57,8 @@ class MetaldASGI:
                     return
         if scope["type"] == "http":
             # Every HTTP request, /health too: none of them may leave a body unread.
-            guarded = GuardedRequest(receive, send, self._body_timeout)
+            http1 = scope.get("http_version", "1.1") in ("1.0", "1.1")
+            guarded = GuardedRequest(receive, send, self._body_timeout, http1=http1)
             receive, send = guarded.receive, guarded.send
         path = scope.get("path", "")
         if scope["type"] == "http" and path in ("/health", "/metrics"):
@@ -89,14 +90,21 @@ class GuardedRequest:
     once an answer starts while the body is unread, a task reads the rest of the body and
     drops it, until the body ends or hypercorn reports the call closed (always, at the end
     of the answer or of the connection). On HTTP/2 what arrives after that is dropped by
-    api/h2_fixes.py; HTTP/1.1 closes the connection.
+    api/h2_fixes.py. HTTP/1.1 cannot take a next request on a connection whose request
+    body was not read to its end, so hypercorn closes it after such an answer: the answer
+    says so (`connection: close`), or a client that keeps connections alive sends its next
+    request into the closing connection and loses it ("server disconnected without a
+    response", one refused call in five in tests/unit/test_prometheus_metrics.py).
 
     metald's RPCs are unary: connectrpc reads a unary body to its end before the handler
     runs, so an answer that starts before the body ended never reads the rest of it.
     """
 
-    def __init__(self, receive: Receive, send: Send, seconds: float) -> None:
+    def __init__(
+        self, receive: Receive, send: Send, seconds: float, *, http1: bool = False
+    ) -> None:
         self._receive = receive
+        self._http1 = http1
         self._send = send
         self._seconds = seconds
         self._deadline = asyncio.get_running_loop().time() + seconds
@@ -132,6 +140,10 @@ class GuardedRequest:
             task = asyncio.create_task(self._drain())
             _DRAINS.add(task)
             task.add_done_callback(_DRAINS.discard)
+            if self._http1:
+                headers = list(message.get("headers", ()))
+                headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
         await self._send(message)
 
     def _note(self, message: dict[str, Any]) -> None:
