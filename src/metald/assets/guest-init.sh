@@ -153,11 +153,6 @@ if [ -n "$IP4$IP6" ]; then
     if [ -e "/sys/class/net/$IFACE" ]; then
         [ -e "/proc/sys/net/ipv6/conf/$IFACE/accept_dad" ] \
             && echo 0 > "/proc/sys/net/ipv6/conf/$IFACE/accept_dad"
-        # The addresses and routes are metald's: a router advertisement (QEMU's user network
-        # sends them) must not add a default route of its own first, which made the one
-        # below fail with "File exists" when it came before it (a race under load).
-        [ -e "/proc/sys/net/ipv6/conf/$IFACE/accept_ra" ] \
-            && echo 0 > "/proc/sys/net/ipv6/conf/$IFACE/accept_ra"
         ip link set "$IFACE" up || say ERROR "cannot bring $IFACE up"
         if [ -n "$IP4" ]; then
             ip addr add "$IP4" dev "$IFACE" || say ERROR "cannot add $IP4"
@@ -165,6 +160,10 @@ if [ -n "$IP4$IP6" ]; then
         fi
         if [ -n "$IP6" ]; then
             ip -6 addr add "$IP6" dev "$IFACE" || say ERROR "cannot add $IP6"
+            # replace, not add: a router advertisement (QEMU's user network sends them) may
+            # have put a default route in first, and add then failed with "File exists"
+            # (a race under load). The guest keeps taking RAs like any guest: the host's
+            # filters keep a guest's RAs from its neighbours (tests/integration/test_guest_net.py)
             [ -n "$GW6" ] && { ip -6 route replace default via "$GW6" dev "$IFACE" || say ERROR "cannot route via $GW6"; }
         fi
         say NET "$IFACE" "ip4=${IP4:--}" "ip6=${IP6:--}"
