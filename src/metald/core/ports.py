@@ -121,12 +121,13 @@ class Store(Protocol):
 
     async def list_for_customer(
         self,
-        customer_id: str,
+        customer_id: str | None,
         states: Sequence[VmState],
         limit: int,
         after: tuple[float, str] | None,
     ) -> tuple[list[VmSummary], int]:
-        """One page ordered by (created_at, id) after the cursor, and the total matching."""
+        """One page ordered by (created_at, id) after the cursor, and the total matching;
+        `customer_id` None: every customer's VMs (an operator's list)."""
 
     async def count_by_state_and_backend(self) -> dict[tuple[VmState, str], int]:
         """VMs not deleted, by (state, backend); pairs with none are left out."""
