@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import aiosqlite
+
 from sqlalchemy import Column, Float, Index, LargeBinary, String, Table, select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -34,6 +36,10 @@ api_keys = Table(
 )
 
 
+_COLUMNS = tuple(c.name for c in api_keys.columns)
+_BY_KEY_ID = f"SELECT {', '.join(_COLUMNS)} FROM api_keys WHERE key_id = ?"
+
+
 class SqlApiKeys:
     def __init__(self, database: Database) -> None:
         self._engine = database.engine
@@ -46,7 +52,14 @@ class SqlApiKeys:
             raise AlreadyExists(f"key id {key.key_id} exists") from None
 
     async def by_key_id(self, key_id: str) -> ApiKey | None:
+        """On every call with a key: on SQLite straight through aiosqlite with the one
+        prepared statement (SQLAlchemy's compile and result layers cost more than the
+        lookup itself: bench numbers in docs/architecture.md), else through SQLAlchemy."""
         async with self._engine.connect() as conn:
+            driver = (await conn.get_raw_connection()).driver_connection
+            if isinstance(driver, aiosqlite.Connection):
+                rows = list(await driver.execute_fetchall(_BY_KEY_ID, (key_id,)))
+                return _key(dict(zip(_COLUMNS, rows[0], strict=True))) if rows else None
             result = await conn.execute(select(api_keys).where(api_keys.c.key_id == key_id))
             row = result.first()
         return None if row is None else _key(row._mapping)
