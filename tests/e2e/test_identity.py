@@ -31,7 +31,16 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from ._support import METALD, MIB, CurlConnect, Daemon, Grpcio, client_env, wait_until
+from ._support import (
+    METALD,
+    MIB,
+    CurlConnect,
+    Daemon,
+    Grpcio,
+    client_env,
+    curl_raw,
+    wait_until,
+)
 
 ISSUER, AUDIENCE = "https://idp.test", "metald-e2e"
 SMALL = {"config": {"memory": {"size_bytes": 128 * MIB}}}
@@ -347,3 +356,41 @@ def test_a_jwks_url_is_fetched_and_its_rotation_followed(
         30,
         "the removed key refused",
     )
+
+
+# -- X-Tenant-ID --------------------------------------------------------------------------------
+
+
+def _json_lines(daemon: Daemon) -> list[dict[str, Any]]:
+    lines = daemon.log_path.read_text(errors="replace").splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def test_the_tenant_header_is_accepted_and_in_the_calls_log_lines(
+    metald_factory: Callable[..., Daemon], pepper: Path
+) -> None:
+    daemon = metald_factory(
+        UNKEY_METALD_LOG_FORMAT="json",
+        UNKEY_METALD_AUTH_API_KEYS="true",
+        UNKEY_METALD_AUTH_PEPPER_FILE=str(pepper),
+    )
+    key_id, token = new_key(daemon, "--customer", "acme")
+    headers = {"Content-Type": "application/json", "X-Tenant-ID": "tenant-42"}
+    url = f"{daemon.url}/vmprovisioner.v1.VmService/"
+    status, text = curl_raw(
+        url + "CreateVm",
+        json.dumps(SMALL).encode(),
+        {**headers, "Authorization": f"Bearer {token}"},
+    )
+    assert status == 200, text
+    vm_id = json.loads(text)["vmId"]
+    try:
+        status, _ = curl_raw(url + "ListVms", b"{}", {**headers, "Authorization": "Bearer nope"})
+        assert status == 401
+        lines = _json_lines(daemon)
+        mine = [e for e in lines if e.get("vm_id") == vm_id and e.get("tenant") == "tenant-42"]
+        assert mine and all(e.get("actor") == f"key:{key_id}" for e in mine), lines[-20:]
+        refused = [e for e in lines if e.get("event") == "security"]
+        assert refused and refused[-1].get("tenant") == "tenant-42"
+    finally:
+        CurlConnect(daemon.url, token).must("DeleteVm", {"vm_id": vm_id, "force": True})
