@@ -12,8 +12,8 @@ What is accepted, and why so little:
 - `iss` and `aud` must be the configured ones, `exp` is required, `exp`/`nbf`/`iat` are
   checked with a small leeway for clock skew;
 - the customer and the role come from configurable claims; a token without the role claim
-  is a customer's, one whose customer claim is missing or not a customer id is refused
-  unless its role is operator or admin (who may have no customer).
+  is a customer's; a customer's token whose customer claim is missing or not a customer
+  id is refused; an operator's or admin's then simply has no customer.
 
 Nothing here blocks the event loop: the URL is fetched with httpx's async client in a task
 of its own (and, on an unknown kid, awaited by that call only); the file is re-read when
@@ -261,10 +261,10 @@ class JwtTokens:
             raise TokenRefused("invalid", f"the token's {self._role_claim!r} is no role") from None
         customer = claims.get(self._customer_claim)
         if not (isinstance(customer, str) and CUSTOMER_ID.fullmatch(customer)):
-            if role is Role.CUSTOMER or customer is not None:
+            if role is Role.CUSTOMER:
                 raise TokenRefused(
                     "invalid", f"the token's {self._customer_claim!r} is no customer id"
                 )
-            customer = None
+            customer = None  # an operator or admin may have none (its `sub` a user's name)
         subject = str(claims["sub"])
         return Caller(actor=f"jwt:{self._issuer}#{subject}", role=role, customer_id=customer)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import aiosqlite
-
 from sqlalchemy import Column, Float, Index, LargeBinary, String, Table, select, update
 from sqlalchemy.exc import IntegrityError
 
