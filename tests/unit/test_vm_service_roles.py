@@ -18,6 +18,7 @@ from fakes import FakeAssets, FakeBackend, FakeNetwork, MemoryQuotas, MemoryStor
 from fakes.audit import MemoryAudit
 from fakes.quotas import fake_admission
 
+from metald.core import callcontext
 from metald.core.errors import InvalidArgument, NotFound, NotYours, PermissionDenied
 from metald.core.identity import Caller, Role, customer
 from metald.core.models import VmConfig
@@ -116,7 +117,9 @@ async def test_an_operators_actions_on_a_customers_vm_are_audited(
 ) -> None:
     svc, audit = world
     await svc.create_vm(ALICE, "a-1", VmConfig())
+    bound = callcontext.bind(trace_id="ab" * 16)  # as the API layer binds the caller's
     assert (await svc.boot_vm(OPS, "a-1")).state is VmState.RUNNING
+    callcontext.reset(bound)
     vm, _, _, _ = await svc.get_vm(OPS, "a-1")
     assert vm.customer_id == "alice"
     await svc.get_console(OPS, "a-1", 0, 0)
@@ -147,6 +150,7 @@ async def test_an_operators_actions_on_a_customers_vm_are_audited(
     first = audit.events[0]
     assert (first.source, first.tenant_header) == ("10.0.0.9:5000", "t-1")
     assert first.at_ns > 0
+    assert (first.trace_id, audit.events[1].trace_id) == ("ab" * 16, "")
 
 
 async def test_an_operator_creates_for_a_named_customer(

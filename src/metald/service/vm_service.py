@@ -33,7 +33,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from metald.core import callcontext, paging, timing
+from metald.core import callcontext, paging, timing, tracing
 from metald.core.audit import AuditEvent
 from metald.core.errors import (
     AlreadyExists,
@@ -90,6 +90,13 @@ _KEEP = _Keep()
 
 # The RPC each use case serves, as the audit log names it (core/audit.py's `method`).
 _RPC = "vmprovisioner.v1.VmService/"
+
+
+def _trace_id() -> str:
+    """The call's trace id: the span's when tracing is on, else the caller's traceparent's
+    (bound by the API layer), else ""."""
+    ids = tracing.current_ids()
+    return ids[0] if ids else callcontext.fields().get("trace_id", "")
 
 
 class _Audited:
@@ -525,7 +532,7 @@ class VmService:
                 vm_id=note.vm_id,
                 code=code,
                 source=caller.source,
-                trace_id=callcontext.fields().get("trace_id", ""),
+                trace_id=_trace_id(),
                 tenant_header=caller.tenant_header,
             )
             try:
