@@ -205,9 +205,6 @@ def test_a_customer_cannot_list_another_customer_and_an_operator_lists_all(
         made = ops.must("CreateVm", {**SMALL, "customer_id": "acme"}).body["vm_id"]
         assert {v["vm_id"] for v in acme.must("ListVms").body["vms"]} == {vm_a, made}
         ops.must("DeleteVm", {"vm_id": made, "force": True})
-        # The tenant header is accepted (and recorded in the log lines).
-        status = acme("ListVms")
-        assert status.ok
     finally:
         acme("DeleteVm", {"vm_id": vm_a, "force": True})
         globex("DeleteVm", {"vm_id": vm_g, "force": True})
