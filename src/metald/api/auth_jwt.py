@@ -168,7 +168,10 @@ class JwksUrl:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self._refresh)
-            await self._fetch()
+            try:
+                await self._fetch()
+            except Exception:  # never let the refresh task die: the keys would go stale
+                log.exception("JWKS %s: the refresh failed", self._url)
 
     async def _fetch(self) -> bool:
         self._last_try = self._clock()
