@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import logging
 import os
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from metald import __version__
+from metald import __version__, auth_setup
 from metald.api import server
 from metald.api.auth import TokenAuthenticator, is_loopback_only
 from metald.api.codecs import api_codecs
@@ -474,8 +475,15 @@ async def _running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
     backends: dict[str, Backend] = {}
     metering: MeteringLoops | None = None
     listener: MetricsListener | None = None
+    identity = contextlib.AsyncExitStack()  # issue 10, identity: the auth chain's life
     try:
         await database.migrate()
+        try:  # before anything starts: a bad credential setting stops start-up
+            authenticator = await identity.enter_async_context(
+                auth_setup.authenticator(settings, database)
+            )
+        except auth_setup.AuthSetupError as exc:
+            raise StartupError(str(exc)) from None
         bounds = settings.jailer_uid_bounds
         jail_ids = None if bounds is None else SqlJailIds(database, *bounds)
         backends = await start_backends(settings, store, jail_ids)
@@ -533,9 +541,6 @@ async def _running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
         await service.start()
         if metering is not None:
             await metering.start()
-        authenticator = TokenAuthenticator(
-            dev_tokens=settings.auth_dev_tokens, tokens_file=settings.auth_tokens_file
-        )
         connect_app = connect_application(
             VmHandlers(service), authenticator, metrics, settings.max_request_bytes
         )
@@ -562,6 +567,7 @@ async def _running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
         for each in backends.values():
             await each.close()
         await network.stop()
+        await identity.aclose()
         await database.close()
 
 

@@ -240,6 +240,23 @@ class Settings(BaseSettings):
     otel_prometheus_interface: str = "127.0.0.1"
     otel_prometheus_allow_remote: bool = False
 
+    # -- identity (issue 10, identity: api/auth.py, api/auth_jwt.py, auth_setup.py) ---------
+    # API keys in the store (`metald keys ...`): accepted when on. Their secrets are kept as
+    # HMAC-SHA256(pepper, secret); the pepper file (>= 16 bytes, kept outside the data dir's
+    # database) must be readable when keys are on, or start-up stops.
+    auth_api_keys: bool = False
+    auth_pepper_file: Path | None = None
+    # JWT bearer tokens: a JWKS file (re-read when it changes) or URL (fetched every
+    # _REFRESH_SECONDS); with either, ISSUER and AUDIENCE are required.
+    auth_jwks_file: Path | None = None
+    auth_jwks_url: str = ""
+    auth_jwks_refresh_seconds: float = Field(300.0, ge=1, le=86_400)
+    auth_jwt_issuer: str = ""
+    auth_jwt_audience: str = ""
+    auth_jwt_leeway_seconds: float = Field(30.0, ge=0, le=300)
+    auth_jwt_customer_claim: str = "sub"  # the customer id (operators and admins: optional)
+    auth_jwt_role_claim: str = "role"  # customer|operator|admin; missing: customer
+
     # -- metering and delivery to billing (issue 9: service/metering.py, delivery.py) --------
     # Every running VM sampled this often; one VM's sample is given up after the timeout.
     metering_interval_ms: int = Field(100, ge=10, le=60_000)

@@ -67,7 +67,7 @@ class MemoryStore:
 
     async def list_for_customer(
         self,
-        customer_id: str,
+        customer_id: str | None,
         states: Sequence[VmState],
         limit: int,
         after: tuple[float, str] | None,
@@ -77,7 +77,7 @@ class MemoryStore:
             (
                 r
                 for r in self.rows.values()
-                if r.customer_id == customer_id
+                if customer_id in (None, r.customer_id)
                 and r.deleted_at is None
                 and (not states or r.state in states)
             ),

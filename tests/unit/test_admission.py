@@ -19,6 +19,7 @@ from fakes.assets import ROOT
 from fakes.quotas import ROOMY_HOST, ROOMY_MAXIMA, FakeClaim, fake_admission
 
 from metald.core.errors import BackendError, InvalidArgument, MetaldError, ResourceExhausted
+from metald.core.identity import customer
 from metald.core.models import DiskConfig, NetworkInterface, RateLimit, VmConfig
 from metald.core.quotas import (
     Claim,
@@ -99,52 +100,54 @@ def assert_clean(w: World, vm_id: str) -> None:
 
 async def test_total_vms_counts_every_state_until_deleted() -> None:
     w = await world({R.VMS: 2})
-    await w.service.create_vm(ALICE, "a", small())
-    await w.service.create_vm(ALICE, "b", small())
-    await w.service.boot_vm(ALICE, "b")
-    await w.service.shutdown_vm(ALICE, "b")  # a shut-down VM still exists
-    err = await refused(w.service.create_vm(ALICE, "c", small()))
+    await w.service.create_vm(customer(ALICE), "a", small())
+    await w.service.create_vm(customer(ALICE), "b", small())
+    await w.service.boot_vm(customer(ALICE), "b")
+    await w.service.shutdown_vm(customer(ALICE), "b")  # a shut-down VM still exists
+    err = await refused(w.service.create_vm(customer(ALICE), "c", small()))
     assert (err.resource, err.limit, err.scope) == (R.VMS, 2, "customer")
     assert "quota vms is 2" in err.message
     assert_clean(w, "c")
-    await w.service.create_vm(BOB, "bob-1", small())  # another customer's own quota
-    await w.service.delete_vm(ALICE, "b")
+    await w.service.create_vm(customer(BOB), "bob-1", small())  # another customer's own quota
+    await w.service.delete_vm(customer(ALICE), "b")
     assert "b" not in w.quotas.claims
-    await w.service.create_vm(ALICE, "c", small())
+    await w.service.create_vm(customer(ALICE), "c", small())
 
 
 async def test_running_vms_counts_created_running_paused_not_shutdown() -> None:
     w = await world({R.RUNNING_VMS: 2})
-    await w.service.create_vm(ALICE, "a", small())  # CREATED: its VMM is alive
-    await w.service.create_vm(ALICE, "b", small())
-    await w.service.boot_vm(ALICE, "b")
-    await w.service.pause_vm(ALICE, "b")
-    err = await refused(w.service.create_vm(ALICE, "c", small()))
+    await w.service.create_vm(customer(ALICE), "a", small())  # CREATED: its VMM is alive
+    await w.service.create_vm(customer(ALICE), "b", small())
+    await w.service.boot_vm(customer(ALICE), "b")
+    await w.service.pause_vm(customer(ALICE), "b")
+    err = await refused(w.service.create_vm(customer(ALICE), "c", small()))
     assert (err.resource, err.limit) == (R.RUNNING_VMS, 2)
-    await w.service.boot_vm(ALICE, "a")  # CREATED -> RUNNING takes nothing new
-    await w.service.shutdown_vm(ALICE, "a")
-    await w.service.create_vm(ALICE, "c", small())  # a's VMM is gone: room for one
-    err = await refused(w.service.boot_vm(ALICE, "a"))  # a boot from SHUTDOWN needs one
+    await w.service.boot_vm(customer(ALICE), "a")  # CREATED -> RUNNING takes nothing new
+    await w.service.shutdown_vm(customer(ALICE), "a")
+    await w.service.create_vm(customer(ALICE), "c", small())  # a's VMM is gone: room for one
+    err = await refused(w.service.boot_vm(customer(ALICE), "a"))  # a boot from SHUTDOWN needs one
     assert (err.resource, err.limit) == (R.RUNNING_VMS, 2)
     assert w.store.rows["a"].state is S.SHUTDOWN and "a" not in w.backend.vmms
-    await w.service.delete_vm(ALICE, "c", force=True)
-    booted = await w.service.boot_vm(ALICE, "a")
+    await w.service.delete_vm(customer(ALICE), "c", force=True)
+    booted = await w.service.boot_vm(customer(ALICE), "a")
     assert booted.state is S.RUNNING
 
 
 async def test_vcpus_and_memory_sum_over_live_vms() -> None:
     w = await world({R.VCPUS: 4, R.MEMORY_BYTES: 1 * GIB})
-    await w.service.create_vm(ALICE, "a", small(vcpus=3, memory=512 * MIB))
-    err = await refused(w.service.create_vm(ALICE, "b", small(vcpus=2)))
+    await w.service.create_vm(customer(ALICE), "a", small(vcpus=3, memory=512 * MIB))
+    err = await refused(w.service.create_vm(customer(ALICE), "b", small(vcpus=2)))
     assert (err.resource, err.limit) == (R.VCPUS, 4)
     assert "3 in use, this VM needs 2 more" in err.message
-    err = await refused(w.service.create_vm(ALICE, "b", small(memory=640 * MIB)))
+    err = await refused(w.service.create_vm(customer(ALICE), "b", small(memory=640 * MIB)))
     assert (err.resource, err.limit) == (R.MEMORY_BYTES, GIB)
-    await w.service.create_vm(ALICE, "b", small(vcpus=1, memory=512 * MIB))  # exactly full
-    await w.service.boot_vm(ALICE, "a")
-    await w.service.shutdown_vm(ALICE, "a")
-    await w.service.create_vm(ALICE, "c", small(vcpus=3, memory=512 * MIB))
-    err = await refused(w.service.boot_vm(ALICE, "a"))
+    await w.service.create_vm(
+        customer(ALICE), "b", small(vcpus=1, memory=512 * MIB)
+    )  # exactly full
+    await w.service.boot_vm(customer(ALICE), "a")
+    await w.service.shutdown_vm(customer(ALICE), "a")
+    await w.service.create_vm(customer(ALICE), "c", small(vcpus=3, memory=512 * MIB))
+    err = await refused(w.service.boot_vm(customer(ALICE), "a"))
     assert err.resource is R.VCPUS
 
 
@@ -153,16 +156,16 @@ async def test_disk_bytes_count_writable_disks_only() -> None:
     w = await world({R.DISK_BYTES: 5 * GIB}, disk_sizes=sizes)
     shared = DiskConfig(id="ro", path="images/data.img", read_only=True)
     root = DiskConfig(id="root", path="images/root.ext4", is_root_device=True)
-    await w.service.create_vm(ALICE, "a", small(storage=(root, shared)))  # 3 GiB counted
-    err = await refused(w.service.create_vm(ALICE, "b", small(storage=(root,))))
+    await w.service.create_vm(customer(ALICE), "a", small(storage=(root, shared)))  # 3 GiB counted
+    err = await refused(w.service.create_vm(customer(ALICE), "b", small(storage=(root,))))
     assert (err.resource, err.limit) == (R.DISK_BYTES, 5 * GIB)
     assert_clean(w, "b")
     data = DiskConfig(id="data", path="images/data.img")
-    await w.service.create_vm(ALICE, "b", small(storage=(data, shared)))  # 2 GiB: full
-    await w.service.boot_vm(ALICE, "b")
-    await w.service.shutdown_vm(ALICE, "b")  # its disks stay: still counted
-    await refused(w.service.create_vm(ALICE, "c", small(storage=(data,))))
-    await w.service.create_vm(ALICE, "c", small())  # no disks: no disk bytes
+    await w.service.create_vm(customer(ALICE), "b", small(storage=(data, shared)))  # 2 GiB: full
+    await w.service.boot_vm(customer(ALICE), "b")
+    await w.service.shutdown_vm(customer(ALICE), "b")  # its disks stay: still counted
+    await refused(w.service.create_vm(customer(ALICE), "c", small(storage=(data,))))
+    await w.service.create_vm(customer(ALICE), "c", small())  # no disks: no disk bytes
 
 
 async def test_an_override_beats_the_default_and_none_is_unlimited() -> None:
@@ -170,8 +173,8 @@ async def test_an_override_beats_the_default_and_none_is_unlimited() -> None:
     await w.quotas.set_override(ALICE, R.VMS, None)
     await w.quotas.set_override(BOB, R.VMS, 0)
     for i in range(3):
-        await w.service.create_vm(ALICE, f"a-{i}", small())
-    err = await refused(w.service.create_vm(BOB, "b-0", small()))
+        await w.service.create_vm(customer(ALICE), f"a-{i}", small())
+    err = await refused(w.service.create_vm(customer(BOB), "b-0", small()))
     assert (err.resource, err.limit) == (R.VMS, 0)
 
 
@@ -180,17 +183,17 @@ async def test_an_override_beats_the_default_and_none_is_unlimited() -> None:
 
 async def test_the_host_ceiling_counts_every_customers_live_vms() -> None:
     w = await world(host=HostCeiling(memory_bytes=1 * GIB, vcpus=3))
-    await w.service.create_vm(ALICE, "a", small(vcpus=2, memory=512 * MIB))
-    err = await refused(w.service.create_vm(BOB, "b", small(vcpus=2)))
+    await w.service.create_vm(customer(ALICE), "a", small(vcpus=2, memory=512 * MIB))
+    err = await refused(w.service.create_vm(customer(BOB), "b", small(vcpus=2)))
     assert (err.scope, err.resource, err.limit) == ("host", R.VCPUS, 3)
     assert "this host's ceiling on committed vcpus is 3" in err.message
-    err = await refused(w.service.create_vm(BOB, "b", small(memory=640 * MIB)))
+    err = await refused(w.service.create_vm(customer(BOB), "b", small(memory=640 * MIB)))
     assert (err.scope, err.resource) == ("host", R.MEMORY_BYTES)
-    await w.service.create_vm(BOB, "b", small(vcpus=1, memory=512 * MIB))
-    await w.service.boot_vm(ALICE, "a")
-    await w.service.shutdown_vm(ALICE, "a")  # frees the host as well
-    await w.service.create_vm(BOB, "c", small(vcpus=2, memory=512 * MIB))
-    err = await refused(w.service.boot_vm(ALICE, "a"))
+    await w.service.create_vm(customer(BOB), "b", small(vcpus=1, memory=512 * MIB))
+    await w.service.boot_vm(customer(ALICE), "a")
+    await w.service.shutdown_vm(customer(ALICE), "a")  # frees the host as well
+    await w.service.create_vm(customer(BOB), "c", small(vcpus=2, memory=512 * MIB))
+    err = await refused(w.service.boot_vm(customer(ALICE), "a"))
     assert err.scope == "host"
 
 
@@ -202,15 +205,15 @@ async def test_per_vm_disk_maxima_are_invalid_argument() -> None:
     w = await world(maxima=VmMaxima(disks=1, disk_bytes=1 * GIB), disk_sizes=sizes)
     two = tuple(DiskConfig(id=f"d{i}", path="images/data.img") for i in range(2))
     with pytest.raises(InvalidArgument) as caught:
-        await w.service.create_vm(ALICE, "a", small(storage=two))
+        await w.service.create_vm(customer(ALICE), "a", small(storage=two))
     assert caught.value.field == "config.storage" and "at most 1" in caught.value.message
     big = (DiskConfig(id="big", path="images/big.img", read_only=True),)
     with pytest.raises(InvalidArgument) as caught:
-        await w.service.create_vm(ALICE, "a", small(storage=big))
+        await w.service.create_vm(customer(ALICE), "a", small(storage=big))
     assert caught.value.field == "config.storage[0].path"
     assert str(GIB) in caught.value.message
     assert_clean(w, "a")
-    await w.service.create_vm(ALICE, "a", small(storage=two[:1]))  # 64 MiB, one disk
+    await w.service.create_vm(customer(ALICE), "a", small(storage=two[:1]))  # 64 MiB, one disk
 
 
 @pytest.mark.parametrize("direction", ["rx", "tx"])
@@ -223,14 +226,16 @@ async def test_rate_limits_above_the_operators_maximum_are_refused(direction: st
         return small(network=(NetworkInterface(id="eth0", **{f"{direction}_rate_limit": limit}),))
 
     with pytest.raises(InvalidArgument) as caught:
-        await w.service.create_vm(ALICE, "a", nic(cap + 1))
+        await w.service.create_vm(customer(ALICE), "a", nic(cap + 1))
     assert caught.value.field == f"config.network[0].{direction}_rate_limit.bandwidth"
     assert f"at most {cap} bytes/s" in caught.value.message
     assert_clean(w, "a")
-    vm = await w.service.create_vm(ALICE, "a", nic(cap))  # at the cap: as asked, not clamped
+    vm = await w.service.create_vm(
+        customer(ALICE), "a", nic(cap)
+    )  # at the cap: as asked, not clamped
     assert getattr(vm.config.network[0], f"{direction}_rate_limit").bandwidth == cap
     assert getattr(w.network.networks["a"].nic, f"{direction}_rate_limit").bandwidth == cap
-    await w.service.create_vm(ALICE, "b", small(network=(NetworkInterface(id="eth0"),)))
+    await w.service.create_vm(customer(ALICE), "b", small(network=(NetworkInterface(id="eth0"),)))
 
 
 # --- failures undo their claim ------------------------------------------------------------
@@ -240,28 +245,28 @@ async def test_a_failed_create_releases_its_claim() -> None:
     w = await world({R.VMS: 1})
     w.backend.faults.fail("create", BackendError("the VMM would not start"))
     with pytest.raises(BackendError):
-        await w.service.create_vm(ALICE, "a", small())
+        await w.service.create_vm(customer(ALICE), "a", small())
     assert_clean(w, "a")
-    await w.service.create_vm(ALICE, "b", small())  # the quota's one VM is still free
+    await w.service.create_vm(customer(ALICE), "b", small())  # the quota's one VM is still free
 
 
 async def test_a_failed_boot_ends_its_hold() -> None:
     w = await world({R.RUNNING_VMS: 1})
-    await w.service.create_vm(ALICE, "a", small())
-    await w.service.boot_vm(ALICE, "a")
-    await w.service.shutdown_vm(ALICE, "a")
+    await w.service.create_vm(customer(ALICE), "a", small())
+    await w.service.boot_vm(customer(ALICE), "a")
+    await w.service.shutdown_vm(customer(ALICE), "a")
     w.backend.faults.fail("boot", BackendError("no"))
     with pytest.raises(BackendError):
-        await w.service.boot_vm(ALICE, "a")
+        await w.service.boot_vm(customer(ALICE), "a")
     assert not w.quotas.claims["a"].held
-    await w.service.create_vm(ALICE, "b", small())  # a holds nothing: room for b
+    await w.service.create_vm(customer(ALICE), "b", small())  # a holds nothing: room for b
 
 
 async def test_a_store_failure_in_the_admission_changes_nothing() -> None:
     w = await world({R.VMS: 5})
     w.quotas.faults.fail("admit", MetaldError("database gone"))
     with pytest.raises(MetaldError, match="database gone"):
-        await w.service.create_vm(ALICE, "a", small())
+        await w.service.create_vm(customer(ALICE), "a", small())
     assert_clean(w, "a")
 
 
@@ -269,13 +274,13 @@ async def test_start_sweeps_claims_a_crash_left() -> None:
     store = MemoryStore()
     quotas = MemoryQuotas(store)
     first = await world({R.VMS: 1}, store=store, quotas=quotas)
-    await first.service.create_vm(ALICE, "a", small())
-    await first.service.delete_vm(ALICE, "a")
+    await first.service.create_vm(customer(ALICE), "a", small())
+    await first.service.delete_vm(customer(ALICE), "a")
     # A create cut short after its admission: a claim with no VM row behind it.
     quotas.claims["lost"] = FakeClaim(ALICE, Claim(1, 128 * MIB, 0), held=True)
     second = await world({R.VMS: 1}, store=store, quotas=quotas)
     assert "lost" not in quotas.claims
-    await second.service.create_vm(ALICE, "b", small())
+    await second.service.create_vm(customer(ALICE), "b", small())
 
 
 # --- concurrency --------------------------------------------------------------------------
@@ -293,7 +298,10 @@ async def _settled(tasks: list[asyncio.Task[T]], count: int) -> None:
 async def test_concurrent_creates_never_overshoot_while_the_admitted_are_starting() -> None:
     w = await world({R.VMS: 3})
     gate = w.backend.faults.gate("create")  # the admitted creates wait inside their VMM start
-    tasks = [asyncio.create_task(w.service.create_vm(ALICE, f"vm-{i}", small())) for i in range(10)]
+    tasks = [
+        asyncio.create_task(w.service.create_vm(customer(ALICE), f"vm-{i}", small()))
+        for i in range(10)
+    ]
     await _settled(tasks, 7)  # the 7 refused finish while 3 are still starting
     refusals = [t.exception() for t in tasks if t.done()]
     assert all(isinstance(e, ResourceExhausted) and "quota vms is 3" in str(e) for e in refusals)
@@ -308,12 +316,12 @@ async def test_concurrent_creates_never_overshoot_while_the_admitted_are_startin
 async def test_concurrent_boots_never_overshoot_the_running_quota() -> None:
     w = await world({R.RUNNING_VMS: 5})
     for i in range(5):
-        await w.service.create_vm(ALICE, f"vm-{i}", small())
-        await w.service.boot_vm(ALICE, f"vm-{i}")
-        await w.service.shutdown_vm(ALICE, f"vm-{i}")
+        await w.service.create_vm(customer(ALICE), f"vm-{i}", small())
+        await w.service.boot_vm(customer(ALICE), f"vm-{i}")
+        await w.service.shutdown_vm(customer(ALICE), f"vm-{i}")
     await w.quotas.set_override(ALICE, R.RUNNING_VMS, 2)
     gate = w.backend.faults.gate("boot")
-    tasks = [asyncio.create_task(w.service.boot_vm(ALICE, f"vm-{i}")) for i in range(5)]
+    tasks = [asyncio.create_task(w.service.boot_vm(customer(ALICE), f"vm-{i}")) for i in range(5)]
     await _settled(tasks, 3)
     assert all(isinstance(t.exception(), QuotaExceeded) for t in tasks if t.done())
     gate.release()

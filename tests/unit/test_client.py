@@ -189,6 +189,7 @@ def test_list_request_states() -> None:
     request = _build.list_vms(["running", pb.VM_STATE_PAUSED], 10, "tok").request
     assert list(request.state_filter) == [pb.VM_STATE_RUNNING, pb.VM_STATE_PAUSED]
     assert (request.page_size, request.page_token) == (10, "tok")
+    assert _build.list_vms([], 0, "", "globex").request.customer_id == "globex"
     with pytest.raises(MetaldClientError) as caught:
         _build.list_vms(["sleeping"], 0, "")
     assert caught.value.code == "invalid_argument"
@@ -389,6 +390,11 @@ def test_sync_list_filters_and_pages(address: str) -> None:
     assert [vm.vm_id for vm in client.iter_vms(page_size=2)] == ids
     running = client.iter_vms(states=["running"], page_size=1)
     assert [vm.vm_id for vm in running] == [ids[1], ids[3]]
+    # A customer may name itself in the operator's filter, and no one else.
+    assert [vm.vm_id for vm in client.iter_vms(page_size=2, customer_id="acme")] == ids
+    with pytest.raises(MetaldClientError) as caught:
+        client.list_vms(customer_id="globex")
+    assert caught.value.code == "permission_denied"
 
 
 class _LoopingPages(VmHandlers):

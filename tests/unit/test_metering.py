@@ -18,6 +18,7 @@ from fakes.quotas import fake_admission
 
 from metald.app import instance_id
 from metald.core.errors import BackendError
+from metald.core.identity import customer
 from metald.core.metering import MeteringStats, vm_usage
 from metald.core.models import NetworkInterface, NetworkMode, VmConfig, VmUsage
 from metald.core.validation import Limits
@@ -105,8 +106,8 @@ async def w(database: Database) -> World:
 
 
 async def running(w: World, vm_id: str) -> None:
-    await w.service.create_vm(ALICE, vm_id, VmConfig())
-    await w.service.boot_vm(ALICE, vm_id)
+    await w.service.create_vm(customer(ALICE), vm_id, VmConfig())
+    await w.service.boot_vm(customer(ALICE), vm_id)
 
 
 async def test_a_vms_life_is_started_records_stopped_in_order(w: World) -> None:
@@ -115,7 +116,7 @@ async def test_a_vms_life_is_started_records_stopped_in_order(w: World) -> None:
         w.usage("vm1", vcpu_time_ns=cpu, memory_bytes=64, disk_write_bytes=cpu // 10)
         await w.collector.tick()
     w.usage("vm1", vcpu_time_ns=450, memory_bytes=64, disk_write_bytes=45)
-    await w.service.shutdown_vm(ALICE, "vm1")  # takes the final sample first
+    await w.service.shutdown_vm(customer(ALICE), "vm1")  # takes the final sample first
     assert await w.delivery.flush()
     assert w.billing.of_vm("vm1") == ["vm_started", "send_batch", "vm_stopped"]
     records = w.billing.records("vm1")
@@ -135,8 +136,8 @@ async def test_counters_keep_growing_across_a_new_vmm_after_a_shutdown(w: World)
     await running(w, "vm1")
     w.usage("vm1", vcpu_time_ns=1000, disk_read_bytes=500)
     await w.collector.tick()
-    await w.service.shutdown_vm(ALICE, "vm1")
-    await w.service.boot_vm(ALICE, "vm1")  # a new VMM process: its counters start again
+    await w.service.shutdown_vm(customer(ALICE), "vm1")
+    await w.service.boot_vm(customer(ALICE), "vm1")  # a new VMM process: its counters start again
     w.usage("vm1", vcpu_time_ns=300, disk_read_bytes=50)
     await w.collector.tick()
     assert await w.delivery.flush()
@@ -157,8 +158,8 @@ async def test_what_a_vm_used_before_its_first_tick_is_billed(w: World) -> None:
     billed = vm_usage("vm1", ALICE, w.billing.records("vm1"))
     assert (billed.cpu_time_ns, billed.disk_read_bytes) == (70, 4096)
     # a second boot of the same VM continues its counters: no second baseline
-    await w.service.shutdown_vm(ALICE, "vm1")
-    await w.service.boot_vm(ALICE, "vm1")
+    await w.service.shutdown_vm(customer(ALICE), "vm1")
+    await w.service.boot_vm(customer(ALICE), "vm1")
     w.usage("vm1", vcpu_time_ns=30, disk_read_bytes=0, memory_bytes=64)
     await w.collector.tick()
     assert await w.delivery.flush()
@@ -191,7 +192,7 @@ async def test_a_paused_vm_is_sampled_and_accrues_no_cpu(w: World) -> None:
     await running(w, "vm1")
     w.usage("vm1", vcpu_time_ns=500, memory_bytes=64)
     await w.collector.tick()
-    await w.service.pause_vm(ALICE, "vm1")
+    await w.service.pause_vm(customer(ALICE), "vm1")
     await w.collector.tick()  # the fake's vCPU counter did not move: nor does the bill
     assert await w.delivery.flush()
     assert [r.cpu_time_ns for r in w.billing.records("vm1")] == [0, 500, 500]
@@ -255,7 +256,7 @@ async def test_a_full_backlog_is_bounded_counted_and_keeps_the_cumulative_usage(
 async def test_delete_of_a_running_vm_sends_its_final_record_then_stopped(w: World) -> None:
     await running(w, "vm1")
     w.usage("vm1", vcpu_time_ns=70)
-    await w.service.delete_vm(ALICE, "vm1", force=True)
+    await w.service.delete_vm(customer(ALICE), "vm1", force=True)
     assert await w.delivery.flush()
     assert w.billing.of_vm("vm1") == ["vm_started", "send_batch", "vm_stopped"]
     assert w.billing.records("vm1")[-1].cpu_time_ns == 70
@@ -264,8 +265,8 @@ async def test_delete_of_a_running_vm_sends_its_final_record_then_stopped(w: Wor
 
 async def test_a_networked_vm_is_billed_its_interfaces_traffic(w: World) -> None:
     config = VmConfig(network=(NetworkInterface(id="eth0", mode=NetworkMode.IPV4_ONLY),))
-    await w.service.create_vm(ALICE, "vm1", config)
-    await w.service.boot_vm(ALICE, "vm1")
+    await w.service.create_vm(customer(ALICE), "vm1", config)
+    await w.service.boot_vm(customer(ALICE), "vm1")
     w.usage("vm1", vcpu_time_ns=1)
     await w.collector.tick()  # starts a read of the counters in the background
     for _ in range(10):
@@ -281,8 +282,8 @@ async def test_a_networked_vm_is_billed_its_interfaces_traffic(w: World) -> None
 
 async def test_a_network_read_that_hangs_holds_up_no_sample(w: World) -> None:
     config = VmConfig(network=(NetworkInterface(id="eth0", mode=NetworkMode.IPV4_ONLY),))
-    await w.service.create_vm(ALICE, "vm1", config)
-    await w.service.boot_vm(ALICE, "vm1")
+    await w.service.create_vm(customer(ALICE), "vm1", config)
+    await w.service.boot_vm(customer(ALICE), "vm1")
     await running(w, "vm2")
     gate = w.network.faults.gate("describe")  # netlink never answers
     for cpu in (1, 2, 3):

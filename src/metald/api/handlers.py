@@ -1,5 +1,5 @@
 """The VmService RPCs (the existing API's nine and GetVmConsole): proto in, service call,
-proto out."""
+proto out. The caller is the one the auth interceptor set (api/auth.py current_caller)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 from connectrpc.request import RequestContext
 
 from metald.api import convert
-from metald.api.auth import current_customer
+from metald.api.auth import current_caller
 from metald.gen.vmprovisioner.v1 import vm_pb2 as pb
 from metald.service.vm_service import VmService
 
@@ -31,7 +31,7 @@ class VmHandlers:
     async def create_vm(self, request: pb.CreateVmRequest, ctx: Ctx, /) -> pb.CreateVmResponse:
         vm = await _to_completion(
             self._service.create_vm(
-                current_customer.get(),
+                current_caller.get(),
                 request.vm_id,
                 convert.config_from_pb(request.config),
                 request.customer_id,
@@ -41,12 +41,12 @@ class VmHandlers:
 
     async def delete_vm(self, request: pb.DeleteVmRequest, ctx: Ctx, /) -> pb.DeleteVmResponse:
         await _to_completion(
-            self._service.delete_vm(current_customer.get(), request.vm_id, force=request.force)
+            self._service.delete_vm(current_caller.get(), request.vm_id, force=request.force)
         )
         return pb.DeleteVmResponse(success=True)
 
     async def boot_vm(self, request: pb.BootVmRequest, ctx: Ctx, /) -> pb.BootVmResponse:
-        vm = await _to_completion(self._service.boot_vm(current_customer.get(), request.vm_id))
+        vm = await _to_completion(self._service.boot_vm(current_caller.get(), request.vm_id))
         return pb.BootVmResponse(success=True, state=convert.state_to_pb(vm.state))
 
     async def shutdown_vm(
@@ -54,7 +54,7 @@ class VmHandlers:
     ) -> pb.ShutdownVmResponse:
         vm = await _to_completion(
             self._service.shutdown_vm(
-                current_customer.get(),
+                current_caller.get(),
                 request.vm_id,
                 force=request.force,
                 timeout_seconds=request.timeout_seconds,
@@ -63,19 +63,19 @@ class VmHandlers:
         return pb.ShutdownVmResponse(success=True, state=convert.state_to_pb(vm.state))
 
     async def pause_vm(self, request: pb.PauseVmRequest, ctx: Ctx, /) -> pb.PauseVmResponse:
-        vm = await _to_completion(self._service.pause_vm(current_customer.get(), request.vm_id))
+        vm = await _to_completion(self._service.pause_vm(current_caller.get(), request.vm_id))
         return pb.PauseVmResponse(success=True, state=convert.state_to_pb(vm.state))
 
     async def resume_vm(self, request: pb.ResumeVmRequest, ctx: Ctx, /) -> pb.ResumeVmResponse:
-        vm = await _to_completion(self._service.resume_vm(current_customer.get(), request.vm_id))
+        vm = await _to_completion(self._service.resume_vm(current_caller.get(), request.vm_id))
         return pb.ResumeVmResponse(success=True, state=convert.state_to_pb(vm.state))
 
     async def reboot_vm(self, request: pb.RebootVmRequest, ctx: Ctx, /) -> pb.RebootVmResponse:
-        vm = await _to_completion(self._service.reboot_vm(current_customer.get(), request.vm_id))
+        vm = await _to_completion(self._service.reboot_vm(current_caller.get(), request.vm_id))
         return pb.RebootVmResponse(success=True, state=convert.state_to_pb(vm.state))
 
     async def get_vm_info(self, request: pb.GetVmInfoRequest, ctx: Ctx, /) -> pb.GetVmInfoResponse:
-        vm, usage, info, network = await self._service.get_vm(current_customer.get(), request.vm_id)
+        vm, usage, info, network = await self._service.get_vm(current_caller.get(), request.vm_id)
         return pb.GetVmInfoResponse(
             vm_id=vm.id,
             config=convert.config_to_pb(vm.config),
@@ -87,10 +87,11 @@ class VmHandlers:
 
     async def list_vms(self, request: pb.ListVmsRequest, ctx: Ctx, /) -> pb.ListVmsResponse:
         page = await self._service.list_vms(
-            current_customer.get(),
+            current_caller.get(),
             convert.states_from_pb(list(request.state_filter)),
             request.page_size,
             request.page_token,
+            request.customer_id,
         )
         return pb.ListVmsResponse(
             vms=[convert.vm_info_to_pb(vm) for vm in page.vms],
@@ -102,7 +103,7 @@ class VmHandlers:
         self, request: pb.GetVmConsoleRequest, ctx: Ctx, /
     ) -> pb.GetVmConsoleResponse:
         chunk = await self._service.get_console(
-            current_customer.get(), request.vm_id, request.offset, request.max_bytes
+            current_caller.get(), request.vm_id, request.offset, request.max_bytes
         )
         return pb.GetVmConsoleResponse(
             data=chunk.data, offset=chunk.offset, next_offset=chunk.next_offset, size=chunk.size

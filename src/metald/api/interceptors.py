@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import Token
+from dataclasses import replace
 from typing import Any
 
 from connectrpc.errors import ConnectError
@@ -106,7 +107,9 @@ class MetricsInterceptor:
 
 
 class AuthInterceptor:
-    """The bearer token to the customer of the call, from the headers, before the body."""
+    """The bearer token to the Caller of the call (api/auth.py's chain), from the headers,
+    before the body. The peer address and X-Tenant-ID (recorded, never trusted) are added
+    here and bound for the call's log lines."""
 
     def __init__(self, authenticator: TokenAuthenticator, metrics: ApiTelemetry) -> None:
         self._auth = authenticator
@@ -115,26 +118,24 @@ class AuthInterceptor:
     async def on_start(
         self, ctx: RequestContext[Any, Any]
     ) -> tuple[Token[str], Token[identity.Caller], CallFields]:
+        tenant = ctx.request_headers.get("x-tenant-id")
         try:
-            customer = self._auth.customer_for(ctx.request_headers.get("authorization"))
+            found = await self._auth.caller_for(ctx.request_headers.get("authorization"))
         except Exception as exc:
             if isinstance(exc, TokenRefused):
                 self._metrics.auth_refused(exc.reason)
             if isinstance(exc, Unauthenticated):
-                security.refused(security.UNAUTHENTICATED, ctx, exc.message)
+                security.refused(security.UNAUTHENTICATED, ctx, exc.message, tenant=tenant)
             raise to_connect_error(exc) from None
         # Set in the request's own task: the handler, awaited by the same task, sees it.
-        caller = identity.Caller(
-            actor=f"token:{customer}",
-            role=identity.Role.CUSTOMER,
-            customer_id=customer,
-            source=ctx.client_address,
-            tenant_header=ctx.request_headers.get("x-tenant-id"),
-        )
+        caller = replace(found, source=ctx.client_address, tenant_header=tenant)
+        fields = {"customer_id": caller.customer_id or "", "actor": caller.actor}
+        if tenant:
+            fields["tenant"] = tenant[:128]  # as sent: bounded in the log line
         return (
-            current_customer.set(customer),
+            current_customer.set(caller.customer_id or ""),
             current_caller.set(caller),
-            callcontext.bind(customer_id=customer),
+            callcontext.bind(**fields),
         )
 
     async def on_end(
@@ -191,7 +192,15 @@ def _security_event(exc: Exception, ctx: RequestContext[Any, Any]) -> None:
         reason = security.UNAUTHENTICATED
     else:
         return
-    security.refused(reason, ctx, exc.message, current_customer.get(None))
+    caller = current_caller.get(None)
+    security.refused(
+        reason,
+        ctx,
+        exc.message,
+        current_customer.get(None),
+        actor=caller.actor if caller else None,
+        tenant=caller.tenant_header if caller else None,
+    )
 
 
 def api_interceptors(

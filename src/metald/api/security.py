@@ -23,8 +23,15 @@ NOT_YOURS = "not_found_not_owner"  # answered not_found: the VM is another custo
 
 
 def refused(
-    reason: str, ctx: RequestContext[Any, Any], detail: str, customer: str | None = None
+    reason: str,
+    ctx: RequestContext[Any, Any],
+    detail: str,
+    customer: str | None = None,
+    *,
+    actor: str | None = None,
+    tenant: str | None = None,
 ) -> None:
+    """`actor`: the credential, when one was accepted; `tenant`: X-Tenant-ID as sent."""
     method = f"{ctx.method.service_name}/{ctx.method.name}"
     source = ctx.client_address or "unknown"
     extra: dict[str, str] = {
@@ -35,6 +42,10 @@ def refused(
     }
     if customer:
         extra["customer_id"] = customer
+    if actor:
+        extra["actor"] = actor
+    if tenant:
+        extra["tenant"] = tenant[:128]
     log.warning(
         "security: refused %s (%s) to %s from %s%s",
         method,

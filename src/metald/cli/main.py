@@ -1,11 +1,11 @@
-"""The `metald` command: `serve`, `vm ...`, `assets ...`, `quota ...`, `billing-sink`,
+"""The `metald` command: `serve`, `vm ...`, `assets ...`, `quota ...`, `keys ...`, `billing-sink`,
 `billing ...`."""
 
 from __future__ import annotations
 
 import typer
 
-from metald.cli import assets, billing, quota, serve, vm
+from metald.cli import assets, billing, keys, quota, serve, vm
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="metald: a microVM manager.")
 app.command("serve")(serve.serve)
@@ -15,6 +15,11 @@ app.add_typer(
     quota.app,
     name="quota",
     help="Per-customer quotas, in the daemon's database (run on its host, as its user).",
+)
+app.add_typer(
+    keys.app,
+    name="keys",
+    help="API keys, in the daemon's database (run on its host, as its user: operators only).",
 )
 app.command("billing-sink")(billing.sink)
 app.add_typer(

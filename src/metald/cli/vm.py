@@ -521,18 +521,26 @@ def list_(
         str, typer.Option("--page-token", help="Continue from this page token.")
     ] = "",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the VM ids.")] = False,
+    customer: Annotated[
+        str,
+        typer.Option(
+            "--customer", metavar="C", help="Only this customer's VMs (operators; default: all)."
+        ),
+    ] = "",
     addr: Addr = DEFAULT_ADDRESS,
     token: Token = None,
     json_out: JsonOut = False,
 ) -> None:
-    """List your VMs."""
+    """List your VMs (an operator: every customer's, or --customer's)."""
     states = parse_states(state or [])
     with _connect(addr, token) as client, _errors():
         if all_pages:
-            vms = list(client.iter_vms(states=states, page_size=page_size))
+            vms = list(client.iter_vms(states=states, page_size=page_size, customer_id=customer))
             response = pb.ListVmsResponse(vms=vms, total_count=len(vms))
         else:
-            response = client.list_vms(states=states, page_size=page_size, page_token=page_token)
+            response = client.list_vms(
+                states=states, page_size=page_size, page_token=page_token, customer_id=customer
+            )
     if json_out:
         typer.echo(json_text(to_dict(response)))
     elif quiet:

@@ -180,13 +180,14 @@ def get_vm_console(vm_id: str, offset: int, max_bytes: int) -> Rpc[vm_pb2.GetVmC
 
 
 def list_vms(
-    states: Iterable[VmStateLike], page_size: int, page_token: str
+    states: Iterable[VmStateLike], page_size: int, page_token: str, customer_id: str = ""
 ) -> Rpc[vm_pb2.ListVmsResponse]:
     try:
         request = vm_pb2.ListVmsRequest(
             state_filter=[parse_state(s) for s in states],
             page_size=page_size,
             page_token=page_token,
+            customer_id=customer_id,
         )
     except (TypeError, ValueError) as err:
         raise _invalid(err) from err

@@ -121,18 +121,28 @@ class MetaldClient:
         return self._invoke(_build.get_vm_console(vm_id, offset, max_bytes))
 
     def list_vms(
-        self, *, states: Iterable[VmStateLike] = (), page_size: int = 0, page_token: str = ""
+        self,
+        *,
+        states: Iterable[VmStateLike] = (),
+        page_size: int = 0,
+        page_token: str = "",
+        customer_id: str = "",
     ) -> vm_pb2.ListVmsResponse:
-        return self._invoke(_build.list_vms(states, page_size, page_token))
+        """One page of VMs; `customer_id`: an operator's filter (a customer may name only
+        itself)."""
+        return self._invoke(_build.list_vms(states, page_size, page_token, customer_id))
 
     def iter_vms(
-        self, *, states: Iterable[VmStateLike] = (), page_size: int = 0
+        self, *, states: Iterable[VmStateLike] = (), page_size: int = 0, customer_id: str = ""
     ) -> Iterator[vm_pb2.VmInfo]:
-        """Every VM (of the caller), following next_page_token across pages."""
+        """Every VM (of the caller; of every customer or `customer_id` for an operator),
+        following next_page_token across pages."""
         states = tuple(states)
         pages = _build.PageTracker()
         while True:
-            response = self.list_vms(states=states, page_size=page_size, page_token=pages.token)
+            response = self.list_vms(
+                states=states, page_size=page_size, page_token=pages.token, customer_id=customer_id
+            )
             yield from response.vms
             if not pages.advance(response):
                 return

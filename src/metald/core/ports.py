@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from metald.core.apikeys import ApiKey
 from metald.core.audit import AuditEvent
 from metald.core.counters import Meter
 from metald.core.metering import UsageRecord
@@ -121,12 +122,13 @@ class Store(Protocol):
 
     async def list_for_customer(
         self,
-        customer_id: str,
+        customer_id: str | None,
         states: Sequence[VmState],
         limit: int,
         after: tuple[float, str] | None,
     ) -> tuple[list[VmSummary], int]:
-        """One page ordered by (created_at, id) after the cursor, and the total matching."""
+        """One page ordered by (created_at, id) after the cursor, and the total matching;
+        `customer_id` None: every customer's VMs (an operator's list)."""
 
     async def count_by_state_and_backend(self) -> dict[tuple[VmState, str], int]:
         """VMs not deleted, by (state, backend); pairs with none are left out."""
@@ -348,3 +350,22 @@ class Audit(Protocol):
 
     async def record(self, event: AuditEvent) -> None:
         """Append the event; it is kept before the call returns (see the adapter)."""
+
+
+# -- API keys (issue 10, identity: core/apikeys.py, store/api_keys.py) ---------------------
+
+
+class ApiKeys(Protocol):
+    """API keys in the store: only the keyed hash of each secret is kept."""
+
+    async def add(self, key: ApiKey) -> None: ...
+
+    async def by_key_id(self, key_id: str) -> ApiKey | None:
+        """The key (revoked and expired ones too: the caller checks), by its public id."""
+
+    async def all(self) -> list[ApiKey]:
+        """Every key, oldest first."""
+
+    async def revoke(self, key_id: str, at: float) -> ApiKey | None:
+        """Mark it revoked at `at` (a revoked key stays revoked, at its first time); the key
+        as it now is, None if there is none."""

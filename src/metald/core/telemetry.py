@@ -40,7 +40,7 @@ class ApiTelemetry(Protocol):
     def rpc_served(self, method: str, code: str, seconds: float) -> None: ...
 
     def auth_refused(self, reason: str) -> None:
-        """A call was refused for its token: missing, malformed or invalid."""
+        """A call was refused for its token: missing, malformed, invalid, expired or revoked."""
 
     def access_refused(self, method: str) -> None:
         """An authenticated call was refused for touching what is not the caller's."""

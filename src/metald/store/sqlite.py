@@ -20,6 +20,7 @@ import aiosqlite
 from sqlalchemy import delete, func, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
 
 from metald.core.errors import AlreadyExists
 from metald.core.models import ProcessIdentity, VmConfig, VmRecord, VmSummary
@@ -98,7 +99,7 @@ class SqlStore:
 
     async def list_for_customer(
         self,
-        customer_id: str,
+        customer_id: str | None,
         states: Sequence[VmState],
         limit: int,
         after: tuple[float, str] | None,
@@ -112,7 +113,9 @@ class SqlStore:
                 rows = await driver.execute_fetchall(page_sql, page_args)
                 total = next(iter(await driver.execute_fetchall(count_sql, count_args)))[0]
                 return [_summary_row(row) for row in rows], int(total)
-            where = [vms.c.customer_id == customer_id, vms.c.deleted_at.is_(None)]
+            where: list[ColumnElement[bool]] = [vms.c.deleted_at.is_(None)]
+            if customer_id is not None:
+                where.append(vms.c.customer_id == customer_id)
             if states:
                 where.append(vms.c.state.in_([s.value for s in states]))
             page = select(*(vms.c[name] for name in _SUMMARY_COLUMNS)).where(*where)
@@ -189,12 +192,17 @@ _DEFAULT = VmConfig()
 
 
 def page_queries(
-    customer_id: str, states: Sequence[VmState], limit: int, after: tuple[float, str] | None
+    customer_id: str | None, states: Sequence[VmState], limit: int, after: tuple[float, str] | None
 ) -> tuple[tuple[str, tuple[Any, ...]], tuple[str, tuple[Any, ...]]]:
     """ListVms's page (in (created_at, id) order after the cursor) and count for SQLite,
-    with `?` placeholders and their arguments: both match ix_vms_customer_page (schema.py)."""
-    where = "customer_id = ? AND deleted_at IS NULL"
-    args: tuple[Any, ...] = (customer_id,)
+    with `?` placeholders and their arguments: both match ix_vms_customer_page (schema.py).
+    `customer_id` None (an operator's list of every customer's VMs): no index serves it, the
+    table is read and sorted (an operator's call, rare; an index can come if it is not)."""
+    where = "deleted_at IS NULL"
+    args: tuple[Any, ...] = ()
+    if customer_id is not None:
+        where = "customer_id = ? AND " + where
+        args = (customer_id,)
     if states:
         where += f" AND state IN ({', '.join('?' for _ in states)})"
         args += tuple(s.value for s in states)

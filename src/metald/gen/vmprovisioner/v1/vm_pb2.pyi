@@ -439,14 +439,16 @@ class StorageStats(_message.Message):
     def __init__(self, bytes_read: _Optional[int] = ..., bytes_written: _Optional[int] = ..., read_operations: _Optional[int] = ..., write_operations: _Optional[int] = ...) -> None: ...
 
 class ListVmsRequest(_message.Message):
-    __slots__ = ("state_filter", "page_size", "page_token")
+    __slots__ = ("state_filter", "page_size", "page_token", "customer_id")
     STATE_FILTER_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     state_filter: _containers.RepeatedScalarFieldContainer[VmState]
     page_size: int
     page_token: str
-    def __init__(self, state_filter: _Optional[_Iterable[_Union[VmState, str]]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    customer_id: str
+    def __init__(self, state_filter: _Optional[_Iterable[_Union[VmState, str]]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., customer_id: _Optional[str] = ...) -> None: ...
 
 class ListVmsResponse(_message.Message):
     __slots__ = ("vms", "next_page_token", "total_count")

@@ -1,0 +1,203 @@
+"""`metald keys create|list|revoke`: API keys, in the daemon's database directly.
+
+How it authenticates: it does not call the API. Like `metald quota`, it runs on the
+daemon's host with the daemon's settings (UNKEY_METALD_DATA_DIR or _DATABASE_URL say where
+the database is, UNKEY_METALD_AUTH_PEPPER_FILE where the pepper is) and opens the database
+itself. So whoever can read and write the data dir and read the pepper file (root, or the
+metald user) manages keys, and nobody else: there is no key that makes keys, nothing to
+leak over the network, and no bootstrap problem for the first one. It is the admin role's
+tool; an API for it can come later.
+
+`create` prints the token once (`mk_<key id>_<secret>`): only a keyed hash of the secret
+is stored, so it cannot be shown again. `revoke` takes effect on the next call of every
+open connection (the daemon looks the key up on every call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.exc import SQLAlchemyError
+
+from metald.auth_setup import AuthSetupError, read_pepper
+from metald.config import ConfigError, Settings, load_settings
+from metald.core import apikeys
+from metald.core.apikeys import ApiKey
+from metald.core.errors import MetaldError
+from metald.core.identity import Role
+from metald.core.validation import check_customer_id
+from metald.store.api_keys import SqlApiKeys
+from metald.store.database import Database
+
+app = typer.Typer(no_args_is_help=True)
+T = TypeVar("T")
+
+JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _fail(message: str) -> typer.Exit:
+    Console(stderr=True, highlight=False).print(f"error: {message}")
+    return typer.Exit(1)
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _run(settings: Settings, work: Callable[[SqlApiKeys], Awaitable[T]]) -> T:
+    """Open the daemon's database (refusing a default SQLite file that does not exist: the
+    wrong user or environment, most likely), bring its tables up to date, run `work`."""
+    if not settings.database_url:
+        path = Path(settings.data_dir) / "metald.db"
+        if not path.exists():
+            raise _fail(
+                f"no metald database at {path}: run this on the daemon's host, as its user, "
+                "with its UNKEY_METALD_DATA_DIR (or UNKEY_METALD_DATABASE_URL)"
+            )
+
+    async def main() -> T:
+        database = Database(settings.effective_database_url)
+        try:
+            await database.migrate()
+            return await work(SqlApiKeys(database))
+        finally:
+            await database.close()
+
+    try:
+        return asyncio.run(main())
+    except (MetaldError, OSError) as exc:
+        raise _fail(f"{exc}") from None
+    except SQLAlchemyError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise _fail(f"the database cannot be used: {first}") from None
+
+
+def key_json(key: ApiKey, now: float) -> dict[str, Any]:
+    return {
+        "key_id": key.key_id,
+        "customer_id": key.customer_id,
+        "role": key.role.value,
+        "created_at": apikeys.describe_expiry(key.created_at),
+        "expires_at": None if key.expires_at is None else apikeys.describe_expiry(key.expires_at),
+        "revoked_at": None if key.revoked_at is None else apikeys.describe_expiry(key.revoked_at),
+        "status": key.refusal(now) or "active",
+        "description": key.description,
+    }
+
+
+@app.command("create")
+def create(
+    customer: Annotated[
+        str | None,
+        typer.Option("--customer", metavar="C", help="The customer it acts as (customer role)."),
+    ] = None,
+    role: Annotated[Role, typer.Option("--role", help="customer, operator or admin.")] = (
+        Role.CUSTOMER
+    ),
+    expires: Annotated[
+        str | None,
+        typer.Option("--expires", metavar="30d|ISO", help="A duration (30d, 12h) or a time."),
+    ] = None,
+    description: Annotated[str, typer.Option("--description", help="A note.")] = "",
+    as_json: JsonOut = False,
+) -> None:
+    """Make a key and print its token, once. A customer key needs --customer; an operator's
+    or admin's may name one (it then creates for that customer by default)."""
+    if customer is not None:
+        try:
+            check_customer_id(customer)
+        except MetaldError as exc:
+            raise typer.BadParameter(exc.message, param_hint="'--customer'") from None
+    elif role is Role.CUSTOMER:
+        raise typer.BadParameter("a customer key needs --customer", param_hint="'--customer'")
+    if len(description) > 256:
+        raise typer.BadParameter("at most 256 characters", param_hint="'--description'")
+    now = time.time()
+    expires_at = None
+    if expires is not None:
+        try:
+            expires_at = apikeys.parse_expiry(expires, now)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="'--expires'") from None
+    settings = _settings()
+    try:
+        pepper = read_pepper(settings.auth_pepper_file)
+    except AuthSetupError as exc:
+        raise _fail(str(exc)) from None
+    made = apikeys.new_key(
+        pepper,
+        customer_id=customer,
+        role=role,
+        now=now,
+        expires_at=expires_at,
+        description=description,
+    )
+    _run(settings, lambda keys: keys.add(made.key))
+    if as_json:
+        sys.stdout.write(json.dumps({**key_json(made.key, now), "token": made.token}) + "\n")
+        return
+    Console(stderr=True, highlight=False).print(
+        f"key {made.key.key_id} ({role.value}"
+        + (f" of {customer}" if customer else "")
+        + f", expires {apikeys.describe_expiry(expires_at)}); its token, shown only now:"
+    )
+    sys.stdout.write(made.token + "\n")
+
+
+@app.command("list")
+def list_(as_json: JsonOut = False) -> None:
+    """Every key (never a secret): id, customer, role, created, expiry, status."""
+    settings = _settings()
+    every = _run(settings, lambda keys: keys.all())
+    now = time.time()
+    rows = [key_json(k, now) for k in every]
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table(title="API keys")
+    for col in ("key id", "customer", "role", "created", "expires", "status", "description"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(
+            row["key_id"],
+            row["customer_id"] or "-",
+            row["role"],
+            row["created_at"],
+            row["expires_at"] or "never",
+            row["status"],
+            row["description"],
+        )
+    Console().print(table)
+
+
+@app.command("revoke")
+def revoke(
+    key_id: Annotated[str, typer.Argument(metavar="KEY_ID", show_default=False)],
+    as_json: JsonOut = False,
+) -> None:
+    """Revoke a key: refused from the next call on, on every connection."""
+    if not apikeys.KEY_ID.fullmatch(key_id):
+        raise typer.BadParameter("a key id is 16 characters a-z0-9", param_hint="'KEY_ID'")
+    settings = _settings()
+    now = time.time()
+    key = _run(settings, lambda keys: keys.revoke(key_id, now))
+    if key is None:
+        raise _fail(f"no key {key_id}")
+    if as_json:
+        sys.stdout.write(json.dumps(key_json(key, now)) + "\n")
+        return
+    Console(highlight=False).print(
+        f"key {key_id} revoked at {apikeys.describe_expiry(key.revoked_at)}"
+    )
