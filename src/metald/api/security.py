@@ -15,6 +15,8 @@ from typing import Any
 
 from connectrpc.request import RequestContext
 
+from metald.core.audit import AuditEvent
+
 log = logging.getLogger("metald.security")
 
 UNAUTHENTICATED = "unauthenticated"
@@ -44,3 +46,45 @@ def refused(
         f": {detail}" if detail else "",
         extra=extra,
     )
+
+
+def audited(event: AuditEvent, reason: str | None, detail: str = "") -> None:
+    """The log line of an audit row (api/audit.py): a refusal (`reason` set) is a security
+    event as above; any other row an INFO line with `event=audit`. One line per row."""
+    extra: dict[str, str] = {
+        "event": "security" if reason else "audit",
+        "method": event.method,
+        "source": event.source or "unknown",
+        "actor": event.actor,
+        "role": event.role,
+        "code": event.code,
+    }
+    if reason:
+        extra["reason"] = reason
+    if event.customer_id:
+        extra["customer_id"] = event.customer_id
+    if event.vm_id:
+        extra["vm_id"] = event.vm_id
+    if event.tenant_header is not None:
+        extra["tenant_header"] = event.tenant_header
+    who = event.customer_id or ("an unauthenticated caller" if not event.role else event.actor)
+    if reason:
+        log.warning(
+            "security: refused %s (%s) to %s from %s%s",
+            event.method,
+            reason,
+            who,
+            extra["source"],
+            f": {detail}" if detail else "",
+            extra=extra,
+        )
+    else:
+        log.info(
+            "audit: %s by %s (%s) from %s: %s",
+            event.method,
+            event.actor,
+            event.role,
+            extra["source"],
+            event.code,
+            extra=extra,
+        )
