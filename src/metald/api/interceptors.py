@@ -225,10 +225,10 @@ def api_interceptors(
         TracingInterceptor(),
         MetricsInterceptor(metrics),
         # -- issue 10 (audit): failed-auth throttle, audit, (auth), customer rate limit --
-        *([SourceThrottle(guard.failed_auth, metrics)] if guard.failed_auth else []),
+        *([SourceThrottle(guard.failed_auth, metrics)] if guard.failed_auth is not None else []),
         AuditInterceptor(guard.audit),
         AuthInterceptor(authenticator, metrics),
-        *([CustomerRateLimit(guard.customers, metrics)] if guard.customers else []),
+        *([CustomerRateLimit(guard.customers, metrics)] if guard.customers is not None else []),
         AuditCaller(),
         # -- end issue 10 (audit) --
         *after_auth,

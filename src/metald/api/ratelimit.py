@@ -23,10 +23,11 @@ import math
 from typing import Any
 
 from connectrpc.code import Code
-from connectrpc.errors import ConnectError
+from connectrpc.errors import ConnectError, ErrorDetail
 from connectrpc.request import RequestContext
 from google.protobuf.duration_pb2 import Duration
 from google.rpc.error_details_pb2 import RetryInfo
+from protobuf.wkt import Any as AnyMessage
 
 from metald.api.audit import MUTATING
 from metald.api.auth import current_caller
@@ -46,7 +47,16 @@ def exhausted(ctx: RequestContext[Any, Any], wait: float, what: str) -> ConnectE
     return ConnectError(
         Code.RESOURCE_EXHAUSTED,
         f"{what}: retry in {wait:.2f} s",
-        details=[RetryInfo(retry_delay=delay)],
+        details=[_retry_info(delay)],
+    )
+
+
+def _retry_info(delay: Duration) -> ErrorDetail:
+    # connectrpc's details are protobuf-py messages; RetryInfo is google.protobuf's, so it
+    # goes in as the Any that carries its bytes (what the wire holds either way).
+    packed = RetryInfo(retry_delay=delay).SerializeToString()
+    return ErrorDetail(
+        AnyMessage(type_url="type.googleapis.com/google.rpc.RetryInfo", value=packed)
     )
 
 
