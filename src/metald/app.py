@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import grp
 import logging
 import os
@@ -470,6 +471,7 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
 async def _running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings.vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    guard = build_guard(settings, None)  # issue 10 (audit): a bad rate-limit file stops here
     database = Database(settings.effective_database_url)  # one engine: store and addresses
     store = SqlStore(database)
     network = build_network(settings, database)
@@ -540,14 +542,14 @@ async def _running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
         authenticator = TokenAuthenticator(
             dev_tokens=settings.auth_dev_tokens, tokens_file=settings.auth_tokens_file
         )
-        # Issue 10 (audit): the audit log's writer and the rate limits.
+        # Issue 10 (audit): the audit log's writer (the rate limits were read above).
         audit_log = SqlAuditLog(database, queue_max=settings.audit_queue_max)
         if settings.audit_enabled:
             await audit_log.start()
+            guard = dataclasses.replace(guard, audit=audit_log)
         connect_app = connect_application(
-            VmHandlers(service), authenticator, metrics, settings.max_request_bytes,
-            guard=build_guard(settings, audit_log if settings.audit_enabled else None),
-        )  # fmt: skip
+            VmHandlers(service), authenticator, metrics, settings.max_request_bytes, guard=guard
+        )
 
         async def check_assets() -> None:
             assets.ping()

@@ -115,3 +115,19 @@ def test_the_overrides_file(tmp_path: Path) -> None:
         path.write_text(bad + "\n")
         with pytest.raises(ValueError, match=str(path)):
             parse_overrides(path)
+
+
+def test_the_daemon_reads_the_limits_or_refuses_to_start(tmp_path: Path) -> None:
+    from metald.app import StartupError, build_guard
+    from metald.config import load_settings
+
+    assert build_guard(load_settings(), None).customers is None  # off by default
+    path = tmp_path / "limits"
+    path.write_text("acme 1 2\n")
+    on = build_guard(load_settings(rate_limit_enabled=True, rate_limit_file=path), None)
+    assert on.customers is not None and on.failed_auth is not None
+    path.write_text("acme fast\n")
+    with pytest.raises(StartupError, match="UNKEY_METALD_RATE_LIMIT_FILE: .*limits:1"):
+        build_guard(load_settings(rate_limit_enabled=True, rate_limit_file=path), None)
+    with pytest.raises(StartupError, match="UNKEY_METALD_RATE_LIMIT_FILE"):
+        build_guard(load_settings(rate_limit_enabled=True, rate_limit_file=tmp_path / "no"), None)
