@@ -127,7 +127,7 @@ def test_the_daemon_reads_the_limits_or_refuses_to_start(tmp_path: Path) -> None
     on = build_guard(load_settings(rate_limit_enabled=True, rate_limit_file=path), None)
     assert on.customers is not None and on.failed_auth is not None
     path.write_text("acme fast\n")
-    with pytest.raises(StartupError, match="UNKEY_METALD_RATE_LIMIT_FILE: .*limits:1"):
+    with pytest.raises(StartupError, match=r"UNKEY_METALD_RATE_LIMIT_FILE: .*limits:1"):
         build_guard(load_settings(rate_limit_enabled=True, rate_limit_file=path), None)
     with pytest.raises(StartupError, match="UNKEY_METALD_RATE_LIMIT_FILE"):
         build_guard(load_settings(rate_limit_enabled=True, rate_limit_file=tmp_path / "no"), None)
