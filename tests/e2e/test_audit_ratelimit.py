@@ -200,6 +200,21 @@ def test_rate_limits_and_the_audit_log(
 
     verified = _metald(daemon, "audit", "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert f"{len(rows)} rows" in verified.stdout
+
+    # A restarted daemon continues the chain; after kill -9 the rows of calls answered just
+    # before may be lost (they were queued), but the chain still holds and goes on.
+    daemon.start_again()
+    assert _call(daemon, "CreateVm", bad, "dev_customer_acme")[0] == 400
+    daemon.kill9()
+    daemon.start_again()
+    assert _call(daemon, "CreateVm", bad, "dev_customer_acme")[0] == 400
+    assert daemon.stop() == 0
+    after = [json.loads(x) for x in _metald(daemon, "audit", "list", "--json").stdout.splitlines()]
+    assert len(rows) + 1 <= len(after) <= len(rows) + 2, after
+    assert [r["seq"] for r in after] == list(range(1, len(after) + 1))
+    verified = _metald(daemon, "audit", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
     con = sqlite3.connect(daemon.db_path)
     con.execute("UPDATE audit_log SET customer_id = 'acme' WHERE seq = 4")  # eve's refusal
     con.commit()
