@@ -243,5 +243,7 @@ def test_failed_authentication_is_throttled_per_source(
     rows = [
         json.loads(line) for line in _metald(daemon, "audit", "list", "--json").stdout.splitlines()
     ]
+    throttled = [e for e in _log_events(daemon) if e.get("reason") == "auth_failures_throttled"]
+    assert [e["throttled_source"] for e in throttled] == ["127.0.0.1"], throttled
     # The three refused authentications are rows; the throttled calls are not.
     assert [(r["actor"], r["code"]) for r in rows] == [("anonymous", "unauthenticated")] * 3

@@ -63,9 +63,9 @@ def test_customers_are_independent_mutating_calls_weigh_and_overrides_apply() ->
 def test_failed_auth_blocks_a_source_until_it_refills() -> None:
     clock = Clock()
     limits = FailedAuthLimits(Limit(rate=0.5, burst=3), clock)
-    for _ in range(3):
+    for last in (False, False, True):  # failed() says when the source became blocked
         assert limits.blocked("192.0.2.1") == 0
-        limits.failed("192.0.2.1")
+        assert limits.failed("192.0.2.1") is last
     assert limits.blocked("192.0.2.1") == pytest.approx(2)
     assert limits.blocked("192.0.2.2") == 0  # another source
     assert "192.0.2.2" not in limits  # asking does not make a bucket

@@ -29,6 +29,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.rpc.error_details_pb2 import RetryInfo
 from protobuf.wkt import Any as AnyMessage
 
+from metald.api import security
 from metald.api.audit import MUTATING
 from metald.api.auth import current_caller
 from metald.core.ratelimit import CustomerLimits, FailedAuthLimits, source_key
@@ -78,8 +79,10 @@ class SourceThrottle:
     async def on_end(
         self, source: str, ctx: RequestContext[Any, Any], error: Exception | None, /
     ) -> None:
-        if isinstance(error, ConnectError) and error.code is Code.UNAUTHENTICATED:
-            self._limits.failed(source)
+        unauthenticated = isinstance(error, ConnectError) and error.code is Code.UNAUTHENTICATED
+        if unauthenticated and self._limits.failed(source):
+            # Once per episode (its calls are refused before auth until it refills).
+            security.throttled(source, ctx)
 
 
 class CustomerRateLimit:

@@ -22,6 +22,7 @@ log = logging.getLogger("metald.security")
 UNAUTHENTICATED = "unauthenticated"
 PERMISSION_DENIED = "permission_denied"
 NOT_YOURS = "not_found_not_owner"  # answered not_found: the VM is another customer's
+AUTH_THROTTLED = "auth_failures_throttled"  # a source failed authentication too often
 
 
 def refused(
@@ -88,3 +89,16 @@ def audited(event: AuditEvent, reason: str | None, detail: str = "") -> None:
             event.code,
             extra=extra,
         )
+
+
+def throttled(source: str, ctx: RequestContext[Any, Any]) -> None:
+    """A source used up its failed-authentication bucket (api/ratelimit.py): its calls are
+    refused before authentication until it refills. One line per episode, no audit row."""
+    extra = {
+        "event": "security",
+        "reason": AUTH_THROTTLED,
+        "method": f"{ctx.method.service_name}/{ctx.method.name}",
+        "source": ctx.client_address or "unknown",
+        "throttled_source": source,
+    }
+    log.warning("security: %s failed authentication too often: throttled", source, extra=extra)

@@ -141,8 +141,10 @@ class FailedAuthLimits:
         """Seconds until `source` may try again (0: it may now)."""
         return self._buckets.wait(source)
 
-    def failed(self, source: str) -> None:
+    def failed(self, source: str) -> bool:
+        """Count a failure; whether it used the source's last token (it is blocked now)."""
         self._buckets.take(source)
+        return self._buckets.wait(source) > 0
 
 
 def source_key(address: str | None) -> str:
