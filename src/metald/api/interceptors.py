@@ -199,7 +199,8 @@ class ErrorsInterceptor:
 
 
 def _security_event(exc: Exception, ctx: RequestContext[Any, Any]) -> None:
-    """A refused access of an authenticated caller (the auth interceptor logs the rest)."""
+    """A refused access's security line, for a chain without the audit interceptor (whose
+    row writes the line otherwise: api/audit.py)."""
     if isinstance(exc, NotYours):
         reason = security.NOT_YOURS
     elif isinstance(exc, PermissionDenied):
