@@ -214,3 +214,29 @@ def test_cli_refuses_a_missing_database(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("UNKEY_METALD_DATA_DIR", str(tmp_path / "nowhere"))
     result = CliRunner().invoke(app, ["audit", "verify"])
     assert result.exit_code == 1 and "no metald database" in result.output
+
+
+async def test_verify_holds_while_a_writer_appends(tmp_path: Path, db: Database) -> None:
+    other = Database(f"sqlite+aiosqlite:///{tmp_path / 'metald.db'}")  # the daemon's pool
+    writer = SqlAuditLog(other)
+    try:
+        await writer.append([event(i) for i in range(50)])
+        done = asyncio.Event()
+
+        async def keep_writing() -> None:
+            i = 0
+            while not done.is_set():
+                await writer.append([event(i), event(i + 1)])
+                i += 2
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(keep_writing())
+        try:
+            verdicts = [await SqlAuditLog(db).verify() for _ in range(10)]
+        finally:
+            done.set()
+            await task
+        assert all(v.ok for v in verdicts), [v for v in verdicts if not v.ok]
+        assert verdicts[-1].rows > 50
+    finally:
+        await other.close()

@@ -62,50 +62,80 @@ class Verdict:
     problem: str = ""
 
 
-def verify(rows: Iterable[ChainedRow], head: tuple[int, str] | None = None) -> Verdict:
-    """Walk `rows` in seq order. The first bad seq: a row whose hash is not its contents'
-    (edited), whose prev_hash is not the previous row's hash, or whose seq is not the
-    previous one plus one (a row deleted or inserted before it). `head`: the (seq, hash)
-    the writer recorded as the chain's last; rows missing after the last row are a
-    truncated tail (named by the first missing seq)."""
-    expected_seq, prev = 1, GENESIS
-    count = 0
-    for row in rows:
-        count += 1
-        if row.seq != expected_seq:
-            what = "missing" if row.seq > expected_seq else "out of order or duplicated"
+class Walk:
+    """The chain check one row at a time (so a log of any length is checked in pages):
+    `step` each row in seq order until it returns a bad Verdict, then `end`."""
+
+    def __init__(self) -> None:
+        self.expected_seq, self.prev, self.count = 1, GENESIS, 0
+
+    def step(self, row: ChainedRow) -> Verdict | None:
+        """None while the chain holds; else the Verdict naming the first bad seq."""
+        self.count += 1
+        expected = self.expected_seq
+        if row.seq != expected:
+            if row.seq > expected:
+                return Verdict(
+                    False,
+                    self.count,
+                    expected,
+                    f"seq {expected} expected, found {row.seq} (rows missing)",
+                )
             return Verdict(
                 False,
-                count,
-                expected_seq if row.seq > expected_seq else row.seq,
-                f"seq {expected_seq} expected, found {row.seq} (rows {what})",
+                self.count,
+                row.seq,
+                f"seq {expected} expected, found {row.seq} (out of order)",
             )
-        if row.prev_hash != prev:
+        if row.prev_hash != self.prev:
             return Verdict(
                 False,
-                count,
+                self.count,
                 row.seq,
                 "prev_hash is not the previous row's hash (a row deleted, "
                 "inserted or edited before it)",
             )
         if row_hash(row.seq, row.prev_hash, row.event) != row.hash:
-            return Verdict(False, count, row.seq, "hash does not match the row (edited)")
-        prev = row.hash
-        expected_seq += 1
-    last = expected_seq - 1
-    if head is not None:
-        head_seq, head_hash = head
-        if head_seq > last:
-            return Verdict(
-                False,
-                count,
-                last + 1,
-                f"the chain head says seq {head_seq}, the log ends at {last} (tail truncated)",
-            )
-        if head_seq < last:
-            return Verdict(
-                False, count, head_seq + 1, f"rows after the chain head (seq {head_seq}) were added"
-            )
-        if head_seq and head_hash != prev:
-            return Verdict(False, count, head_seq, "the chain head's hash is not the last row's")
-    return Verdict(True, count)
+            return Verdict(False, self.count, row.seq, "hash does not match the row (edited)")
+        self.prev = row.hash
+        self.expected_seq += 1
+        return None
+
+    def end(self, head: tuple[int, str] | None = None) -> Verdict:
+        """After the last row: `head` is the (seq, hash) the writer recorded as the chain's
+        last; rows missing after the last row are a truncated tail (named by the first
+        missing seq), rows after the head were added behind the writer's back."""
+        last = self.expected_seq - 1
+        if head is not None:
+            head_seq, head_hash = head
+            if head_seq > last:
+                return Verdict(
+                    False,
+                    self.count,
+                    last + 1,
+                    f"the chain head says seq {head_seq}, the log ends at {last} (tail truncated)",
+                )
+            if head_seq < last:
+                return Verdict(
+                    False,
+                    self.count,
+                    head_seq + 1,
+                    f"rows after the chain head (seq {head_seq}) were added",
+                )
+            if head_seq and head_hash != self.prev:
+                return Verdict(
+                    False, self.count, head_seq, "the chain head's hash is not the last row's"
+                )
+        return Verdict(True, self.count)
+
+
+def verify(rows: Iterable[ChainedRow], head: tuple[int, str] | None = None) -> Verdict:
+    """Walk `rows` in seq order. The first bad seq: a row whose hash is not its contents'
+    (edited), whose prev_hash is not the previous row's hash, or whose seq is not the
+    previous one plus one (a row deleted or inserted before it); then the head (Walk.end)."""
+    walk = Walk()
+    for row in rows:
+        bad = walk.step(row)
+        if bad is not None:
+            return bad
+    return walk.end(head)

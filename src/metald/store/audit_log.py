@@ -33,10 +33,21 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Index, Integer, String, Table, insert, select, update
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    String,
+    Table,
+    func,
+    insert,
+    select,
+    update,
+)
 
 from metald.core.audit import AuditEvent
-from metald.core.audit_chain import ChainedRow, Verdict, chain, verify
+from metald.core.audit_chain import ChainedRow, Verdict, Walk, chain
 from metald.store.database import Database
 from metald.store.schema import metadata
 
@@ -235,12 +246,12 @@ class SqlAuditLog:
             found = [_row(r) for r in await conn.execute(query)]
         return sorted(found, key=lambda r: r.seq) if limit is not None else found
 
-    async def _walk(self, page: int = 5000) -> AsyncIterator[ChainedRow]:
+    async def _walk(self, upto: int, page: int = 5000) -> AsyncIterator[ChainedRow]:
         after = 0
-        while True:
+        while after < upto:
             query = (
                 select(audit_log)
-                .where(audit_log.c.seq > after)
+                .where(audit_log.c.seq > after, audit_log.c.seq <= upto)
                 .order_by(audit_log.c.seq)
                 .limit(page)
             )
@@ -253,7 +264,27 @@ class SqlAuditLog:
             after = batch[-1].seq
 
     async def verify(self) -> Verdict:
-        """Walk the whole chain (in pages) and check it against the head."""
+        """Walk the chain in pages (memory: one page) up to the head as it is now, and
+        check it against the head; a daemon may go on appending meanwhile. Rows beyond the
+        head (added behind the writer's back) are found by comparing the highest seq with
+        the head read after it: the writer moves the head in the rows' own transaction."""
         head = await self.head()
-        rows = [row async for row in self._walk()]
-        return verify(rows, head)
+        walk = Walk()
+        async for row in self._walk(head[0]):
+            bad = walk.step(row)
+            if bad is not None:
+                return bad
+        verdict = walk.end(head)
+        if not verdict.ok:
+            return verdict
+        async with self._db.engine.connect() as conn:
+            highest = (await conn.execute(select(func.max(audit_log.c.seq)))).scalar() or 0
+        latest = (await self.head())[0]
+        if highest > latest:
+            return Verdict(
+                False,
+                walk.count,
+                latest + 1,
+                f"rows after the chain head (seq {latest}) were added",
+            )
+        return verdict
