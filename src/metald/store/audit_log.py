@@ -191,14 +191,15 @@ class SqlAuditLog:
         """Append `events` in one transaction, chained after the head; the rows written."""
         events = [bounded(e) for e in events]
         async with self._db.engine.begin() as conn:
-            # The write lock first (SQLite) / the head row's lock (PostgreSQL): the head read
-            # below is then the latest, and no other writer appends until we commit.
-            await conn.execute(
-                update(audit_head).where(audit_head.c.id == 1).values(seq=audit_head.c.seq)
-            )
+            # The write lock first (SQLite) / the head row's lock (PostgreSQL), and the head
+            # read in the same statement: it is the latest, and no other writer appends
+            # until we commit. (UPDATE ... RETURNING: SQLite 3.35, PostgreSQL.)
             head = (
                 await conn.execute(
-                    select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)
+                    update(audit_head)
+                    .where(audit_head.c.id == 1)
+                    .values(seq=audit_head.c.seq)
+                    .returning(audit_head.c.seq, audit_head.c.hash)
                 )
             ).one()
             rows = chain(int(head.seq), head.hash, events)
