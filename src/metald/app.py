@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import grp
 import logging
 import os
 import pwd
 import signal
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -24,7 +26,7 @@ from metald.api.codecs import api_codecs
 from metald.api.handlers import VmHandlers
 from metald.api.health import Health
 from metald.api.http import MetaldASGI
-from metald.api.interceptors import api_interceptors
+from metald.api.interceptors import Guard, api_interceptors
 from metald.api.metrics_listener import MetricsListener
 from metald.assets.store import LocalAssetStore
 from metald.backends.firecracker.driver import FirecrackerDriver
@@ -40,8 +42,9 @@ from metald.core import tracing
 from metald.core.errors import MetaldError
 from metald.core.metering import MeteringStats
 from metald.core.models import VmRecord
-from metald.core.ports import Backend, Billing, JailIds, Network, Store
+from metald.core.ports import Audit, Backend, Billing, JailIds, Network, Store
 from metald.core.quotas import HostCeiling, QuotaDefaults, Resource, VmMaxima
+from metald.core.ratelimit import CustomerLimits, FailedAuthLimits, Limit, parse_overrides
 from metald.core.telemetry import ApiTelemetry
 from metald.core.validation import Limits
 from metald.gen.vmprovisioner.v1 import vm_connect
@@ -61,6 +64,7 @@ from metald.service.metering import METERED_STATES, Collector, CollectorSettings
 from metald.service.metering_loops import MeteringLoops
 from metald.service.vm_service import VmService
 from metald.store.addresses import SqlAddressBook
+from metald.store.audit_log import SqlAuditLog
 from metald.store.database import Database
 from metald.store.jail_ids import SqlJailIds
 from metald.store.quotas import SqlQuotas
@@ -468,6 +472,7 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
 async def _running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings.vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    guard = build_guard(settings, None)  # issue 10 (audit): a bad rate-limit file stops here
     database = Database(settings.effective_database_url)  # one engine: store and addresses
     store = SqlStore(database)
     network = build_network(settings, database)
@@ -476,6 +481,7 @@ async def _running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
     metering: MeteringLoops | None = None
     listener: MetricsListener | None = None
     identity = contextlib.AsyncExitStack()  # issue 10, identity: the auth chain's life
+    audit_log: SqlAuditLog | None = None
     try:
         await database.migrate()
         try:  # before anything starts: a bad credential setting stops start-up
@@ -541,8 +547,13 @@ async def _running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
         await service.start()
         if metering is not None:
             await metering.start()
+        # Issue 10 (audit): the audit log's writer (the rate limits were read above).
+        audit_log = SqlAuditLog(database, queue_max=settings.audit_queue_max)
+        if settings.audit_enabled:
+            await audit_log.start()
+            guard = dataclasses.replace(guard, audit=audit_log)
         connect_app = connect_application(
-            VmHandlers(service), authenticator, metrics, settings.max_request_bytes
+            VmHandlers(service), authenticator, metrics, settings.max_request_bytes, guard=guard
         )
 
         async def check_assets() -> None:
@@ -560,6 +571,8 @@ async def _running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
             listener = await start_metrics_listener(settings, metrics.exposition)
         yield Daemon(settings, asgi, service, metering_stats if metering else None)
     finally:
+        if audit_log is not None:
+            await audit_log.stop()  # every queued row written (the server has stopped)
         if metering is not None:
             await metering.stop()
         if listener is not None:
@@ -588,17 +601,43 @@ async def start_metrics_listener(
     return listener
 
 
+def build_guard(settings: Settings, audit: Audit | None) -> Guard:
+    """Issue 10 (audit): the audit port and the rate limits (UNKEY_METALD_RATE_LIMIT_*)."""
+    if not settings.rate_limit_enabled:
+        return Guard(audit=audit)
+    try:
+        overrides = parse_overrides(settings.rate_limit_file) if settings.rate_limit_file else {}
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"UNKEY_METALD_RATE_LIMIT_FILE: {exc}") from None
+    default = Limit(settings.rate_limit_rate, settings.rate_limit_burst)
+    failed = Limit(settings.rate_limit_auth_failures_rate, settings.rate_limit_auth_failures_burst)
+    log.info(
+        "rate limits: %g calls/s per customer (burst %g, mutating calls cost %g; %d overrides); "
+        "failed authentication %g/s per source (burst %g)",
+        default.rate, default.burst, settings.rate_limit_mutating_cost, len(overrides),
+        failed.rate, failed.burst,
+    )  # fmt: skip
+    return Guard(
+        audit=audit,
+        customers=CustomerLimits(
+            default, settings.rate_limit_mutating_cost, overrides, time.monotonic
+        ),
+        failed_auth=FailedAuthLimits(failed, time.monotonic, settings.rate_limit_sources_max),
+    )
+
+
 def connect_application(
     handlers: vm_connect.VmService,
     authenticator: TokenAuthenticator,
     metrics: ApiTelemetry,
     max_bytes: int,
+    guard: Guard | None = None,
 ) -> VmServiceASGIApplication:
     """The Connect/gRPC/gRPC-Web application around `handlers`, as metald serves it (the
     benchmarks' trivial ceilings are built with this too, so they measure the same stack)."""
     return VmServiceASGIApplication(
         handlers,
-        interceptors=api_interceptors(authenticator, metrics),
+        interceptors=api_interceptors(authenticator, metrics, guard=guard),
         read_max_bytes=max_bytes,
         codecs=api_codecs(),
     )

@@ -273,6 +273,25 @@ class Settings(BaseSettings):
     billing_retention_hours: float = Field(24.0, ge=0)  # delivered records kept this long
     billing_shutdown_flush_seconds: float = Field(5.0, ge=0, le=300)
 
+    # -- Rate limits and the audit log (issue 10, audit: api/ratelimit.py, store/audit_log.py)
+    # Per-customer token buckets: _RATE calls per second, up to _BURST at once; a mutating
+    # call (Create/Delete/Boot/Shutdown/Pause/Resume/RebootVm) takes _MUTATING_COST tokens.
+    # _FILE: per-customer overrides, lines of `<customer_id> <rate> <burst>`. Failed
+    # authentication: each source address (IPv4, IPv6 /64) may fail _AUTH_FAILURES_BURST
+    # times, refilled at _AUTH_FAILURES_RATE per second; sources remembered: _SOURCES_MAX.
+    rate_limit_enabled: bool = False
+    rate_limit_rate: float = Field(20.0, gt=0)
+    rate_limit_burst: float = Field(40.0, ge=1)
+    rate_limit_mutating_cost: float = Field(5.0, ge=0)
+    rate_limit_file: Path | None = None
+    rate_limit_auth_failures_rate: float = Field(0.5, gt=0)
+    rate_limit_auth_failures_burst: float = Field(10.0, ge=1)
+    rate_limit_sources_max: int = Field(10_000, ge=1)
+    # The audit log (the `audit_log` table; `metald audit list|verify`). Off: no rows (the
+    # security log lines stay). Rows wait in a queue of at most _QUEUE_MAX for the writer.
+    audit_enabled: bool = True
+    audit_queue_max: int = Field(10_000, ge=1)
+
     @field_validator("jailer_uid_range")
     @classmethod
     def _uid_range(cls, value: str) -> str:

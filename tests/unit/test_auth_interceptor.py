@@ -1,11 +1,11 @@
 """The auth interceptor on its own (no server): the Caller it sets for the handler carries
 the credential's identity, the peer address and X-Tenant-ID as sent; the call's log fields
 name the customer, the actor and the tenant; everything is reset after the call; a refused
-token is counted by reason and is a security event with the tenant header."""
+token is counted by reason (its security line and audit row are the audit interceptor's:
+tests/unit/test_audit_interceptor.py)."""
 
 from __future__ import annotations
 
-import logging
 from types import SimpleNamespace
 from typing import Any
 
@@ -54,14 +54,10 @@ async def test_the_caller_has_the_peer_and_the_tenant_header() -> None:
     assert metrics.refused == []
 
 
-async def test_a_refusal_is_counted_and_logged_with_the_tenant(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+async def test_a_refusal_is_counted_and_sets_no_caller() -> None:
     metrics = Counted()
     auth = AuthInterceptor(TokenAuthenticator(dev_tokens=False), metrics)  # type: ignore[arg-type]
-    with caplog.at_level(logging.WARNING, "metald.security"), pytest.raises(ConnectError):
+    with pytest.raises(ConnectError):
         await auth.on_start(ctx(authorization="Bearer dev_customer_acme", **{"x-tenant-id": "t"}))
     assert metrics.refused == ["invalid"]
-    (event,) = [r for r in caplog.records if getattr(r, "event", "") == "security"]
-    assert event.tenant == "t" and event.reason == "unauthenticated"
     assert current_caller.get(None) is None

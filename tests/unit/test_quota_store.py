@@ -227,6 +227,8 @@ async def test_the_migration_gives_existing_vms_a_claim(tmp_path: Path) -> None:
             "vm_metrics",
             "vm_meters",
             "api_keys",  # 0008's
+            "audit_log",  # 0009's (issue 10, audit)
+            "audit_head",
         ):
             conn.execute(f"DROP TABLE {table}")
         conn.execute("DROP INDEX ix_vms_customer_page")  # 0005's, back to 0001's

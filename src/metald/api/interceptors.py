@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import Token
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from connectrpc.errors import ConnectError
@@ -33,11 +33,16 @@ from connectrpc.interceptor import Interceptor
 from connectrpc.request import RequestContext
 
 from metald.api import security
+from metald.api.audit import AuditCaller, AuditInterceptor
 from metald.api.auth import TokenAuthenticator, TokenRefused, current_caller, current_customer
 from metald.api.errors import to_connect_error
+from metald.api.ratelimit import CustomerRateLimit, SourceThrottle
 from metald.core import callcontext, identity, tracing
+from metald.core.audit import call_note
 from metald.core.errors import NotYours, PermissionDenied, Unauthenticated
 from metald.core.ids import is_vm_id
+from metald.core.ports import Audit
+from metald.core.ratelimit import CustomerLimits, FailedAuthLimits
 from metald.core.telemetry import ApiTelemetry
 
 CallFields = Token[Mapping[str, str]]
@@ -124,8 +129,7 @@ class AuthInterceptor:
         except Exception as exc:
             if isinstance(exc, TokenRefused):
                 self._metrics.auth_refused(exc.reason)
-            if isinstance(exc, Unauthenticated):
-                security.refused(security.UNAUTHENTICATED, ctx, exc.message, tenant=tenant)
+            # Its security line and audit row: api/audit.py's AuditInterceptor.
             raise to_connect_error(exc) from None
         # Set in the request's own task: the handler, awaited by the same task, sees it.
         caller = replace(found, source=ctx.client_address, tenant_header=tenant)
@@ -170,12 +174,20 @@ class ErrorsInterceptor:
         fields = (
             callcontext.bind(vm_id=vm_id) if isinstance(vm_id, str) and is_vm_id(vm_id) else None
         )
+        note = call_note.get(None)
+        if note is not None and fields is not None:
+            note.vm_id = vm_id
         try:
             return await call_next(request, ctx)
         except Exception as exc:
             if isinstance(exc, PermissionDenied | NotYours):
                 self._metrics.access_refused(ctx.method.name)
-            _security_event(exc, ctx)
+            if note is None:
+                _security_event(exc, ctx)
+            elif isinstance(exc, NotYours | PermissionDenied):
+                # The audit interceptor writes the row and its one security line.
+                is_mine = isinstance(exc, NotYours)
+                note.refused = security.NOT_YOURS if is_mine else security.PERMISSION_DENIED
             raise to_connect_error(exc) from None
         finally:
             if fields is not None:
@@ -183,7 +195,8 @@ class ErrorsInterceptor:
 
 
 def _security_event(exc: Exception, ctx: RequestContext[Any, Any]) -> None:
-    """A refused access of an authenticated caller (the auth interceptor logs the rest)."""
+    """A refused access's security line, for a chain without the audit interceptor (whose
+    row writes the line otherwise: api/audit.py)."""
     if isinstance(exc, NotYours):
         reason = security.NOT_YOURS
     elif isinstance(exc, PermissionDenied):
@@ -207,13 +220,31 @@ def api_interceptors(
     authenticator: TokenAuthenticator,
     metrics: ApiTelemetry,
     after_auth: Sequence[Interceptor] = (),
+    guard: Guard | None = None,
 ) -> list[Interceptor]:
     """The chain app.py serves: tracing, metrics and auth before the body, then `after_auth`
-    (tests record decoded requests there), then error mapping around the handler."""
+    (tests record decoded requests there), then error mapping around the handler. `guard`:
+    the audit log and the rate limits (issue 10, audit), placed around auth."""
+    guard = guard or Guard()
     return [
         TracingInterceptor(),
         MetricsInterceptor(metrics),
+        # -- issue 10 (audit): failed-auth throttle, audit, (auth), customer rate limit --
+        *([SourceThrottle(guard.failed_auth, metrics)] if guard.failed_auth is not None else []),
+        AuditInterceptor(guard.audit),
         AuthInterceptor(authenticator, metrics),
+        *([CustomerRateLimit(guard.customers, metrics)] if guard.customers is not None else []),
+        AuditCaller(),
+        # -- end issue 10 (audit) --
         *after_auth,
         ErrorsInterceptor(metrics),
     ]
+
+
+@dataclass(frozen=True)
+class Guard:
+    """Issue 10 (audit): where audit rows go, and the rate limits (None: off)."""
+
+    audit: Audit | None = None
+    customers: CustomerLimits | None = None
+    failed_auth: FailedAuthLimits | None = None

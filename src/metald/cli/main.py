@@ -1,11 +1,11 @@
 """The `metald` command: `serve`, `vm ...`, `assets ...`, `quota ...`, `keys ...`, `billing-sink`,
-`billing ...`."""
+`billing ...`, `audit ...`."""
 
 from __future__ import annotations
 
 import typer
 
-from metald.cli import assets, billing, keys, quota, serve, vm
+from metald.cli import assets, audit, billing, keys, quota, serve, vm
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="metald: a microVM manager.")
 app.command("serve")(serve.serve)
@@ -26,4 +26,9 @@ app.add_typer(
     billing.app,
     name="billing",
     help="What the billing sink received (reads its SQLite file: run it where the sink runs).",
+)
+app.add_typer(
+    audit.app,
+    name="audit",
+    help="The audit log, from the daemon's database (run on its host, as its user).",
 )

@@ -45,6 +45,10 @@ class ApiTelemetry(Protocol):
     def access_refused(self, method: str) -> None:
         """An authenticated call was refused for touching what is not the caller's."""
 
+    def rate_limited(self, reason: str) -> None:
+        """A call was refused by a rate limit: "customer" (its customer's bucket) or
+        "auth_failures" (its source failed authentication too often)."""
+
     async def exposition(self) -> bytes:
         """The Prometheus text exposition, read at this instant."""
 

@@ -54,6 +54,7 @@ _CREATE_TO_RUNNING_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3
 
 AUTH_REASONS = ("missing", "malformed", "invalid", "expired", "revoked")
 QUOTA_SCOPES = ("customer", "host")
+RATE_LIMIT_REASONS = ("customer", "auth_failures")  # api/ratelimit.py
 ADOPTION_RESULTS = ("adopted", "lost")
 
 
@@ -146,6 +147,14 @@ class PrometheusMetrics:
             ["method"],
             registry=r,
         )
+        self._rate_limit_refusals = Counter(
+            "metald_rate_limit_refusals_total",
+            "Calls refused by a rate limit, by reason (customer, auth_failures)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in RATE_LIMIT_REASONS:
+            self._rate_limit_refusals.labels(reason)
         info = Gauge("metald_build_info", "Always 1: the running version", ["version"], registry=r)
         info.labels(sources.version or "unknown").set(1)
         for backend in backends:
@@ -195,6 +204,9 @@ class PrometheusMetrics:
 
     def access_refused(self, method: str) -> None:
         self._access_refusals.labels(method).inc()
+
+    def rate_limited(self, reason: str) -> None:
+        self._rate_limit_refusals.labels(reason).inc()
 
     async def exposition(self) -> bytes:
         counts = await self._sources.store.count_by_state_and_backend()

@@ -17,14 +17,14 @@ host details are logged for operators when a VMM starts.
 
 Roles (core/identity.py): every use case takes the authenticated Caller. A customer acts on
 its own VMs only (another customer's answers not_found, as above); an operator or admin acts
-on every customer's VM, and each such action (reads and lists included) is reported to the
-Audit port with its result: who (the credential), on whose VM, which call, what came of it.
-An operator's CreateVm names the customer it creates for (the request's customer_id).
+on every customer's VM. An operator's CreateVm names the customer it creates for (the
+request's customer_id). The API layer writes the call's audit row (api/audit.py: every
+operator call among them); what only the service learns, the VM's id and whose VM it is, it
+notes for that row (core.audit.note) once ownership is checked.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -33,8 +33,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from metald.core import callcontext, paging, timing, tracing
-from metald.core.audit import AuditEvent
+from metald.core import audit, callcontext, paging, timing
 from metald.core.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -58,7 +57,7 @@ from metald.core.models import (
     VmRecord,
     VmUsage,
 )
-from metald.core.ports import Assets, Audit, Backend, Network, Store
+from metald.core.ports import Assets, Backend, Network, Store
 from metald.core.quotas import QuotaExceeded
 from metald.core.redaction import tenant_backend_info, vmm_text
 from metald.core.states import DELETE_NEEDS_FORCE, LIVE_STATES, Operation, VmState, next_state
@@ -88,25 +87,6 @@ class _Keep:
 
 _KEEP = _Keep()
 
-# The RPC each use case serves, as the audit log names it (core/audit.py's `method`).
-_RPC = "vmprovisioner.v1.VmService/"
-
-
-def _trace_id() -> str:
-    """The call's trace id: the span's when tracing is on, else the caller's traceparent's
-    (bound by the API layer), else ""."""
-    ids = tracing.current_ids()
-    return ids[0] if ids else callcontext.fields().get("trace_id", "")
-
-
-class _Audited:
-    """What an audited use case learns as it goes: the VM's id (a create picks one) and
-    whose VM it is (known once the VM is read)."""
-
-    def __init__(self, vm_id: str | None, customer_id: str | None) -> None:
-        self.vm_id = vm_id
-        self.customer_id = customer_id
-
 
 class VmService:
     def __init__(
@@ -124,7 +104,6 @@ class VmService:
         host_details: bool = False,
         telemetry: VmTelemetry | None = None,
         metering: Collector | None = None,
-        audit: Audit | None = None,
     ) -> None:
         """`backends`: every VMM backend this host can run, by name (a VM row records its
         backend, so VMs of each are adopted after a restart); new VMs use `default_backend`
@@ -133,7 +112,7 @@ class VmService:
         `telemetry`: told of creates (their steps, core/timing.py), boots, adoptions,
         unasked VMM exits and quota refusals (the adapter publishes them on /metrics).
         `metering`: told of boots, shutdowns and deletes (service/metering.py), when
-        billing is on. `audit`: told of every operator action (None: nothing recorded)."""
+        billing is on."""
         if not backends:
             raise ValueError("at least one backend")
         default_backend = default_backend or next(iter(backends))
@@ -154,7 +133,6 @@ class VmService:
         self.registry = VmRegistry()
         self._telemetry: VmTelemetry = telemetry or NoTelemetry()
         self._metering = metering
-        self._audit = audit
 
     # -- life of the service -------------------------------------------------------------
 
@@ -238,11 +216,10 @@ class VmService:
         """A VM of `customer_id` (empty: the caller's own customer). A customer may create
         only its own; an operator must name the customer (unless its credential has one)."""
         owner = self._creating_for(caller, customer_id)
-        async with self._audited(caller, "CreateVm", vm_id or None, owner) as note:
-            with callcontext.scope(), timing.collecting() as times, self._quota_refusals():
-                vm = await self._create_vm(owner, vm_id, config, note)
-                # Only a create that succeeded: a failed one's steps stop anywhere.
-                log.debug("vm %s: created in %s", vm.id, times.describe())
+        with callcontext.scope(), timing.collecting() as times, self._quota_refusals():
+            vm = await self._create_vm(owner, vm_id, config)
+            # Only a create that succeeded: a failed one's steps stop anywhere.
+            log.debug("vm %s: created in %s", vm.id, times.describe())
         self._telemetry.create_steps(vm.backend, times)
         return vm
 
@@ -260,9 +237,7 @@ class VmService:
         check_customer_id(owner)
         return owner
 
-    async def _create_vm(
-        self, caller: str, vm_id: str, config: VmConfig, note: _Audited
-    ) -> VmRecord:
+    async def _create_vm(self, caller: str, vm_id: str, config: VmConfig) -> VmRecord:
         """`caller`: the customer the VM is for (checked by _creating_for)."""
         with timing.step("check"):
             if vm_id:
@@ -271,7 +246,7 @@ class VmService:
             self._network.check(config.network)
             spec_of = self._resolve(config, caller)
             vm_id = vm_id or new_vm_id()
-            note.vm_id = vm_id
+            audit.note(vm_id=vm_id, owner=caller)
             claim = self._admission.check_request(config, spec_of(vm_id).disks)
         callcontext.bind(vm_id=vm_id)  # log lines and the RPC's span name it from here
         taken = AlreadyExists(f"vm_id {vm_id!r} is taken (VM ids are never reused)")
@@ -328,7 +303,7 @@ class VmService:
             return vm
 
     async def boot_vm(self, caller: Caller, vm_id: str) -> VmRecord:
-        async with self._owned_and_locked(caller, vm_id, "BootVm") as vm:
+        async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.BOOT, vm.state)
             first = vm.state is VmState.CREATED
             started = time.perf_counter()
@@ -344,21 +319,21 @@ class VmService:
             return saved
 
     async def pause_vm(self, caller: Caller, vm_id: str) -> VmRecord:
-        async with self._owned_and_locked(caller, vm_id, "PauseVm") as vm:
+        async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.PAUSE, vm.state)
             with timing.step("vmm.pause"):
                 await self._backend_of(vm).pause(vm_id)
             return await self._save(vm, state=new_state)
 
     async def resume_vm(self, caller: Caller, vm_id: str) -> VmRecord:
-        async with self._owned_and_locked(caller, vm_id, "ResumeVm") as vm:
+        async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.RESUME, vm.state)
             with timing.step("vmm.resume"):
                 await self._backend_of(vm).resume(vm_id)
             return await self._save(vm, state=new_state)
 
     async def reboot_vm(self, caller: Caller, vm_id: str) -> VmRecord:
-        async with self._owned_and_locked(caller, vm_id, "RebootVm") as vm:
+        async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.REBOOT, vm.state)
             with timing.step("vmm.reboot"):
                 process = await self._backend_of(vm).reboot(vm_id)
@@ -369,7 +344,7 @@ class VmService:
     ) -> VmRecord:
         check_shutdown_timeout(timeout_seconds)
         timeout = float(timeout_seconds) or self._default_shutdown_timeout
-        async with self._owned_and_locked(caller, vm_id, "ShutdownVm") as vm:
+        async with self._owned_and_locked(caller, vm_id) as vm:
             new_state = next_state(Operation.SHUTDOWN, vm.state)
             await self._meter("final_sample", vm)  # ticks go on while it stops
             with timing.step("vmm.shutdown"):
@@ -381,7 +356,7 @@ class VmService:
             return saved
 
     async def delete_vm(self, caller: Caller, vm_id: str, *, force: bool = False) -> None:
-        async with self._owned_and_locked(caller, vm_id, "DeleteVm") as vm:
+        async with self._owned_and_locked(caller, vm_id) as vm:
             next_state(Operation.DELETE, vm.state)
             if vm.state in DELETE_NEEDS_FORCE and not force:
                 raise FailedPrecondition(
@@ -405,9 +380,7 @@ class VmService:
     async def get_vm(
         self, caller: Caller, vm_id: str
     ) -> tuple[VmRecord, VmUsage, dict[str, str], NetworkInfo | None]:
-        async with self._audited(caller, "GetVmInfo", vm_id) as note:
-            vm = await self._owned(caller, vm_id)
-            note.customer_id = vm.customer_id
+        vm = await self._owned(caller, vm_id)
         network = await self._network.describe(vm_id, vm.customer_id, vm.config.network)
         usage = VmUsage()
         info = dict(vm.backend_info)
@@ -434,10 +407,8 @@ class VmService:
         if max_bytes < 0:
             raise InvalidArgument("max_bytes", "must not be negative")
         limit = min(max_bytes or DEFAULT_CONSOLE_BYTES, MAX_CONSOLE_BYTES)
-        async with self._audited(caller, "GetVmConsole", vm_id) as note:
-            vm = await self._owned(caller, vm_id)
-            note.customer_id = vm.customer_id
-            return await self._backend_of(vm).console(vm_id, offset, limit)
+        vm = await self._owned(caller, vm_id)
+        return await self._backend_of(vm).console(vm_id, offset, limit)
 
     async def list_vms(
         self,
@@ -459,10 +430,10 @@ class VmService:
                 raise PermissionDenied("the credential names no customer")
         limit = paging.page_size(page_size)
         cursor = paging.decode_token(page_token)
-        async with self._audited(caller, "ListVms", None, customer_id or None):
-            vms, total = await self._store.list_for_customer(
-                customer_id or None, states, limit + 1, cursor
-            )
+        audit.note(owner=customer_id or None)
+        vms, total = await self._store.list_for_customer(
+            customer_id or None, states, limit + 1, cursor
+        )
         next_token = ""
         if len(vms) > limit:
             vms = vms[:limit]
@@ -488,57 +459,13 @@ class VmService:
         return backend
 
     @asynccontextmanager
-    async def _owned_and_locked(
-        self, caller: Caller, vm_id: str, rpc: str
-    ) -> AsyncIterator[VmRecord]:
+    async def _owned_and_locked(self, caller: Caller, vm_id: str) -> AsyncIterator[VmRecord]:
         """The caller's VM under its lock. Ownership is checked first, so another customer's
         call on the id answers not_found at once instead of waiting for the lock; read again
-        once the lock is held (the VM may have been deleted meanwhile). An operator's call
-        is audited (`rpc`: the call's name), whatever comes of it."""
-        async with self._audited(caller, rpc, vm_id) as note:
-            note.customer_id = (await self._owned(caller, vm_id)).customer_id
-            async with self._locks.hold(vm_id):
-                yield await self._owned(caller, vm_id)
-
-    @asynccontextmanager
-    async def _audited(
-        self, caller: Caller, rpc: str, vm_id: str | None, customer_id: str | None = None
-    ) -> AsyncIterator[_Audited]:
-        """Report an operator's call to the Audit port once it has ended, with its result.
-        Customers' calls are not reported here (the API layer's audit sees every call). A
-        failing audit store is logged and does not undo or fail the call: it has happened."""
-        note = _Audited(vm_id, customer_id)
-        if self._audit is None or not caller.is_operator:
-            yield note
-            return
-        code = "ok"
-        try:
-            yield note
-        except BaseException as exc:
-            if isinstance(exc, MetaldError):
-                code = exc.code
-            elif isinstance(exc, asyncio.CancelledError):
-                code = "canceled"
-            else:
-                code = "internal"
-            raise
-        finally:
-            event = AuditEvent(
-                at_ns=time.time_ns(),
-                actor=caller.actor,
-                role=caller.role.value,
-                customer_id=note.customer_id,
-                method=_RPC + rpc,
-                vm_id=note.vm_id,
-                code=code,
-                source=caller.source,
-                trace_id=_trace_id(),
-                tenant_header=caller.tenant_header,
-            )
-            try:
-                await self._audit.record(event)
-            except Exception:
-                log.exception("audit: %s by %s could not be recorded", event.method, caller.actor)
+        once the lock is held (the VM may have been deleted meanwhile)."""
+        await self._owned(caller, vm_id)
+        async with self._locks.hold(vm_id):
+            yield await self._owned(caller, vm_id)
 
     def _log_host_details(self, vm: VmRecord) -> None:
         """What tenants are not shown, for operators: pid, sockets, console path, version."""
@@ -568,6 +495,7 @@ class VmService:
             raise NotFound(f"VM {vm_id!r} not found")
         if not caller.may_act_on(vm.customer_id):
             raise NotYours(f"VM {vm_id!r} not found")
+        audit.note(vm_id=vm_id, owner=vm.customer_id)
         return vm
 
     async def _read(self, vm_id: str) -> VmRecord | None:
