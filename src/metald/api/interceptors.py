@@ -34,6 +34,7 @@ from connectrpc.request import RequestContext
 from metald.api import security
 from metald.api.auth import TokenAuthenticator, TokenRefused, current_caller, current_customer
 from metald.api.errors import to_connect_error
+from metald.api.mtls import CertificateAuthenticator, current_peer
 from metald.core import callcontext, identity, tracing
 from metald.core.errors import NotYours, PermissionDenied, Unauthenticated
 from metald.core.ids import is_vm_id
@@ -108,29 +109,44 @@ class MetricsInterceptor:
 class AuthInterceptor:
     """The bearer token to the customer of the call, from the headers, before the body."""
 
-    def __init__(self, authenticator: TokenAuthenticator, metrics: ApiTelemetry) -> None:
+    def __init__(
+        self,
+        authenticator: TokenAuthenticator,
+        metrics: ApiTelemetry,
+        certificates: CertificateAuthenticator | None = None,
+    ) -> None:
         self._auth = authenticator
         self._metrics = metrics
+        # issue 10, tls: with mTLS the client certificate names the caller (api/mtls.py).
+        self._certificates = certificates
 
     async def on_start(
         self, ctx: RequestContext[Any, Any]
     ) -> tuple[Token[str], Token[identity.Caller], CallFields]:
+        authorization = ctx.request_headers.get("authorization")
+        tenant = ctx.request_headers.get("x-tenant-id")
         try:
-            customer = self._auth.customer_for(ctx.request_headers.get("authorization"))
+            if self._certificates is not None:
+                caller = self._certificates.caller(
+                    current_peer.get(), authorization, self._auth, ctx.client_address, tenant
+                )
+            else:
+                customer = self._auth.customer_for(authorization)
+                caller = identity.Caller(
+                    actor=f"token:{customer}",
+                    role=identity.Role.CUSTOMER,
+                    customer_id=customer,
+                    source=ctx.client_address,
+                    tenant_header=tenant,
+                )
         except Exception as exc:
             if isinstance(exc, TokenRefused):
                 self._metrics.auth_refused(exc.reason)
             if isinstance(exc, Unauthenticated):
                 security.refused(security.UNAUTHENTICATED, ctx, exc.message)
             raise to_connect_error(exc) from None
+        customer = caller.customer_id or ""
         # Set in the request's own task: the handler, awaited by the same task, sees it.
-        caller = identity.Caller(
-            actor=f"token:{customer}",
-            role=identity.Role.CUSTOMER,
-            customer_id=customer,
-            source=ctx.client_address,
-            tenant_header=ctx.request_headers.get("x-tenant-id"),
-        )
         return (
             current_customer.set(customer),
             current_caller.set(caller),
@@ -198,13 +214,14 @@ def api_interceptors(
     authenticator: TokenAuthenticator,
     metrics: ApiTelemetry,
     after_auth: Sequence[Interceptor] = (),
+    certificates: CertificateAuthenticator | None = None,
 ) -> list[Interceptor]:
     """The chain app.py serves: tracing, metrics and auth before the body, then `after_auth`
     (tests record decoded requests there), then error mapping around the handler."""
     return [
         TracingInterceptor(),
         MetricsInterceptor(metrics),
-        AuthInterceptor(authenticator, metrics),
+        AuthInterceptor(authenticator, metrics, certificates),
         *after_auth,
         ErrorsInterceptor(metrics),
     ]

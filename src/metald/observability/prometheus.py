@@ -52,7 +52,7 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 _BOOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _CREATE_TO_RUNNING_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
-AUTH_REASONS = ("missing", "malformed", "invalid")
+AUTH_REASONS = ("missing", "malformed", "invalid", "certificate")
 QUOTA_SCOPES = ("customer", "host")
 ADOPTION_RESULTS = ("adopted", "lost")
 
