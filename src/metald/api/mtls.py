@@ -17,7 +17,7 @@ role is customer, operator or admin; the identity is the rest of the line (subje
 spaces and commas), e.g.
 
     acme     customer spiffe://example.org/tenant/acme
-    globex   customer CN=globex-ci,O=Globex
+    globex   customer O=Globex,CN=globex-ci
 
 The peer certificate reaches the app in the ASGI TLS extension (scope["extensions"]["tls"],
 api/hypercorn_tls.py fills it for hypercorn); api/http.py puts the leaf's PEM in
