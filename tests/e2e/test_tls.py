@@ -378,6 +378,23 @@ def test_mtls_identities(metald_factory: Start, tmp_path: Path) -> None:
             daemon.url, None, ca_file=pki.ca_file, cert_file=acme[0], key_file=acme[1]
         ) as sdk:
             assert [vm.vm_id for vm in sdk.list_vms().vms] == [vm_id]
+        # The CLI: TLS options of the `vm` group, from flags and from the environment.
+        argv = [str(METALD), "vm", "--ca-file", str(pki.ca_file), "--cert", str(acme[0])]
+        argv += ["--key", str(acme[1]), "list", "--addr", daemon.url, "--quiet"]
+        out = subprocess.run(argv, capture_output=True, text=True, env=client_env(), check=False)
+        assert out.returncode == 0 and out.stdout.split() == [vm_id], out.stderr
+        env = {**client_env(), "METALD_CA_FILE": str(pki.ca_file), "METALD_CERT_FILE":
+               str(globex[0]), "METALD_KEY_FILE": str(globex[1])}  # fmt: skip
+        argv = [str(METALD), "vm", "list", "--addr", daemon.url, "--quiet"]
+        out = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+        assert out.returncode == 0 and out.stdout.split() == [], out.stderr
+        # Without the CA the server's certificate is not trusted: a clear error, exit 1.
+        argv = [str(METALD), "vm", "--cert", str(acme[0]), "--key", str(acme[1]), "list"]
+        out = subprocess.run(
+            [*argv, "--addr", daemon.url], capture_output=True, text=True, env=client_env(),
+            check=False,
+        )  # fmt: skip
+        assert out.returncode != 0 and "error:" in out.stderr, (out.stdout, out.stderr)
     finally:
         connect_json(
             daemon, pki, "DeleteVm", {"vm_id": vm_id, "force": True}, token=None, client=acme
