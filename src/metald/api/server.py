@@ -71,6 +71,8 @@ def hypercorn_config(options: ServerOptions) -> HypercornConfig:
     config.h2_max_concurrent_streams = options.h2_max_concurrent_streams
     config.keep_alive_timeout = options.idle_timeout
     config.graceful_timeout = options.graceful_timeout
+    # A TLS handshake that does not finish holds a connection like slow headers do.
+    config.ssl_handshake_timeout = max(options.idle_timeout, 10.0)
     return config
 
 

@@ -251,11 +251,8 @@ def tls_options(
 
 def _connect(addr: str, token: str | None) -> MetaldClient:
     if not token and _TLS["cert_file"] is None:
-        _fail(
-            "unauthenticated",
-            "no API token: set METALD_TOKEN or pass --token (or a client certificate: --cert)",
-            exit_code=2,
-        )
+        # (A client certificate, `metald vm --cert`, names the caller without a token.)
+        _fail("unauthenticated", "no API token: set METALD_TOKEN or pass --token", exit_code=2)
     try:
         return MetaldClient(
             addr,
