@@ -233,3 +233,18 @@ def test_a_rotated_ca_is_what_client_certificates_are_checked_against(tmp_path: 
     trust_new = client_context(new_ca)
     trust_new.load_cert_chain(*map(str, new_client.write(tmp_path, "new-client")))
     handshake(tls.server_context, trust_new)
+
+
+def test_an_encrypted_key_is_refused_not_prompted_for(tmp_path: Path) -> None:
+    ca = Ca()
+    server = ca.issue("metald", server=True)
+    files = files_for(tmp_path, ca, server)
+    files.key.path.write_bytes(
+        server.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    with pytest.raises(TlsError, match=r"UNKEY_METALD_TLS_KEY_FILE=.*not encrypted"):
+        load(files)

@@ -16,7 +16,9 @@ A bad new file is logged as an error and the old material stays in use.
 
 TLS 1.2 is the minimum; ALPN offers h2 and http/1.1, so Connect (both), gRPC (h2) and
 gRPC-Web share the one port. Session tickets are off: a resumed session would skip the
-client-certificate check against a CA that may have been rotated since.
+client-certificate check against a CA that may have been rotated since. (TLS 1.2 session-ID
+resumption from OpenSSL's server-side cache stays possible for its 300 s: Python's ssl has
+no call to turn that cache off.)
 """
 
 from __future__ import annotations
@@ -117,7 +119,9 @@ def load(files: TlsFiles, now: datetime.datetime | None = None) -> Material:
     context.num_tickets = 0
     context.set_alpn_protocols(ALPN)
     try:
-        context.load_cert_chain(str(files.cert.path), str(files.key.path))
+        # A password callback, so an encrypted key fails here instead of OpenSSL asking on
+        # the terminal (there is none under systemd): metald takes unencrypted keys only.
+        context.load_cert_chain(str(files.cert.path), str(files.key.path), password=_no_password)
     except ssl.SSLError as exc:
         if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
             raise TlsError(
@@ -125,7 +129,8 @@ def load(files: TlsFiles, now: datetime.datetime | None = None) -> Material:
                 f"{files.cert.named()}"
             ) from None
         raise TlsError(
-            f"{files.key.named()} / {files.cert.variable}: cannot load the key ({exc.reason})"
+            f"{files.key.named()}: cannot load the key ({exc.reason}; it must be PEM and not "
+            "encrypted)"
         ) from None
     if files.ca is not None:
         data = _read(files.ca)
@@ -140,6 +145,10 @@ def load(files: TlsFiles, now: datetime.datetime | None = None) -> Material:
     return Material(
         context, leaf.serial_number, leaf.subject.rfc4514_string(), leaf.not_valid_after_utc
     )
+
+
+def _no_password() -> bytes:
+    return b""
 
 
 Signature = tuple[tuple[int, int, int, int] | None, ...]

@@ -136,7 +136,7 @@ class PrometheusMetrics:
         )
         self._auth_refusals = Counter(
             "metald_auth_refusals_total",
-            "Calls refused for their bearer token, by reason",
+            "Calls refused for their credentials (bearer token or client certificate), by reason",
             ["reason"],
             registry=r,
         )
