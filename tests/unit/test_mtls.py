@@ -3,15 +3,23 @@ SPIFFE policy, the caller a certificate makes, and the TLS settings start-up ref
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from connectrpc.method import IdempotencyLevel, MethodInfo, StreamType
+from connectrpc.request import Headers, RequestContext
 
-from metald.api.auth import TokenAuthenticator, TokenRefused
+from metald.api.auth import TokenAuthenticator, TokenRefused, current_caller, current_customer
+from metald.api.interceptors import AuthInterceptor
 from metald.api.mtls import (
     CertificateAuthenticator,
     IdentityMap,
     SpiffePolicy,
+    current_peer,
     identity_of,
     peer_from_scope,
     trust_domain,
@@ -20,6 +28,8 @@ from metald.api.tls import TlsError
 from metald.client._build import ClientSettings, TlsOptions, tls_options
 from metald.config import load_settings
 from metald.core.identity import Role
+from metald.core.telemetry import NoTelemetry
+from metald.gen.vmprovisioner.v1 import vm_pb2
 from metald.tls_setup import tls_setup
 from tests.tlscerts import Ca
 
@@ -220,3 +230,54 @@ def test_client_tls_options(tmp_path: Path) -> None:
     arguments = TlsOptions(CA.write(tmp_path / "ca.pem"), cert, key).transport_arguments()
     assert arguments["tls_ca_cert"] == CA.pem and not arguments["tls_include_system_certs"]
     assert arguments["tls_cert"] == cert.read_bytes() and arguments["tls_key"] == key.read_bytes()
+
+
+# -- the auth interceptor with certificates ----------------------------------------------------
+
+
+class Refusals(NoTelemetry):
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def auth_refused(self, reason: str) -> None:
+        self.reasons.append(reason)
+
+
+def _ctx(headers: dict[str, str]) -> RequestContext[Any, Any]:
+    method = MethodInfo(
+        name="ListVms", service_name="vmprovisioner.v1.VmService", input=vm_pb2.ListVmsRequest,
+        output=vm_pb2.ListVmsResponse, idempotency_level=IdempotencyLevel.UNKNOWN,
+        stream_type=StreamType.UNARY,
+    )  # fmt: skip
+    return RequestContext(
+        method=method, http_method="POST", request_headers=Headers(headers),
+        client_address="127.0.0.1:5",
+    )  # fmt: skip
+
+
+async def test_the_interceptor_makes_the_certificates_caller(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    refusals = Refusals()
+    interceptor = AuthInterceptor(TOKENS, refusals, _auth())
+    seen: list[Any] = []
+
+    async def call(peer: str | None, headers: dict[str, str]) -> None:
+        if peer is not None:
+            current_peer.set(peer)
+        tokens = await interceptor.on_start(_ctx(headers))
+        seen.append((current_caller.get(), current_customer.get()))
+        await interceptor.on_end(tokens, _ctx(headers), None)
+
+    await asyncio.create_task(call(issued("a", uris=(ACME,)), {"x-tenant-id": "t"}))
+    caller, customer = seen[0]
+    assert (caller.actor, caller.customer_id, customer) == (f"mtls:{ACME}", "acme", "acme")
+    assert caller.tenant_header == "t" and caller.source == "127.0.0.1:5"
+    # Without a certificate (another server, a test) and with an unknown one: refused, even
+    # with a token that would have been good.
+    for peer in (None, issued("stranger")):
+        with pytest.raises(ConnectError) as refused:
+            await asyncio.create_task(call(peer, {"authorization": "Bearer dev_customer_acme"}))
+        assert refused.value.code is Code.UNAUTHENTICATED
+    assert refusals.reasons == ["certificate", "certificate"]
+    assert "unknown client certificate identity 'CN=stranger'" in caplog.text
