@@ -15,6 +15,7 @@ three protocols; plus the SDK. Certificates are made by the test (tests/tlscerts
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -372,12 +373,21 @@ def test_mtls_identities(metald_factory: Start, tmp_path: Path) -> None:
         assert answer["code"] == "unauthenticated", answer
 
         # The SDK with CA, client certificate and key.
-        from metald.client import MetaldClient
+        from metald.client import AsyncMetaldClient, MetaldClient
 
         with MetaldClient(
             daemon.url, None, ca_file=pki.ca_file, cert_file=acme[0], key_file=acme[1]
         ) as sdk:
             assert [vm.vm_id for vm in sdk.list_vms().vms] == [vm_id]
+
+        async def async_list() -> list[str]:
+            async with AsyncMetaldClient(
+                daemon.url, "dev_customer_globex", ca_file=pki.ca_file, cert_file=globex[0],
+                key_file=globex[1],
+            ) as client:  # fmt: skip
+                return [vm.vm_id for vm in (await client.list_vms()).vms]
+
+        assert asyncio.run(async_list()) == []
         # The CLI: TLS options of the `vm` group, from flags and from the environment.
         argv = [str(METALD), "vm", "--ca-file", str(pki.ca_file), "--cert", str(acme[0])]
         argv += ["--key", str(acme[1]), "list", "--addr", daemon.url, "--quiet"]
