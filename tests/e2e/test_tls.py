@@ -208,6 +208,8 @@ def tls_env(pki: Pki, **more: str) -> dict[str, str]:
 def test_every_client_over_tls_and_reload(metald_factory: Start, tmp_path: Path) -> None:
     pki = Pki(tmp_path)
     daemon = metald_factory(client_tls=pki.context(), **tls_env(pki))
+    # A client that connects and never starts the handshake (checked at the end).
+    silent = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
 
     # curl, Connect JSON, over HTTP/1.1 and over h2 (ALPN).
     for flag, version in (("--http1.1", "1.1"), ("--http2", "2")):
@@ -283,8 +285,13 @@ def test_every_client_over_tls_and_reload(metald_factory: Start, tmp_path: Path)
             30,
             "the good certificate to be loaded again",
         )
+        # The silent client was closed by the server: the handshake has a deadline (10 s here;
+        # the test shows that there is one, not its length).
+        silent.settimeout(120)
+        assert silent.recv(1) == b""
     finally:
         channel.close()
+        silent.close()
 
 
 # -- mTLS ----------------------------------------------------------------------------------------
