@@ -28,6 +28,8 @@ from metald.api.health import Health
 from metald.api.http import MetaldASGI
 from metald.api.interceptors import Guard, api_interceptors
 from metald.api.metrics_listener import MetricsListener
+from metald.api.mtls import CertificateAuthenticator
+from metald.api.tls import TlsError
 from metald.assets.store import LocalAssetStore
 from metald.backends.firecracker.driver import FirecrackerDriver
 from metald.backends.qemu.driver import QemuDriver
@@ -70,6 +72,7 @@ from metald.store.jail_ids import SqlJailIds
 from metald.store.quotas import SqlQuotas
 from metald.store.sqlite import SqlStore
 from metald.store.usage_log import SqlUsageLog
+from metald.tls_setup import TlsSetup, tls_setup
 
 if TYPE_CHECKING:
     from metald.observability.tracing import OtelTracer
@@ -87,6 +90,15 @@ class Daemon:
     asgi: MetaldASGI
     service: VmService
     metering: MeteringStats | None = None  # None: billing is off, nothing is metered
+    tls: TlsSetup | None = None  # None: plaintext (UNKEY_METALD_TLS_MODE=disabled)
+
+
+def build_tls(settings: Settings) -> TlsSetup | None:
+    """The API port's TLS (tls_setup.py): bad or missing material stops start-up."""
+    try:
+        return tls_setup(settings)
+    except TlsError as exc:
+        raise StartupError(str(exc)) from None
 
 
 def check_exposure(settings: Settings) -> None:
@@ -458,10 +470,11 @@ def build_tracer(settings: Settings) -> OtelTracer | None:
 async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
     """Everything started and reconciled; on exit, control connections closed (VMs live on)."""
     check_exposure(settings)
+    tls = build_tls(settings)
     tracer = build_tracer(settings)
     with tracing.installed(tracer):
         try:
-            async with _running_daemon(settings) as daemon:
+            async with _running_daemon(settings, tls) as daemon:
                 yield daemon
         finally:
             if tracer is not None:
@@ -469,7 +482,7 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
 
 
 @asynccontextmanager
-async def _running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
+async def _running_daemon(settings: Settings, tls: TlsSetup | None) -> AsyncIterator[Daemon]:
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings.vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     guard = build_guard(settings, None)  # issue 10 (audit): a bad rate-limit file stops here
@@ -553,8 +566,9 @@ async def _running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
             await audit_log.start()
             guard = dataclasses.replace(guard, audit=audit_log)
         connect_app = connect_application(
-            VmHandlers(service), authenticator, metrics, settings.max_request_bytes, guard=guard
-        )
+            VmHandlers(service), authenticator, metrics, settings.max_request_bytes,
+            guard=guard, certificates=tls.certificates if tls is not None else None,
+        )  # fmt: skip
 
         async def check_assets() -> None:
             assets.ping()
@@ -569,7 +583,7 @@ async def _running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
         )
         if settings.otel_prometheus_enabled:
             listener = await start_metrics_listener(settings, metrics.exposition)
-        yield Daemon(settings, asgi, service, metering_stats if metering else None)
+        yield Daemon(settings, asgi, service, metering_stats if metering else None, tls)
     finally:
         if audit_log is not None:
             await audit_log.stop()  # every queued row written (the server has stopped)
@@ -632,24 +646,28 @@ def connect_application(
     metrics: ApiTelemetry,
     max_bytes: int,
     guard: Guard | None = None,
+    certificates: CertificateAuthenticator | None = None,
 ) -> VmServiceASGIApplication:
     """The Connect/gRPC/gRPC-Web application around `handlers`, as metald serves it (the
     benchmarks' trivial ceilings are built with this too, so they measure the same stack)."""
     return VmServiceASGIApplication(
         handlers,
-        interceptors=api_interceptors(authenticator, metrics, guard=guard),
+        interceptors=api_interceptors(
+            authenticator, metrics, guard=guard, certificates=certificates
+        ),
         read_max_bytes=max_bytes,
         codecs=api_codecs(),
     )
 
 
-def server_options(settings: Settings) -> server.ServerOptions:
+def server_options(settings: Settings, tls: TlsSetup | None = None) -> server.ServerOptions:
     return server.ServerOptions(
         address=settings.address,
         port=settings.port,
         h2_max_concurrent_streams=settings.http2_max_concurrent_streams,
         idle_timeout=settings.http_idle_timeout_seconds,
         server=settings.http_server.value,
+        tls=tls.tls.server_context if tls is not None else None,
     )
 
 
@@ -668,6 +686,7 @@ async def serve(settings: Settings) -> None:
         logging.disable(logging.WARNING)  # only its refusals here: the daemon logs the rest
         try:
             check_exposure(settings)
+            build_tls(settings)  # refuses TLS: only hypercorn serves it
         finally:
             logging.disable(logging.NOTSET)
         os.environ["METALD_PYTHON"] = sys.executable
@@ -676,10 +695,11 @@ async def serve(settings: Settings) -> None:
         if code:
             raise SystemExit(code)
         return
-    async with running_daemon(settings) as daemon:
-        options = server_options(settings)
+    async with running_daemon(settings) as daemon, _tls_reloading(daemon.tls):
+        options = server_options(settings, daemon.tls)
         log.info(
-            "metald serving on %s:%s (backend %s, dev tokens %s); state in %s, assets in %s",
+            "metald serving on %s://%s:%s (backend %s, dev tokens %s); state in %s, assets in %s",
+            "https" if daemon.tls else "http",
             settings.address,
             settings.port,
             settings.backend.value,
@@ -689,6 +709,32 @@ async def serve(settings: Settings) -> None:
         )
         await server.serve(daemon.asgi, options, stop.wait)
     log.info("metald stopped; VMs keep running and are adopted at the next start")
+
+
+@asynccontextmanager
+async def _tls_reloading(tls: TlsSetup | None) -> AsyncIterator[None]:
+    """TLS material re-read when its files change (every UNKEY_METALD_TLS_RELOAD_SECONDS) and
+    on SIGHUP, while serving."""
+    if tls is None:
+        yield
+        return
+    interval = tls.reload_seconds
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, lambda: tls.tls.check(force=True))
+    watcher = asyncio.ensure_future(tls.tls.run(interval)) if interval else None
+    current = tls.tls.current
+    log.info(
+        "TLS on the API port: certificate %s serial %x (expires %s), client certificates %s; "
+        "the Prometheus listener stays plain HTTP",
+        current.subject, current.serial, current.not_after.isoformat(),
+        "required" if tls.tls.mutual else "not asked",
+    )  # fmt: skip
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        if watcher is not None:
+            watcher.cancel()
 
 
 def configure_logging(settings: Settings) -> None:

@@ -25,6 +25,14 @@ class HttpServer(StrEnum):
     PYVOY = "pyvoy"
 
 
+class TlsMode(StrEnum):
+    """UNKEY_METALD_TLS_MODE (issue 10, tls): plaintext, certificate files, or SPIFFE SVIDs."""
+
+    DISABLED = "disabled"
+    FILE = "file"
+    SPIFFE = "spiffe"
+
+
 class Accelerator(StrEnum):
     AUTO = "auto"
     KVM = "kvm"
@@ -291,6 +299,23 @@ class Settings(BaseSettings):
     # security log lines stay). Rows wait in a queue of at most _QUEUE_MAX for the writer.
     audit_enabled: bool = True
     audit_queue_max: int = Field(10_000, ge=1)
+
+    # -- TLS and mTLS (issue 10, tls: api/tls.py, api/mtls.py; README "TLS and mTLS") -----
+    # file: the certificate chain and key below; with a CA file, client certificates are
+    # required (mTLS) and name the caller through the identities file. spiffe: an X.509 SVID
+    # and trust bundle a SPIFFE agent writes (_SPIFFE_DIR, or the three files below), mTLS
+    # always, clients only of _SPIFFE_TRUST_DOMAINS (and _SPIFFE_ALLOWED_IDS if set). Bad
+    # or missing material stops start-up; files are re-read when they change (and on SIGHUP).
+    tls_mode: TlsMode = TlsMode.DISABLED
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    # Lines of `<customer_id> <role> <identity>` (api/mtls.py); required with mTLS.
+    tls_identities_file: Path | None = None
+    tls_reload_seconds: float = Field(5.0, ge=0, le=3600)  # 0: only on SIGHUP
+    tls_spiffe_dir: Path | None = None  # svid.pem, svid_key.pem, svid_bundle.pem
+    tls_spiffe_trust_domains: str = ""  # comma-separated, e.g. example.org
+    tls_spiffe_allowed_ids: str = ""  # comma-separated SPIFFE IDs; empty: any of the domains
 
     @field_validator("jailer_uid_range")
     @classmethod

@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import tempfile
 import time
@@ -231,8 +232,13 @@ def client_env() -> dict[str, str]:
     return env
 
 
-def http_get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+def http_get(
+    url: str, timeout: float = 10.0, context: ssl.SSLContext | None = None
+) -> tuple[int, bytes]:
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if context is not None:  # https: the daemon's CA (and a client certificate for mTLS)
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    opener = urllib.request.build_opener(*handlers)
     try:
         with opener.open(url, timeout=timeout) as r:
             return r.status, r.read()
@@ -259,8 +265,11 @@ class Daemon:
         env: dict[str, str],
         name: str = "metald",
         command_prefix: tuple[str, ...] = (),
+        client_tls: ssl.SSLContext | None = None,
     ) -> None:
         self.workdir = workdir
+        # A daemon with UNKEY_METALD_TLS_MODE set: how its /health is reached (https).
+        self.client_tls = client_tls
         self.name = name
         # Run `metald serve` under this (e.g. `unshare --mount ...`, which execs it: the
         # pid stays the daemon's).
@@ -315,7 +324,8 @@ class Daemon:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.client_tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def metrics_url(self) -> str:
@@ -361,7 +371,7 @@ class Daemon:
                     f"{self.name} exited with {proc.returncode} during start-up:\n{self.log_tail()}"
                 )
             try:
-                status, _ = http_get(self.url + "/health", timeout=2)
+                status, _ = http_get(self.url + "/health", timeout=2, context=self.client_tls)
             except OSError:
                 return False
             return status == 200

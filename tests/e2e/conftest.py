@@ -9,6 +9,7 @@ import ctypes
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import tempfile
 import warnings
@@ -186,9 +187,16 @@ def metald_factory(
     (pytest shows it when the test failed)."""
     daemons: list[Daemon] = []
 
-    def start(name: str = "metald", command_prefix: tuple[str, ...] = (), **env: str) -> Daemon:
+    def start(
+        name: str = "metald",
+        command_prefix: tuple[str, ...] = (),
+        client_tls: ssl.SSLContext | None = None,
+        **env: str,
+    ) -> Daemon:
         workdir = Path(tempfile.mkdtemp(prefix="d", dir=e2e_root))
-        daemon = Daemon(workdir, env, name=name, command_prefix=command_prefix)
+        daemon = Daemon(
+            workdir, env, name=name, command_prefix=command_prefix, client_tls=client_tls
+        )
         daemons.append(daemon)
         daemon.start()
         return daemon

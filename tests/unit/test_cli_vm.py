@@ -10,6 +10,7 @@ import re
 import socket
 from collections.abc import Iterator
 from io import StringIO
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -497,3 +498,19 @@ def test_info(env: dict[str, str]) -> None:
     assert data["config"]["memory"]["size_bytes"] == 256 * 1024**2
     assert data["config"]["storage"][0]["read_only"] is True
     assert data["network_info"]["ip_address"] == "10.100.0.2"
+
+
+def test_tls_options_need_an_https_address(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    result = run("--ca-file", str(ca), "list", "--token", "t", "--addr", "http://127.0.0.1:1")
+    assert result.exit_code == 2
+    assert "https://" in result.stderr and "Traceback" not in result.output
+    result = run("--cert", str(tmp_path / "c.pem"), "list", "--addr", "https://127.0.0.1:1")
+    assert result.exit_code == 2 and "needs its key" in result.stderr
+    result = run(
+        "--cert", str(tmp_path / "c.pem"), "--key", str(tmp_path / "k.pem"), "list",
+        "--addr", "https://127.0.0.1:1",
+    )  # fmt: skip
+    assert result.exit_code == 2 and "c.pem" in result.stderr  # no such file, no traceback
+    assert "Traceback" not in result.output

@@ -18,6 +18,7 @@ from typing import Any
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
+from metald.api import mtls
 from metald.api.health import Health
 from metald.core.telemetry import EXPOSITION_CONTENT_TYPE, ApiTelemetry
 
@@ -56,6 +57,9 @@ class MetaldASGI:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         if scope["type"] == "http":
+            # The client certificate, for the auth interceptor (this request's own task).
+            if (peer := mtls.peer_from_scope(scope)) is not None:
+                mtls.current_peer.set(peer)
             # Every HTTP request, /health too: none of them may leave a body unread.
             http1 = scope.get("http_version", "1.1") in ("1.0", "1.1")
             guarded = GuardedRequest(receive, send, self._body_timeout, http1=http1)

@@ -36,6 +36,7 @@ from metald.api import security
 from metald.api.audit import AuditCaller, AuditInterceptor
 from metald.api.auth import TokenAuthenticator, TokenRefused, current_caller, current_customer
 from metald.api.errors import to_connect_error
+from metald.api.mtls import CertificateAuthenticator, current_peer
 from metald.api.ratelimit import CustomerRateLimit, SourceThrottle
 from metald.core import callcontext, identity, tracing
 from metald.core.audit import call_note
@@ -116,16 +117,29 @@ class AuthInterceptor:
     before the body. The peer address and X-Tenant-ID (recorded, never trusted) are added
     here and bound for the call's log lines."""
 
-    def __init__(self, authenticator: TokenAuthenticator, metrics: ApiTelemetry) -> None:
+    def __init__(
+        self,
+        authenticator: TokenAuthenticator,
+        metrics: ApiTelemetry,
+        certificates: CertificateAuthenticator | None = None,
+    ) -> None:
         self._auth = authenticator
         self._metrics = metrics
+        # issue 10, tls: with mTLS the client certificate names the caller (api/mtls.py).
+        self._certificates = certificates
 
     async def on_start(
         self, ctx: RequestContext[Any, Any]
     ) -> tuple[Token[str], Token[identity.Caller], CallFields]:
+        authorization = ctx.request_headers.get("authorization")
         tenant = ctx.request_headers.get("x-tenant-id")
         try:
-            found = await self._auth.caller_for(ctx.request_headers.get("authorization"))
+            if self._certificates is not None:
+                found = await self._certificates.caller(
+                    current_peer.get(), authorization, self._auth
+                )
+            else:
+                found = await self._auth.caller_for(authorization)
         except Exception as exc:
             if isinstance(exc, TokenRefused):
                 self._metrics.auth_refused(exc.reason)
@@ -221,6 +235,7 @@ def api_interceptors(
     metrics: ApiTelemetry,
     after_auth: Sequence[Interceptor] = (),
     guard: Guard | None = None,
+    certificates: CertificateAuthenticator | None = None,
 ) -> list[Interceptor]:
     """The chain app.py serves: tracing, metrics and auth before the body, then `after_auth`
     (tests record decoded requests there), then error mapping around the handler. `guard`:
@@ -232,7 +247,7 @@ def api_interceptors(
         # -- issue 10 (audit): failed-auth throttle, audit, (auth), customer rate limit --
         *([SourceThrottle(guard.failed_auth, metrics)] if guard.failed_auth is not None else []),
         AuditInterceptor(guard.audit),
-        AuthInterceptor(authenticator, metrics),
+        AuthInterceptor(authenticator, metrics, certificates),
         *([CustomerRateLimit(guard.customers, metrics)] if guard.customers is not None else []),
         AuditCaller(),
         # -- end issue 10 (audit) --

@@ -11,6 +11,7 @@ and h2c, with early answers and hostile clients) with the fixes of api/h2_fixes.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 
-from metald.api import h2_fixes, hypercorn_tuning
+from metald.api import h2_fixes, hypercorn_tls, hypercorn_tuning
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
@@ -37,10 +38,28 @@ class ServerOptions:
     tuned: bool = True
     # hypercorn, or one of the servers measured against it (SERVERS).
     server: str = "hypercorn"
+    # TLS (api/tls.py): the listener's context; None serves plaintext (h2c and HTTP/1.1).
+    tls: ssl.SSLContext | None = None
+
+
+class _TlsConfig(HypercornConfig):
+    """hypercorn with a context of ours (api/tls.py: reloaded material, ALPN, client CAs)
+    instead of one it builds from file names once."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        super().__init__()
+        self._metald_context = context
+
+    @property
+    def ssl_enabled(self) -> bool:
+        return True
+
+    def create_ssl_context(self) -> ssl.SSLContext:
+        return self._metald_context
 
 
 def hypercorn_config(options: ServerOptions) -> HypercornConfig:
-    config = HypercornConfig()
+    config = HypercornConfig() if options.tls is None else _TlsConfig(options.tls)
     host = f"[{options.address}]" if ":" in options.address else options.address
     config.bind = [f"{host}:{options.port}"]
     config.accesslog = None
@@ -52,6 +71,8 @@ def hypercorn_config(options: ServerOptions) -> HypercornConfig:
     config.h2_max_concurrent_streams = options.h2_max_concurrent_streams
     config.keep_alive_timeout = options.idle_timeout
     config.graceful_timeout = options.graceful_timeout
+    # A TLS handshake that does not finish holds a connection like slow headers do.
+    config.ssl_handshake_timeout = max(options.idle_timeout, 10.0)
     return config
 
 
@@ -65,6 +86,8 @@ async def serve(app: ASGIApp, options: ServerOptions, shutdown: Shutdown) -> Non
 
 async def _hypercorn(app: ASGIApp, options: ServerOptions, shutdown: Shutdown) -> None:
     h2_fixes.apply()
+    if options.tls is not None:
+        hypercorn_tls.apply()
     if options.tuned:
         hypercorn_tuning.apply()
     await hypercorn_serve(app, hypercorn_config(options), shutdown_trigger=shutdown)  # type: ignore[arg-type]

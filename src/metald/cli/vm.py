@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -215,13 +216,55 @@ def _fail(code: str, message: str, exit_code: int = 1) -> NoReturn:
     raise typer.Exit(exit_code)
 
 
+# TLS for an https:// --addr (issue 10, tls): options of the `vm` group, so every command
+# takes them (`metald vm --ca-file ca.pem list --addr https://host:8080`) or the environment.
+_TLS: dict[str, Path | None] = {"ca_file": None, "cert_file": None, "key_file": None}
+
+
+def _file_option(flag: str, env: str, text: str) -> Any:
+    return typer.Option(flag, envvar=env, help=text, show_envvar=True, show_default=False)
+
+
+@app.callback()
+def tls_options(
+    ca_file: Annotated[
+        Path | None,
+        _file_option(
+            "--ca-file", "METALD_CA_FILE", "CA (PEM) of an https:// server; default: the system's."
+        ),
+    ] = None,
+    cert_file: Annotated[
+        Path | None,
+        _file_option(
+            "--cert",
+            "METALD_CERT_FILE",
+            "Client certificate (PEM) for mTLS; with it --token may be left out.",
+        ),
+    ] = None,
+    key_file: Annotated[
+        Path | None, _file_option("--key", "METALD_KEY_FILE", "The client certificate's key.")
+    ] = None,
+) -> None:
+    """Create and manage VMs through the API (TLS options before the command)."""
+    _TLS.update(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+
+
 def _connect(addr: str, token: str | None) -> MetaldClient:
-    if not token:
+    if not token and _TLS["cert_file"] is None:
+        # (A client certificate, `metald vm --cert`, names the caller without a token.)
         _fail("unauthenticated", "no API token: set METALD_TOKEN or pass --token", exit_code=2)
     try:
-        return MetaldClient(addr, token)
+        return MetaldClient(
+            addr,
+            token or None,
+            ca_file=_TLS["ca_file"],
+            cert_file=_TLS["cert_file"],
+            key_file=_TLS["key_file"],
+        )
     except ValueError as err:
         _fail("invalid_argument", f"--addr: {err}", exit_code=2)
+    except OSError as err:
+        _fail("invalid_argument", f"TLS file {err.filename}: {err.strerror}", exit_code=2)
 
 
 @contextlib.contextmanager

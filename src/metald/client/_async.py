@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar, cast
 
 from connectrpc.errors import ConnectError
+from pyqwest import Client, HTTPTransport
 
 from metald.client import _build
 from metald.client._build import Disk, Rpc
@@ -27,9 +29,24 @@ class AsyncMetaldClient:
             await client.boot_vm(vm.vm_id)
     """
 
-    def __init__(self, address: str, token: str, *, timeout: float = 60.0) -> None:
-        self._settings = _build.ClientSettings(address, token, timeout)
-        self._stub = VmServiceClient(self._settings.address, send_compression=None)
+    def __init__(
+        self,
+        address: str,
+        token: str | None,
+        *,
+        timeout: float = 60.0,
+        ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
+    ) -> None:
+        """TLS and mTLS options as MetaldClient's."""
+        tls = _build.tls_options(address, ca_file, cert_file, key_file)
+        self._settings = _build.ClientSettings(address, token, timeout, tls)
+        self._transport = HTTPTransport(**tls.transport_arguments()) if tls is not None else None
+        http = Client(self._transport) if self._transport is not None else None
+        self._stub = VmServiceClient(
+            self._settings.address, send_compression=None, http_client=http
+        )
 
     @property
     def address(self) -> str:
@@ -37,6 +54,8 @@ class AsyncMetaldClient:
 
     async def close(self) -> None:
         await self._stub.close()
+        if self._transport is not None:
+            await self._transport.aclose()
 
     async def __aenter__(self) -> Self:
         return self

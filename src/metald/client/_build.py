@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from connectrpc.errors import ConnectError
@@ -222,15 +223,65 @@ def timeout_ms(seconds: float | None) -> int | None:
     return max(1, round(seconds * 1000))
 
 
-class ClientSettings:
-    """What both clients hold: the address, the auth header and the default deadline."""
+@dataclass(frozen=True, slots=True)
+class TlsOptions:
+    """TLS to an https:// address: the CA to trust (else the system's) and, for mTLS, the
+    client certificate and key (PEM files)."""
 
-    def __init__(self, address: str, token: str, timeout: float) -> None:
-        if not token:
-            raise ValueError("token must not be empty")
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("a client certificate needs its key (and a key its certificate)")
+
+    @property
+    def client_certificate(self) -> bool:
+        return self.cert_file is not None
+
+    def transport_arguments(self) -> dict[str, Any]:
+        """pyqwest's (Sync)HTTPTransport TLS arguments; files are read now (OSError)."""
+        return {
+            "tls_ca_cert": self.ca_file.read_bytes() if self.ca_file else None,
+            "tls_include_system_certs": self.ca_file is None,
+            "tls_cert": self.cert_file.read_bytes() if self.cert_file else None,
+            "tls_key": self.key_file.read_bytes() if self.key_file else None,
+        }
+
+
+def tls_options(
+    address: str,
+    ca_file: str | Path | None,
+    cert_file: str | Path | None,
+    key_file: str | Path | None,
+) -> TlsOptions | None:
+    """TLS options for an https:// address (None for http://, which takes none of them)."""
+    files = (ca_file, cert_file, key_file)
+    if not normalize_address(address).startswith("https://"):
+        if any(f is not None for f in files):
+            raise ValueError("a CA file or client certificate needs an https:// address")
+        return None
+    ca, cert, key = (Path(f) if f is not None else None for f in files)
+    return TlsOptions(ca, cert, key)
+
+
+class ClientSettings:
+    """What both clients hold: the address, the auth header, the default deadline and TLS.
+
+    The token may be left out only when a client certificate names the caller (mTLS)."""
+
+    def __init__(
+        self, address: str, token: str | None, timeout: float, tls: TlsOptions | None = None
+    ) -> None:
+        if not token and not (tls is not None and tls.client_certificate):
+            raise ValueError("token must not be empty (without a client certificate)")
         self.address = normalize_address(address)
+        if tls is not None and not self.address.startswith("https://"):
+            raise ValueError(f"TLS options need an https:// address, not {self.address}")
         self.timeout = timeout
-        self.headers = {"authorization": f"Bearer {token}"}
+        self.tls = tls
+        self.headers = {"authorization": f"Bearer {token}"} if token else {}
 
     def call_timeout_ms(self, rpc: Rpc[Any]) -> int | None:
         return timeout_ms(self.timeout if rpc.timeout is None else rpc.timeout)

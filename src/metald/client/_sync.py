@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar, cast
 
 from connectrpc.errors import ConnectError
+from pyqwest import SyncClient, SyncHTTPTransport
 
 from metald.client import _build
 from metald.client._build import Disk, Rpc
@@ -27,9 +29,27 @@ class MetaldClient:
             client.boot_vm(vm.vm_id)
     """
 
-    def __init__(self, address: str, token: str, *, timeout: float = 60.0) -> None:
-        self._settings = _build.ClientSettings(address, token, timeout)
-        self._stub = VmServiceClientSync(self._settings.address, send_compression=None)
+    def __init__(
+        self,
+        address: str,
+        token: str | None,
+        *,
+        timeout: float = 60.0,
+        ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
+    ) -> None:
+        """`ca_file`: the CA of an https:// server (default: the system's); `cert_file` and
+        `key_file`: a client certificate for mTLS (then `token` may be None)."""
+        tls = _build.tls_options(address, ca_file, cert_file, key_file)
+        self._settings = _build.ClientSettings(address, token, timeout, tls)
+        self._transport = (
+            SyncHTTPTransport(**tls.transport_arguments()) if tls is not None else None
+        )
+        http = SyncClient(self._transport) if self._transport is not None else None
+        self._stub = VmServiceClientSync(
+            self._settings.address, send_compression=None, http_client=http
+        )
 
     @property
     def address(self) -> str:
@@ -37,6 +57,8 @@ class MetaldClient:
 
     def close(self) -> None:
         self._stub.close()
+        if self._transport is not None:
+            self._transport.close()
 
     def __enter__(self) -> Self:
         return self

@@ -40,7 +40,8 @@ class ApiTelemetry(Protocol):
     def rpc_served(self, method: str, code: str, seconds: float) -> None: ...
 
     def auth_refused(self, reason: str) -> None:
-        """A call was refused for its token: missing, malformed, invalid, expired or revoked."""
+        """A call was refused for its credentials: a token missing, malformed, invalid,
+        expired or revoked, or its client certificate (reason "certificate", api/mtls.py)."""
 
     def access_refused(self, method: str) -> None:
         """An authenticated call was refused for touching what is not the caller's."""

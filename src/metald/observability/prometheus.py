@@ -52,7 +52,7 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 _BOOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _CREATE_TO_RUNNING_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
-AUTH_REASONS = ("missing", "malformed", "invalid", "expired", "revoked")
+AUTH_REASONS = ("missing", "malformed", "invalid", "expired", "revoked", "certificate")
 QUOTA_SCOPES = ("customer", "host")
 RATE_LIMIT_REASONS = ("customer", "auth_failures")  # api/ratelimit.py
 ADOPTION_RESULTS = ("adopted", "lost")
@@ -137,7 +137,7 @@ class PrometheusMetrics:
         )
         self._auth_refusals = Counter(
             "metald_auth_refusals_total",
-            "Calls refused for their bearer token, by reason",
+            "Calls refused for their credentials (bearer token or client certificate), by reason",
             ["reason"],
             registry=r,
         )
