@@ -175,12 +175,12 @@ def test_rate_limits_and_the_audit_log(
     seen = [(r["method"].rsplit("/", 1)[1], r["actor"], r["customer_id"], r["vm_id"], r["code"])
             for r in rows]  # fmt: skip
     assert seen == [
-        ("CreateVm", "token:heavy", "heavy", None, "invalid_argument"),
-        ("CreateVm", "token:heavy", "heavy", None, "invalid_argument"),
-        ("CreateVm", "token:acme", "acme", "audited", "ok"),
-        ("GetVmInfo", "token:eve", "eve", "audited", "not_found"),
+        ("CreateVm", "dev:heavy", "heavy", None, "invalid_argument"),
+        ("CreateVm", "dev:heavy", "heavy", None, "invalid_argument"),
+        ("CreateVm", "dev:acme", "acme", "audited", "ok"),
+        ("GetVmInfo", "dev:eve", "eve", "audited", "not_found"),
         ("ListVms", "anonymous", None, None, "unauthenticated"),
-        ("DeleteVm", "token:acme", "acme", "audited", "ok"),
+        ("DeleteVm", "dev:acme", "acme", "audited", "ok"),
     ], rows
     assert rows[2]["tenant_header"] == "t-1" and rows[2]["role"] == "customer"
     assert all(r["source"].startswith("127.0.0.1:") for r in rows)

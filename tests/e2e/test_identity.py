@@ -11,7 +11,8 @@ file and a JWKS URL, and roles, against the real daemon with curl and grpcio.
   http.server of this test, rotated too;
 - roles: a customer cannot list another customer's VMs (permission_denied) and sees only
   its own; an operator (key) lists every customer's VMs and one customer's, creates a VM
-  for a customer, reads and deletes it.
+  for a customer, reads and deletes it; every operator call is an audit row under the
+  customer whose VM it touched (`metald audit list --customer`).
 """
 
 from __future__ import annotations
@@ -100,17 +101,22 @@ def unsigned(claims: dict[str, Any], header: dict[str, Any]) -> str:
 # -- the daemon and its CLI -------------------------------------------------------------------
 
 
-def keys_cli(daemon: Daemon, *args: str) -> str:
+def cli(daemon: Daemon, *args: str) -> str:
+    """`metald <args>` on the daemon's database (as its host's operator runs it)."""
     out = subprocess.run(
-        [str(METALD), "keys", *args],
+        [str(METALD), *args],
         env={**client_env(), **daemon.env},
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-    assert out.returncode == 0, f"metald keys {args}: {out.stderr}"
+    assert out.returncode == 0, f"metald {args}: {out.stderr}"
     return out.stdout.strip()
+
+
+def keys_cli(daemon: Daemon, *args: str) -> str:
+    return cli(daemon, "keys", *args)
 
 
 def new_key(daemon: Daemon, *args: str) -> tuple[str, str]:
@@ -208,6 +214,37 @@ def test_a_customer_cannot_list_another_customer_and_an_operator_lists_all(
     finally:
         acme("DeleteVm", {"vm_id": vm_a, "force": True})
         globex("DeleteVm", {"vm_id": vm_g, "force": True})
+
+
+def test_an_operators_calls_are_audited_under_the_customer_they_touched(keyed: Daemon) -> None:
+    acme = CurlConnect(keyed.url, "dev_customer_acme")
+    ops_id, ops_token = new_key(keyed, "--role", "operator")
+    ops = CurlConnect(keyed.url, ops_token)
+    vm = acme.must("CreateVm", SMALL).body["vm_id"]
+    try:
+        ops.must("GetVmInfo", {"vm_id": vm})
+        ops.must("ListVms", {"customer_id": "acme"})
+        ops.must("ListVms")  # every customer's: a row, but under no customer
+        assert acme("ListVms", {"customer_id": "globex"}).code == "permission_denied"
+    finally:
+        ops.must("DeleteVm", {"vm_id": vm, "force": True})
+    assert keyed.stop() == 0  # a clean stop writes every queued row
+    rows = [json.loads(line) for line in cli(keyed, "audit", "list", "--customer", "acme",
+                                             "--json").splitlines()]  # fmt: skip
+    seen = [(r["method"].rsplit("/", 1)[1], r["actor"], r["role"], r["vm_id"], r["code"])
+            for r in rows]  # fmt: skip
+    operator = (f"key:{ops_id}", "operator")
+    assert seen == [
+        ("CreateVm", "dev:acme", "customer", vm, "ok"),
+        ("GetVmInfo", *operator, vm, "ok"),
+        ("ListVms", *operator, None, "ok"),
+        ("ListVms", "dev:acme", "customer", None, "permission_denied"),
+        ("DeleteVm", *operator, vm, "ok"),
+    ], rows
+    every = [json.loads(line) for line in cli(keyed, "audit", "list", "--json").splitlines()]
+    nobodys = [(r["method"].rsplit("/", 1)[1], r["actor"]) for r in every if not r["customer_id"]]
+    assert nobodys == [("ListVms", operator[0])]
+    assert "the chain holds" in cli(keyed, "audit", "verify")
 
 
 def test_a_missing_pepper_stops_start_up(

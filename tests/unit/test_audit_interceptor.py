@@ -96,7 +96,7 @@ async def test_refusals_are_rows(caplog: pytest.LogCaptureFixture) -> None:
         ("WARNING", "security", "unauthenticated"),
         ("WARNING", "security", "not_found_not_owner"),
     ]
-    assert lines[0].tenant_header == "t-7"
+    assert lines[0].tenant == "t-7"
     assert all("s3cret" not in r.getMessage() and "s3cret" not in str(vars(r)) for r in lines)
 
 

@@ -77,8 +77,8 @@ def audited(event: AuditEvent, reason: str | None, detail: str = "") -> None:
         extra["customer_id"] = event.customer_id
     if event.vm_id:
         extra["vm_id"] = event.vm_id
-    if event.tenant_header is not None:
-        extra["tenant_header"] = event.tenant_header
+    if event.tenant_header:
+        extra["tenant"] = event.tenant_header  # as every line of the call names it
     who = event.customer_id or ("an unauthenticated caller" if not event.role else event.actor)
     if reason:
         log.warning(
