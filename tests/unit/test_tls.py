@@ -101,6 +101,7 @@ def replace(path: Path, data: bytes) -> None:
 # -- start-up checks ---------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
 def test_loads_good_material_with_alpn_and_tls12_minimum(tmp_path: Path) -> None:
     ca = Ca()
     server = ca.issue("metald", server=True)
