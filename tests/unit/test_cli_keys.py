@@ -1,6 +1,7 @@
 """`metald keys create|list|revoke` with typer's CliRunner on a real SQLite database found
 the way the daemon finds it; the token it prints once is what the daemon's ApiKeyTokens
-accepts (with the same pepper), and a revocation is what it then refuses."""
+accepts (with the same pepper), and a revocation is what it then refuses. Each key made or
+revoked is an audit row of the chain the daemon writes; bad input makes none."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from metald.api.auth import ApiKeyTokens, TokenRefused
 from metald.cli.main import app
 from metald.core.identity import Caller
 from metald.store.api_keys import SqlApiKeys
+from metald.store.audit_log import SqlAuditLog
 from metald.store.database import Database
 
 runner = CliRunner()
@@ -32,6 +34,24 @@ def data_dir(tmp_path: Path) -> Path:
     asyncio.run(make())
     (tmp_path / "pepper").write_bytes(PEPPER)
     return tmp_path
+
+
+def audit_rows(data_dir: Path) -> list[tuple[str, str, str | None, str]]:
+    """(actor's kind, role, customer, method) of every audit row; the chain checked."""
+
+    async def read() -> list[tuple[str, str, str | None, str]]:
+        database = Database(f"sqlite+aiosqlite:///{data_dir / 'metald.db'}")
+        try:
+            log = SqlAuditLog(database)
+            assert (await log.verify()).ok
+            return [
+                (r.event.actor.split(":")[0], r.event.role, r.event.customer_id, r.event.method)
+                for r in await log.rows()
+            ]
+        finally:
+            await database.close()
+
+    return asyncio.run(read())
 
 
 def run(data_dir: Path, *args: str) -> Any:
@@ -76,6 +96,12 @@ def test_create_list_revoke(data_dir: Path) -> None:
     with pytest.raises(TokenRefused, match="revoked"):
         daemon_check(data_dir, key["token"])
     assert json.loads(run(data_dir, "list", "--json").stdout)[0]["status"] == "revoked"
+    ops_id = rows[1]["key_id"]
+    assert audit_rows(data_dir) == [
+        ("cli", "admin", "acme", f"metald keys create {key['key_id']}"),
+        ("cli", "admin", None, f"metald keys create {ops_id}"),
+        ("cli", "admin", "acme", f"metald keys revoke {key['key_id']}"),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -92,6 +118,7 @@ def test_create_list_revoke(data_dir: Path) -> None:
 def test_bad_input_changes_nothing(data_dir: Path, args: tuple[str, ...]) -> None:
     assert run(data_dir, *args).exit_code != 0
     assert json.loads(run(data_dir, "list", "--json").stdout) == []
+    assert audit_rows(data_dir) == []
 
 
 def test_no_pepper_no_key(data_dir: Path) -> None:

@@ -11,12 +11,20 @@ tool; an API for it can come later.
 `create` prints the token once (`mk_<key id>_<secret>`): only a keyed hash of the secret
 is stored, so it cannot be shown again. `revoke` takes effect on the next call of every
 open connection (the daemon looks the key up on every call).
+
+Both are rows of the audit log (unless UNKEY_METALD_AUDIT_ENABLED=false), appended to the
+chain the daemon writes (store/audit_log.py serialises writers across processes): actor
+`cli:<unix user>`, role admin, the key's customer, method `metald keys create <key id>`.
+The row follows the key's own transaction: a failure between the two leaves a key without
+its row, and says so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pwd
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -32,10 +40,12 @@ from metald.auth_setup import AuthSetupError, read_pepper
 from metald.config import ConfigError, Settings, load_settings
 from metald.core import apikeys
 from metald.core.apikeys import ApiKey
+from metald.core.audit import AuditEvent
 from metald.core.errors import MetaldError
 from metald.core.identity import Role
 from metald.core.validation import check_customer_id
 from metald.store.api_keys import SqlApiKeys
+from metald.store.audit_log import SqlAuditLog
 from metald.store.database import Database
 
 app = typer.Typer(no_args_is_help=True)
@@ -56,9 +66,14 @@ def _settings() -> Settings:
         raise _fail(str(exc)) from None
 
 
-def _run(settings: Settings, work: Callable[[SqlApiKeys], Awaitable[T]]) -> T:
+def _run(
+    settings: Settings,
+    work: Callable[[SqlApiKeys], Awaitable[T]],
+    audited: Callable[[T], AuditEvent | None] | None = None,
+) -> T:
     """Open the daemon's database (refusing a default SQLite file that does not exist: the
-    wrong user or environment, most likely), bring its tables up to date, run `work`."""
+    wrong user or environment, most likely), bring its tables up to date, run `work`; then
+    append the audit row `audited` makes of its result (if any, and if audit is on)."""
     if not settings.database_url:
         path = Path(settings.data_dir) / "metald.db"
         if not path.exists():
@@ -71,7 +86,14 @@ def _run(settings: Settings, work: Callable[[SqlApiKeys], Awaitable[T]]) -> T:
         database = Database(settings.effective_database_url)
         try:
             await database.migrate()
-            return await work(SqlApiKeys(database))
+            result = await work(SqlApiKeys(database))
+            event = audited(result) if audited is not None else None
+            if event is not None and settings.audit_enabled:
+                try:
+                    await SqlAuditLog(database).record(event)  # no writer task: appended now
+                except (SQLAlchemyError, OSError) as exc:
+                    raise _fail(f"done, but its audit row could not be written: {exc}") from None
+            return result
         finally:
             await database.close()
 
@@ -82,6 +104,26 @@ def _run(settings: Settings, work: Callable[[SqlApiKeys], Awaitable[T]]) -> T:
     except SQLAlchemyError as exc:
         first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise _fail(f"the database cannot be used: {first}") from None
+
+
+def _audit_event(what: str, key: ApiKey) -> AuditEvent:
+    """The audit row of a key made or revoked here, by whoever runs the CLI."""
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        user = str(os.getuid())
+    return AuditEvent(
+        at_ns=time.time_ns(),
+        actor=f"cli:{user}",
+        role=Role.ADMIN.value,
+        customer_id=key.customer_id,
+        method=f"metald keys {what} {key.key_id}",
+        vm_id=None,
+        code="ok",
+        source="local",
+        trace_id="",
+        tenant_header=None,
+    )
 
 
 def key_json(key: ApiKey, now: float) -> dict[str, Any]:
@@ -144,7 +186,7 @@ def create(
         expires_at=expires_at,
         description=description,
     )
-    _run(settings, lambda keys: keys.add(made.key))
+    _run(settings, lambda keys: keys.add(made.key), lambda _: _audit_event("create", made.key))
     if as_json:
         sys.stdout.write(json.dumps({**key_json(made.key, now), "token": made.token}) + "\n")
         return
@@ -192,7 +234,11 @@ def revoke(
         raise typer.BadParameter("a key id is 16 characters a-z0-9", param_hint="'KEY_ID'")
     settings = _settings()
     now = time.time()
-    key = _run(settings, lambda keys: keys.revoke(key_id, now))
+    key = _run(
+        settings,
+        lambda keys: keys.revoke(key_id, now),
+        lambda key: _audit_event("revoke", key) if key is not None else None,
+    )
     if key is None:
         raise _fail(f"no key {key_id}")
     if as_json:
