@@ -620,7 +620,8 @@ def build_guard(settings: Settings, audit: Audit | None) -> Guard:
     if not settings.rate_limit_enabled:
         return Guard(audit=audit)
     try:
-        overrides = parse_overrides(settings.rate_limit_file) if settings.rate_limit_file else {}
+        path = settings.rate_limit_file
+        overrides = parse_overrides(path.read_text(), str(path)) if path else {}
     except (OSError, ValueError) as exc:
         raise StartupError(f"UNKEY_METALD_RATE_LIMIT_FILE: {exc}") from None
     default = Limit(settings.rate_limit_rate, settings.rate_limit_burst)

@@ -19,7 +19,6 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from metald.core.validation import CUSTOMER_ID
 
@@ -169,16 +168,17 @@ def source_key(address: str | None) -> str:
     return str(ip)
 
 
-def parse_overrides(path: Path) -> dict[str, Limit]:
-    """The overrides file: one `<customer_id> <rate per second> <burst>` per line; `#` starts
-    a comment. ValueError naming the line for anything else."""
+def parse_overrides(text: str, origin: str) -> dict[str, Limit]:
+    """The overrides file's text (`origin`: its name, for messages): one `<customer_id>
+    <rate per second> <burst>` per line; `#` starts a comment. ValueError naming the line for
+    anything else."""
     overrides: dict[str, Limit] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         parts = line.split()
-        where = f"{path}:{number}"
+        where = f"{origin}:{number}"
         if len(parts) != 3 or not CUSTOMER_ID.fullmatch(parts[0]):
             raise ValueError(f"{where}: expected '<customer_id> <rate> <burst>'")
         try:
