@@ -10,64 +10,34 @@ audit_log table is an error.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy.exc import SQLAlchemyError
 
-from metald.config import ConfigError, load_settings
+from metald.cli.daemon_db import daemon_settings, fail, on_daemon_database
 from metald.core.audit_chain import ChainedRow
 from metald.store.audit_log import SqlAuditLog
-from metald.store.database import Database
 
 app = typer.Typer(no_args_is_help=True)
 T = TypeVar("T")
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}")
-    raise typer.Exit(code)
+    raise fail(message, code)
 
 
 def _run(work: Callable[[SqlAuditLog], Awaitable[T]]) -> T:
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        _fail(str(exc))
-    if not settings.database_url:
-        path = Path(settings.data_dir) / "metald.db"
-        if not path.exists():
-            _fail(
-                f"no metald database at {path}: run this on the daemon's host, as its user, "
-                "with its UNKEY_METALD_DATA_DIR (or UNKEY_METALD_DATABASE_URL)"
-            )
-
-    async def main() -> T:
-        database = Database(settings.effective_database_url)
-        try:
-            return await work(SqlAuditLog(database))
-        finally:
-            await database.close()
-
-    try:
-        return asyncio.run(main())
-    except SQLAlchemyError as exc:
-        # The URL is not printed: it may hold a password.
-        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        if "no such table" in first:
-            _fail("this database has no audit log yet (start the daemon once to migrate it)")
-        _fail(f"the database cannot be used: {first}")
-    except OSError as exc:
-        _fail(str(exc))
+    """Run `work` on the daemon's audit log, read only (cli/daemon_db.py opens it)."""
+    return on_daemon_database(
+        daemon_settings(), lambda database: work(SqlAuditLog(database)), migrate=False
+    )
 
 
 def parse_since(text: str, now: datetime | None = None) -> int:

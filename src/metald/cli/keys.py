@@ -21,14 +21,12 @@ its row, and says so.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import pwd
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -37,7 +35,8 @@ from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
 from metald.auth_setup import AuthSetupError, read_pepper
-from metald.config import ConfigError, Settings, load_settings
+from metald.cli.daemon_db import daemon_settings, fail, on_daemon_database
+from metald.config import Settings
 from metald.core import apikeys
 from metald.core.apikeys import ApiKey
 from metald.core.audit import AuditEvent
@@ -54,56 +53,25 @@ T = TypeVar("T")
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-def _fail(message: str) -> typer.Exit:
-    Console(stderr=True, highlight=False).print(f"error: {message}")
-    return typer.Exit(1)
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except ConfigError as exc:
-        raise _fail(str(exc)) from None
-
-
 def _run(
     settings: Settings,
     work: Callable[[SqlApiKeys], Awaitable[T]],
     audited: Callable[[T], AuditEvent | None] | None = None,
 ) -> T:
-    """Open the daemon's database (refusing a default SQLite file that does not exist: the
-    wrong user or environment, most likely), bring its tables up to date, run `work`; then
-    append the audit row `audited` makes of its result (if any, and if audit is on)."""
-    if not settings.database_url:
-        path = Path(settings.data_dir) / "metald.db"
-        if not path.exists():
-            raise _fail(
-                f"no metald database at {path}: run this on the daemon's host, as its user, "
-                "with its UNKEY_METALD_DATA_DIR (or UNKEY_METALD_DATABASE_URL)"
-            )
+    """Run `work` on the daemon's keys (cli/daemon_db.py opens its database), then append
+    the audit row `audited` makes of its result (if any, and if audit is on)."""
 
-    async def main() -> T:
-        database = Database(settings.effective_database_url)
-        try:
-            await database.migrate()
-            result = await work(SqlApiKeys(database))
-            event = audited(result) if audited is not None else None
-            if event is not None and settings.audit_enabled:
-                try:
-                    await SqlAuditLog(database).record(event)  # no writer task: appended now
-                except (SQLAlchemyError, OSError) as exc:
-                    raise _fail(f"done, but its audit row could not be written: {exc}") from None
-            return result
-        finally:
-            await database.close()
+    async def run(database: Database) -> T:
+        result = await work(SqlApiKeys(database))
+        event = audited(result) if audited is not None else None
+        if event is not None and settings.audit_enabled:
+            try:
+                await SqlAuditLog(database).record(event)  # no writer task: appended now
+            except (SQLAlchemyError, OSError) as exc:
+                raise fail(f"done, but its audit row could not be written: {exc}") from None
+        return result
 
-    try:
-        return asyncio.run(main())
-    except (MetaldError, OSError) as exc:
-        raise _fail(f"{exc}") from None
-    except SQLAlchemyError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        raise _fail(f"the database cannot be used: {first}") from None
+    return on_daemon_database(settings, run)
 
 
 def _audit_event(what: str, key: ApiKey) -> AuditEvent:
@@ -173,11 +141,11 @@ def create(
             expires_at = apikeys.parse_expiry(expires, now)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="'--expires'") from None
-    settings = _settings()
+    settings = daemon_settings()
     try:
         pepper = read_pepper(settings.auth_pepper_file)
     except AuthSetupError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     made = apikeys.new_key(
         pepper,
         customer_id=customer,
@@ -201,7 +169,7 @@ def create(
 @app.command("list")
 def list_(as_json: JsonOut = False) -> None:
     """Every key (never a secret): id, customer, role, created, expiry, status."""
-    settings = _settings()
+    settings = daemon_settings()
     every = _run(settings, lambda keys: keys.all())
     now = time.time()
     rows = [key_json(k, now) for k in every]
@@ -232,7 +200,7 @@ def revoke(
     """Revoke a key: refused from the next call on, on every connection."""
     if not apikeys.KEY_ID.fullmatch(key_id):
         raise typer.BadParameter("a key id is 16 characters a-z0-9", param_hint="'KEY_ID'")
-    settings = _settings()
+    settings = daemon_settings()
     now = time.time()
     key = _run(
         settings,
@@ -240,7 +208,7 @@ def revoke(
         lambda key: _audit_event("revoke", key) if key is not None else None,
     )
     if key is None:
-        raise _fail(f"no key {key_id}")
+        raise fail(f"no key {key_id}")
     if as_json:
         sys.stdout.write(json.dumps(key_json(key, now)) + "\n")
         return

@@ -14,24 +14,21 @@ Values: a number (memory and disk take KiB/MiB/GiB/TiB suffixes: `4GiB`), `unlim
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy.exc import SQLAlchemyError
 
-from metald.config import ConfigError, Settings, load_settings
+from metald.cli.daemon_db import daemon_settings, on_daemon_database
+from metald.config import Settings
 from metald.core.errors import MetaldError
 from metald.core.quotas import Limit, QuotaDefaults, Resource, Usage
 from metald.core.validation import check_customer_id
-from metald.store.database import Database
 from metald.store.quotas import SqlQuotas
 
 app = typer.Typer(no_args_is_help=True)
@@ -87,43 +84,10 @@ def defaults_of(settings: Settings) -> QuotaDefaults:
     return QuotaDefaults({r: getattr(settings, f"quota_{r.value}") for r in Resource})
 
 
-def _fail(message: str) -> typer.Exit:
-    Console(stderr=True, highlight=False).print(f"error: {message}")
-    return typer.Exit(1)
-
-
 def _run(work: Callable[[SqlQuotas], Awaitable[T]]) -> tuple[Settings, T]:
-    """Open the daemon's database (refusing a default SQLite file that does not exist: the
-    wrong user or environment, most likely), bring its tables up to date, run `work`."""
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        raise _fail(str(exc)) from None
-    url = settings.effective_database_url
-    if not settings.database_url:
-        path = Path(settings.data_dir) / "metald.db"
-        if not path.exists():
-            raise _fail(
-                f"no metald database at {path}: run this on the daemon's host, as its user, "
-                "with its UNKEY_METALD_DATA_DIR (or UNKEY_METALD_DATABASE_URL)"
-            )
-
-    async def main() -> T:
-        database = Database(url)
-        try:
-            await database.migrate()
-            return await work(SqlQuotas(database))
-        finally:
-            await database.close()
-
-    try:
-        return settings, asyncio.run(main())
-    except (MetaldError, OSError) as exc:
-        raise _fail(f"{exc}") from None
-    except SQLAlchemyError as exc:  # no database server, no permission, ...
-        # The URL is not printed: it may hold a password.
-        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        raise _fail(f"the database cannot be used: {first}") from None
+    """Run `work` on the daemon's quotas (cli/daemon_db.py opens its database)."""
+    settings = daemon_settings()
+    return settings, on_daemon_database(settings, lambda database: work(SqlQuotas(database)))
 
 
 def quota_rows(
