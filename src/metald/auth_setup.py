@@ -4,14 +4,18 @@ It is composition, like app.py: it puts the store's ApiKeys adapter behind the a
 authenticator, so it lives beside app.py (api may not import an adapter). Everything a
 setting names that cannot be used stops start-up with a message naming the setting: a
 pepper file that is missing, empty, unreadable or too short with API keys on; a JWKS file
-that is unreadable or holds no usable key; a JWKS source without an issuer and audience.
+that is unreadable or holds no usable key; a JWKS source without an issuer and audience; a
+JWKS URL in plain http to anything but loopback (whoever sits on that path could hand
+metald their own keys, and so mint any customer's tokens).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from metald.api.auth import ApiKeyTokens, Authenticator, TokenAuthenticator
 from metald.api.auth_jwt import JwksError, JwksFile, JwksUrl, JwtTokens, KeySource
@@ -45,6 +49,25 @@ def read_pepper(path: Path | None) -> bytes:
     return pepper
 
 
+def check_jwks_url(url: str) -> None:
+    """An https URL, or http to a loopback address (a local agent, a test)."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return
+    if parts.scheme != "http" or not parts.hostname:
+        raise AuthSetupError(f"UNKEY_METALD_AUTH_JWKS_URL: {url!r} is not an https URL")
+    host = parts.hostname
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise AuthSetupError(
+            f"UNKEY_METALD_AUTH_JWKS_URL: {url!r} is plain http to {host}: use https (plain "
+            "http only to loopback), or the keys could be swapped on the way"
+        )
+
+
 @contextlib.asynccontextmanager
 async def authenticator(
     settings: Settings, database: Database
@@ -64,8 +87,7 @@ async def authenticator(
         except JwksError as exc:
             raise AuthSetupError(f"UNKEY_METALD_AUTH_JWKS_FILE: {exc}") from None
     elif settings.auth_jwks_url:
-        if not settings.auth_jwks_url.startswith(("https://", "http://")):
-            raise AuthSetupError("UNKEY_METALD_AUTH_JWKS_URL: an http(s) URL")
+        check_jwks_url(settings.auth_jwks_url)
         source = url_source = JwksUrl(settings.auth_jwks_url, settings.auth_jwks_refresh_seconds)
     if source is not None:
         if not settings.auth_jwt_issuer or not settings.auth_jwt_audience:

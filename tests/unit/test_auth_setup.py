@@ -42,6 +42,9 @@ async def test_bad_identity_settings_stop_start_up(tmp_path: Path) -> None:
         ({"auth_jwks_file": jwks}, "ISSUER and _JWT_AUDIENCE are required"),
         ({"auth_jwks_file": jwks, "auth_jwks_url": "https://x/j"}, "not both"),
         ({"auth_jwks_url": "ftp://x/j", "auth_jwt_issuer": "i"}, "http"),
+        ({"auth_jwks_url": "http://idp.example/j"}, "plain http to idp.example"),
+        ({"auth_jwks_url": "http://10.0.0.1/j"}, "plain http to 10.0.0.1"),
+        ({"auth_jwks_url": "https:///j"}, "not an https URL"),
     ]
     try:
         for overrides, words in cases:
@@ -74,3 +77,9 @@ async def test_the_chain_with_keys_on(tmp_path: Path) -> None:
                 await chain.caller_for(f"Bearer {made.token}")
     finally:
         await database.close()
+
+
+def test_a_jwks_url_is_https_or_loopback() -> None:
+    for good in ("https://idp.example/.well-known/jwks.json", "http://127.0.0.1:8081/j",
+                 "http://localhost/j", "http://[::1]:9/j"):  # fmt: skip
+        auth_setup.check_jwks_url(good)
