@@ -714,15 +714,15 @@ async def serve(settings: Settings) -> None:
 
 @asynccontextmanager
 async def _tls_reloading(tls: TlsSetup | None) -> AsyncIterator[None]:
-    """TLS material re-read when its files change (every UNKEY_METALD_TLS_RELOAD_SECONDS) and
-    on SIGHUP, while serving."""
+    """TLS material and the identities file re-read when their files change (every
+    UNKEY_METALD_TLS_RELOAD_SECONDS) and on SIGHUP, while serving."""
     if tls is None:
         yield
         return
     interval = tls.reload_seconds
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGHUP, lambda: tls.tls.check(force=True))
-    watcher = asyncio.ensure_future(tls.tls.run(interval)) if interval else None
+    loop.add_signal_handler(signal.SIGHUP, lambda: tls.check(force=True))
+    watcher = asyncio.ensure_future(tls.run()) if interval else None
     current = tls.tls.current
     log.info(
         "TLS on the API port: certificate %s serial %x (expires %s), client certificates %s; "

@@ -9,10 +9,12 @@ certificate of a CA act.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from metald.api.mtls import CertificateAuthenticator, IdentityMap, SpiffePolicy
+from metald.api.mtls import CertificateAuthenticator, IdentitiesFile, SpiffePolicy
 from metald.api.tls import ReloadingTls, TlsError, TlsFile, TlsFiles
 from metald.config import Settings, TlsMode
 
@@ -22,11 +24,30 @@ P = "UNKEY_METALD_TLS_"
 SPIFFE_FILES = ("svid.pem", "svid_key.pem", "svid_bundle.pem")
 
 
+log = logging.getLogger("metald.tls")
+
+
 @dataclass
 class TlsSetup:
     tls: ReloadingTls
     certificates: CertificateAuthenticator | None  # None: no client certificates asked
     reload_seconds: float = 5.0  # 0: only on SIGHUP
+    identities: IdentitiesFile | None = None  # with client certificates
+
+    def check(self, force: bool = False) -> None:
+        """Re-read what changed: the TLS files, the identities file."""
+        self.tls.check(force)
+        if self.identities is not None:
+            self.identities.check(force)
+
+    async def run(self) -> None:
+        """`check` every reload_seconds until cancelled."""
+        while True:
+            await asyncio.sleep(self.reload_seconds)
+            try:
+                self.check()
+            except Exception:  # never let the watcher die: the next check may succeed
+                log.exception("TLS reload check failed")
 
 
 def _file(path: Path | None, name: str) -> TlsFile | None:
@@ -89,7 +110,7 @@ def tls_setup(settings: Settings) -> TlsSetup | None:
             raise TlsError(f"{P}SPIFFE_ALLOWED_IDS: {', '.join(bad)} is no spiffe:// ID")
         policy = SpiffePolicy(domains, ids)
     tls = ReloadingTls(files)
-    certificates = None
+    certificates = identities = None
     if tls.mutual:
         path = settings.tls_identities_file
         if path is None:
@@ -98,7 +119,7 @@ def tls_setup(settings: Settings) -> TlsSetup | None:
                 f" is set), so {P}IDENTITIES_FILE must say which identity is which customer"
             )
         try:
-            identities = IdentityMap.from_file(path)
+            identities = IdentitiesFile(path)
         except OSError as exc:
             raise TlsError(f"{P}IDENTITIES_FILE={path}: {exc.strerror or exc}") from None
         except ValueError as exc:
@@ -106,4 +127,4 @@ def tls_setup(settings: Settings) -> TlsSetup | None:
         certificates = CertificateAuthenticator(identities, policy)
     elif settings.tls_identities_file is not None:
         raise TlsError(f"{P}IDENTITIES_FILE is set, but no {P}CA_FILE asks for client certificates")
-    return TlsSetup(tls, certificates, settings.tls_reload_seconds)
+    return TlsSetup(tls, certificates, settings.tls_reload_seconds, identities)

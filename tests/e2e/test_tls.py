@@ -419,6 +419,21 @@ def test_mtls_identities(metald_factory: Start, tmp_path: Path) -> None:
     log = daemon.log_path.read_text(errors="replace")
     assert "unknown client certificate identity" in log  # the security event
 
+    # The identities file is re-read when it changes: the stranger becomes an operator of
+    # no customer (it then lists every customer's VMs), and globex, removed, is refused.
+    path = tmp_path / "identities"
+    fresh = tmp_path / "identities.new"
+    fresh.write_text(f"acme customer {ACME_ID}\n- operator CN=stranger\n")
+    fresh.rename(path)
+
+    def stranger_lists() -> bool:
+        status, _ = connect_json(daemon, pki, "ListVms", {}, token=None, client=stranger)
+        return status == "200"
+
+    wait_until(stranger_lists, 30, "the new identities file in use")
+    status, answer = connect_json(daemon, pki, "ListVms", {}, token=None, client=globex)
+    assert status == "401" and "O=Globex,CN=globex-ci" in answer["message"], answer
+
 
 # -- spiffe mode --------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ SPIFFE policy, the caller a certificate makes, and the TLS settings start-up ref
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from metald.api.auth import TokenAuthenticator, TokenRefused, current_caller, cu
 from metald.api.interceptors import AuthInterceptor
 from metald.api.mtls import (
     CertificateAuthenticator,
+    IdentitiesFile,
     IdentityMap,
     SpiffePolicy,
     current_peer,
@@ -288,3 +290,26 @@ async def test_the_interceptor_makes_the_certificates_caller(
     # the message names the identity, so an operator can add it (its security line and
     # audit row are the audit interceptor's)
     assert messages[1] == "unknown client certificate identity 'CN=stranger'"
+
+
+def test_the_identities_file_is_reread_when_it_changes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "ids"
+    path.write_text(f"acme customer {ACME}\n")
+    identities = IdentitiesFile(path)
+    assert identities.get("CN=ops") is None and not identities.check()
+    # An operator rewrites it (a new file renamed over the old one, as editors and agents do).
+    fresh = tmp_path / "ids.new"
+    fresh.write_text("- operator CN=ops\n")
+    fresh.rename(path)
+    assert identities.check()
+    ops = identities.get("CN=ops")
+    assert ops is not None and ops.role is Role.OPERATOR
+    assert identities.get(ACME) is None  # removed: refused from its next call on
+    # A bad version is logged; the one read before stays.
+    path.write_text("acme boss CN=x\n")
+    with caplog.at_level(logging.ERROR, "metald.tls"):
+        assert not identities.check()
+    assert "identities file reload FAILED" in caplog.text
+    assert identities.get("CN=ops") is not None

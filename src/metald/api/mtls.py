@@ -28,16 +28,20 @@ api/hypercorn_tls.py fills it for hypercorn); api/http.py puts the leaf's PEM in
 from __future__ import annotations
 
 import functools
+import logging
+import os
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography import x509
 
 from metald.api.auth import TokenAuthenticator, TokenRefused
 from metald.core.identity import Caller, Role
 from metald.core.validation import CUSTOMER_ID
+
+log = logging.getLogger("metald.tls")
 
 # The PEM of the calling connection's client certificate (None: none was presented).
 current_peer: ContextVar[str | None] = ContextVar("current_peer", default=None)
@@ -91,7 +95,7 @@ class Mapped:
 
 
 class IdentityMap:
-    """identity -> (customer, role), from the identities file (read once, at start-up)."""
+    """identity -> (customer, role), from the identities file's text."""
 
     def __init__(self, entries: dict[str, Mapped]) -> None:
         self._entries = entries
@@ -140,6 +144,51 @@ class IdentityMap:
         return cls.parse(path.read_text(), str(path))
 
 
+class IdentitiesFile:
+    """The identities file, re-read when it changes (checked with the TLS files, and on
+    SIGHUP): adding a customer's identity needs no restart, and a removed one is refused
+    from its next call on. A bad new version is logged and the one read before stays in use
+    (as with a bad certificate: a typo must not lock every client out)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._stamp = _stamp(path)
+        self.current = IdentityMap.from_file(path)  # OSError, ValueError: start-up stops
+
+    def get(self, identity: str) -> Mapped | None:
+        return self.current.get(identity)
+
+    def check(self, force: bool = False) -> bool:
+        """Re-read the file if it changed (or `force`); whether a new version is in use."""
+        stamp = _stamp(self._path)
+        if stamp == self._stamp and not force:
+            return False
+        self._stamp = stamp
+        try:
+            identities = IdentityMap.from_file(self._path)
+        except (OSError, ValueError) as exc:
+            log.error(
+                "identities file reload FAILED, the %d identities read before stay in use: %s",
+                len(self.current), exc, extra={"event": "tls_reload_failed"},
+            )  # fmt: skip
+            return False
+        self.current = identities
+        log.info("identities file %s reloaded: %d identities", self._path, len(identities))
+        return True
+
+
+def _stamp(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class Identities(Protocol):
+    def get(self, identity: str) -> Mapped | None: ...
+
+
 @dataclass(frozen=True)
 class SpiffePolicy:
     """spiffe mode: only these trust domains, and (if any are given) only these IDs."""
@@ -165,7 +214,7 @@ class CertificateAuthenticator:
     certificate says who is calling, and a token for someone else is refused rather than
     silently ignored (it means a confused or a malicious client)."""
 
-    def __init__(self, identities: IdentityMap, policy: SpiffePolicy | None = None) -> None:
+    def __init__(self, identities: Identities, policy: SpiffePolicy | None = None) -> None:
         self._identities = identities
         self._policy = policy
 

@@ -23,7 +23,6 @@ no call to turn that cache off.)
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import logging
 import os
@@ -171,8 +170,8 @@ class ReloadingTls:
     """The server's SSLContext and the material behind it, swapped when the files change.
 
     `server_context` is what the listener gets; every handshake is handed `current` by its
-    SNI callback. `check()` reloads if the files changed since the last attempt; `run()`
-    checks every `interval` seconds until cancelled.
+    SNI callback. `check()` reloads if the files changed since the last attempt (tls_setup's
+    TlsSetup.run calls it every UNKEY_METALD_TLS_RELOAD_SECONDS).
     """
 
     def __init__(self, files: TlsFiles, on_reload: Callable[[Material], None] | None = None):
@@ -227,11 +226,3 @@ class ReloadingTls:
         if self._on_reload is not None:
             self._on_reload(material)
         return True
-
-    async def run(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                self.check()
-            except Exception:  # never let the watcher die: the next check may succeed
-                log.exception("TLS reload check failed")
