@@ -8,7 +8,7 @@ ASSETS := $(VAR)/assets
 APT_PACKAGES := qemu-system-x86 busybox-static cpio lz4 e2fsprogs iproute2 iputils-ping curl ca-certificates nftables wrk nghttp2-client prometheus systemd
 GEN := src/metald/gen
 # Every .proto `make proto` generates (tests/unit/test_generated.py checks the same list).
-PROTOS := vmprovisioner/v1/vm.proto billing/v1/billing.proto
+PROTOS := vmprovisioner/v1/vm.proto billing/v1/billing.proto metald/admin/v1/admin.proto
 
 # Quick-start settings; anything already in the environment wins.
 export UNKEY_METALD_ADDRESS ?= 127.0.0.1
@@ -81,7 +81,8 @@ proto: venv
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$(GEN) --pyi_out=$(GEN) \
 	  --plugin=protoc-gen-connectrpc=$(BIN)/protoc-gen-connectrpc \
 	  --connectrpc_out=$(GEN) --connectrpc_opt=protobuf=google $(PROTOS)
-	touch $(GEN)/__init__.py $(foreach p,$(PROTOS),$(GEN)/$(firstword $(subst /, ,$(p)))/__init__.py $(GEN)/$(dir $(p))__init__.py)
+	for d in $(dir $(PROTOS)); do while [ "$$d" != . ]; do touch $(GEN)/$$d/__init__.py; d=$$(dirname $$d); done; done
+	touch $(GEN)/__init__.py
 
 lint: venv
 	$(BIN)/ruff check src tests bench

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from metald import __version__, auth_setup
 from metald.api import server
+from metald.api.admin_handlers import AdminHandlers
 from metald.api.auth import TokenAuthenticator, is_loopback_only
 from metald.api.codecs import api_codecs
 from metald.api.handlers import VmHandlers
@@ -49,6 +50,7 @@ from metald.core.quotas import HostCeiling, QuotaDefaults, Resource, VmMaxima
 from metald.core.ratelimit import CustomerLimits, FailedAuthLimits, Limit, parse_overrides
 from metald.core.telemetry import ApiTelemetry
 from metald.core.validation import Limits
+from metald.gen.metald.admin.v1.admin_connect import AdminServiceASGIApplication
 from metald.gen.vmprovisioner.v1 import vm_connect
 from metald.gen.vmprovisioner.v1.vm_connect import VmServiceASGIApplication
 from metald.host import caps
@@ -60,12 +62,14 @@ from metald.network.port import NetlinkNetwork, NoNetwork
 from metald.observability import logs
 from metald.observability.billing import TracedBilling
 from metald.observability.prometheus import MetricSources, PrometheusMetrics
+from metald.service.admin_service import AdminService
 from metald.service.admission import Admission
 from metald.service.delivery import Delivery, DeliverySettings
 from metald.service.metering import METERED_STATES, Collector, CollectorSettings
 from metald.service.metering_loops import MeteringLoops
 from metald.service.vm_service import VmService
 from metald.store.addresses import SqlAddressBook
+from metald.store.api_keys import SqlApiKeys
 from metald.store.audit_log import SqlAuditLog
 from metald.store.database import Database
 from metald.store.jail_ids import SqlJailIds
@@ -358,7 +362,7 @@ def build_admission(settings: Settings, database: Database) -> Admission:
             "UNKEY_METALD_HOST_VCPU_RESERVE leaves no vCPUs for guests: lower it or set "
             "UNKEY_METALD_HOST_VCPUS"
         )
-    defaults = QuotaDefaults({r: getattr(settings, f"quota_{r.value}") for r in Resource})
+    defaults = quota_defaults(settings)
     maxima = VmMaxima(
         disks=settings.max_disks,
         disk_bytes=settings.max_disk_bytes,
@@ -372,6 +376,11 @@ def build_admission(settings: Settings, database: Database) -> Admission:
         settings.memory_limit // 2**20,
     )
     return Admission(SqlQuotas(database), defaults, host, maxima, _file_size)
+
+
+def quota_defaults(settings: Settings) -> QuotaDefaults:
+    """The per-customer quota defaults (UNKEY_METALD_QUOTA_*)."""
+    return QuotaDefaults({r: getattr(settings, f"quota_{r.value}") for r in Resource})
 
 
 def instance_id(data_dir: Path) -> str:
@@ -565,9 +574,10 @@ async def _running_daemon(settings: Settings, tls: TlsSetup | None) -> AsyncIter
         if settings.audit_enabled:
             await audit_log.start()
             guard = dataclasses.replace(guard, audit=audit_log)
+        tls_certificates = tls.certificates if tls is not None else None
         connect_app = connect_application(
             VmHandlers(service), authenticator, metrics, settings.max_request_bytes,
-            guard=guard, certificates=tls.certificates if tls is not None else None,
+            guard=guard, certificates=tls_certificates,
         )  # fmt: skip
 
         async def check_assets() -> None:
@@ -578,8 +588,29 @@ async def _running_daemon(settings: Settings, tls: TlsSetup | None) -> AsyncIter
             accelerator=backend.accelerator,
             checks={"store": store.ping, "assets": check_assets},
         )
+        admin = AdminService(
+            SqlApiKeys(database),
+            SqlQuotas(database),
+            quota_defaults(settings),
+            pepper=auth_setup.read_pepper(settings.auth_pepper_file)
+            if settings.auth_api_keys
+            else None,
+            clock=time.time,
+        )
+        admin_app = AdminServiceASGIApplication(
+            AdminHandlers(admin),
+            interceptors=api_interceptors(
+                authenticator, metrics, guard=guard, certificates=tls_certificates
+            ),
+            read_max_bytes=settings.max_request_bytes,
+            codecs=api_codecs(),
+        )
         asgi = MetaldASGI(
-            connect_app, health, metrics, body_timeout=settings.request_body_timeout_seconds
+            connect_app,
+            health,
+            metrics,
+            body_timeout=settings.request_body_timeout_seconds,
+            more_services={admin_app.path: admin_app},
         )
         if settings.otel_prometheus_enabled:
             listener = await start_metrics_listener(settings, metrics.exposition)

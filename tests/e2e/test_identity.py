@@ -27,10 +27,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from metald.gen.metald.admin.v1 import admin_pb2
 
 from ._support import (
     METALD,
@@ -245,6 +248,99 @@ def test_an_operators_calls_are_audited_under_the_customer_they_touched(keyed: D
     nobodys = [(r["method"].rsplit("/", 1)[1], r["actor"]) for r in every if not r["customer_id"]]
     assert nobodys == [("ListVms", operator[0])]
     assert "the chain holds" in cli(keyed, "audit", "verify")
+
+
+ADMIN_SERVICE = "metald.admin.v1.AdminService"
+
+
+def admin_call(
+    daemon: Daemon, method: str, body: dict[str, Any], token: str
+) -> tuple[int, dict[str, Any]]:
+    """curl, Connect JSON, to the AdminService: (HTTP status, JSON body)."""
+    status, text = curl_raw(
+        f"{daemon.url}/{ADMIN_SERVICE}/{method}",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+    )
+    return status, json.loads(text) if text.strip() else {}
+
+
+def test_an_admin_manages_keys_and_quotas_over_the_api(keyed: Daemon) -> None:
+    root_id, root = new_key(keyed, "--role", "admin", "--description", "root")
+    _, ops = new_key(keyed, "--role", "operator")
+    # Keys and quotas are the admin's: an operator and a customer are refused.
+    for token in (ops, "dev_customer_acme"):
+        status, body = admin_call(keyed, "ListApiKeys", {}, token)
+        assert (status, body.get("code")) == (403, "permission_denied"), body
+    status, made = admin_call(
+        keyed, "CreateApiKey",
+        {"customerId": "acme", "role": "customer", "expiresInSeconds": 3600}, root,
+    )  # fmt: skip
+    assert status == 200, made
+    acme_key, acme_token = made["key"]["keyId"], made["token"]
+    assert made["key"]["status"] == "active" and made["key"]["customerId"] == "acme"
+    acme = CurlConnect(keyed.url, acme_token)
+    assert acme.must("ListVms").body.get("vms", []) == []
+    # grpcio, a generic unary call with the generated messages: the key is listed.
+    channel = grpc.insecure_channel(keyed.url.removeprefix("http://"))
+    try:
+        list_keys = channel.unary_unary(
+            f"/{ADMIN_SERVICE}/ListApiKeys",
+            request_serializer=admin_pb2.ListApiKeysRequest.SerializeToString,
+            response_deserializer=admin_pb2.ListApiKeysResponse.FromString,
+        )
+        reply = list_keys(
+            admin_pb2.ListApiKeysRequest(), metadata=[("authorization", f"Bearer {root}")],
+            timeout=30,
+        )  # fmt: skip
+        assert {k.key_id for k in reply.keys} >= {root_id, acme_key}
+    finally:
+        channel.close()
+    # Quotas: acme may hold one VM; its second create is refused.
+    status, quota = admin_call(
+        keyed, "SetQuota", {"customerId": "acme", "changes": [{"resource": "vms", "limit": 1}]},
+        root,
+    )  # fmt: skip
+    assert status == 200, quota
+    vms = next(q for q in quota["quotas"] if q["resource"] == "vms")
+    assert vms["limit"] in (1, "1") and vms["override"] is True
+    first = acme.must("CreateVm", SMALL).body["vm_id"]
+    try:
+        assert acme("CreateVm", SMALL).code == "resource_exhausted"
+        status, quota = admin_call(keyed, "GetQuota", {"customerId": "acme"}, root)
+        used = next(q for q in quota["quotas"] if q["resource"] == "vms")
+        assert used.get("used") in (1, "1"), quota
+    finally:
+        acme.must("DeleteVm", {"vm_id": first, "force": True})
+    status, bad = admin_call(
+        keyed, "SetQuota", {"customerId": "acme", "changes": [{"resource": "cats", "limit": 1}]},
+        root,
+    )  # fmt: skip
+    assert (status, bad.get("code")) == (400, "invalid_argument"), bad
+    # Revoked over the API: refused at once; the CLI sees what the API did.
+    status, revoked = admin_call(keyed, "RevokeApiKey", {"keyId": acme_key}, root)
+    assert status == 200 and revoked["key"]["status"] == "revoked", revoked
+    assert acme("ListVms").code == "unauthenticated"
+    listed = {k["key_id"]: k["status"] for k in json.loads(keys_cli(keyed, "list", "--json"))}
+    assert listed[acme_key] == "revoked" and listed[root_id] == "active"
+    # Each admin call is an audit row; the operator's refused one too.
+    assert keyed.stop() == 0
+    rows = [json.loads(line) for line in cli(keyed, "audit", "list", "--json").splitlines()]
+    admin_rows = [
+        (r["method"].rsplit("/", 1)[1], r["role"], r["customer_id"], r["code"])
+        for r in rows
+        if r["method"].startswith(ADMIN_SERVICE)
+    ]
+    assert admin_rows == [
+        ("ListApiKeys", "operator", None, "permission_denied"),
+        ("ListApiKeys", "customer", "acme", "permission_denied"),
+        ("CreateApiKey", "admin", "acme", "ok"),
+        ("ListApiKeys", "admin", None, "ok"),
+        ("SetQuota", "admin", "acme", "ok"),
+        ("GetQuota", "admin", "acme", "ok"),
+        ("SetQuota", "admin", None, "invalid_argument"),
+        ("RevokeApiKey", "admin", "acme", "ok"),
+    ], rows
 
 
 def test_a_missing_pepper_stops_start_up(

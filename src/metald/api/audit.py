@@ -42,6 +42,7 @@ from metald.core.ports import Audit
 
 MUTATING = frozenset(
     {"CreateVm", "DeleteVm", "BootVm", "ShutdownVm", "PauseVm", "ResumeVm", "RebootVm"}
+    | {"CreateApiKey", "RevokeApiKey", "SetQuota"}  # metald.admin.v1.AdminService
 )
 TENANT_HEADER_MAX = 256
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from connectrpc.code import Code
@@ -40,8 +40,12 @@ class MetaldASGI:
         health: Health,
         metrics: ApiTelemetry,
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
+        more_services: Mapping[str, ASGIApp] | None = None,
     ):
+        """`connect_app` serves VmService (and answers any other path); `more_services`:
+        another Connect application by its path (`/metald.admin.v1.AdminService`)."""
         self._connect = connect_app
+        self._services = {f"{path}/": app for path, app in (more_services or {}).items()}
         self._health = health
         self._metrics = metrics
         self._body_timeout = body_timeout
@@ -76,6 +80,10 @@ class MetaldASGI:
                 body = await self._metrics.exposition()
                 await _respond(send, 200, body, EXPOSITION_CONTENT_TYPE)
             return
+        for prefix, app in self._services.items():
+            if path.startswith(prefix):
+                await app(scope, receive, send)
+                return
         await self._connect(scope, receive, send)
 
 
