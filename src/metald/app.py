@@ -494,7 +494,7 @@ async def running_daemon(settings: Settings) -> AsyncIterator[Daemon]:
 async def _running_daemon(settings: Settings, tls: TlsSetup | None) -> AsyncIterator[Daemon]:
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings.vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    guard = build_guard(settings, None)  # issue 10 (audit): a bad rate-limit file stops here
+    guard = build_guard(settings, None)  # a bad rate-limit file stops start-up here
     database = Database(settings.effective_database_url)  # one engine: store and addresses
     store = SqlStore(database)
     network = build_network(settings, database)
@@ -502,7 +502,7 @@ async def _running_daemon(settings: Settings, tls: TlsSetup | None) -> AsyncIter
     backends: dict[str, Backend] = {}
     metering: MeteringLoops | None = None
     listener: MetricsListener | None = None
-    identity = contextlib.AsyncExitStack()  # issue 10, identity: the auth chain's life
+    identity = contextlib.AsyncExitStack()  # the auth chain's life (a JWKS URL's task)
     audit_log: SqlAuditLog | None = None
     try:
         await database.migrate()
@@ -569,7 +569,7 @@ async def _running_daemon(settings: Settings, tls: TlsSetup | None) -> AsyncIter
         await service.start()
         if metering is not None:
             await metering.start()
-        # Issue 10 (audit): the audit log's writer (the rate limits were read above).
+        # The audit log's writer (the rate limits were read above).
         audit_log = SqlAuditLog(database, queue_max=settings.audit_queue_max)
         if settings.audit_enabled:
             await audit_log.start()
@@ -647,7 +647,7 @@ async def start_metrics_listener(
 
 
 def build_guard(settings: Settings, audit: Audit | None) -> Guard:
-    """Issue 10 (audit): the audit port and the rate limits (UNKEY_METALD_RATE_LIMIT_*)."""
+    """The audit port and the rate limits (UNKEY_METALD_RATE_LIMIT_*)."""
     if not settings.rate_limit_enabled:
         return Guard(audit=audit)
     try:

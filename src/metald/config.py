@@ -26,7 +26,7 @@ class HttpServer(StrEnum):
 
 
 class TlsMode(StrEnum):
-    """UNKEY_METALD_TLS_MODE (issue 10, tls): plaintext, certificate files, or SPIFFE SVIDs."""
+    """UNKEY_METALD_TLS_MODE: plaintext, certificate files, or SPIFFE SVIDs."""
 
     DISABLED = "disabled"
     FILE = "file"
@@ -248,7 +248,7 @@ class Settings(BaseSettings):
     otel_prometheus_interface: str = "127.0.0.1"
     otel_prometheus_allow_remote: bool = False
 
-    # -- identity (issue 10, identity: api/auth.py, api/auth_jwt.py, auth_setup.py) ---------
+    # -- identity (api/auth.py, api/auth_jwt.py, auth_setup.py) -------------------------------
     # API keys in the store (`metald keys ...`): accepted when on. Their secrets are kept as
     # HMAC-SHA256(pepper, secret); the pepper file (>= 16 bytes, kept outside the data dir's
     # database) must be readable when keys are on, or start-up stops.
@@ -281,7 +281,7 @@ class Settings(BaseSettings):
     billing_retention_hours: float = Field(24.0, ge=0)  # delivered records kept this long
     billing_shutdown_flush_seconds: float = Field(5.0, ge=0, le=300)
 
-    # -- Rate limits and the audit log (issue 10, audit: api/ratelimit.py, store/audit_log.py)
+    # -- Rate limits and the audit log (api/ratelimit.py, store/audit_log.py) ---------------
     # Per-customer token buckets: _RATE calls per second, up to _BURST at once; a mutating
     # call (Create/Delete/Boot/Shutdown/Pause/Resume/RebootVm) takes _MUTATING_COST tokens.
     # _FILE: per-customer overrides, lines of `<customer_id> <rate> <burst>`. Failed
@@ -300,7 +300,7 @@ class Settings(BaseSettings):
     audit_enabled: bool = True
     audit_queue_max: int = Field(10_000, ge=1)
 
-    # -- TLS and mTLS (issue 10, tls: api/tls.py, api/mtls.py; README "TLS and mTLS") -----
+    # -- TLS and mTLS (api/tls.py, api/mtls.py; README "TLS and mTLS") -----------------------
     # file: the certificate chain and key below; with a CA file, client certificates are
     # required (mTLS) and name the caller through the identities file. spiffe: an X.509 SVID
     # and trust bundle a SPIFFE agent writes (_SPIFFE_DIR, or the three files below), mTLS

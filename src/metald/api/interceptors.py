@@ -125,7 +125,7 @@ class AuthInterceptor:
     ) -> None:
         self._auth = authenticator
         self._metrics = metrics
-        # issue 10, tls: with mTLS the client certificate names the caller (api/mtls.py).
+        # With mTLS the client certificate names the caller (api/mtls.py).
         self._certificates = certificates
 
     async def on_start(
@@ -239,18 +239,17 @@ def api_interceptors(
 ) -> list[Interceptor]:
     """The chain app.py serves: tracing, metrics and auth before the body, then `after_auth`
     (tests record decoded requests there), then error mapping around the handler. `guard`:
-    the audit log and the rate limits (issue 10, audit), placed around auth."""
+    the audit log and the rate limits, placed around auth."""
     guard = guard or Guard()
     return [
         TracingInterceptor(),
         MetricsInterceptor(metrics),
-        # -- issue 10 (audit): failed-auth throttle, audit, (auth), customer rate limit --
+        # failed-auth throttle, audit, auth, customer rate limit, the caller for the audit
         *([SourceThrottle(guard.failed_auth, metrics)] if guard.failed_auth is not None else []),
         AuditInterceptor(guard.audit),
         AuthInterceptor(authenticator, metrics, certificates),
         *([CustomerRateLimit(guard.customers, metrics)] if guard.customers is not None else []),
         AuditCaller(),
-        # -- end issue 10 (audit) --
         *after_auth,
         ErrorsInterceptor(metrics),
     ]
@@ -258,7 +257,7 @@ def api_interceptors(
 
 @dataclass(frozen=True)
 class Guard:
-    """Issue 10 (audit): where audit rows go, and the rate limits (None: off)."""
+    """Where audit rows go, and the rate limits (None: off)."""
 
     audit: Audit | None = None
     customers: CustomerLimits | None = None

@@ -216,7 +216,7 @@ def _fail(code: str, message: str, exit_code: int = 1) -> NoReturn:
     raise typer.Exit(exit_code)
 
 
-# TLS for an https:// --addr (issue 10, tls): options of the `vm` group, so every command
+# TLS for an https:// --addr: options of the `vm` group, so every command
 # takes them (`metald vm --ca-file ca.pem list --addr https://host:8080`) or the environment.
 _TLS: dict[str, Path | None] = {"ca_file": None, "cert_file": None, "key_file": None}
 

@@ -352,7 +352,7 @@ class Audit(Protocol):
         """Append the event; it is kept before the call returns (see the adapter)."""
 
 
-# -- API keys (issue 10, identity: core/apikeys.py, store/api_keys.py) ---------------------
+# -- API keys (core/apikeys.py, store/api_keys.py) -----------------------------------------
 
 
 class ApiKeys(Protocol):

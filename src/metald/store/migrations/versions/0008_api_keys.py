@@ -1,4 +1,4 @@
-"""API keys (issue 10, identity): one row per key, only the keyed hash of its secret.
+"""API keys: one row per key, only the keyed hash of its secret.
 
 `key_id` is the public part of a token (`mk_<key id>_<secret>`), unique: every
 authenticated call with a key reads its row by it (one indexed lookup, no cache, so a
