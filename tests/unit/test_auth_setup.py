@@ -66,12 +66,15 @@ async def test_the_chain_with_keys_on(tmp_path: Path) -> None:
             b"a-pepper-of-enough-bytes", customer_id="acme", role=Role.CUSTOMER, now=1.0
         )
         await SqlApiKeys(database).add(made.key)
-        on = load_settings(data_dir=tmp_path, auth_api_keys=True, auth_pepper_file=pepper)
+        # Dev tokens off explicitly: `make test` exports UNKEY_METALD_AUTH_DEV_TOKENS=true.
+        on = load_settings(
+            data_dir=tmp_path, auth_api_keys=True, auth_pepper_file=pepper, auth_dev_tokens=False
+        )
         async with auth_setup.authenticator(on, database) as chain:
             assert (await chain.caller_for(f"Bearer {made.token}")).customer_id == "acme"
             with pytest.raises(TokenRefused):
                 await chain.caller_for("Bearer dev_customer_acme")  # dev tokens are off
-        off = load_settings(data_dir=tmp_path)
+        off = load_settings(data_dir=tmp_path, auth_dev_tokens=False)
         async with auth_setup.authenticator(off, database) as chain:
             with pytest.raises(TokenRefused):  # keys off: not even looked up
                 await chain.caller_for(f"Bearer {made.token}")
